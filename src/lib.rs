@@ -7,4 +7,5 @@
 
 pub mod cli;
 pub mod devices;
+pub mod guests;
 pub mod vmm;

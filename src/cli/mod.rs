@@ -1,6 +1,70 @@
 //! The `twinvm` command line.
+
+mod run;
+pub mod size;
+
 use std::process::ExitCode;
 
+use clap::{Parser, Subcommand};
+
+pub use run::RunArgs;
+
+/// twinvm: fault-tolerant single-vCPU KVM virtual machines.
+#[derive(Debug, Parser)]
+#[command(name = "twinvm", version, about, propagate_version = true)]
+pub struct Cli {
+    /// More log output on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a guest (a test guest ELF, `builtin:NAME`, or a Linux kernel) and run it until it powers off.
+    Run(RunArgs),
+    /// Boot the embedded test guests one after another and show what they print.
+    Demo,
+    /// List the test guests embedded in this binary (use them as `--kernel builtin:NAME`).
+    Guests,
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Entry point of the `twinvm` binary.
 pub fn main() -> ExitCode {
-    ExitCode::SUCCESS
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Run(args) => run::run(&args),
+        Command::Demo => run::demo(),
+        Command::Guests => {
+            for name in crate::guests::names() {
+                println!("builtin:{name}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("twinvm: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

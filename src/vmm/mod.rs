@@ -1,1 +1,13 @@
 //! The KVM edge: guest memory, the vCPU loop, CPUID, boot and the emulation fallback.
+
+pub mod boot;
+pub mod cpuid;
+pub mod emulate;
+pub mod layout;
+pub mod sys;
+pub mod vcpu;
+pub mod vm;
+
+pub use sys::Kicker;
+pub use vcpu::{run, Control, Ending, ExitStats, RunError, RunReport};
+pub use vm::{Vm, VmConfig, VmError};

@@ -1,0 +1,78 @@
+# ticker: programs PIT channel 0 at 1 kHz and counts timer interrupts while a
+# user-mode (CPL3) loop computes with no exits; prints both counts.
+.include "rt.S"
+
+.set PIT_DIVISOR, 1193          # 1193182 Hz / 1193 = 1000.15 Hz
+.set WORK_ITERATIONS, 400000000
+
+.text
+kmain:
+    lea rdi, [rip + msg_start]
+    call rt_puts
+    mov edi, 0x20
+    lea rsi, [rip + on_timer]
+    call rt_set_handler
+    mov edi, 0xfe               # only IRQ0
+    mov esi, 0xff
+    call rt_pic_init
+    mov al, 0x34                # channel 0, lobyte/hibyte, mode 2, binary
+    out 0x43, al
+    mov al, PIT_DIVISOR & 0xff
+    out 0x40, al
+    mov al, PIT_DIVISOR >> 8
+    out 0x40, al
+    lea rdi, [rip + user_main]
+    mov esi, 0x202
+    jmp rt_enter_user
+
+on_timer:
+    incq [rip + ticks]
+    jmp rt_pic_eoi
+
+user_exited:
+    mov rbx, rdi
+    # Stop the timer: mask IRQ0.
+    mov al, 0xff
+    out 0x21, al
+    lea rdi, [rip + msg_ticks]
+    call rt_puts
+    mov rdi, [rip + ticks]
+    call rt_put_dec
+    lea rdi, [rip + msg_work]
+    call rt_puts
+    mov rdi, rbx
+    call rt_put_hex
+    mov dil, 10
+    call rt_putc
+    lea rdi, [rip + msg_done]
+    call rt_puts
+    jmp rt_poweroff
+
+# xorshift64 for WORK_ITERATIONS rounds; exit code = final state.
+user_main:
+    mov rax, 0x9e3779b97f4a7c15
+    mov ecx, WORK_ITERATIONS
+1:  mov rdx, rax
+    shl rdx, 13
+    xor rax, rdx
+    mov rdx, rax
+    shr rdx, 7
+    xor rax, rdx
+    mov rdx, rax
+    shl rdx, 17
+    xor rax, rdx
+    dec ecx
+    jnz 1b
+    mov rdi, rax
+    mov eax, SYS_EXIT
+    int3                        # system call
+    ud2
+
+.section .rodata
+msg_start: .asciz "ticker: start\n"
+msg_ticks: .asciz "ticker: ticks="
+msg_work: .asciz " work="
+msg_done: .asciz "ticker: done\n"
+
+.data
+ticks: .quad 0

@@ -1,0 +1,229 @@
+//! `twinvm run` and `twinvm demo`: boot a guest on this host.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::thread;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use crossbeam_channel::Sender;
+
+use super::size::parse_size;
+use crate::devices::Platform;
+use crate::guests::{self, BUILTIN_PREFIX};
+use crate::vmm::{self, Control, Ending, Kicker, RunReport, Vm, VmConfig};
+
+/// Arguments of `twinvm run` (shared by later subcommands that boot a guest).
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Kernel: an x86-64 ELF (test guest or Linux vmlinux), a bzImage, or `builtin:NAME`.
+    #[arg(long)]
+    pub kernel: String,
+    /// Initial ramdisk loaded for Linux.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "console=ttyS0")]
+    pub cmdline: String,
+    /// Guest memory: 512M, 2G, or a number of MiB.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub mem: u64,
+    /// Where the guest's COM1 goes: `stdio` (and input from stdin) or a file path.
+    #[arg(long, default_value = "stdio")]
+    pub serial: String,
+    /// Print exit statistics on stderr when the guest ends.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+/// Read the kernel named on the command line (a file or an embedded guest).
+pub fn load_kernel_image(kernel: &str) -> Result<Vec<u8>> {
+    if let Some(name) = kernel.strip_prefix(BUILTIN_PREFIX) {
+        return match guests::builtin(name) {
+            Some(image) => Ok(image.to_vec()),
+            None => bail!(
+                "no embedded guest `{name}`; embedded guests: {}",
+                guests::names().join(", ")
+            ),
+        };
+    }
+    std::fs::read(kernel).with_context(|| format!("reading kernel {kernel}"))
+}
+
+impl RunArgs {
+    /// The VM configuration these arguments describe.
+    pub fn vm_config(&self) -> Result<VmConfig> {
+        let kernel = load_kernel_image(&self.kernel)?;
+        let initrd = match &self.initrd {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .with_context(|| format!("reading initrd {}", path.display()))?,
+            ),
+            None => None,
+        };
+        Ok(VmConfig {
+            kernel_name: self.kernel.clone(),
+            kernel,
+            initrd,
+            cmdline: self.cmdline.clone(),
+            mem_bytes: self.mem,
+        })
+    }
+
+    fn serial_sink(&self) -> Result<Box<dyn Write + Send>> {
+        if self.serial == "stdio" {
+            return Ok(Box::new(std::io::stdout()));
+        }
+        let file = File::create(&self.serial)
+            .with_context(|| format!("creating serial output file {}", self.serial))?;
+        Ok(Box::new(file))
+    }
+}
+
+/// Forward stdin to the guest's serial port. The thread is left to end with
+/// the process: a blocking read cannot be interrupted portably.
+fn spawn_stdin_reader(tx: Sender<Control>, kicker: Kicker) {
+    let _ = thread::Builder::new()
+        .name("twinvm-stdin".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin();
+            let mut buf = [0u8; 256];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if tx.send(Control::SerialInput(buf[..n].to_vec())).is_err() {
+                            return;
+                        }
+                        kicker.kick();
+                    }
+                }
+            }
+        });
+}
+
+/// Stop the VM cleanly on SIGINT/SIGTERM.
+struct StopOnSignal {
+    handle: signal_hook::iterator::Handle,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl StopOnSignal {
+    fn install(tx: Sender<Control>, kicker: Kicker) -> Result<Self> {
+        let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
+            .context("installing signal handlers")?;
+        let handle = signals.handle();
+        let thread = thread::Builder::new()
+            .name("twinvm-signals".into())
+            .spawn(move || {
+                if signals.forever().next().is_some() {
+                    let _ = tx.send(Control::Stop);
+                    kicker.kick();
+                }
+            })
+            .context("spawning the signal thread")?;
+        Ok(StopOnSignal {
+            handle,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for StopOnSignal {
+    fn drop(&mut self) {
+        self.handle.close();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Boot a guest and run it to its end on this thread. With `forward_stdin`
+/// (and `--serial stdio`) what is typed goes to the guest's serial port.
+pub fn boot_and_run(args: &RunArgs, forward_stdin: bool) -> Result<RunReport> {
+    let config = args.vm_config()?;
+    let mut vm =
+        Vm::create(&config).with_context(|| format!("building the VM for {}", args.kernel))?;
+    tracing::info!(entry = format_args!("{:#x}", vm.kernel.entry), kind = ?vm.kernel.kind, "kernel loaded");
+    let boot_secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut platform = Platform::new(args.serial_sink()?, boot_secs);
+    let kicker = Kicker::for_current_thread().context("installing the vCPU kick handler")?;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let _signals = StopOnSignal::install(tx.clone(), kicker)?;
+    if forward_stdin && args.serial == "stdio" {
+        spawn_stdin_reader(tx.clone(), kicker);
+    }
+    // Keep a sender alive so a closed stdin does not look like "no input ever".
+    let _keep = tx;
+    let report = vmm::run(&mut vm, &mut platform, &rx, kicker)?;
+    let _ = std::io::stdout().flush();
+    Ok(report)
+}
+
+fn describe(report: &RunReport) -> String {
+    let how = match report.ending {
+        Ending::ResetRequested => "guest powered off (reset line pulsed via the i8042)",
+        Ending::HaltedForGood => "guest powered off (halted with interrupts disabled)",
+        Ending::Stopped => "stopped",
+    };
+    format!("{how} after {:.3} s", report.wall.as_secs_f64())
+}
+
+fn print_stats(report: &RunReport) {
+    let s = &report.stats;
+    let secs = report.wall.as_secs_f64().max(1e-9);
+    eprintln!(
+        "twinvm: exits={} ({:.0}/s) io={} mmio={} hlt={} kicks={} irq-windows={} interrupts={} emulation-fallbacks={} exceptions-injected={}",
+        s.total,
+        s.total as f64 / secs,
+        s.io,
+        s.mmio,
+        s.hlt,
+        s.kicks,
+        s.irq_windows,
+        s.interrupts_injected,
+        s.emulation_fallbacks,
+        s.exceptions_injected
+    );
+}
+
+/// `twinvm run`.
+pub fn run(args: &RunArgs) -> Result<ExitCode> {
+    let report = boot_and_run(args, true)?;
+    eprintln!("twinvm: {}", describe(&report));
+    if args.stats {
+        print_stats(&report);
+    }
+    Ok(match report.ending {
+        Ending::Stopped => ExitCode::from(130),
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+/// `twinvm demo`: the embedded default job.
+pub fn demo() -> Result<ExitCode> {
+    for name in ["hello", "ticker"] {
+        eprintln!("twinvm demo: booting builtin:{name}");
+        let args = RunArgs {
+            kernel: format!("{BUILTIN_PREFIX}{name}"),
+            initrd: None,
+            cmdline: String::new(),
+            mem: 64 << 20,
+            serial: "stdio".into(),
+            stats: true,
+        };
+        let report = boot_and_run(&args, false)?;
+        eprintln!("twinvm demo: builtin:{name}: {}", describe(&report));
+        print_stats(&report);
+        if report.ending == Ending::Stopped {
+            return Ok(ExitCode::from(130));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,961 @@
+//! The 8254 programmable interval timer (ports 0x40–0x43) and the PC's
+//! port B at 0x61 (channel 2 gate, speaker enable, channel 2 OUT, refresh
+//! toggle).
+//!
+//! The PIT input clock is a free-running oscillator of [`PIT_HZ`] started
+//! when the VM was created: clock tick `k` happens at guest time
+//! `ceil(k * 1e9 / PIT_HZ)` ns. Every counter value and OUT level is a pure
+//! function of the tick at which the counter was (re)loaded and the tick of
+//! `now`, so replaying the same accesses at the same times gives the same
+//! values.
+//!
+//! Simplifications, all invisible to Linux: a written count is loaded at the
+//! write's own tick (no extra load clock); writing the first byte of a
+//! two-byte count in mode 0 does not stop the counter; in mode 3 a new count
+//! written while counting takes effect at the end of the period rather than
+//! of the half period.
+
+use serde::{Deserialize, Serialize};
+
+use super::{check_version, ensure, Nanos, StateError};
+
+/// Frequency of the PIT input clock, Hz.
+pub const PIT_HZ: u64 = 1_193_182;
+
+const NANOS_PER_SEC: u128 = 1_000_000_000;
+
+/// Period of the DRAM refresh toggle seen in port 0x61 bit 4 (about 15 µs on
+/// a PC); the bit flips every period.
+const REFRESH_PERIOD_NS: u64 = 15_085;
+
+/// Version of [`PitState`] this build writes.
+const PIT_STATE_VERSION: u32 = 1;
+
+/// The PIT clock tick current at guest time `now`.
+pub fn tick_at(now: Nanos) -> u64 {
+    (u128::from(now) * u128::from(PIT_HZ) / NANOS_PER_SEC) as u64
+}
+
+/// The first guest time at which PIT clock tick `tick` has happened.
+pub fn time_of_tick(tick: u64) -> Nanos {
+    let ns = (u128::from(tick) * NANOS_PER_SEC).div_ceil(u128::from(PIT_HZ));
+    u64::try_from(ns).unwrap_or(u64::MAX)
+}
+
+fn from_bcd(v: u16) -> u32 {
+    let d = |s: u16| u32::from((v >> s) & 0xf);
+    d(12) * 1000 + d(8) * 100 + d(4) * 10 + d(0)
+}
+
+fn to_bcd(v: u32) -> u16 {
+    let v = v % 10_000;
+    ((v / 1000) << 12 | (v / 100 % 10) << 8 | (v / 10 % 10) << 4 | (v % 10)) as u16
+}
+
+/// Access mode from the control word: which bytes of the count a data-port
+/// access reads or writes.
+const ACCESS_LO: u8 = 1;
+const ACCESS_HI: u8 = 2;
+const ACCESS_LOHI: u8 = 3;
+
+/// One counter's state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelState {
+    /// Counter mode 0..=5 (6 and 7 are stored as 2 and 3).
+    pub mode: u8,
+    /// Access mode: 1 = LSB, 2 = MSB, 3 = LSB then MSB.
+    pub access: u8,
+    /// BCD counting selected.
+    pub bcd: bool,
+    /// The count N in binary, 1..=65536 (1..=10000 in BCD); 0 written means
+    /// the maximum.
+    pub reload: u32,
+    /// A count has been loaded since the last control word.
+    pub count_written: bool,
+    /// Modes 1 and 5: a gate rising edge has triggered the counter.
+    pub triggered: bool,
+    /// The GATE input.
+    pub gate: bool,
+    /// Clock tick at which `elapsed_at_base` was taken.
+    pub base_tick: u64,
+    /// Ticks counted before `base_tick` in the current count cycle (nonzero
+    /// only after a gate pause in modes 0 and 4).
+    pub elapsed_at_base: u64,
+    /// A count written while counting, waiting for the reload point.
+    pub pending_reload: Option<u32>,
+    /// Elapsed ticks at which `pending_reload` takes effect (modes 2 and 3);
+    /// `u64::MAX` means at the next gate trigger (modes 1 and 5).
+    pub switch_elapsed: u64,
+    /// Two-byte write: the LSB was written, the MSB comes next.
+    pub write_hi_next: bool,
+    /// The LSB of a two-byte write.
+    pub write_latch: u8,
+    /// Two-byte read of the live count: the MSB comes next.
+    pub read_hi_next: bool,
+    /// Count latched by a latch or read-back command.
+    pub latched_count: Option<u16>,
+    /// Two-byte read of the latched count: the MSB comes next.
+    pub latched_hi_next: bool,
+    /// Status latched by a read-back command.
+    pub latched_status: Option<u8>,
+    /// Rising edges of OUT not yet collected by [`Pit::poll`].
+    pub pending_edges: u64,
+    /// Clock tick up to which OUT edges have been counted.
+    pub edges_tick: u64,
+}
+
+impl ChannelState {
+    fn power_on(gate: bool) -> Self {
+        Self {
+            mode: 3,
+            access: ACCESS_LOHI,
+            bcd: false,
+            reload: 65_536,
+            count_written: false,
+            triggered: false,
+            gate,
+            base_tick: 0,
+            elapsed_at_base: 0,
+            pending_reload: None,
+            switch_elapsed: 0,
+            write_hi_next: false,
+            write_latch: 0,
+            read_hi_next: false,
+            latched_count: None,
+            latched_hi_next: false,
+            latched_status: None,
+            pending_edges: 0,
+            edges_tick: 0,
+        }
+    }
+
+    fn modulus(&self) -> u32 {
+        if self.bcd {
+            10_000
+        } else {
+            65_536
+        }
+    }
+
+    /// The count used for OUT timing: modes 2 and 3 need at least 2.
+    fn period(&self) -> u64 {
+        match self.mode {
+            2 | 3 => u64::from(self.reload.max(2)),
+            _ => u64::from(self.reload),
+        }
+    }
+
+    /// Whether the counting element decrements.
+    fn counting(&self) -> bool {
+        self.count_written
+            && match self.mode {
+                1 | 5 => self.triggered,
+                _ => self.gate,
+            }
+    }
+
+    /// Ticks counted in the current cycle at tick `t` (t >= base_tick).
+    fn elapsed(&self, t: u64) -> u64 {
+        if self.counting() {
+            self.elapsed_at_base + t.saturating_sub(self.base_tick)
+        } else {
+            self.elapsed_at_base
+        }
+    }
+
+    /// OUT at tick `t`.
+    fn out(&self, t: u64) -> bool {
+        if !self.count_written {
+            return self.mode != 0;
+        }
+        let d = self.elapsed(t);
+        let n = self.period();
+        match self.mode {
+            0 => d >= n,
+            1 => !self.triggered || d >= n,
+            2 => !self.gate || d % n != n - 1,
+            3 => !self.gate || d % n < n.div_ceil(2),
+            4 => d != n,
+            _ => !self.triggered || d != n,
+        }
+    }
+
+    /// Rising edges of OUT in the current cycle up to and including tick `t`.
+    fn edges_upto(&self, t: u64) -> u64 {
+        if !self.counting() {
+            return 0;
+        }
+        let d = self.elapsed(t);
+        let n = self.period();
+        match self.mode {
+            0 | 1 => u64::from(d >= n),
+            2 | 3 => d / n,
+            _ => u64::from(d > n),
+        }
+    }
+
+    /// The first tick after `t` at which OUT rises, if one is scheduled.
+    fn next_edge_after(&self, t: u64) -> Option<u64> {
+        if !self.counting() {
+            return None;
+        }
+        let d = self.elapsed(t);
+        let n = self.period();
+        match self.mode {
+            0 | 1 => (d < n).then(|| t + (n - d)),
+            2 | 3 => Some(t + (n - d % n)),
+            _ => (d <= n).then(|| t + (n + 1 - d)),
+        }
+    }
+
+    /// Counts OUT edges up to tick `t` and applies a reload that fell due.
+    fn advance(&mut self, t: u64) {
+        let t = t.max(self.edges_tick);
+        if let Some(new) = self.pending_reload {
+            if self.counting() && self.switch_elapsed != u64::MAX {
+                let switch_tick = self.base_tick.saturating_add(
+                    self.switch_elapsed - self.elapsed_at_base.min(self.switch_elapsed),
+                );
+                if switch_tick <= t {
+                    self.pending_edges += self
+                        .edges_upto(switch_tick)
+                        .saturating_sub(self.edges_upto(self.edges_tick));
+                    self.edges_tick = switch_tick;
+                    self.base_tick = switch_tick;
+                    self.elapsed_at_base = 0;
+                    self.reload = new;
+                    self.pending_reload = None;
+                }
+            }
+        }
+        // Saturating: a restored state is the only way this could go negative.
+        self.pending_edges += self
+            .edges_upto(t)
+            .saturating_sub(self.edges_upto(self.edges_tick));
+        self.edges_tick = t;
+    }
+
+    /// Restarts the count cycle at tick `t` with the current reload value.
+    fn restart(&mut self, t: u64) {
+        self.base_tick = t;
+        self.elapsed_at_base = 0;
+        if let Some(new) = self.pending_reload.take() {
+            self.reload = new;
+        }
+    }
+
+    /// The counting element's value at tick `t`, as the guest reads it.
+    fn count(&self, t: u64) -> u16 {
+        let m = u64::from(self.modulus());
+        let n = u64::from(self.reload);
+        let v = if !self.count_written || (matches!(self.mode, 1 | 5) && !self.triggered) {
+            n % m
+        } else {
+            let d = self.elapsed(t);
+            match self.mode {
+                2 => {
+                    let p = self.period();
+                    (p - d % p) % m
+                }
+                3 => {
+                    let p = self.period();
+                    let half = p.div_ceil(2);
+                    let phase = d % p;
+                    let into_half = if phase < half { phase } else { phase - half };
+                    (p - 2 * into_half) % m
+                }
+                _ => (n + m - d % m) % m,
+            }
+        };
+        if self.bcd {
+            to_bcd(v as u32)
+        } else {
+            v as u16
+        }
+    }
+
+    fn status(&self, t: u64) -> u8 {
+        let null_count = !self.count_written || self.pending_reload.is_some();
+        u8::from(self.out(t)) << 7
+            | u8::from(null_count) << 6
+            | self.access << 4
+            | self.mode << 1
+            | u8::from(self.bcd)
+    }
+
+    /// Applies `change` at tick `t`, counting a rising edge of OUT the
+    /// change itself causes (e.g. a new mode word setting OUT high).
+    fn reprogram(&mut self, t: u64, change: impl FnOnce(&mut Self, u64)) {
+        self.advance(t);
+        let before = self.out(t);
+        change(self, t);
+        if !before && self.out(t) {
+            self.pending_edges += 1;
+        }
+    }
+
+    fn control_word(&mut self, t: u64, val: u8) {
+        self.reprogram(t, |c, t| {
+            c.access = (val >> 4) & 3;
+            c.mode = match (val >> 1) & 7 {
+                6 => 2,
+                7 => 3,
+                m => m,
+            };
+            c.bcd = val & 1 != 0;
+            c.count_written = false;
+            c.triggered = false;
+            c.pending_reload = None;
+            c.base_tick = t;
+            c.elapsed_at_base = 0;
+            c.write_hi_next = false;
+            c.read_hi_next = false;
+            c.latched_count = None;
+            c.latched_hi_next = false;
+            c.latched_status = None;
+        });
+    }
+
+    fn load_count(&mut self, t: u64, raw: u16) {
+        let n = match (self.bcd, raw) {
+            (false, 0) => 65_536,
+            (false, v) => u32::from(v),
+            (true, v) => match from_bcd(v) {
+                0 => 10_000,
+                b => b,
+            },
+        };
+        self.reprogram(t, |c, t| {
+            let running = c.count_written && c.counting();
+            match c.mode {
+                2 | 3 if running => {
+                    let p = c.period();
+                    c.pending_reload = Some(n);
+                    c.switch_elapsed = (c.elapsed(t) / p + 1) * p;
+                }
+                1 | 5 if c.triggered => {
+                    c.pending_reload = Some(n);
+                    c.switch_elapsed = u64::MAX;
+                }
+                _ => {
+                    c.reload = n;
+                    c.pending_reload = None;
+                    c.base_tick = t;
+                    c.elapsed_at_base = 0;
+                }
+            }
+            c.count_written = true;
+        });
+    }
+
+    fn write_data(&mut self, t: u64, val: u8) {
+        match self.access {
+            ACCESS_LO => self.load_count(t, u16::from(val)),
+            ACCESS_HI => self.load_count(t, u16::from(val) << 8),
+            _ => {
+                if self.write_hi_next {
+                    self.write_hi_next = false;
+                    self.load_count(t, u16::from(self.write_latch) | u16::from(val) << 8);
+                } else {
+                    self.write_hi_next = true;
+                    self.write_latch = val;
+                }
+            }
+        }
+    }
+
+    fn read_data(&mut self, t: u64) -> u8 {
+        if let Some(s) = self.latched_status.take() {
+            return s;
+        }
+        if let Some(v) = self.latched_count {
+            let [lo, hi] = v.to_le_bytes();
+            return match self.access {
+                ACCESS_LO => {
+                    self.latched_count = None;
+                    lo
+                }
+                ACCESS_HI => {
+                    self.latched_count = None;
+                    hi
+                }
+                _ if self.latched_hi_next => {
+                    self.latched_count = None;
+                    self.latched_hi_next = false;
+                    hi
+                }
+                _ => {
+                    self.latched_hi_next = true;
+                    lo
+                }
+            };
+        }
+        let [lo, hi] = self.count(t).to_le_bytes();
+        match self.access {
+            ACCESS_LO => lo,
+            ACCESS_HI => hi,
+            _ => {
+                self.read_hi_next = !self.read_hi_next;
+                if self.read_hi_next {
+                    lo
+                } else {
+                    hi
+                }
+            }
+        }
+    }
+
+    fn latch_count(&mut self, t: u64) {
+        if self.latched_count.is_none() {
+            self.latched_count = Some(self.count(t));
+            self.latched_hi_next = false;
+        }
+    }
+
+    fn set_gate(&mut self, t: u64, gate: bool) {
+        if gate == self.gate {
+            return;
+        }
+        self.reprogram(t, |c, t| {
+            // Freeze the cycle so far, then apply the new gate.
+            c.elapsed_at_base = c.elapsed(t);
+            c.base_tick = t;
+            c.gate = gate;
+            if gate {
+                match c.mode {
+                    2 | 3 => c.restart(t),
+                    1 | 5 if c.count_written => {
+                        c.triggered = true;
+                        c.restart(t);
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+}
+
+/// Serialisable state of the PIT and port 0x61.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PitState {
+    /// Format version, [`PIT_STATE_VERSION`].
+    pub version: u32,
+    /// Channels 0, 1 and 2.
+    pub channels: [ChannelState; 3],
+    /// Port 0x61 bits 0–3 as written (gate 2, speaker, parity/IOCHK enables).
+    pub port61: u8,
+    /// Latest clock tick seen; time never runs backwards for the PIT.
+    pub last_tick: u64,
+}
+
+/// The 8254 PIT with port B (0x61).
+#[derive(Debug)]
+pub struct Pit {
+    st: PitState,
+    /// Guest accesses the model ignored.
+    pub unsupported_accesses: u64,
+}
+
+impl Default for Pit {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Pit {
+    /// A PIT at power-on: every channel in mode 3 without a count, so
+    /// nothing counts until the guest programs it; channel 2's gate is low.
+    pub fn new() -> Self {
+        Self {
+            st: PitState {
+                version: PIT_STATE_VERSION,
+                channels: [
+                    ChannelState::power_on(true),
+                    ChannelState::power_on(true),
+                    ChannelState::power_on(false),
+                ],
+                port61: 0,
+                last_tick: 0,
+            },
+            unsupported_accesses: 0,
+        }
+    }
+
+    /// The current tick, never earlier than one already seen.
+    fn tick(&mut self, now: Nanos) -> u64 {
+        self.st.last_tick = self.st.last_tick.max(tick_at(now));
+        self.st.last_tick
+    }
+
+    /// Reads port 0x40–0x42 (counters), 0x43 (reads 0xFF) or 0x61.
+    pub fn read(&mut self, port: u16, now: Nanos) -> u8 {
+        let t = self.tick(now);
+        let v = match port {
+            0x40..=0x42 => {
+                let c = &mut self.st.channels[usize::from(port - 0x40)];
+                c.advance(t);
+                c.read_data(t)
+            }
+            0x61 => {
+                let ch2 = &mut self.st.channels[2];
+                ch2.advance(t);
+                let refresh = (now / REFRESH_PERIOD_NS) & 1 == 1;
+                self.st.port61 & 0x0f | u8::from(refresh) << 4 | u8::from(ch2.out(t)) << 5
+            }
+            _ => {
+                // 0x43 is write-only on an 8254.
+                self.unsupported_accesses += 1;
+                0xff
+            }
+        };
+        self.drop_unwired_edges();
+        v
+    }
+
+    /// Only channel 0 is wired to an interrupt; the others' edge counts are
+    /// dropped so they do not pile up in the state.
+    fn drop_unwired_edges(&mut self) {
+        for c in &mut self.st.channels[1..] {
+            c.pending_edges = 0;
+        }
+    }
+
+    /// Writes port 0x40–0x42 (counts), 0x43 (control word) or 0x61.
+    pub fn write(&mut self, port: u16, val: u8, now: Nanos) {
+        let t = self.tick(now);
+        match port {
+            0x40..=0x42 => self.st.channels[usize::from(port - 0x40)].write_data(t, val),
+            0x43 => self.control(t, val),
+            0x61 => {
+                self.st.port61 = val & 0x0f;
+                self.st.channels[2].set_gate(t, val & 1 != 0);
+            }
+            _ => self.unsupported_accesses += 1,
+        }
+        self.drop_unwired_edges();
+    }
+
+    fn control(&mut self, t: u64, val: u8) {
+        let sel = val >> 6;
+        if sel == 3 {
+            // Read-back: bit 5 clear latches counts, bit 4 clear latches status.
+            for (i, c) in self.st.channels.iter_mut().enumerate() {
+                if val & (2 << i) == 0 {
+                    continue;
+                }
+                c.advance(t);
+                if val & 0x20 == 0 {
+                    c.latch_count(t);
+                }
+                if val & 0x10 == 0 && c.latched_status.is_none() {
+                    c.latched_status = Some(c.status(t));
+                }
+            }
+            return;
+        }
+        let c = &mut self.st.channels[usize::from(sel)];
+        if (val >> 4) & 3 == 0 {
+            c.advance(t);
+            c.latch_count(t);
+        } else {
+            c.control_word(t, val);
+        }
+    }
+
+    /// Number of channel-0 OUT rising edges (IRQ0 requests) since the
+    /// previous poll, including edges caused by reprogramming.
+    pub fn poll(&mut self, now: Nanos) -> u32 {
+        let t = self.tick(now);
+        let c = &mut self.st.channels[0];
+        c.advance(t);
+        let n = std::mem::take(&mut c.pending_edges);
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// When the next channel-0 rising edge happens (a time already past if
+    /// edges are waiting for [`Pit::poll`]); `None` if none is scheduled.
+    pub fn next_irq_deadline(&self) -> Option<Nanos> {
+        let c = &self.st.channels[0];
+        if c.pending_edges > 0 {
+            return Some(time_of_tick(c.edges_tick));
+        }
+        c.next_edge_after(c.edges_tick).map(time_of_tick)
+    }
+
+    /// Channel 2's OUT at `now` (what port 0x61 bit 5 shows).
+    pub fn channel2_out(&self, now: Nanos) -> bool {
+        self.st.channels[2].out(tick_at(now).max(self.st.last_tick))
+    }
+
+    /// Snapshot of the guest-visible state.
+    pub fn save(&self) -> PitState {
+        self.st.clone()
+    }
+
+    /// Replaces the state with a snapshot from [`Pit::save`].
+    pub fn restore(&mut self, state: &PitState) -> Result<(), StateError> {
+        check_version("pit", state.version, PIT_STATE_VERSION)?;
+        for c in &state.channels {
+            ensure(c.mode <= 5, "pit", "mode out of range")?;
+            ensure(
+                matches!(c.access, ACCESS_LO | ACCESS_HI | ACCESS_LOHI),
+                "pit",
+                "access mode out of range",
+            )?;
+            let ok = |n: u32| (1..=c.modulus()).contains(&n);
+            ensure(ok(c.reload), "pit", "reload out of range")?;
+            ensure(
+                c.pending_reload.is_none_or(ok),
+                "pit",
+                "pending reload out of range",
+            )?;
+            ensure(
+                c.base_tick <= state.last_tick && c.edges_tick <= state.last_tick,
+                "pit",
+                "tick in the future",
+            )?;
+        }
+        self.st = state.clone();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Nanos = 1_000_000;
+
+    /// Linux's i8253 clockevent in periodic mode: 0x34, LSB, MSB.
+    fn periodic(pit: &mut Pit, count: u16, now: Nanos) {
+        pit.write(0x43, 0x34, now);
+        pit.write(0x40, count as u8, now);
+        pit.write(0x40, (count >> 8) as u8, now);
+    }
+
+    #[test]
+    fn tick_time_conversions_agree() {
+        for k in [0, 1, 2, 1193, 1_193_182, 123_456_789_012] {
+            assert_eq!(tick_at(time_of_tick(k)), k);
+            assert!(tick_at(time_of_tick(k) - u64::from(k > 0)) < k.max(1));
+        }
+        assert_eq!(tick_at(1_000_000_000), PIT_HZ);
+    }
+
+    #[test]
+    fn mode2_periodic_irqs_at_1000hz() {
+        let mut pit = Pit::new();
+        assert_eq!(pit.next_irq_deadline(), None, "nothing until programmed");
+        let latch = ((PIT_HZ + 500) / 1000) as u16; // 1193, Linux's LATCH
+        periodic(&mut pit, latch, 0);
+        let first = pit.next_irq_deadline().unwrap();
+        assert_eq!(first, time_of_tick(1193));
+        assert_eq!(pit.poll(first - 1), 0);
+        assert_eq!(pit.poll(first), 1);
+        let second = pit.next_irq_deadline().unwrap();
+        assert_eq!(second, time_of_tick(2 * 1193));
+        // Edges 2..=12 arrive coalesced into one poll.
+        assert_eq!(pit.poll(time_of_tick(12 * 1193)), 11);
+        assert_eq!(pit.poll(time_of_tick(12 * 1193)), 0);
+        // A second of IRQs is ~1000.
+        assert_eq!(pit.poll(1000 * MS + time_of_tick(12 * 1193)), 1000);
+    }
+
+    #[test]
+    fn mode2_counter_reads_and_latch() {
+        let mut pit = Pit::new();
+        periodic(&mut pit, 1000, 0);
+        // 100 ticks in: count is 900. Linux's clocksource latches first.
+        let now = time_of_tick(100);
+        pit.write(0x43, 0x00, now);
+        let lo = pit.read(0x40, time_of_tick(150));
+        let hi = pit.read(0x40, time_of_tick(160));
+        assert_eq!(u16::from_le_bytes([lo, hi]), 900);
+        // Unlatched reads follow the counter; wraps back to the reload.
+        let now = time_of_tick(1000 + 250);
+        let lo = pit.read(0x40, now);
+        let hi = pit.read(0x40, now);
+        assert_eq!(u16::from_le_bytes([lo, hi]), 750);
+    }
+
+    #[test]
+    fn mode0_one_shot_fires_once() {
+        let mut pit = Pit::new();
+        pit.write(0x43, 0x30, 0);
+        pit.write(0x40, 0x10, 0);
+        pit.write(0x40, 0x00, 0);
+        assert_eq!(pit.next_irq_deadline(), Some(time_of_tick(16)));
+        assert_eq!(pit.poll(time_of_tick(15)), 0);
+        assert_eq!(pit.poll(time_of_tick(16)), 1);
+        assert_eq!(pit.next_irq_deadline(), None);
+        assert_eq!(pit.poll(time_of_tick(1_000_000)), 0);
+        // The counter wraps on after terminal count.
+        let now = time_of_tick(20);
+        let mut pit2 = Pit::new();
+        pit2.write(0x43, 0x30, 0);
+        pit2.write(0x40, 0x10, 0);
+        pit2.write(0x40, 0x00, 0);
+        let lo = pit2.read(0x40, now);
+        let hi = pit2.read(0x40, now);
+        assert_eq!(u16::from_le_bytes([lo, hi]), 0xfffc);
+    }
+
+    #[test]
+    fn mode4_oneshot_like_linux_clockevents() {
+        let mut pit = Pit::new();
+        periodic(&mut pit, 1193, 0);
+        assert_eq!(pit.poll(time_of_tick(1193)), 1);
+        // Switch to oneshot (0x38) at tick 1500, then program 500 ticks.
+        let t = time_of_tick(1500);
+        pit.write(0x43, 0x38, t);
+        pit.write(0x40, 0xf4, t);
+        pit.write(0x40, 0x01, t);
+        // Mode 4: OUT pulses low at count 0 and rises one clock later.
+        assert_eq!(pit.next_irq_deadline(), Some(time_of_tick(1500 + 501)));
+        assert_eq!(pit.poll(time_of_tick(2000)), 0);
+        assert_eq!(pit.poll(time_of_tick(2001)), 1);
+        assert_eq!(pit.poll(time_of_tick(100_000)), 0);
+        // Rewriting the count re-arms.
+        let t = time_of_tick(100_000);
+        pit.write(0x40, 10, t);
+        pit.write(0x40, 0, t);
+        assert_eq!(pit.poll(time_of_tick(100_011)), 1);
+    }
+
+    #[test]
+    fn reprogramming_keeps_edges_already_due() {
+        let mut pit = Pit::new();
+        periodic(&mut pit, 100, 0);
+        // Reprogrammed after 3 periods without a poll: those 3 are kept.
+        periodic(&mut pit, 1000, time_of_tick(350));
+        assert_eq!(pit.poll(time_of_tick(350)), 3);
+        assert_eq!(pit.next_irq_deadline(), Some(time_of_tick(1350)));
+    }
+
+    #[test]
+    fn mode0_shutdown_then_periodic_edge() {
+        // Mode word 0 sets OUT low; a later mode 2 word sets it high again,
+        // a real rising edge the PIC sees.
+        let mut pit = Pit::new();
+        pit.write(0x43, 0x30, 0);
+        assert_eq!(pit.poll(10 * MS), 0);
+        assert_eq!(pit.next_irq_deadline(), None);
+        pit.write(0x43, 0x34, 10 * MS);
+        assert_eq!(pit.poll(10 * MS), 1);
+    }
+
+    #[test]
+    fn mode2_new_count_applies_at_period_end() {
+        let mut pit = Pit::new();
+        periodic(&mut pit, 100, 0);
+        // Count only (no mode word) at tick 30: current period still ends at 100.
+        pit.write(0x40, 50, time_of_tick(30));
+        pit.write(0x40, 0, time_of_tick(30));
+        assert_eq!(pit.next_irq_deadline(), Some(time_of_tick(100)));
+        assert_eq!(pit.poll(time_of_tick(100)), 1);
+        assert_eq!(pit.next_irq_deadline(), Some(time_of_tick(150)));
+        assert_eq!(pit.poll(time_of_tick(260)), 3);
+    }
+
+    #[test]
+    fn mode3_square_wave_and_readback_status() {
+        let mut pit = Pit::new();
+        pit.write(0x43, 0x36, 0);
+        pit.write(0x40, 0, 0);
+        pit.write(0x40, 0, 0); // 65536: ~18.2 Hz
+        assert_eq!(pit.next_irq_deadline(), Some(time_of_tick(65_536)));
+        // Read-back status of channel 0 in the high half then the low half.
+        pit.write(0x43, 0xe2, time_of_tick(100));
+        assert_eq!(pit.read(0x40, time_of_tick(100)), 0x80 | 0x30 | 0x06);
+        pit.write(0x43, 0xe2, time_of_tick(40_000));
+        assert_eq!(pit.read(0x40, time_of_tick(40_000)), 0x30 | 0x06);
+        // Count + status latch together: status first, then the count.
+        pit.write(0x43, 0xc2, time_of_tick(40_000));
+        assert_eq!(pit.read(0x40, 0), 0x36);
+        let lo = pit.read(0x40, 0);
+        let hi = pit.read(0x40, 0);
+        assert_eq!(
+            u32::from(u16::from_le_bytes([lo, hi])),
+            65_536 - 2 * (40_000 - 32_768)
+        );
+        assert_eq!(pit.poll(time_of_tick(3 * 65_536)), 3);
+    }
+
+    #[test]
+    fn null_count_until_written() {
+        let mut pit = Pit::new();
+        pit.write(0x43, 0x34, 0);
+        pit.write(0x43, 0xe2, 0);
+        assert_eq!(pit.read(0x40, 0) & 0x40, 0x40);
+        pit.write(0x40, 5, 0);
+        pit.write(0x40, 0, 0);
+        pit.write(0x43, 0xe2, 0);
+        assert_eq!(pit.read(0x40, 0) & 0x40, 0);
+    }
+
+    /// Linux's pit_calibrate_tsc(): gate on, speaker off, channel 2 mode 0,
+    /// then spin on port 0x61 bit 5 until OUT goes high.
+    #[test]
+    fn channel2_calibration_via_port61() {
+        let mut pit = Pit::new();
+        let v = pit.read(0x61, 0);
+        pit.write(0x61, (v & !0x02) | 0x01, 0);
+        pit.write(0x43, 0xb0, 0);
+        let latch = (PIT_HZ / (1000 / 50)) as u16; // 50 ms
+        pit.write(0x42, latch as u8, 0);
+        pit.write(0x42, (latch >> 8) as u8, 0);
+        let mut now = 0;
+        let mut reads = 0;
+        while pit.read(0x61, now) & 0x20 == 0 {
+            now += 10_000;
+            reads += 1;
+        }
+        assert_eq!(now, 50 * MS);
+        assert_eq!(reads, 5000);
+        assert_eq!(pit.read(0x61, now) & 0x03, 0x01);
+        // Channel 2 never causes IRQ0.
+        assert_eq!(pit.poll(now), 0);
+    }
+
+    #[test]
+    fn channel2_gate_pauses_mode0_and_counts_msb() {
+        // quick_pit_calibrate(): mode 0, count 0xffff, read the MSB.
+        let mut pit = Pit::new();
+        pit.write(0x61, 0x01, 0);
+        pit.write(0x43, 0xb0, 0);
+        pit.write(0x42, 0xff, 0);
+        pit.write(0x42, 0xff, 0);
+        let t = time_of_tick(0x300);
+        assert_eq!(pit.read(0x42, t), 0xff);
+        assert_eq!(pit.read(0x42, t), 0xfc);
+        // Gate low stops counting in mode 0; gate high resumes.
+        pit.write(0x61, 0x00, t);
+        let later = time_of_tick(0x5000);
+        pit.read(0x42, later);
+        assert_eq!(pit.read(0x42, later), 0xfc);
+        pit.write(0x61, 0x01, later);
+        let t2 = time_of_tick(0x5000 + 0x100);
+        pit.read(0x42, t2);
+        assert_eq!(pit.read(0x42, t2), 0xfb);
+    }
+
+    fn read16(pit: &mut Pit, port: u16, tick: u64) -> u16 {
+        let lo = pit.read(port, time_of_tick(tick));
+        let hi = pit.read(port, time_of_tick(tick));
+        u16::from_le_bytes([lo, hi])
+    }
+
+    fn out2(pit: &mut Pit, tick: u64) -> bool {
+        pit.read(0x61, time_of_tick(tick)) & 0x20 != 0
+    }
+
+    #[test]
+    fn hardware_triggered_modes_1_and_5() {
+        let mut pit = Pit::new();
+        pit.write(0x43, 0xb2, 0); // ch2, lo/hi, mode 1
+        pit.write(0x42, 100, 0);
+        pit.write(0x42, 0, 0);
+        assert!(out2(&mut pit, 5), "waits for a trigger with OUT high");
+        assert_eq!(read16(&mut pit, 0x42, 5), 100);
+        pit.write(0x61, 0x01, time_of_tick(10));
+        assert!(!out2(&mut pit, 10));
+        assert_eq!(read16(&mut pit, 0x42, 60), 50);
+        assert!(!out2(&mut pit, 109));
+        assert!(out2(&mut pit, 110));
+        // Mode 5: a one-clock low strobe at terminal count.
+        pit.write(0x61, 0x00, time_of_tick(200));
+        pit.write(0x43, 0xba, time_of_tick(200));
+        pit.write(0x42, 100, time_of_tick(200));
+        pit.write(0x42, 0, time_of_tick(200));
+        pit.write(0x61, 0x01, time_of_tick(210));
+        assert!(out2(&mut pit, 309));
+        assert!(!out2(&mut pit, 310));
+        assert!(out2(&mut pit, 311));
+    }
+
+    #[test]
+    fn gate_low_holds_mode2_and_rising_reloads() {
+        let mut pit = Pit::new();
+        pit.write(0x61, 0x01, 0);
+        pit.write(0x43, 0xb4, 0); // ch2, lo/hi, mode 2
+        pit.write(0x42, 100, 0);
+        pit.write(0x42, 0, 0);
+        assert!(!out2(&mut pit, 99), "OUT low at count 1");
+        assert!(out2(&mut pit, 100));
+        pit.write(0x61, 0x00, time_of_tick(150));
+        assert_eq!(read16(&mut pit, 0x42, 400), 50, "held while gate is low");
+        pit.write(0x61, 0x01, time_of_tick(500));
+        assert_eq!(
+            read16(&mut pit, 0x42, 530),
+            70,
+            "reloaded on the rising gate"
+        );
+    }
+
+    #[test]
+    fn refresh_bit_toggles_with_time() {
+        let mut pit = Pit::new();
+        let a = pit.read(0x61, 0) & 0x10;
+        let b = pit.read(0x61, REFRESH_PERIOD_NS) & 0x10;
+        let c = pit.read(0x61, 2 * REFRESH_PERIOD_NS) & 0x10;
+        assert_ne!(a, b);
+        assert_eq!(a, c);
+    }
+
+    #[test]
+    fn access_modes_lsb_only_and_msb_only() {
+        let mut pit = Pit::new();
+        pit.write(0x43, 0x50, 0); // ch1, LSB only, mode 0
+        pit.write(0x41, 200, 0);
+        assert_eq!(pit.read(0x41, time_of_tick(50)), 150);
+        pit.write(0x43, 0x60, 0); // ch1, MSB only, mode 0
+        pit.write(0x41, 0x02, 0);
+        assert_eq!(pit.read(0x41, time_of_tick(256)), 0x01);
+    }
+
+    #[test]
+    fn bcd_counting() {
+        let mut pit = Pit::new();
+        pit.write(0x43, 0x71, 0); // ch1, lo/hi, mode 0, BCD
+        pit.write(0x41, 0x00, 0);
+        pit.write(0x41, 0x10, 0); // 1000 decimal
+        let t = time_of_tick(1);
+        assert_eq!(pit.read(0x41, t), 0x99);
+        assert_eq!(pit.read(0x41, t), 0x09);
+    }
+
+    #[test]
+    fn time_never_runs_backwards() {
+        let mut pit = Pit::new();
+        periodic(&mut pit, 100, 0);
+        assert_eq!(pit.poll(time_of_tick(250)), 2);
+        assert_eq!(pit.poll(time_of_tick(120)), 0);
+        assert_eq!(pit.poll(time_of_tick(300)), 1);
+    }
+
+    #[test]
+    fn save_restore_round_trip() {
+        let mut pit = Pit::new();
+        periodic(&mut pit, 1193, 0);
+        pit.poll(time_of_tick(500));
+        let state = pit.save();
+        let mut other = Pit::new();
+        other.restore(&state).unwrap();
+        assert_eq!(other.next_irq_deadline(), pit.next_irq_deadline());
+        assert_eq!(other.poll(time_of_tick(5000)), pit.poll(time_of_tick(5000)));
+        let mut bad = state.clone();
+        bad.channels[0].mode = 7;
+        assert!(other.restore(&bad).is_err());
+        bad = state;
+        bad.channels[1].reload = 0;
+        assert!(other.restore(&bad).is_err());
+    }
+
+    #[test]
+    fn unsupported_accesses_counted() {
+        let mut pit = Pit::new();
+        assert_eq!(pit.read(0x43, 0), 0xff);
+        pit.write(0x44, 0, 0);
+        assert_eq!(pit.unsupported_accesses, 2);
+    }
+}

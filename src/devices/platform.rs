@@ -1,0 +1,540 @@
+//! The legacy PC platform: PIC, PIT, COM1, RTC, i8042 and the PCI root
+//! behind one port-I/O entry point. The VMM calls only this.
+//!
+//! Interrupt wiring: PIT channel 0 → IRQ0 (one pulse per [`Platform::poll`]
+//! that saw edges), i8042 → IRQ1/IRQ12, COM1 → IRQ4, all edge-triggered on
+//! the PIC. Device lines are re-driven after every port access, so an
+//! interrupt raised by an access is latched before the access returns.
+
+use std::collections::VecDeque;
+use std::io::Write;
+
+use serde::{Deserialize, Serialize};
+
+use super::i8042::{I8042State, I8042};
+use super::pci::{PciRoot, PciRootState};
+use super::pic::{Pic, PicState};
+use super::pit::{Pit, PitState};
+use super::rtc::{Rtc, RtcState};
+use super::uart::{Uart, UartState};
+use super::{check_version, Nanos, StateError};
+
+/// Version of [`PlatformState`] this build writes.
+const PLATFORM_STATE_VERSION: u32 = 1;
+
+/// COM1's base port and IRQ.
+const COM1_BASE: u16 = 0x3f8;
+const COM1_IRQ: u8 = 4;
+const PIT_IRQ: u8 = 0;
+const KBD_IRQ: u8 = 1;
+const AUX_IRQ: u8 = 12;
+
+/// Something the VMM must act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlatformEvent {
+    /// The guest pulsed the CPU reset line through the i8042 (reboot, or
+    /// the last step of a shutdown without ACPI).
+    Reset,
+}
+
+/// Serialisable state of every device on the platform.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlatformState {
+    /// Format version, [`PLATFORM_STATE_VERSION`].
+    pub version: u32,
+    /// The PIC pair.
+    pub pic: PicState,
+    /// The PIT and port 0x61.
+    pub pit: PitState,
+    /// COM1.
+    pub uart: UartState,
+    /// The CMOS RTC.
+    pub rtc: RtcState,
+    /// The keyboard controller.
+    pub i8042: I8042State,
+    /// The PCI root (address register and host bridge).
+    pub pci: PciRootState,
+    /// A reset request not yet taken with [`Platform::take_event`].
+    pub reset_pending: bool,
+}
+
+/// Which device answers a byte-wide port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Pic,
+    Pit,
+    I8042,
+    Rtc,
+    Com1,
+    /// POST/delay ports and absent COM ports Linux probes: reads 0xFF,
+    /// writes vanish, nothing is counted.
+    Quiet,
+    Unhandled,
+}
+
+fn target(port: u16) -> Target {
+    match port {
+        0x20 | 0x21 | 0xa0 | 0xa1 | 0x4d0 | 0x4d1 => Target::Pic,
+        0x40..=0x43 | 0x61 => Target::Pit,
+        0x60 | 0x64 => Target::I8042,
+        0x70 | 0x71 => Target::Rtc,
+        0x3f8..=0x3ff => Target::Com1,
+        0x80 | 0xed | 0x2f8..=0x2ff | 0x3e8..=0x3ef | 0x2e8..=0x2ef => Target::Quiet,
+        _ => Target::Unhandled,
+    }
+}
+
+/// The emulated legacy PC.
+#[derive(Debug)]
+pub struct Platform<W: Write> {
+    /// 8259A pair and ELCR.
+    pub pic: Pic,
+    /// 8254 PIT and port 0x61.
+    pub pit: Pit,
+    /// COM1.
+    pub uart: Uart<W>,
+    /// CMOS RTC.
+    pub rtc: Rtc,
+    /// Keyboard controller (reset line).
+    pub i8042: I8042,
+    /// PCI configuration mechanism #1.
+    pub pci: PciRoot,
+    events: VecDeque<PlatformEvent>,
+    unhandled: u64,
+    /// PIT channel-0 edges that fell into one poll with another and so
+    /// reached the PIC as a single IRQ0 request.
+    pub pit_ticks_coalesced: u64,
+}
+
+impl<W: Write> Platform<W> {
+    /// The platform at power-on: COM1 transmits into `serial_out`, the RTC
+    /// shows `boot_unix_secs` at guest time 0.
+    pub fn new(serial_out: W, boot_unix_secs: u64) -> Self {
+        Self {
+            pic: Pic::new(),
+            pit: Pit::new(),
+            uart: Uart::new(serial_out),
+            rtc: Rtc::new(boot_unix_secs),
+            i8042: I8042::new(),
+            pci: PciRoot::new(),
+            events: VecDeque::new(),
+            unhandled: 0,
+            pit_ticks_coalesced: 0,
+        }
+    }
+
+    fn is_pci(port: u16) -> bool {
+        (0xcf8..=0xcff).contains(&port)
+    }
+
+    /// A guest `in` of `data.len()` bytes (1, 2 or 4) from `port`.
+    /// Multi-byte accesses to byte-wide devices read consecutive ports.
+    pub fn pio_read(&mut self, port: u16, data: &mut [u8], now: Nanos) {
+        if Self::is_pci(port) {
+            self.pci.pio_read(port, data);
+        } else {
+            let mut unhandled = false;
+            for (i, b) in data.iter_mut().enumerate() {
+                let p = port.wrapping_add(i as u16);
+                *b = match target(p) {
+                    Target::Pic => self.pic.read(p),
+                    Target::Pit => self.pit.read(p, now),
+                    Target::I8042 => self.i8042.read(p),
+                    Target::Rtc => self.rtc.read(p, now),
+                    Target::Com1 => self.uart.read((p - COM1_BASE) as u8),
+                    Target::Quiet => 0xff,
+                    Target::Unhandled => {
+                        unhandled = true;
+                        0xff
+                    }
+                };
+            }
+            if unhandled {
+                self.note_unhandled(port, data.len(), false);
+            }
+        }
+        self.sync_irq_lines();
+    }
+
+    /// A guest `out` of `data` (1, 2 or 4 bytes) to `port`.
+    pub fn pio_write(&mut self, port: u16, data: &[u8], now: Nanos) {
+        if Self::is_pci(port) {
+            self.pci.pio_write(port, data);
+        } else {
+            let mut unhandled = false;
+            for (i, &b) in data.iter().enumerate() {
+                let p = port.wrapping_add(i as u16);
+                match target(p) {
+                    Target::Pic => self.pic.write(p, b),
+                    Target::Pit => self.pit.write(p, b, now),
+                    Target::I8042 => {
+                        self.i8042.write(p, b);
+                        if self.i8042.take_reset_request() {
+                            tracing::debug!("guest pulsed the reset line");
+                            self.events.push_back(PlatformEvent::Reset);
+                        }
+                    }
+                    Target::Rtc => self.rtc.write(p, b, now),
+                    Target::Com1 => self.uart.write((p - COM1_BASE) as u8, b),
+                    Target::Quiet => {}
+                    Target::Unhandled => unhandled = true,
+                }
+            }
+            if unhandled {
+                self.note_unhandled(port, data.len(), true);
+            }
+        }
+        self.sync_irq_lines();
+    }
+
+    fn note_unhandled(&mut self, port: u16, len: usize, write: bool) {
+        self.unhandled += 1;
+        // Rate limit: log the 1st, 2nd, 4th, 8th... occurrence.
+        if self.unhandled.is_power_of_two() {
+            tracing::debug!(
+                port,
+                len,
+                write,
+                count = self.unhandled,
+                "unhandled port access"
+            );
+        }
+    }
+
+    /// Drives the devices' interrupt outputs onto the PIC. A device whose
+    /// output dropped and rose inside the last access gets a fresh edge.
+    fn sync_irq_lines(&mut self) {
+        if self.uart.take_irq_pulse() {
+            self.pic.set_irq_level(COM1_IRQ, false);
+        }
+        self.pic.set_irq_level(COM1_IRQ, self.uart.irq_level());
+        if self.i8042.take_irq_pulse() {
+            self.pic.set_irq_level(KBD_IRQ, false);
+            self.pic.set_irq_level(AUX_IRQ, false);
+        }
+        self.pic.set_irq_level(KBD_IRQ, self.i8042.kbd_irq_level());
+        self.pic.set_irq_level(AUX_IRQ, self.i8042.aux_irq_level());
+    }
+
+    /// Advances the timers to `now`: PIT channel-0 edges since the last
+    /// poll become one IRQ0 pulse (several edges coalesce, as an
+    /// edge-triggered IRR bit would).
+    pub fn poll(&mut self, now: Nanos) {
+        let edges = self.pit.poll(now);
+        if edges > 0 {
+            self.pic.set_irq_level(PIT_IRQ, true);
+            self.pic.set_irq_level(PIT_IRQ, false);
+            self.pit_ticks_coalesced += u64::from(edges - 1);
+        }
+        self.sync_irq_lines();
+    }
+
+    /// The earliest guest time at which [`Platform::poll`] could raise an
+    /// interrupt (possibly already past); `None` if no timer is armed.
+    pub fn next_deadline(&self) -> Option<Nanos> {
+        self.pit.next_irq_deadline()
+    }
+
+    /// The PIC's INTR output: an interrupt is waiting for the CPU.
+    pub fn interrupt_pending(&self) -> bool {
+        self.pic.has_pending()
+    }
+
+    /// The INTA cycle: the vector to inject, or `None` if nothing is
+    /// pending any more.
+    pub fn acknowledge_interrupt(&mut self) -> Option<u8> {
+        self.pic.acknowledge()
+    }
+
+    /// Offers serial input to COM1; returns how many bytes were taken. The
+    /// caller keeps the rest and offers it again later.
+    pub fn enqueue_serial_input(&mut self, bytes: &[u8]) -> usize {
+        let n = self.uart.enqueue_rx(bytes);
+        self.sync_irq_lines();
+        n
+    }
+
+    /// How many bytes of serial input COM1 can take now.
+    pub fn serial_input_space(&self) -> usize {
+        self.uart.rx_space()
+    }
+
+    /// The next event for the VMM, if any.
+    pub fn take_event(&mut self) -> Option<PlatformEvent> {
+        self.events.pop_front()
+    }
+
+    /// Port accesses no device claimed.
+    pub fn unhandled_port_accesses(&self) -> u64 {
+        self.unhandled
+    }
+
+    /// Guest accesses the devices ignored as unsupported or malformed.
+    pub fn unsupported_device_accesses(&self) -> u64 {
+        self.pic.unsupported_accesses
+            + self.pit.unsupported_accesses
+            + self.uart.unsupported_accesses
+            + self.rtc.unsupported_accesses
+            + self.i8042.unsupported_accesses
+            + self.pci.unsupported_accesses
+    }
+
+    /// Snapshot of every device's guest-visible state.
+    pub fn save(&self) -> PlatformState {
+        PlatformState {
+            version: PLATFORM_STATE_VERSION,
+            pic: self.pic.save(),
+            pit: self.pit.save(),
+            uart: self.uart.save(),
+            rtc: self.rtc.save(),
+            i8042: self.i8042.save(),
+            pci: self.pci.save(),
+            reset_pending: self.events.contains(&PlatformEvent::Reset),
+        }
+    }
+
+    /// Replaces every device's state with a snapshot from
+    /// [`Platform::save`]. On error nothing has changed. The serial sink,
+    /// PCI devices and counters stay.
+    pub fn restore(&mut self, state: &PlatformState) -> Result<(), StateError> {
+        check_version("platform", state.version, PLATFORM_STATE_VERSION)?;
+        // Validate everything on scratch devices first so a bad state
+        // leaves the platform untouched.
+        Pic::new().restore(&state.pic)?;
+        Pit::new().restore(&state.pit)?;
+        Uart::new(std::io::sink()).restore(&state.uart)?;
+        Rtc::new(0).restore(&state.rtc)?;
+        I8042::new().restore(&state.i8042)?;
+        PciRoot::new().restore(&state.pci)?;
+        self.pic.restore(&state.pic)?;
+        self.pit.restore(&state.pit)?;
+        self.uart.restore(&state.uart)?;
+        self.rtc.restore(&state.rtc)?;
+        self.i8042.restore(&state.i8042)?;
+        self.pci.restore(&state.pci)?;
+        self.events.clear();
+        if state.reset_pending {
+            self.events.push_back(PlatformEvent::Reset);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::pit::{time_of_tick, PIT_HZ};
+    use super::*;
+
+    const MS: Nanos = 1_000_000;
+
+    fn outb(p: &mut Platform<Vec<u8>>, port: u16, val: u8, now: Nanos) {
+        p.pio_write(port, &[val], now);
+    }
+
+    fn inb(p: &mut Platform<Vec<u8>>, port: u16, now: Nanos) -> u8 {
+        let mut b = [0];
+        p.pio_read(port, &mut b, now);
+        b[0]
+    }
+
+    /// Linux's init_8259A() and the i8253 periodic clockevent at HZ=1000.
+    fn boot_like_linux(p: &mut Platform<Vec<u8>>) {
+        outb(p, 0x21, 0xff, 0);
+        outb(p, 0xa1, 0xff, 0);
+        outb(p, 0x20, 0x11, 0);
+        outb(p, 0x21, 0x20, 0);
+        outb(p, 0x21, 0x04, 0);
+        outb(p, 0x21, 0x01, 0);
+        outb(p, 0xa0, 0x11, 0);
+        outb(p, 0xa1, 0x28, 0);
+        outb(p, 0xa1, 0x02, 0);
+        outb(p, 0xa1, 0x01, 0);
+        // Unmask IRQ0 (timer), IRQ2 (cascade), IRQ4 (COM1).
+        outb(p, 0x21, !0x15, 0);
+        outb(p, 0xa1, 0xff, 0);
+        let latch = ((PIT_HZ + 500) / 1000) as u16;
+        outb(p, 0x43, 0x34, 0);
+        outb(p, 0x40, latch as u8, 0);
+        outb(p, 0x40, (latch >> 8) as u8, 0);
+    }
+
+    #[test]
+    fn timer_interrupts_with_eoi() {
+        let mut p = Platform::new(Vec::new(), 0);
+        boot_like_linux(&mut p);
+        let period = time_of_tick(1193);
+        assert_eq!(p.next_deadline(), Some(period));
+        // Nothing before the first period ends.
+        p.poll(period - 1);
+        assert!(!p.interrupt_pending());
+        assert_eq!(p.acknowledge_interrupt(), None);
+        p.poll(period);
+        assert!(p.interrupt_pending());
+        assert_eq!(p.acknowledge_interrupt(), Some(0x20));
+        assert!(!p.interrupt_pending());
+        // Next tick arrives while IRQ0 is still in service: held until EOI.
+        let second = p.next_deadline().unwrap();
+        assert_eq!(second, time_of_tick(2 * 1193));
+        p.poll(second);
+        assert!(!p.interrupt_pending());
+        outb(&mut p, 0x20, 0x20, second + 1000);
+        assert!(p.interrupt_pending());
+        assert_eq!(p.acknowledge_interrupt(), Some(0x20));
+        outb(&mut p, 0x20, 0x20, second + 2000);
+        // Polling late: three periods pass, one IRQ0, two coalesced.
+        p.poll(time_of_tick(5 * 1193));
+        assert_eq!(p.acknowledge_interrupt(), Some(0x20));
+        assert_eq!(p.acknowledge_interrupt(), None);
+        assert_eq!(p.pit_ticks_coalesced, 2);
+        outb(&mut p, 0x20, 0x20, time_of_tick(5 * 1193));
+        // Roughly 1000 interrupts per second when polled at each deadline.
+        let mut count = 0;
+        let end = time_of_tick(5 * 1193) + 1000 * MS;
+        while let Some(d) = p.next_deadline().filter(|&d| d <= end) {
+            p.poll(d);
+            while let Some(v) = p.acknowledge_interrupt() {
+                assert_eq!(v, 0x20);
+                count += 1;
+                outb(&mut p, 0x20, 0x20, d);
+            }
+        }
+        assert_eq!(count, 1000);
+        assert_eq!(p.unhandled_port_accesses(), 0);
+        assert_eq!(p.unsupported_device_accesses(), 0);
+    }
+
+    #[test]
+    fn serial_rx_raises_vector_0x24() {
+        let mut p = Platform::new(Vec::new(), 0);
+        boot_like_linux(&mut p);
+        // 8250 startup: FIFO (8-byte trigger), 8N1, DTR|RTS|OUT2, ERBFI.
+        outb(&mut p, 0x3fa, 0x87, 0);
+        outb(&mut p, 0x3fb, 0x03, 0);
+        outb(&mut p, 0x3fc, 0x0b, 0);
+        outb(&mut p, 0x3f9, 0x01, 0);
+        assert!(!p.interrupt_pending());
+        assert_eq!(p.enqueue_serial_input(b"ls\n"), 3);
+        assert!(p.interrupt_pending());
+        assert_eq!(p.acknowledge_interrupt(), Some(0x24));
+        // The handler: IIR, then drain RBR while LSR.DR.
+        assert_eq!(inb(&mut p, 0x3fa, 0) & 0x0f, 0x0c);
+        let mut got = Vec::new();
+        while inb(&mut p, 0x3fd, 0) & 1 != 0 {
+            got.push(inb(&mut p, 0x3f8, 0));
+        }
+        assert_eq!(got, b"ls\n");
+        assert_eq!(inb(&mut p, 0x3fa, 0) & 0x0f, 0x01);
+        outb(&mut p, 0x20, 0x20, 0);
+        assert!(!p.interrupt_pending());
+        // More input later: a new edge, a new interrupt.
+        assert_eq!(p.enqueue_serial_input(b"x"), 1);
+        assert_eq!(p.acknowledge_interrupt(), Some(0x24));
+    }
+
+    #[test]
+    fn serial_tx_and_thre_interrupts_reach_the_pic() {
+        let mut p = Platform::new(Vec::new(), 0);
+        boot_like_linux(&mut p);
+        outb(&mut p, 0x3fc, 0x0b, 0);
+        // Enabling ETBEI raises THRE: IRQ4.
+        outb(&mut p, 0x3f9, 0x02, 0);
+        assert_eq!(p.acknowledge_interrupt(), Some(0x24));
+        // The handler writes bytes without reading IIR between them; each
+        // THR write makes THRE anew, which must latch another request.
+        for &b in b"ok" {
+            outb(&mut p, 0x3f8, b, 0);
+        }
+        outb(&mut p, 0x20, 0x20, 0);
+        assert_eq!(p.acknowledge_interrupt(), Some(0x24));
+        assert_eq!(p.uart.out_mut().as_slice(), b"ok");
+    }
+
+    #[test]
+    fn word_access_splits_into_bytes() {
+        let mut p = Platform::new(Vec::new(), 0);
+        // outw to 0x70: index 0x40 to 0x70, data 0x5a to 0x71.
+        p.pio_write(0x70, &[0x40, 0x5a], 0);
+        outb(&mut p, 0x70, 0x40, 0);
+        assert_eq!(inb(&mut p, 0x71, 0), 0x5a);
+        // inw from the master PIC: IRR then IMR.
+        let mut w = [0; 2];
+        p.pio_read(0x20, &mut w, 0);
+        assert_eq!(w, [0x00, 0xff]);
+        // 32-bit PCI access goes to the PCI root whole.
+        p.pio_write(0xcf8, &0x8000_0000u32.to_le_bytes(), 0);
+        let mut d = [0; 4];
+        p.pio_read(0xcfc, &mut d, 0);
+        assert_eq!(u32::from_le_bytes(d), 0x1237_8086);
+    }
+
+    #[test]
+    fn quiet_and_unhandled_ports() {
+        let mut p = Platform::new(Vec::new(), 0);
+        outb(&mut p, 0x80, 0x00, 0);
+        assert_eq!(inb(&mut p, 0x80, 0), 0xff);
+        outb(&mut p, 0xed, 0x00, 0);
+        for base in [0x2f8, 0x3e8, 0x2e8] {
+            assert_eq!(inb(&mut p, base + 5, 0), 0xff);
+            outb(&mut p, base + 4, 0x10, 0);
+        }
+        assert_eq!(p.unhandled_port_accesses(), 0);
+        assert_eq!(inb(&mut p, 0x1f7, 0), 0xff);
+        let mut d = [0; 4];
+        p.pio_read(0x500, &mut d, 0);
+        assert_eq!(d, [0xff; 4]);
+        p.pio_write(0x92, &[0x02], 0);
+        assert_eq!(p.unhandled_port_accesses(), 3);
+    }
+
+    #[test]
+    fn reset_through_i8042() {
+        let mut p = Platform::new(Vec::new(), 0);
+        assert_eq!(p.take_event(), None);
+        outb(&mut p, 0x64, 0xfe, 0);
+        assert_eq!(p.take_event(), Some(PlatformEvent::Reset));
+        assert_eq!(p.take_event(), None);
+    }
+
+    #[test]
+    fn rtc_and_port61_through_platform() {
+        let mut p = Platform::new(Vec::new(), 1_709_251_198);
+        outb(&mut p, 0x70, 0x00, 0);
+        assert_eq!(inb(&mut p, 0x71, 3 * MS), 0x58);
+        outb(&mut p, 0x61, 0x01, 0);
+        outb(&mut p, 0x43, 0xb0, 0);
+        outb(&mut p, 0x42, 10, 0);
+        outb(&mut p, 0x42, 0, 0);
+        assert_eq!(inb(&mut p, 0x61, time_of_tick(9)) & 0x20, 0);
+        assert_eq!(inb(&mut p, 0x61, time_of_tick(10)) & 0x20, 0x20);
+    }
+
+    #[test]
+    fn save_restore_continues_identically() {
+        let mut a = Platform::new(Vec::new(), 1_000_000);
+        boot_like_linux(&mut a);
+        outb(&mut a, 0x3fc, 0x0b, 0);
+        outb(&mut a, 0x3f9, 0x01, 0);
+        a.enqueue_serial_input(b"abc");
+        a.poll(3 * MS);
+        outb(&mut a, 0x64, 0xfe, 3 * MS);
+        let state = a.save();
+        let mut b = Platform::new(Vec::new(), 0);
+        b.restore(&state).unwrap();
+        assert_eq!(b.save(), state);
+        assert_eq!(b.take_event(), Some(PlatformEvent::Reset));
+        for now in [3 * MS, 4 * MS, 10 * MS] {
+            a.poll(now);
+            b.poll(now);
+            assert_eq!(a.acknowledge_interrupt(), b.acknowledge_interrupt());
+            assert_eq!(inb(&mut a, 0x3f8, now), inb(&mut b, 0x3f8, now));
+            outb(&mut a, 0x20, 0x20, now);
+            outb(&mut b, 0x20, 0x20, now);
+        }
+        // A bad state changes nothing.
+        let mut bad = state.clone();
+        bad.rtc.cmos.clear();
+        let before = b.save();
+        assert!(b.restore(&bad).is_err());
+        assert_eq!(b.save(), before);
+    }
+}

@@ -1,0 +1,93 @@
+//! Guest physical memory layout shared by the boot code and the VMM.
+//!
+//! Everything the VMM writes before the first instruction lives below 1 MiB,
+//! away from where kernels load (1 MiB for the test guests, 16 MiB for Linux).
+
+/// GDT used at entry: null, null, 64-bit code (0x10), data (0x18), TSS (0x20).
+/// The selectors match Linux's 64-bit boot protocol (`__BOOT_CS`/`__BOOT_DS`).
+pub const GDT_ADDR: u64 = 0x500;
+pub const BOOT_CODE_SELECTOR: u16 = 0x10;
+pub const BOOT_DATA_SELECTOR: u16 = 0x18;
+pub const BOOT_TSS_SELECTOR: u16 = 0x20;
+
+/// Initial stack (grows down from here); kernels set up their own at once.
+pub const BOOT_STACK_TOP: u64 = 0x6000;
+/// Linux `boot_params` ("zero page"); RSI points here at entry.
+pub const ZERO_PAGE_ADDR: u64 = 0x7000;
+/// Identity-mapping page tables: PML4, one PDPT, four PDs of 2 MiB pages (4 GiB).
+pub const PML4_ADDR: u64 = 0x9000;
+pub const PDPT_ADDR: u64 = 0xA000;
+pub const PD_ADDR: u64 = 0xB000;
+pub const IDENTITY_MAPPED_GIB: u64 = 4;
+/// Kernel command line (NUL-terminated).
+pub const CMDLINE_ADDR: u64 = 0x20000;
+/// Linux x86 `COMMAND_LINE_SIZE`, including the terminating NUL.
+pub const CMDLINE_MAX_SIZE: usize = 2048;
+/// Start of the legacy BIOS/EBDA hole reported as reserved in the e820 map.
+pub const EBDA_START: u64 = 0x9FC00;
+/// First address above the legacy hole.
+pub const HIGH_MEMORY_START: u64 = 0x10_0000;
+/// RAM below 4 GiB stops here; above it sits the PCI/MMIO hole.
+pub const MMIO_HOLE_START: u64 = 0xC000_0000;
+pub const FOUR_GIB: u64 = 1 << 32;
+
+/// Smallest and largest guest memory twinvm accepts.
+pub const MIN_MEM_BYTES: u64 = 16 << 20;
+pub const MAX_MEM_BYTES: u64 = 64 << 30;
+
+/// Physical ranges of guest RAM for a VM of `mem_bytes`: low RAM up to the
+/// MMIO hole, the rest above 4 GiB.
+pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
+    let low = mem_bytes.min(MMIO_HOLE_START);
+    let mut ranges = vec![(0, low)];
+    if mem_bytes > low {
+        ranges.push((FOUR_GIB, mem_bytes - low));
+    }
+    ranges
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_memory_is_one_range() {
+        assert_eq!(ram_ranges(64 << 20), vec![(0, 64 << 20)]);
+    }
+
+    #[test]
+    fn large_memory_skips_the_mmio_hole() {
+        let ranges = ram_ranges(4 << 30);
+        assert_eq!(
+            ranges,
+            vec![
+                (0, MMIO_HOLE_START),
+                (FOUR_GIB, (4 << 30) - MMIO_HOLE_START)
+            ]
+        );
+        let total: u64 = ranges.iter().map(|r| r.1).sum();
+        assert_eq!(total, 4 << 30);
+    }
+
+    #[test]
+    fn boot_structures_do_not_overlap() {
+        let regions = [
+            (GDT_ADDR, 6 * 8),
+            (0x1000, BOOT_STACK_TOP - 0x1000),
+            (ZERO_PAGE_ADDR, 0x1000),
+            (PML4_ADDR, 0x1000),
+            (PDPT_ADDR, 0x1000),
+            (PD_ADDR, IDENTITY_MAPPED_GIB * 0x1000),
+            (CMDLINE_ADDR, CMDLINE_MAX_SIZE as u64),
+        ];
+        for (i, a) in regions.iter().enumerate() {
+            assert!(a.0 + a.1 <= EBDA_START);
+            for b in &regions[i + 1..] {
+                assert!(
+                    a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0,
+                    "{a:x?} overlaps {b:x?}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Boots every test guest under real KVM through the `twinvm` binary and
+//! checks what it prints and how twinvm exits.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{run_to_end, Running, TempDir};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+#[test]
+fn hello_prints_from_kernel_and_user_mode_and_powers_off() {
+    let out = run_to_end(
+        &[
+            "run",
+            "--kernel",
+            "builtin:hello",
+            "--mem",
+            "64M",
+            "--stats",
+        ],
+        TIMEOUT,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let expected = [
+        "Hello from the twinvm test guest\n",
+        // int3 at CPL0 goes through the emulation fallback and the guest's #BP handler.
+        "hello: breakpoints handled=1\n",
+        // popcnt at CPL0 is performed by the fallback: popcount(0xf00f000000000ff1) = 17.
+        "hello: popcnt=17\n",
+        "hello: user mode says hi\n",
+        // sum 1..=1_000_000 computed in user mode.
+        "hello: user exit code=500000500000\n",
+        "hello: done\n",
+    ];
+    assert_eq!(out.stdout, expected.concat());
+    assert!(out.stderr.contains("guest powered off"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("emulation-fallbacks=2"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_guest_can_be_booted_from_an_elf_file() {
+    let dir = TempDir::new("elf");
+    let path = dir.0.join("hello.elf");
+    std::fs::write(&path, twinvm::guests::builtin("hello").unwrap()).unwrap();
+    let out = run_to_end(
+        &["run", "--kernel", path.to_str().unwrap(), "--mem", "32M"],
+        TIMEOUT,
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.ends_with("hello: done\n"), "{}", out.stdout);
+}
+
+/// The xorshift64 loop the ticker guest runs in user mode.
+fn ticker_work(iterations: u32) -> u64 {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..iterations {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+    }
+    x
+}
+
+#[test]
+fn ticker_counts_timer_interrupts_during_user_mode_compute() {
+    let out = run_to_end(
+        &[
+            "run",
+            "--kernel",
+            "builtin:ticker",
+            "--mem",
+            "64M",
+            "--stats",
+        ],
+        TIMEOUT,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("ticker: ticks="))
+        .unwrap_or_else(|| panic!("{}", out.stdout));
+    let mut fields = line.trim_start_matches("ticker: ticks=").split(" work=");
+    let ticks: u64 = fields.next().unwrap().parse().unwrap();
+    let work = u64::from_str_radix(fields.next().unwrap().trim_start_matches("0x"), 16).unwrap();
+    // The interrupted computation still gives the exact result.
+    assert_eq!(work, ticker_work(400_000_000));
+    // A 1 kHz timer over a compute loop that takes a good fraction of a second
+    // on any host: interrupts reached the guest while it ran in user mode.
+    assert!(ticks >= 20, "only {ticks} timer interrupts: {out:?}");
+    assert!(out.stdout.ends_with("ticker: done\n"), "{}", out.stdout);
+    // Interrupts were injected into a guest that never exits by itself: kicks did it.
+    assert!(out.stderr.contains("interrupts="), "{}", out.stderr);
+}
+
+#[test]
+fn echo_returns_serial_input_through_rx_interrupts() {
+    let mut vm = Running::spawn(&["run", "--kernel", "builtin:echo", "--mem", "32M", "--stats"]);
+    vm.wait_for_stdout("echo: ready\n", TIMEOUT);
+    vm.write_stdin(b"hello twinvm\n");
+    vm.wait_for_stdout("hello twinvm\n", TIMEOUT);
+    vm.write_stdin(b"q");
+    let out = vm.finish(TIMEOUT);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stdout
+            .ends_with("hello twinvm\n\necho: received=14\necho: bye\n"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn serial_output_can_go_to_a_file() {
+    let dir = TempDir::new("serial");
+    let path = dir.0.join("console.log");
+    let out = run_to_end(
+        &[
+            "run",
+            "--kernel",
+            "builtin:hello",
+            "--mem",
+            "32M",
+            "--serial",
+            path.to_str().unwrap(),
+        ],
+        TIMEOUT,
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, "");
+    let console = std::fs::read_to_string(&path).unwrap();
+    assert!(console.ends_with("hello: done\n"), "{console}");
+}
+
+#[test]
+fn triple_fault_is_a_clear_error() {
+    let out = run_to_end(
+        &["run", "--kernel", "builtin:triplefault", "--mem", "32M"],
+        TIMEOUT,
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stdout.contains("triplefault: going down"));
+    assert!(
+        out.stderr.contains("guest triple-faulted"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn unhandled_emulation_failure_names_rip_bytes_and_instruction() {
+    let out = run_to_end(
+        &["run", "--kernel", "builtin:badinsn", "--mem", "32M"],
+        TIMEOUT,
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(!out.stdout.contains("movd completed"), "{}", out.stdout);
+    let err = out.stderr.trim_end();
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("unhandled emulation failure at RIP 0x"),
+        "{err}"
+    );
+    assert!(err.contains("66 44 0f 6e f9"), "{err}");
+    assert!(err.contains("movd xmm15,ecx"), "{err}");
+}
+
+#[test]
+fn sigint_stops_the_guest_cleanly() {
+    let mut vm = Running::spawn(&["run", "--kernel", "builtin:echo", "--mem", "32M"]);
+    vm.wait_for_stdout("echo: ready\n", TIMEOUT);
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &vm.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = vm.finish(TIMEOUT);
+    assert_eq!(out.status.code(), Some(130), "{out:?}");
+    assert!(out.stderr.contains("twinvm: stopped"), "{}", out.stderr);
+}
+
+#[test]
+fn demo_boots_the_embedded_guests() {
+    let out = run_to_end(&["demo"], TIMEOUT);
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.contains("hello: done\n"), "{}", out.stdout);
+    assert!(out.stdout.contains("ticker: done\n"), "{}", out.stdout);
+}
