@@ -3,6 +3,7 @@
 pub mod boot;
 pub mod cpuid;
 pub mod emulate;
+pub mod guest_cpu;
 pub mod layout;
 pub mod sys;
 pub mod vcpu;

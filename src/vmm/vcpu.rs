@@ -11,13 +11,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use iced_x86::Register;
-use kvm_bindings::{kvm_fpu, kvm_regs};
 use kvm_ioctls::VcpuExit;
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress};
 
 use super::emulate::{self, EmulateError, Emulated, GuestCpu};
+use super::guest_cpu::KvmGuestCpu;
 use super::sys::{self, Kicker};
 use super::vm::{Vm, VmError};
 use crate::devices::{Nanos, Platform, PlatformEvent};
@@ -99,96 +97,6 @@ pub enum RunError {
 
 fn kvm_err(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> RunError {
     move |source| RunError::Kvm { what, source }
-}
-
-/// The vCPU and its memory as the emulation fallback sees them.
-struct KvmGuestCpu<'a> {
-    vm: &'a Vm,
-}
-
-impl KvmGuestCpu<'_> {
-    fn translate(&self, gva: u64) -> Result<u64, EmulateError> {
-        let t = self
-            .vm
-            .vcpu
-            .translate_gva(gva)
-            .map_err(|e| EmulateError::Vcpu(format!("translate {gva:#x}: {e}")))?;
-        if t.valid == 0 {
-            return Err(EmulateError::Unmapped(gva));
-        }
-        Ok(t.physical_address)
-    }
-
-    /// Visit `len` bytes at `gva` page by page as (guest physical, offset, size).
-    fn for_each_page(
-        &self,
-        gva: u64,
-        len: usize,
-        mut f: impl FnMut(u64, usize, usize) -> Result<(), EmulateError>,
-    ) -> Result<(), EmulateError> {
-        let mut done = 0;
-        while done < len {
-            let addr = gva + done as u64;
-            let in_page = (0x1000 - (addr & 0xfff)) as usize;
-            let size = in_page.min(len - done);
-            f(self.translate(addr)?, done, size)?;
-            done += size;
-        }
-        Ok(())
-    }
-}
-
-impl GuestCpu for KvmGuestCpu<'_> {
-    fn regs(&mut self) -> Result<kvm_regs, EmulateError> {
-        self.vm
-            .vcpu
-            .get_regs()
-            .map_err(|e| EmulateError::Vcpu(format!("get regs: {e}")))
-    }
-    fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), EmulateError> {
-        self.vm
-            .vcpu
-            .set_regs(regs)
-            .map_err(|e| EmulateError::Vcpu(format!("set regs: {e}")))
-    }
-    fn fpu(&mut self) -> Result<kvm_fpu, EmulateError> {
-        self.vm
-            .vcpu
-            .get_fpu()
-            .map_err(|e| EmulateError::Vcpu(format!("get FPU: {e}")))
-    }
-    fn set_fpu(&mut self, fpu: &kvm_fpu) -> Result<(), EmulateError> {
-        self.vm
-            .vcpu
-            .set_fpu(fpu)
-            .map_err(|e| EmulateError::Vcpu(format!("set FPU: {e}")))
-    }
-    fn segment_base(&mut self, seg: Register) -> Result<u64, EmulateError> {
-        let sregs = self
-            .vm
-            .vcpu
-            .get_sregs()
-            .map_err(|e| EmulateError::Vcpu(format!("get sregs: {e}")))?;
-        Ok(match seg {
-            Register::FS => sregs.fs.base,
-            Register::GS => sregs.gs.base,
-            _ => 0,
-        })
-    }
-    fn read_virt(&mut self, gva: u64, buf: &mut [u8]) -> Result<(), EmulateError> {
-        let mem = &self.vm.mem;
-        self.for_each_page(gva, buf.len(), |gpa, off, size| {
-            mem.read_slice(&mut buf[off..off + size], GuestAddress(gpa))
-                .map_err(|_| EmulateError::Unmapped(gva))
-        })
-    }
-    fn write_virt(&mut self, gva: u64, data: &[u8]) -> Result<(), EmulateError> {
-        let mem = &self.vm.mem;
-        self.for_each_page(gva, data.len(), |gpa, off, size| {
-            mem.write_slice(&data[off..off + size], GuestAddress(gpa))
-                .map_err(|_| EmulateError::Unmapped(gva))
-        })
-    }
 }
 
 /// Kicks the vCPU thread whenever the deadline it was last given passes.
