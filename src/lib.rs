@@ -8,4 +8,5 @@
 pub mod cli;
 pub mod devices;
 pub mod guests;
+pub mod replay;
 pub mod vmm;

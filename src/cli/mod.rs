@@ -1,5 +1,6 @@
 //! The `twinvm` command line.
 
+mod replay;
 mod run;
 pub mod size;
 
@@ -7,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub use replay::{RecordArgs, ReplayArgs};
 pub use run::RunArgs;
 
 /// twinvm: fault-tolerant single-vCPU KVM virtual machines.
@@ -24,6 +26,10 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest (a test guest ELF, `builtin:NAME`, or a Linux kernel) and run it until it powers off.
     Run(RunArgs),
+    /// Run a guest like `run` and record its nondeterministic inputs to a log.
+    Record(RecordArgs),
+    /// Re-execute a guest from a recorded log and check it ends in the identical state.
+    Replay(ReplayArgs),
     /// Boot the embedded test guests one after another and show what they print.
     Demo,
     /// List the test guests embedded in this binary (use them as `--kernel builtin:NAME`).
@@ -52,6 +58,8 @@ pub fn main() -> ExitCode {
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Run(args) => run::run(&args),
+        Command::Record(args) => replay::record(&args),
+        Command::Replay(args) => replay::replay(&args),
         Command::Demo => run::demo(),
         Command::Guests => {
             for name in crate::guests::names() {

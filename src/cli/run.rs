@@ -141,32 +141,56 @@ impl Drop for StopOnSignal {
     }
 }
 
-/// Boot a guest and run it to its end on this thread. With `forward_stdin`
-/// (and `--serial stdio`) what is typed goes to the guest's serial port.
+/// A guest ready to boot: its configuration and where its console goes.
+pub struct VmSession {
+    pub config: VmConfig,
+    /// Wall-clock time the guest's RTC starts from.
+    pub boot_unix_secs: u64,
+    args: RunArgs,
+}
+
+impl VmSession {
+    /// Read the kernel and initrd named in `args`.
+    pub fn new(args: &RunArgs, boot_unix_secs: u64) -> Result<Self> {
+        Ok(VmSession {
+            config: args.vm_config()?,
+            boot_unix_secs,
+            args: args.clone(),
+        })
+    }
+
+    /// Build the VM and run it on this thread in `mode`. With
+    /// `forward_stdin` (and `--serial stdio`) what is typed goes to the
+    /// guest's serial port.
+    pub fn run(&self, forward_stdin: bool, mode: vmm::Mode<'_>) -> Result<RunReport> {
+        let mut vm = Vm::create(&self.config)
+            .with_context(|| format!("building the VM for {}", self.args.kernel))?;
+        tracing::info!(entry = format_args!("{:#x}", vm.kernel.entry), kind = ?vm.kernel.kind, "kernel loaded");
+        let mut platform = Platform::new(self.args.serial_sink()?, self.boot_unix_secs);
+        let kicker = Kicker::for_current_thread().context("installing the vCPU kick handler")?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let _signals = StopOnSignal::install(tx.clone(), kicker)?;
+        if forward_stdin && self.args.serial == "stdio" {
+            spawn_stdin_reader(tx.clone(), kicker);
+        }
+        // Keep a sender alive so a closed stdin does not look like "no input ever".
+        let _keep = tx;
+        let report = vmm::run(&mut vm, &mut platform, &rx, kicker, mode)?;
+        let _ = std::io::stdout().flush();
+        Ok(report)
+    }
+}
+
+/// Boot a guest and run it live to its end on this thread.
 pub fn boot_and_run(args: &RunArgs, forward_stdin: bool) -> Result<RunReport> {
-    let config = args.vm_config()?;
-    let mut vm =
-        Vm::create(&config).with_context(|| format!("building the VM for {}", args.kernel))?;
-    tracing::info!(entry = format_args!("{:#x}", vm.kernel.entry), kind = ?vm.kernel.kind, "kernel loaded");
     let boot_secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let mut platform = Platform::new(args.serial_sink()?, boot_secs);
-    let kicker = Kicker::for_current_thread().context("installing the vCPU kick handler")?;
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let _signals = StopOnSignal::install(tx.clone(), kicker)?;
-    if forward_stdin && args.serial == "stdio" {
-        spawn_stdin_reader(tx.clone(), kicker);
-    }
-    // Keep a sender alive so a closed stdin does not look like "no input ever".
-    let _keep = tx;
-    let report = vmm::run(&mut vm, &mut platform, &rx, kicker)?;
-    let _ = std::io::stdout().flush();
-    Ok(report)
+    VmSession::new(args, boot_secs)?.run(forward_stdin, vmm::Mode::Live)
 }
 
-fn describe(report: &RunReport) -> String {
+pub(super) fn describe(report: &RunReport) -> String {
     let how = match report.ending {
         Ending::ResetRequested => "guest powered off (reset line pulsed via the i8042)",
         Ending::HaltedForGood => "guest powered off (halted with interrupts disabled)",
@@ -175,18 +199,18 @@ fn describe(report: &RunReport) -> String {
     format!("{how} after {:.3} s", report.wall.as_secs_f64())
 }
 
-fn print_stats(report: &RunReport) {
+pub(super) fn print_stats(report: &RunReport) {
     let s = &report.stats;
     let secs = report.wall.as_secs_f64().max(1e-9);
     eprintln!(
-        "twinvm: exits={} ({:.0}/s) io={} mmio={} hlt={} kicks={} irq-windows={} interrupts={} emulation-fallbacks={} exceptions-injected={}",
+        "twinvm: exits={} ({:.0}/s) io={} mmio={} hlt={} kicks={} landmarks={} interrupts={} emulation-fallbacks={} exceptions-injected={}",
         s.total,
         s.total as f64 / secs,
         s.io,
         s.mmio,
         s.hlt,
         s.kicks,
-        s.irq_windows,
+        s.landmarks,
         s.interrupts_injected,
         s.emulation_fallbacks,
         s.exceptions_injected

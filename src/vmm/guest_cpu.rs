@@ -89,9 +89,13 @@ impl GuestCpu for KvmGuestCpu<'_> {
         })
     }
     fn write_virt(&mut self, gva: u64, data: &[u8]) -> Result<(), EmulateError> {
-        let mem = &self.vm.mem;
+        let vm = self.vm;
         self.for_each_page(gva, data.len(), |gpa, off, size| {
-            mem.write_slice(&data[off..off + size], GuestAddress(gpa))
+            // KVM's dirty log does not see the VMM's writes; sync points and
+            // digests must.
+            vm.note_userspace_write(gpa, size as u64);
+            vm.mem
+                .write_slice(&data[off..off + size], GuestAddress(gpa))
                 .map_err(|_| EmulateError::Unmapped(gva))
         })
     }

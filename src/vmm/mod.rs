@@ -10,5 +10,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use sys::Kicker;
-pub use vcpu::{run, Control, Ending, ExitStats, RunError, RunReport};
+pub use vcpu::{
+    run, Control, Ending, ExitStats, Mode, RecordSettings, Recorder, RunError, RunReport,
+};
 pub use vm::{Vm, VmConfig, VmError};

@@ -1,24 +1,47 @@
 //! The vCPU loop: run the guest, hand its exits to the platform, deliver
-//! interrupts, and finish the instructions KVM's emulator cannot.
+//! interrupts, finish the instructions KVM's emulator cannot — and, when
+//! recording or replaying, log or follow every nondeterministic input.
+//!
+//! One engine serves three modes ([`Mode`]): a plain live run, a live run that
+//! records a log, and a replay that follows one. Their shared rules, which
+//! make replay exact without an instruction counter:
+//!
+//! - **Landmarks** are the exits that happen at the same instruction on every
+//!   run: port I/O, MMIO, HLT, plus sync points. They are numbered from 1.
+//!   Kicks (EINTR) and emulation failures are not landmarks.
+//! - Interrupts are injected only at a landmark where the guest can take them
+//!   (IF=1, no interrupt shadow), never through an interrupt-window exit
+//!   (imprecise on these hosts, see host-notes.md).
+//! - Devices get time only as a value the primary logs: at a port access that
+//!   reads the clock, and when timers are advanced (`Poll`).
+//! - When an interrupt is due and the guest makes no landmark within the
+//!   sync bound (a user-mode spin), a kick stops it anywhere; the primary logs
+//!   that point as a sync point (vCPU state + pages written since the last
+//!   one) and the backup loads it instead of executing to it.
 //!
 //! The loop runs on the calling thread. Other threads talk to it through a
-//! [`Control`] channel and wake it with a [`Kicker`]; a timer thread kicks it
-//! when the platform's next timer deadline passes, so a guest spinning in
-//! user mode still gets its timer interrupts.
+//! [`Control`] channel and wake it with a [`Kicker`]; in live modes a timer
+//! thread kicks it when a timer deadline (plus the sync bound) passes.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use kvm_bindings::{kvm_regs, kvm_vcpu_events};
 use kvm_ioctls::VcpuExit;
 use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress};
+use zerocopy::FromBytes;
 
 use super::emulate::{self, EmulateError, Emulated, GuestCpu};
 use super::guest_cpu::KvmGuestCpu;
 use super::sys::{self, Kicker};
 use super::vm::{Vm, VmError};
 use crate::devices::{Nanos, Platform, PlatformEvent};
+use crate::replay::digest::{self, DirtyPages};
+use crate::replay::log::{CpuStateBytes, EndReason, LogWriter, PageHash, Record, PAGE_SIZE};
+use crate::replay::schedule::{Schedule, ScheduleError, Step};
 
 /// Messages to a running vCPU loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +63,26 @@ pub enum Ending {
     Stopped,
 }
 
+impl Ending {
+    fn log_reason(self) -> EndReason {
+        match self {
+            Ending::ResetRequested => EndReason::ResetRequested,
+            Ending::HaltedForGood => EndReason::HaltedForGood,
+            Ending::Stopped => EndReason::Stopped,
+        }
+    }
+}
+
+impl From<EndReason> for Ending {
+    fn from(r: EndReason) -> Self {
+        match r {
+            EndReason::ResetRequested => Ending::ResetRequested,
+            EndReason::HaltedForGood => Ending::HaltedForGood,
+            EndReason::Stopped => Ending::Stopped,
+        }
+    }
+}
+
 /// Counts of what happened during a run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ExitStats {
@@ -48,16 +91,25 @@ pub struct ExitStats {
     pub mmio: u64,
     pub hlt: u64,
     pub kicks: u64,
-    pub irq_windows: u64,
+    pub landmarks: u64,
     pub interrupts_injected: u64,
     pub emulation_fallbacks: u64,
     pub exceptions_injected: u64,
+    pub sync_points: u64,
+    pub sync_point_pages: u64,
+    pub digests: u64,
+    pub digest_pages: u64,
+    pub digest_time: Duration,
+    pub log_records: u64,
+    pub log_bytes: u64,
 }
 
 /// The outcome of [`run`].
 #[derive(Debug, Clone, Copy)]
 pub struct RunReport {
     pub ending: Ending,
+    /// Replay: the log's end record was reached (not stopped early).
+    pub log_end_reached: bool,
     pub stats: ExitStats,
     pub wall: Duration,
 }
@@ -93,10 +145,54 @@ pub enum RunError {
     /// Building/altering VM state failed.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// Writing the log failed.
+    #[error("writing the log: {0}")]
+    LogWrite(std::io::Error),
+    /// The log cannot be followed (corrupt, truncated, or the replay passed it).
+    #[error(transparent)]
+    Schedule(#[from] ScheduleError),
+    /// The replay does not do what the log says the primary did.
+    #[error("replay diverged at landmark {landmark}: {detail}")]
+    Divergence { landmark: u64, detail: String },
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> RunError {
     move |source| RunError::Kvm { what, source }
+}
+
+/// Settings of a recording.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordSettings {
+    /// A digest every this many landmarks (and one at the end).
+    pub digest_interval: u64,
+    /// How long past a timer deadline the guest may go without a landmark
+    /// before it is kicked (and, when recording, a sync point is made).
+    pub sync_bound: Duration,
+}
+
+impl Default for RecordSettings {
+    fn default() -> Self {
+        RecordSettings {
+            digest_interval: 256,
+            sync_bound: Duration::from_micros(200),
+        }
+    }
+}
+
+/// Where a recording goes.
+pub struct Recorder {
+    pub log: LogWriter<Box<dyn Write + Send>>,
+    pub settings: RecordSettings,
+}
+
+/// How [`run`] drives the guest.
+pub enum Mode<'a> {
+    /// Run live, logging nothing.
+    Live,
+    /// Run live and write every nondeterministic input to a log.
+    Record(&'a mut Recorder),
+    /// Follow a log recorded earlier (or arriving from a primary).
+    Replay(&'a mut Schedule<Box<dyn Read + Send>>),
 }
 
 /// Kicks the vCPU thread whenever the deadline it was last given passes.
@@ -166,183 +262,643 @@ impl Drop for DeadlineTimer {
 struct PendingInput(std::collections::VecDeque<u8>);
 
 impl PendingInput {
-    fn feed<W: Write>(&mut self, platform: &mut Platform<W>) {
+    /// Offer held input to the UART; returns the bytes it took.
+    fn feed<W: Write>(&mut self, platform: &mut Platform<W>) -> Vec<u8> {
+        let mut accepted = Vec::new();
         while !self.0.is_empty() {
             let (front, _) = self.0.as_slices();
             let taken = platform.enqueue_serial_input(front);
             if taken == 0 {
                 break;
             }
-            self.0.drain(..taken);
+            accepted.extend(self.0.drain(..taken));
+        }
+        accepted
+    }
+}
+
+/// What processing a landmark led to.
+enum AtLandmark {
+    /// Go on; `injected` tells whether an interrupt went in.
+    Continue { injected: bool },
+    /// The run is over.
+    End(Ending),
+}
+
+/// Whether the guest can take an external interrupt, judged from vCPU state
+/// that was loaded or captured (after a sync point, where `kvm_run` is stale).
+fn can_inject_from_state(cpu: &CpuStateBytes) -> bool {
+    const RFLAGS_IF: u64 = 1 << 9;
+    let Ok(regs) = kvm_regs::read_from_bytes(&cpu.regs) else {
+        return false;
+    };
+    let Ok(events) = kvm_vcpu_events::read_from_bytes(&cpu.events) else {
+        return false;
+    };
+    regs.rflags & RFLAGS_IF != 0
+        && events.interrupt.shadow == 0
+        && events.interrupt.injected == 0
+        && events.exception.injected == 0
+}
+
+/// Guest time for a port access that reads the clock at `landmark`: the
+/// primary reads its clock and logs it, the backup takes the logged value.
+/// A free function so it can run while the exit's data borrows the vCPU.
+fn device_time(
+    mode: &mut Mode<'_>,
+    clock: &mut Nanos,
+    landmark: u64,
+    start: Instant,
+) -> Result<Nanos, RunError> {
+    match mode {
+        Mode::Replay(schedule) => match schedule.take_at(landmark)? {
+            Some(Record::IoTime { now, .. }) => {
+                *clock = now;
+                Ok(now)
+            }
+            other => Err(RunError::Divergence {
+                landmark,
+                detail: format!("the guest read a clock device but the log holds {other:?}"),
+            }),
+        },
+        Mode::Record(rec) => {
+            *clock = (*clock).max(start.elapsed().as_nanos() as Nanos);
+            rec.log
+                .append(&Record::IoTime {
+                    landmark,
+                    now: *clock,
+                })
+                .map_err(RunError::LogWrite)?;
+            Ok(*clock)
+        }
+        Mode::Live => {
+            *clock = (*clock).max(start.elapsed().as_nanos() as Nanos);
+            Ok(*clock)
         }
     }
 }
 
-/// Run the guest on the calling thread until it powers off, is stopped, or
-/// fails. `kicker` must be this thread's (from [`Kicker::for_current_thread`]).
+struct Engine<'a, 'm, W: Write> {
+    vm: &'a mut Vm,
+    platform: &'a mut Platform<W>,
+    control: &'a Receiver<Control>,
+    mode: Mode<'m>,
+    start: Instant,
+    landmark: u64,
+    /// The last guest time handed to the devices: a logged clock reading on
+    /// the primary, the logged value on the backup.
+    clock: Nanos,
+    /// State of the sync point the current landmark is, if it is one.
+    sync_state: Option<CpuStateBytes>,
+    input: PendingInput,
+    stats: ExitStats,
+    timer: Option<DeadlineTimer>,
+    sync_bound: Nanos,
+    digest_interval: u64,
+    since_sync: DirtyPages,
+    since_digest: DirtyPages,
+    log_end_reached: bool,
+}
+
+impl<W: Write> Engine<'_, '_, W> {
+    fn real_now(&mut self) -> Nanos {
+        // Never backwards, even across a logged value.
+        self.clock = self.clock.max(self.start.elapsed().as_nanos() as Nanos);
+        self.clock
+    }
+
+    fn log(&mut self, record: Record) -> Result<(), RunError> {
+        if let Mode::Record(rec) = &mut self.mode {
+            rec.log.append(&record).map_err(RunError::LogWrite)?;
+        }
+        Ok(())
+    }
+
+    fn diverged(&self, detail: String) -> RunError {
+        RunError::Divergence {
+            landmark: self.landmark,
+            detail,
+        }
+    }
+
+    fn can_inject(&mut self) -> bool {
+        match &self.sync_state {
+            Some(cpu) => can_inject_from_state(cpu),
+            None => {
+                let run = self.vm.vcpu.get_kvm_run();
+                run.ready_for_interrupt_injection != 0 && run.if_flag != 0
+            }
+        }
+    }
+
+    fn inject(&mut self, vector: u8) -> Result<(), RunError> {
+        sys::inject_interrupt(&self.vm.vcpu, vector).map_err(kvm_err("inject interrupt"))?;
+        self.stats.interrupts_injected += 1;
+        Ok(())
+    }
+
+    /// Hash the vCPU and the pages written since the last digest.
+    fn compute_digest(&mut self) -> Result<([u8; 32], Vec<PageHash>), RunError> {
+        let started = Instant::now();
+        self.vm
+            .collect_dirty_pages(&mut [&mut self.since_sync, &mut self.since_digest])?;
+        let mut page = vec![0u8; PAGE_SIZE];
+        let mut pages = Vec::new();
+        for gpa in self.since_digest.take() {
+            if self.vm.mem.read_slice(&mut page, GuestAddress(gpa)).is_ok() {
+                pages.push(PageHash {
+                    gpa,
+                    hash: digest::page_hash(&page),
+                });
+            }
+        }
+        let cpu_hash = digest::cpu_hash(&self.vm.cpu_state()?);
+        self.stats.digests += 1;
+        self.stats.digest_pages += pages.len() as u64;
+        self.stats.digest_time += started.elapsed();
+        Ok((cpu_hash, pages))
+    }
+
+    fn record_digest(&mut self) -> Result<(), RunError> {
+        let (cpu_hash, pages) = self.compute_digest()?;
+        self.log(Record::Digest {
+            landmark: self.landmark,
+            cpu_hash,
+            pages,
+        })
+    }
+
+    fn verify_digest(&mut self, cpu_hash: [u8; 32], pages: &[PageHash]) -> Result<(), RunError> {
+        let started = Instant::now();
+        let mem = &self.vm.mem;
+        let mut buf = vec![0u8; PAGE_SIZE];
+        let mismatched = digest::mismatched_pages(pages, |gpa| {
+            mem.read_slice(&mut buf, GuestAddress(gpa))
+                .ok()
+                .map(|_| digest::page_hash(&buf))
+        });
+        let cpu_matches = digest::cpu_hash(&self.vm.cpu_state()?) == cpu_hash;
+        self.stats.digests += 1;
+        self.stats.digest_pages += pages.len() as u64;
+        self.stats.digest_time += started.elapsed();
+        if !mismatched.is_empty() || !cpu_matches {
+            let shown: Vec<String> = mismatched
+                .iter()
+                .take(8)
+                .map(|g| format!("{g:#x}"))
+                .collect();
+            let pages_text = if mismatched.is_empty() {
+                "all pages match".to_string()
+            } else {
+                format!(
+                    "{} of {} pages differ (first: {})",
+                    mismatched.len(),
+                    pages.len(),
+                    shown.join(", ")
+                )
+            };
+            let cpu_text = if cpu_matches {
+                "vCPU state matches"
+            } else {
+                "vCPU state differs"
+            };
+            return Err(self.diverged(format!("digest mismatch: {cpu_text}; {pages_text}")));
+        }
+        Ok(())
+    }
+
+    /// End a live run; a recording gets its final digest and End record.
+    fn end_live(&mut self, ending: Ending) -> Result<AtLandmark, RunError> {
+        if let Mode::Record(_) = self.mode {
+            self.record_digest()?;
+            self.log(Record::End {
+                landmark: self.landmark,
+                reason: ending.log_reason(),
+            })?;
+            if let Mode::Record(rec) = &mut self.mode {
+                rec.log.flush().map_err(RunError::LogWrite)?;
+            }
+        }
+        Ok(AtLandmark::End(ending))
+    }
+
+    /// The primary's work at a landmark: input, timers, reset, interrupt, digest.
+    fn landmark_live(&mut self) -> Result<AtLandmark, RunError> {
+        let mut stop = false;
+        for msg in self.control.try_iter() {
+            match msg {
+                Control::Stop => stop = true,
+                Control::SerialInput(bytes) => self.input.0.extend(bytes),
+            }
+        }
+        if stop {
+            return self.end_live(Ending::Stopped);
+        }
+        let accepted = self.input.feed(self.platform);
+        if !accepted.is_empty() {
+            self.log(Record::SerialInput {
+                landmark: self.landmark,
+                bytes: accepted,
+            })?;
+        }
+        if let Some(deadline) = self.platform.next_deadline() {
+            let now = self.real_now();
+            if deadline <= now {
+                self.platform.poll(now);
+                self.log(Record::Poll {
+                    landmark: self.landmark,
+                    now,
+                })?;
+            }
+        }
+        if let Some(PlatformEvent::Reset) = self.platform.take_event() {
+            return self.end_live(Ending::ResetRequested);
+        }
+        let mut injected = false;
+        if self.platform.interrupt_pending() && self.can_inject() {
+            if let Some(vector) = self.platform.acknowledge_interrupt() {
+                self.inject(vector)?;
+                self.log(Record::Interrupt {
+                    landmark: self.landmark,
+                    vector,
+                })?;
+                injected = true;
+            }
+        }
+        if matches!(self.mode, Mode::Record(_)) && self.landmark % self.digest_interval.max(1) == 0
+        {
+            self.record_digest()?;
+        }
+        Ok(AtLandmark::Continue { injected })
+    }
+
+    /// The backup's work at a landmark: do exactly what the log says.
+    fn landmark_replay(&mut self) -> Result<AtLandmark, RunError> {
+        if self.control.try_iter().any(|m| m == Control::Stop) {
+            return Ok(AtLandmark::End(Ending::Stopped));
+        }
+        let mut injected = false;
+        loop {
+            let Mode::Replay(schedule) = &mut self.mode else {
+                unreachable!("replay mode")
+            };
+            let Some(record) = schedule.take_at(self.landmark)? else {
+                break;
+            };
+            match record {
+                Record::Poll { now, .. } => {
+                    self.clock = now;
+                    self.platform.poll(now);
+                }
+                Record::SerialInput { bytes, .. } => {
+                    let taken = self.platform.enqueue_serial_input(&bytes);
+                    if taken != bytes.len() {
+                        return Err(self.diverged(format!(
+                            "the UART took {taken} of {} logged input bytes",
+                            bytes.len()
+                        )));
+                    }
+                }
+                Record::Interrupt { vector, .. } => {
+                    if !self.can_inject() {
+                        return Err(self.diverged(format!("the log injects vector {vector:#x} but the guest cannot take interrupts here")));
+                    }
+                    match self.platform.acknowledge_interrupt() {
+                        Some(v) if v == vector => {
+                            self.inject(vector)?;
+                            injected = true;
+                        }
+                        other => {
+                            return Err(self.diverged(format!(
+                                "the log injects vector {vector:#x}, the platform has {other:x?}"
+                            )))
+                        }
+                    }
+                }
+                Record::Digest {
+                    cpu_hash, pages, ..
+                } => self.verify_digest(cpu_hash, &pages)?,
+                Record::End { reason, .. } => {
+                    self.log_end_reached = true;
+                    return Ok(AtLandmark::End(reason.into()));
+                }
+                other => {
+                    return Err(self.diverged(format!("unexpected {} record", other.kind_name())))
+                }
+            }
+        }
+        Ok(AtLandmark::Continue { injected })
+    }
+
+    fn at_landmark(&mut self) -> Result<AtLandmark, RunError> {
+        match self.mode {
+            Mode::Replay(_) => self.landmark_replay(),
+            _ => self.landmark_live(),
+        }
+    }
+
+    /// Primary: the guest was kicked at an arbitrary point; make it the next
+    /// landmark (a sync point, when recording).
+    fn make_sync_point(&mut self) -> Result<(), RunError> {
+        self.landmark += 1;
+        if let Mode::Record(_) = self.mode {
+            let cpu = self.vm.cpu_state()?;
+            self.vm
+                .collect_dirty_pages(&mut [&mut self.since_sync, &mut self.since_digest])?;
+            let mut pages = Vec::new();
+            for gpa in self.since_sync.take() {
+                let mut data = vec![0u8; PAGE_SIZE];
+                if self.vm.mem.read_slice(&mut data, GuestAddress(gpa)).is_ok() {
+                    pages.push((gpa, data));
+                }
+            }
+            self.stats.sync_points += 1;
+            self.stats.sync_point_pages += pages.len() as u64;
+            self.log(Record::SyncPoint {
+                landmark: self.landmark,
+                cpu: Box::new(cpu.clone()),
+                pages,
+            })?;
+            // Judge "can take an interrupt" from this state, as the backup will.
+            self.sync_state = Some(cpu);
+        }
+        Ok(())
+    }
+
+    /// Backup: load the primary's sync point instead of executing to it.
+    fn apply_sync_point(&mut self, record: Record) -> Result<(), RunError> {
+        let Record::SyncPoint {
+            landmark,
+            cpu,
+            pages,
+        } = record
+        else {
+            unreachable!("sync point")
+        };
+        for (gpa, data) in &pages {
+            self.vm
+                .mem
+                .write_slice(data, GuestAddress(*gpa))
+                .map_err(|e| self.diverged(format!("sync point page {gpa:#x}: {e}")))?;
+        }
+        self.vm.set_cpu_state(&cpu)?;
+        self.stats.sync_points += 1;
+        self.stats.sync_point_pages += pages.len() as u64;
+        self.landmark = landmark;
+        self.sync_state = Some(*cpu);
+        Ok(())
+    }
+
+    /// Is an interrupt due that the guest could take, with no landmark in sight?
+    fn sync_due(&mut self) -> bool {
+        let now = self.real_now();
+        let due =
+            self.platform.next_deadline().is_some_and(|d| d <= now) || !self.input.0.is_empty();
+        let run = self.vm.vcpu.get_kvm_run();
+        due && run.if_flag != 0 && run.ready_for_interrupt_injection != 0
+    }
+
+    fn arm_timer(&mut self) {
+        let now = self.real_now();
+        let bound = self.sync_bound;
+        let wake = self.platform.next_deadline().map(|d| {
+            if d + bound <= now {
+                now + bound
+            } else {
+                d + bound
+            }
+        });
+        let start = self.start;
+        if let Some(timer) = &mut self.timer {
+            timer.arm(start, wake);
+        }
+    }
+
+    /// The guest halted with interrupts enabled at a landmark: wait (live) for
+    /// an interrupt, input or a stop.
+    fn halted(&mut self) -> Result<Option<Ending>, RunError> {
+        loop {
+            match self.landmark_live()? {
+                AtLandmark::End(e) => return Ok(Some(e)),
+                AtLandmark::Continue { injected: true } => return Ok(None),
+                AtLandmark::Continue { injected: false } => {}
+            }
+            let msg = match self.platform.next_deadline() {
+                Some(ns) => self
+                    .control
+                    .recv_deadline(self.start + Duration::from_nanos(ns)),
+                None => self
+                    .control
+                    .recv()
+                    .map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match msg {
+                Ok(Control::Stop) => {
+                    return self
+                        .end_live(Ending::Stopped)
+                        .map(|_| Some(Ending::Stopped))
+                }
+                Ok(Control::SerialInput(bytes)) => self.input.0.extend(bytes),
+                Err(RecvTimeoutError::Timeout) => {}
+                // Nobody can send input or a stop any more and no timer is
+                // armed: the guest would sleep forever.
+                Err(RecvTimeoutError::Disconnected) => match self.platform.next_deadline() {
+                    None => {
+                        return self
+                            .end_live(Ending::Stopped)
+                            .map(|_| Some(Ending::Stopped))
+                    }
+                    Some(ns) => {
+                        thread::sleep(Duration::from_nanos(ns.saturating_sub(self.real_now())))
+                    }
+                },
+            }
+        }
+    }
+
+    fn run(&mut self) -> Result<Ending, RunError> {
+        let replaying = matches!(self.mode, Mode::Replay(_));
+        // Landmark 0 is the start: records (such as early input) may sit there.
+        let mut at_landmark = true;
+        loop {
+            if at_landmark {
+                if let AtLandmark::End(e) = self.at_landmark()? {
+                    return Ok(e);
+                }
+                if let Mode::Replay(schedule) = &mut self.mode {
+                    if let Step::Sync(record) = schedule.step_after(self.landmark)? {
+                        self.apply_sync_point(record)?;
+                        continue;
+                    }
+                }
+                self.sync_state = None;
+            }
+            if !replaying {
+                self.arm_timer();
+            }
+            at_landmark = false;
+            self.stats.total += 1;
+            let exit = match self.vm.vcpu.run() {
+                Ok(exit) => exit,
+                Err(e) if e.errno() == libc::EINTR => {
+                    self.vm.vcpu.set_kvm_immediate_exit(0);
+                    self.stats.kicks += 1;
+                    if let Some(timer) = &mut self.timer {
+                        timer.fired();
+                    }
+                    if replaying {
+                        if self.control.try_iter().any(|m| m == Control::Stop) {
+                            return Ok(Ending::Stopped);
+                        }
+                        continue;
+                    }
+                    let mut stop = false;
+                    for msg in self.control.try_iter() {
+                        match msg {
+                            Control::Stop => stop = true,
+                            Control::SerialInput(bytes) => self.input.0.extend(bytes),
+                        }
+                    }
+                    if stop {
+                        // End on a landmark so the log and its final digest agree.
+                        self.make_sync_point()?;
+                        return self.end_live(Ending::Stopped).map(|_| Ending::Stopped);
+                    }
+                    if self.sync_due() {
+                        self.make_sync_point()?;
+                        at_landmark = true;
+                    }
+                    continue;
+                }
+                Err(e) if e.errno() == libc::EAGAIN => continue,
+                Err(e) => {
+                    return Err(RunError::Kvm {
+                        what: "run vCPU",
+                        source: e,
+                    })
+                }
+            };
+            match exit {
+                VcpuExit::IoIn(port, data) => {
+                    self.stats.io += 1;
+                    self.landmark += 1;
+                    let now = if Platform::<W>::port_uses_time(port, data.len()) {
+                        device_time(&mut self.mode, &mut self.clock, self.landmark, self.start)?
+                    } else {
+                        self.clock
+                    };
+                    self.platform.pio_read(port, data, now);
+                }
+                VcpuExit::IoOut(port, data) => {
+                    self.stats.io += 1;
+                    self.landmark += 1;
+                    let now = if Platform::<W>::port_uses_time(port, data.len()) {
+                        device_time(&mut self.mode, &mut self.clock, self.landmark, self.start)?
+                    } else {
+                        self.clock
+                    };
+                    self.platform.pio_write(port, data, now);
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    // No MMIO devices yet: reads float high, as on an empty bus.
+                    self.stats.mmio += 1;
+                    self.landmark += 1;
+                    tracing::debug!("guest read unmapped MMIO {addr:#x}");
+                    data.fill(0xff);
+                }
+                VcpuExit::MmioWrite(addr, _) => {
+                    self.stats.mmio += 1;
+                    self.landmark += 1;
+                    tracing::debug!("guest wrote unmapped MMIO {addr:#x}");
+                }
+                VcpuExit::Hlt => {
+                    self.stats.hlt += 1;
+                    self.landmark += 1;
+                    if !replaying {
+                        if self.vm.vcpu.get_kvm_run().if_flag == 0 {
+                            return self
+                                .end_live(Ending::HaltedForGood)
+                                .map(|_| Ending::HaltedForGood);
+                        }
+                        if let Some(ending) = self.halted()? {
+                            return Ok(ending);
+                        }
+                        continue;
+                    }
+                }
+                VcpuExit::Shutdown => {
+                    let rip = self.vm.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                    return Err(RunError::TripleFault { rip });
+                }
+                VcpuExit::FailEntry(reason, _) => return Err(RunError::FailEntry { reason }),
+                VcpuExit::InternalError => {
+                    self.stats.emulation_fallbacks += 1;
+                    if emulation_fallback(self.vm)? {
+                        self.stats.exceptions_injected += 1;
+                    }
+                    continue;
+                }
+                VcpuExit::IrqWindowOpen => continue,
+                other => return Err(RunError::UnexpectedExit(format!("{other:?}"))),
+            }
+            at_landmark = true;
+        }
+    }
+}
+
+/// Run the guest on the calling thread until it powers off, is stopped, the
+/// log ends (replay) or something fails. `kicker` must be this thread's
+/// (from [`Kicker::for_current_thread`]).
 pub fn run<W: Write>(
     vm: &mut Vm,
     platform: &mut Platform<W>,
     control: &Receiver<Control>,
     kicker: Kicker,
+    mode: Mode<'_>,
 ) -> Result<RunReport, RunError> {
     let start = Instant::now();
-    let now = || start.elapsed().as_nanos() as Nanos;
     let _registration =
         sys::register_vcpu_thread(&mut vm.vcpu).map_err(kvm_err("install kick handler"))?;
-    let mut timer = DeadlineTimer::start(kicker);
-    let mut stats = ExitStats::default();
-    let mut input = PendingInput::default();
-    let report = |ending, stats| {
-        Ok(RunReport {
-            ending,
-            stats,
-            wall: start.elapsed(),
-        })
+    let settings = match &mode {
+        Mode::Record(rec) => rec.settings,
+        _ => RecordSettings::default(),
     };
-
-    loop {
-        for msg in control.try_iter() {
-            match msg {
-                Control::Stop => return report(Ending::Stopped, stats),
-                Control::SerialInput(bytes) => input.0.extend(bytes),
-            }
-        }
-        input.feed(platform);
-        platform.poll(now());
-        if let Some(PlatformEvent::Reset) = platform.take_event() {
-            return report(Ending::ResetRequested, stats);
-        }
-        deliver_interrupt(vm, platform, &mut stats)?;
-        timer.arm(start, platform.next_deadline());
-
-        stats.total += 1;
-        let exit = match vm.vcpu.run() {
-            Ok(exit) => exit,
-            Err(e) if e.errno() == libc::EINTR => {
-                vm.vcpu.set_kvm_immediate_exit(0);
-                stats.kicks += 1;
-                timer.fired();
-                continue;
-            }
-            Err(e) if e.errno() == libc::EAGAIN => continue,
-            Err(e) => {
-                return Err(RunError::Kvm {
-                    what: "run vCPU",
-                    source: e,
-                })
-            }
-        };
-        match exit {
-            VcpuExit::IoIn(port, data) => {
-                stats.io += 1;
-                platform.pio_read(port, data, now());
-            }
-            VcpuExit::IoOut(port, data) => {
-                stats.io += 1;
-                platform.pio_write(port, data, now());
-            }
-            VcpuExit::MmioRead(addr, data) => {
-                // No MMIO devices yet: reads float high, as on an empty bus.
-                stats.mmio += 1;
-                tracing::debug!("guest read unmapped MMIO {addr:#x}");
-                data.fill(0xff);
-            }
-            VcpuExit::MmioWrite(addr, _) => {
-                stats.mmio += 1;
-                tracing::debug!("guest wrote unmapped MMIO {addr:#x}");
-            }
-            VcpuExit::IrqWindowOpen => stats.irq_windows += 1,
-            VcpuExit::Hlt => {
-                stats.hlt += 1;
-                if vm.vcpu.get_kvm_run().if_flag == 0 {
-                    return report(Ending::HaltedForGood, stats);
-                }
-                if let Some(ending) = wait_while_halted(platform, control, &mut input, &now, start)?
-                {
-                    return report(ending, stats);
-                }
-            }
-            VcpuExit::Shutdown => {
-                let rip = vm.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                return Err(RunError::TripleFault { rip });
-            }
-            VcpuExit::FailEntry(reason, _) => return Err(RunError::FailEntry { reason }),
-            VcpuExit::InternalError => {
-                stats.emulation_fallbacks += 1;
-                if emulation_fallback(vm)? {
-                    stats.exceptions_injected += 1;
-                }
-            }
-            other => return Err(RunError::UnexpectedExit(format!("{other:?}"))),
-        }
+    if let Mode::Record(_) = mode {
+        vm.set_dirty_logging(true)?;
     }
-}
-
-/// Inject the platform's pending interrupt if the guest can take it now,
-/// otherwise ask KVM to exit as soon as it can.
-fn deliver_interrupt<W: Write>(
-    vm: &mut Vm,
-    platform: &mut Platform<W>,
-    stats: &mut ExitStats,
-) -> Result<(), RunError> {
-    if !platform.interrupt_pending() {
-        vm.vcpu.get_kvm_run().request_interrupt_window = 0;
-        return Ok(());
+    let timer = (!matches!(mode, Mode::Replay(_))).then(|| DeadlineTimer::start(kicker));
+    let mut engine = Engine {
+        vm,
+        platform,
+        control,
+        mode,
+        start,
+        landmark: 0,
+        clock: 0,
+        sync_state: None,
+        input: PendingInput::default(),
+        stats: ExitStats::default(),
+        timer,
+        sync_bound: settings.sync_bound.as_nanos() as Nanos,
+        digest_interval: settings.digest_interval,
+        since_sync: DirtyPages::default(),
+        since_digest: DirtyPages::default(),
+        log_end_reached: false,
+    };
+    let ending = engine.run()?;
+    let mut stats = engine.stats;
+    stats.landmarks = engine.landmark;
+    match &engine.mode {
+        Mode::Record(rec) => (stats.log_bytes, stats.log_records) = rec.log.written(),
+        Mode::Replay(schedule) => stats.log_records = schedule.records_read(),
+        Mode::Live => {}
     }
-    let run = vm.vcpu.get_kvm_run();
-    if run.ready_for_interrupt_injection != 0 && run.if_flag != 0 {
-        if let Some(vector) = platform.acknowledge_interrupt() {
-            sys::inject_interrupt(&vm.vcpu, vector).map_err(kvm_err("inject interrupt"))?;
-            stats.interrupts_injected += 1;
-        }
-        // One injection per entry; another pending one waits for a window.
-        vm.vcpu.get_kvm_run().request_interrupt_window = u8::from(platform.interrupt_pending());
-    } else {
-        run.request_interrupt_window = 1;
-    }
-    Ok(())
-}
-
-/// The guest halted with interrupts enabled: sleep until an interrupt is due,
-/// input arrives, or we are told to stop.
-fn wait_while_halted<W: Write>(
-    platform: &mut Platform<W>,
-    control: &Receiver<Control>,
-    input: &mut PendingInput,
-    now: &impl Fn() -> Nanos,
-    start: Instant,
-) -> Result<Option<Ending>, RunError> {
-    loop {
-        input.feed(platform);
-        platform.poll(now());
-        if platform.interrupt_pending() {
-            return Ok(None);
-        }
-        if let Some(PlatformEvent::Reset) = platform.take_event() {
-            return Ok(Some(Ending::ResetRequested));
-        }
-        let msg = match platform.next_deadline() {
-            Some(ns) => control.recv_deadline(start + Duration::from_nanos(ns)),
-            None => control.recv().map_err(|_| RecvTimeoutError::Disconnected),
-        };
-        match msg {
-            Ok(Control::Stop) => return Ok(Some(Ending::Stopped)),
-            Ok(Control::SerialInput(bytes)) => input.0.extend(bytes),
-            Err(RecvTimeoutError::Timeout) => {}
-            // Nobody can send input or a stop any more, and no timer is
-            // armed: the guest sleeps forever. Treat it as stopped.
-            Err(RecvTimeoutError::Disconnected) if platform.next_deadline().is_none() => {
-                return Ok(Some(Ending::Stopped))
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                if let Some(ns) = platform.next_deadline() {
-                    let wait = ns.saturating_sub(now());
-                    thread::sleep(Duration::from_nanos(wait));
-                }
-            }
-        }
-    }
+    Ok(RunReport {
+        ending,
+        log_end_reached: engine.log_end_reached,
+        stats,
+        wall: start.elapsed(),
+    })
 }
 
 /// Finish an instruction KVM's emulator gave up on. Returns whether an

@@ -1,16 +1,24 @@
 //! Creating a KVM VM with no in-kernel irqchip, PIT or LAPIC, its memory and
 //! its one vCPU, and putting a kernel in it.
 
-use kvm_bindings::{kvm_userspace_memory_region, kvm_vcpu_events};
+use std::cell::RefCell;
+
+use kvm_bindings::{
+    kvm_fpu, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events,
+    KVM_MEM_LOG_DIRTY_PAGES,
+};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use thiserror::Error;
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
 };
+use zerocopy::{FromBytes, IntoBytes};
 
 use super::boot::{self, BootError, LoadedKernel};
 use super::cpuid;
 use super::layout::{ram_ranges, MAX_MEM_BYTES, MIN_MEM_BYTES};
+use crate::replay::digest::DirtyPages;
+use crate::replay::log::CpuStateBytes;
 
 /// Everything needed to build a guest.
 #[derive(Debug, Clone)]
@@ -53,10 +61,61 @@ pub enum VmError {
     /// Loading the kernel, initrd or boot structures failed.
     #[error(transparent)]
     Boot(#[from] BootError),
+    /// Saved vCPU state of the wrong shape (from a log).
+    #[error("vCPU state: {0} has {1} bytes, expected {2}")]
+    CpuStateSize(&'static str, usize, usize),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
+}
+
+/// Size of `kvm_fpu` in its uapi layout.
+pub const FPU_BYTES: usize = 416;
+
+/// `kvm_fpu` in its uapi byte layout (the struct has no zerocopy derive).
+pub fn fpu_to_bytes(f: &kvm_fpu) -> Vec<u8> {
+    let mut b = Vec::with_capacity(FPU_BYTES);
+    for r in &f.fpr {
+        b.extend_from_slice(r);
+    }
+    b.extend_from_slice(&f.fcw.to_le_bytes());
+    b.extend_from_slice(&f.fsw.to_le_bytes());
+    b.push(f.ftwx);
+    b.push(0);
+    b.extend_from_slice(&f.last_opcode.to_le_bytes());
+    b.extend_from_slice(&f.last_ip.to_le_bytes());
+    b.extend_from_slice(&f.last_dp.to_le_bytes());
+    for x in &f.xmm {
+        b.extend_from_slice(x);
+    }
+    b.extend_from_slice(&f.mxcsr.to_le_bytes());
+    b.extend_from_slice(&[0; 4]);
+    b
+}
+
+/// Inverse of [`fpu_to_bytes`]; None if the length is wrong.
+pub fn fpu_from_bytes(b: &[u8]) -> Option<kvm_fpu> {
+    if b.len() != FPU_BYTES {
+        return None;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    let mut f = kvm_fpu::default();
+    for (i, r) in f.fpr.iter_mut().enumerate() {
+        r.copy_from_slice(&b[i * 16..i * 16 + 16]);
+    }
+    f.fcw = u16_at(128);
+    f.fsw = u16_at(130);
+    f.ftwx = b[132];
+    f.last_opcode = u16_at(134);
+    f.last_ip = u64_at(136);
+    f.last_dp = u64_at(144);
+    for (i, x) in f.xmm.iter_mut().enumerate() {
+        x.copy_from_slice(&b[152 + i * 16..168 + i * 16]);
+    }
+    f.mxcsr = u32::from_le_bytes(b[408..412].try_into().unwrap());
+    Some(f)
 }
 
 /// A built VM, ready to run. Field order is drop order: the vCPU and VM fds
@@ -67,6 +126,9 @@ pub struct Vm {
     _kvm: Kvm,
     pub mem: GuestMemoryMmap,
     pub kernel: LoadedKernel,
+    slots: Vec<kvm_userspace_memory_region>,
+    /// Guest pages the VMM itself wrote (KVM's dirty log does not see them).
+    userspace_dirty: RefCell<DirtyPages>,
 }
 
 impl Vm {
@@ -87,6 +149,7 @@ impl Vm {
             .set_tss_address(0xfffb_d000)
             .map_err(kvm_err("set TSS address"))?;
 
+        let mut slots = Vec::new();
         let ranges: Vec<(GuestAddress, usize)> = ram_ranges(config.mem_bytes)
             .into_iter()
             .map(|(start, size)| (GuestAddress(start), size as usize))
@@ -114,6 +177,7 @@ impl Vm {
             // slots do not overlap (ram_ranges yields disjoint ranges).
             unsafe { vm_fd.set_user_memory_region(region_desc) }
                 .map_err(kvm_err("register guest memory"))?;
+            slots.push(region_desc);
         }
 
         let kernel = boot::load_kernel(&mem, &config.kernel_name, &config.kernel)?;
@@ -149,7 +213,84 @@ impl Vm {
             _kvm: kvm,
             mem,
             kernel,
+            slots,
+            userspace_dirty: RefCell::new(DirtyPages::default()),
         })
+    }
+
+    /// Turn KVM dirty-page logging on (record/replay needs it) or off.
+    pub fn set_dirty_logging(&mut self, on: bool) -> Result<(), VmError> {
+        for slot in &mut self.slots {
+            slot.flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+            // SAFETY: the same slot, address range and host mapping as
+            // registered in `create`; only the flags change.
+            unsafe { self.vm_fd.set_user_memory_region(*slot) }
+                .map_err(kvm_err("set dirty logging"))?;
+        }
+        Ok(())
+    }
+
+    /// Note a write by the VMM into guest memory, for sync points and digests.
+    pub fn note_userspace_write(&self, gpa: u64, len: u64) {
+        self.userspace_dirty.borrow_mut().add_range(gpa, len);
+    }
+
+    /// Fetch-and-reset KVM's dirty log (and the VMM's own writes) into every set in `into`.
+    pub fn collect_dirty_pages(&self, into: &mut [&mut DirtyPages]) -> Result<(), VmError> {
+        let mut found = std::mem::take(&mut *self.userspace_dirty.borrow_mut());
+        for slot in &self.slots {
+            if slot.flags & KVM_MEM_LOG_DIRTY_PAGES == 0 {
+                continue;
+            }
+            let bitmap = self
+                .vm_fd
+                .get_dirty_log(slot.slot, slot.memory_size as usize)
+                .map_err(kvm_err("get dirty log"))?;
+            found.add_bitmap(slot.guest_phys_addr, &bitmap);
+        }
+        for set in into.iter_mut() {
+            set.merge(&found);
+        }
+        Ok(())
+    }
+
+    /// The vCPU's architectural state as raw KVM uapi bytes.
+    pub fn cpu_state(&self) -> Result<CpuStateBytes, VmError> {
+        let regs = self.vcpu.get_regs().map_err(kvm_err("get regs"))?;
+        let sregs = self.vcpu.get_sregs().map_err(kvm_err("get sregs"))?;
+        let fpu = self.vcpu.get_fpu().map_err(kvm_err("get FPU"))?;
+        let events = self
+            .vcpu
+            .get_vcpu_events()
+            .map_err(kvm_err("get vCPU events"))?;
+        Ok(CpuStateBytes {
+            regs: regs.as_bytes().to_vec(),
+            sregs: sregs.as_bytes().to_vec(),
+            fpu: fpu_to_bytes(&fpu),
+            events: events.as_bytes().to_vec(),
+        })
+    }
+
+    /// Load state captured by [`Vm::cpu_state`] (possibly on another host).
+    pub fn set_cpu_state(&self, cpu: &CpuStateBytes) -> Result<(), VmError> {
+        fn parse<T: FromBytes>(what: &'static str, bytes: &[u8]) -> Result<T, VmError> {
+            T::read_from_bytes(bytes)
+                .map_err(|_| VmError::CpuStateSize(what, bytes.len(), std::mem::size_of::<T>()))
+        }
+        let regs: kvm_regs = parse("regs", &cpu.regs)?;
+        let sregs: kvm_sregs = parse("sregs", &cpu.sregs)?;
+        let fpu = fpu_from_bytes(&cpu.fpu).ok_or(VmError::CpuStateSize(
+            "fpu",
+            cpu.fpu.len(),
+            FPU_BYTES,
+        ))?;
+        let events: kvm_vcpu_events = parse("vcpu events", &cpu.events)?;
+        self.vcpu.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
+        self.vcpu.set_regs(&regs).map_err(kvm_err("set regs"))?;
+        self.vcpu.set_fpu(&fpu).map_err(kvm_err("set FPU"))?;
+        self.vcpu
+            .set_vcpu_events(&events)
+            .map_err(kvm_err("set vCPU events"))
     }
 
     /// Make the guest take exception `vector` at its current RIP.
@@ -165,5 +306,30 @@ impl Vm {
         self.vcpu
             .set_vcpu_events(&events)
             .map_err(kvm_err("set vCPU events"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fpu_bytes_round_trip_in_the_uapi_size() {
+        let mut f = kvm_fpu {
+            fcw: 0x37f,
+            fsw: 0x1234,
+            ftwx: 0x5a,
+            last_opcode: 0x7ff,
+            last_ip: 0x1122_3344,
+            last_dp: u64::MAX,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        f.fpr[7][15] = 9;
+        f.xmm[15][0] = 0xee;
+        let b = fpu_to_bytes(&f);
+        assert_eq!(b.len(), std::mem::size_of::<kvm_fpu>());
+        assert_eq!(fpu_from_bytes(&b), Some(f));
+        assert_eq!(fpu_from_bytes(&b[1..]), None);
     }
 }
