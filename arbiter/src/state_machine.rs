@@ -12,7 +12,7 @@ pub const MAX_NAME_LEN: usize = 256;
 pub const MAX_SESSIONS: usize = 10_000;
 
 /// The arbitration record of one VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Slot {
     pub generation: u64,
     /// `None` after a reset: armed, waiting for the first test-and-set of this generation.
