@@ -84,6 +84,9 @@ pub struct Node {
     conf_change: Option<Waiter>,
     reads: BTreeMap<u64, PendingRead>,
     next_read_ctx: u64,
+    /// A membership change was applied: snapshot now, so a node just added receives a
+    /// snapshot whose configuration contains it (raft-rs ignores one that does not).
+    snapshot_due: bool,
 }
 
 impl Node {
@@ -131,6 +134,7 @@ impl Node {
             conf_change: None,
             reads: BTreeMap::new(),
             next_read_ctx: 1,
+            snapshot_due: false,
         })
     }
 
@@ -482,12 +486,13 @@ impl Node {
                             }
                             tracing::info!(voters = ?cs.voters, "membership changed");
                             self.conf_state = cs;
+                            self.snapshot_due = true;
                         }
                         Err(e) => tracing::warn!(error = %e, "membership change rejected at apply"),
                     }
                     if let Some(w) = self.conf_change.take() {
                         let _ = w.reply.send(Response::MembershipChanged {
-                            voters: self.conf_state.voters.clone(),
+                            voters: sorted(&self.conf_state.voters),
                         });
                     }
                 }
@@ -505,7 +510,9 @@ impl Node {
 
     fn maybe_compact(&mut self) -> Result<(), NodeError> {
         let snap_index = self.raw.store().snapshot_ref().get_metadata().index;
-        if self.applied >= snap_index + self.cfg.snapshot_every {
+        let due = self.snapshot_due || self.applied >= snap_index + self.cfg.snapshot_every;
+        if due && self.applied > snap_index {
+            self.snapshot_due = false;
             tracing::info!(index = self.applied, "snapshotting state machine, compacting log");
             let data = self.sm.to_bytes();
             self.raw
@@ -526,11 +533,17 @@ impl Node {
             applied: self.applied,
             snapshot_index: store.snapshot_ref().get_metadata().index,
             last_index: store.last_index().unwrap_or(0),
-            voters: self.conf_state.voters.clone(),
-            learners: self.conf_state.learners.clone(),
+            voters: sorted(&self.conf_state.voters),
+            learners: sorted(&self.conf_state.learners),
             members: self.sm.members().clone(),
         }
     }
+}
+
+fn sorted(ids: &[u64]) -> Vec<u64> {
+    let mut v = ids.to_vec();
+    v.sort_unstable();
+    v
 }
 
 /// A slog drain that forwards raft-rs's log lines to `tracing`.
