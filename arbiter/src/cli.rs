@@ -131,7 +131,10 @@ pub fn parse_peers(items: &[String]) -> anyhow::Result<BTreeMap<u64, String>> {
         let (id, addr) = item
             .split_once('=')
             .with_context(|| format!("peer {item:?} is not id=host:port"))?;
-        let id: u64 = id.trim().parse().with_context(|| format!("peer id in {item:?}"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .with_context(|| format!("peer id in {item:?}"))?;
         if id == 0 {
             bail!("node id 0 is reserved");
         }
@@ -198,7 +201,11 @@ pub fn run_with_launcher(cmd: ArbiterCommand, launcher: Launcher) -> anyhow::Res
                 Ok(ExitCode::from(2))
             }
         },
-        ArbiterCommand::Reset { vm, generation, client } => match client.client()?.reset(&vm, generation) {
+        ArbiterCommand::Reset {
+            vm,
+            generation,
+            client,
+        } => match client.client()?.reset(&vm, generation) {
             Ok(ResetOutcome::Reset { generation }) => {
                 println!("reset {vm} to generation {generation}");
                 Ok(ExitCode::SUCCESS)
@@ -242,12 +249,22 @@ pub fn run_with_launcher(cmd: ArbiterCommand, launcher: Launcher) -> anyhow::Res
                     }
                 }
             }
-            Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::from(2) })
+            Ok(if all_ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
         }
-        ArbiterCommand::AddNode { id, addr, client } => membership(client.client()?.add_node(id, &addr)),
+        ArbiterCommand::AddNode { id, addr, client } => {
+            membership(client.client()?.add_node(id, &addr))
+        }
         ArbiterCommand::RemoveNode { id, client } => membership(client.client()?.remove_node(id)),
         ArbiterCommand::Selftest => crate::selftest::run(launcher),
-        ArbiterCommand::Bench { clients, seconds, etcd } => crate::bench::run(launcher, &clients, seconds, etcd),
+        ArbiterCommand::Bench {
+            clients,
+            seconds,
+            etcd,
+        } => crate::bench::run(launcher, &clients, seconds, etcd),
     }
 }
 

@@ -15,7 +15,10 @@ use crate::state_machine::{ResetOutcome, Slot, TasOutcome};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("no quorum within {}s (last error: {last_error})", deadline.as_secs_f64())]
-    NoQuorum { deadline: Duration, last_error: String },
+    NoQuorum {
+        deadline: Duration,
+        last_error: String,
+    },
     #[error("request rejected: {0}")]
     Invalid(String),
     #[error("unexpected response: {0}")]
@@ -65,7 +68,12 @@ impl ArbiterClient {
         self.cfg.deadline = deadline;
     }
 
-    pub fn test_and_set(&mut self, vm: &str, generation: u64, requester: &str) -> Result<TasOutcome, ClientError> {
+    pub fn test_and_set(
+        &mut self,
+        vm: &str,
+        generation: u64,
+        requester: &str,
+    ) -> Result<TasOutcome, ClientError> {
         self.seq += 1;
         let req = Request::TestAndSet {
             client_id: self.client_id,
@@ -160,7 +168,10 @@ impl ArbiterClient {
             };
             let mut wait = true;
             match self.call_once(&addr, req) {
-                Ok(Response::NotLeader { leader_addr, leader_id }) => {
+                Ok(Response::NotLeader {
+                    leader_addr,
+                    leader_id,
+                }) => {
                     last_error = format!("{addr}: not the leader (leader {leader_id:?})");
                     wait = leader_addr.is_none();
                     self.leader = leader_addr;
@@ -207,10 +218,15 @@ impl ArbiterClient {
             self.conns.insert(addr.to_owned(), conn);
         }
         let conn = self.conns.get_mut(addr).expect("inserted above");
-        write_frame(&mut conn.writer, &serde_json::to_vec(req).expect("request serializes"))?;
+        write_frame(
+            &mut conn.writer,
+            &serde_json::to_vec(req).expect("request serializes"),
+        )?;
         conn.writer.flush()?;
-        let bytes = read_frame(&mut conn.reader, MAX_CLIENT_FRAME).map_err(|e| std::io::Error::other(e.to_string()))?;
-        serde_json::from_slice(&bytes).map_err(|e| std::io::Error::other(format!("bad response: {e}")))
+        let bytes = read_frame(&mut conn.reader, MAX_CLIENT_FRAME)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| std::io::Error::other(format!("bad response: {e}")))
     }
 }
 
@@ -229,12 +245,18 @@ fn connect(addr: &str, cluster_id: &str) -> std::io::Result<Conn> {
     let hello = Hello::Client {
         cluster_id: cluster_id.into(),
     };
-    write_frame(&mut writer, &serde_json::to_vec(&hello).expect("hello serializes"))?;
+    write_frame(
+        &mut writer,
+        &serde_json::to_vec(&hello).expect("hello serializes"),
+    )?;
     writer.flush()?;
-    let reply = read_frame(&mut reader, MAX_CLIENT_FRAME).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let reply = read_frame(&mut reader, MAX_CLIENT_FRAME)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     match serde_json::from_slice::<HelloReply>(&reply) {
         Ok(HelloReply::Accepted { .. }) => Ok(Conn { reader, writer }),
-        Ok(HelloReply::Refused { reason }) => Err(std::io::Error::other(format!("refused: {reason}"))),
+        Ok(HelloReply::Refused { reason }) => {
+            Err(std::io::Error::other(format!("refused: {reason}")))
+        }
         Err(e) => Err(std::io::Error::other(format!("bad hello reply: {e}"))),
     }
 }

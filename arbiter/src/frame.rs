@@ -60,7 +60,10 @@ mod tests {
         let mut cursor = io::Cursor::new(buf.clone());
         assert_eq!(read_frame(&mut cursor, 16).unwrap(), b"hello");
         assert_eq!(read_frame(&mut cursor, 16).unwrap(), b"");
-        assert!(matches!(read_frame(&mut cursor, 16), Err(FrameError::Closed)));
+        assert!(matches!(
+            read_frame(&mut cursor, 16),
+            Err(FrameError::Closed)
+        ));
 
         let mut cursor = io::Cursor::new(buf);
         assert!(matches!(
@@ -75,6 +78,9 @@ mod tests {
         write_frame(&mut buf, b"hello").unwrap();
         buf.truncate(6);
         let mut cursor = io::Cursor::new(buf);
-        assert!(matches!(read_frame(&mut cursor, 16), Err(FrameError::Io(_))));
+        assert!(matches!(
+            read_frame(&mut cursor, 16),
+            Err(FrameError::Io(_))
+        ));
     }
 }

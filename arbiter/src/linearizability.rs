@@ -63,9 +63,13 @@ pub struct Operation {
 pub enum Verdict {
     Linearizable,
     /// No order of the operations on `vm` explains what the clients saw.
-    NotLinearizable { vm: String },
+    NotLinearizable {
+        vm: String,
+    },
     /// The search gave up after its step budget; nothing proven either way.
-    Inconclusive { vm: String },
+    Inconclusive {
+        vm: String,
+    },
 }
 
 /// The specification: state of one VM is `Option<Slot>`.
@@ -77,7 +81,14 @@ fn step(state: &Option<Slot>, input: &Input, output: &Output) -> Option<Option<S
             requester,
             ..
         } => {
-            let won = |slot: Slot| (Some(slot), Output::Tas(TasOutcome::Won { generation: *generation }));
+            let won = |slot: Slot| {
+                (
+                    Some(slot),
+                    Output::Tas(TasOutcome::Won {
+                        generation: *generation,
+                    }),
+                )
+            };
             match state {
                 None => won(Slot {
                     generation: *generation,
@@ -261,7 +272,14 @@ fn check_one(ops: &[&Operation], max_steps: u64) -> Option<bool> {
 mod tests {
     use super::*;
 
-    fn tas(client: u64, who: &str, generation: u64, out: TasOutcome, call: u64, ret: u64) -> Operation {
+    fn tas(
+        client: u64,
+        who: &str,
+        generation: u64,
+        out: TasOutcome,
+        call: u64,
+        ret: u64,
+    ) -> Operation {
         Operation {
             client,
             input: Input::TestAndSet {
@@ -296,7 +314,17 @@ mod tests {
     fn concurrent_race_with_one_winner_is_linearizable() {
         let h = vec![
             tas(1, "a", 1, TasOutcome::Won { generation: 1 }, 0, 10),
-            tas(2, "b", 1, TasOutcome::Held { holder: "a".into(), generation: 1 }, 1, 9),
+            tas(
+                2,
+                "b",
+                1,
+                TasOutcome::Held {
+                    holder: "a".into(),
+                    generation: 1,
+                },
+                1,
+                9,
+            ),
             get(3, None, 0, 3), // overlaps the winning write: may read before it
             get(3, held_by("a", 1), 11, 12),
         ];
@@ -309,7 +337,10 @@ mod tests {
             tas(1, "a", 1, TasOutcome::Won { generation: 1 }, 0, 10),
             tas(2, "b", 1, TasOutcome::Won { generation: 1 }, 1, 9),
         ];
-        assert_eq!(check(&h, 100_000), Verdict::NotLinearizable { vm: "vm".into() });
+        assert_eq!(
+            check(&h, 100_000),
+            Verdict::NotLinearizable { vm: "vm".into() }
+        );
     }
 
     #[test]
@@ -320,7 +351,10 @@ mod tests {
             tas(1, "a", 1, TasOutcome::Won { generation: 1 }, 0, 5),
             get(2, None, 6, 7),
         ];
-        assert_eq!(check(&h, 100_000), Verdict::NotLinearizable { vm: "vm".into() });
+        assert_eq!(
+            check(&h, 100_000),
+            Verdict::NotLinearizable { vm: "vm".into() }
+        );
     }
 
     #[test]
@@ -335,7 +369,12 @@ mod tests {
             call,
             ret: Some(ret),
         };
-        let armed = |generation| Some(Slot { generation, holder: None });
+        let armed = |generation| {
+            Some(Slot {
+                generation,
+                holder: None,
+            })
+        };
         // Reset to 2 overlaps both reads; the first read sees it, the later one does not.
         let h = vec![
             tas(1, "a", 1, TasOutcome::Won { generation: 1 }, 0, 1),
@@ -343,7 +382,10 @@ mod tests {
             get(3, armed(2), 3, 4),
             get(4, held_by("a", 1), 5, 6),
         ];
-        assert_eq!(check(&h, 100_000), Verdict::NotLinearizable { vm: "vm".into() });
+        assert_eq!(
+            check(&h, 100_000),
+            Verdict::NotLinearizable { vm: "vm".into() }
+        );
         // In the other order, both reads fit.
         let h = vec![
             tas(1, "a", 1, TasOutcome::Won { generation: 1 }, 0, 1),
@@ -359,9 +401,25 @@ mod tests {
         let mut lost = tas(1, "a", 1, TasOutcome::Won { generation: 1 }, 0, 0);
         lost.output = Output::Unknown;
         lost.ret = None;
-        let took_effect = vec![lost.clone(), tas(2, "b", 1, TasOutcome::Held { holder: "a".into(), generation: 1 }, 5, 6)];
+        let took_effect = vec![
+            lost.clone(),
+            tas(
+                2,
+                "b",
+                1,
+                TasOutcome::Held {
+                    holder: "a".into(),
+                    generation: 1,
+                },
+                5,
+                6,
+            ),
+        ];
         assert_eq!(check(&took_effect, 100_000), Verdict::Linearizable);
-        let did_not = vec![lost, tas(2, "b", 1, TasOutcome::Won { generation: 1 }, 5, 6)];
+        let did_not = vec![
+            lost,
+            tas(2, "b", 1, TasOutcome::Won { generation: 1 }, 5, 6),
+        ];
         assert_eq!(check(&did_not, 100_000), Verdict::Linearizable);
     }
 
@@ -377,7 +435,19 @@ mod tests {
         h.push(other);
         assert_eq!(check(&h, 100_000), Verdict::Linearizable);
         let racing: Vec<Operation> = (0..20)
-            .map(|i| tas(i, "x", 1, TasOutcome::Held { holder: "nobody".into(), generation: 1 }, 0, 100))
+            .map(|i| {
+                tas(
+                    i,
+                    "x",
+                    1,
+                    TasOutcome::Held {
+                        holder: "nobody".into(),
+                        generation: 1,
+                    },
+                    0,
+                    100,
+                )
+            })
             .collect();
         assert!(matches!(check(&racing, 10), Verdict::Inconclusive { .. }));
     }

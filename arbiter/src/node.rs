@@ -236,7 +236,10 @@ impl Node {
             Request::Get { vm } => {
                 if vm.is_empty() || vm.len() > crate::state_machine::MAX_NAME_LEN {
                     let _ = waiter.reply.send(Response::Invalid {
-                        reason: format!("vm name must be 1..={} bytes", crate::state_machine::MAX_NAME_LEN),
+                        reason: format!(
+                            "vm name must be 1..={} bytes",
+                            crate::state_machine::MAX_NAME_LEN
+                        ),
                     });
                     return;
                 }
@@ -434,7 +437,11 @@ impl Node {
             index: meta.index,
             reason: format!("snapshot state machine: {e}"),
         })?;
-        tracing::info!(index = meta.index, term = meta.term, "installing snapshot from leader");
+        tracing::info!(
+            index = meta.index,
+            term = meta.term,
+            "installing snapshot from leader"
+        );
         self.raw.mut_store().install_snapshot(snap)?;
         self.sm = sm;
         self.conf_state = meta.get_conf_state().clone();
@@ -448,17 +455,20 @@ impl Node {
             match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => {} // leader's no-op of a new term
                 EntryType::EntryNormal => {
-                    let cmd: Command = serde_json::from_slice(&entry.data).map_err(|e| NodeError::BadEntry {
-                        index,
-                        reason: e.to_string(),
-                    })?;
+                    let cmd: Command =
+                        serde_json::from_slice(&entry.data).map_err(|e| NodeError::BadEntry {
+                            index,
+                            reason: e.to_string(),
+                        })?;
                     let result = self.sm.apply(index, &cmd);
                     if let Some(waiters) = self.writes.remove(&(cmd.client_id, cmd.seq)) {
                         let response = match result {
                             OpResult::Tas(t) => Response::Tas(t),
                             OpResult::Reset(r) => Response::Reset(r),
                             OpResult::StaleSequence { last_seq } => Response::Invalid {
-                                reason: format!("sequence number is older than this client's last ({last_seq})"),
+                                reason: format!(
+                                    "sequence number is older than this client's last ({last_seq})"
+                                ),
                             },
                             OpResult::Invalid { reason } => Response::Invalid { reason },
                         };
@@ -468,12 +478,14 @@ impl Node {
                     }
                 }
                 EntryType::EntryConfChange => {
-                    let cc = ConfChange::parse_from_bytes(&entry.data).map_err(|e| NodeError::BadEntry {
-                        index,
-                        reason: e.to_string(),
+                    let cc = ConfChange::parse_from_bytes(&entry.data).map_err(|e| {
+                        NodeError::BadEntry {
+                            index,
+                            reason: e.to_string(),
+                        }
                     })?;
-                    let ctx: ConfChangeContext =
-                        serde_json::from_slice(&entry.context).unwrap_or(ConfChangeContext { addr: None });
+                    let ctx: ConfChangeContext = serde_json::from_slice(&entry.context)
+                        .unwrap_or(ConfChangeContext { addr: None });
                     match self.raw.apply_conf_change(&cc) {
                         Ok(cs) => {
                             match cc.get_change_type() {
@@ -513,7 +525,10 @@ impl Node {
         let due = self.snapshot_due || self.applied >= snap_index + self.cfg.snapshot_every;
         if due && self.applied > snap_index {
             self.snapshot_due = false;
-            tracing::info!(index = self.applied, "snapshotting state machine, compacting log");
+            tracing::info!(
+                index = self.applied,
+                "snapshotting state machine, compacting log"
+            );
             let data = self.sm.to_bytes();
             self.raw
                 .mut_store()
@@ -553,10 +568,18 @@ impl slog::Drain for TracingDrain {
     type Ok = ();
     type Err = slog::Never;
 
-    fn log(&self, record: &slog::Record<'_>, values: &slog::OwnedKVList) -> Result<(), slog::Never> {
+    fn log(
+        &self,
+        record: &slog::Record<'_>,
+        values: &slog::OwnedKVList,
+    ) -> Result<(), slog::Never> {
         struct Collect(String);
         impl slog::Serializer for Collect {
-            fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments<'_>) -> slog::Result {
+            fn emit_arguments(
+                &mut self,
+                key: slog::Key,
+                val: &std::fmt::Arguments<'_>,
+            ) -> slog::Result {
                 use std::fmt::Write;
                 let _ = write!(self.0, " {key}={val}");
                 Ok(())
@@ -567,7 +590,9 @@ impl slog::Drain for TracingDrain {
         let _ = slog::KV::serialize(values, record, &mut kv);
         let msg = record.msg();
         match record.level() {
-            slog::Level::Critical | slog::Level::Error => tracing::error!(target: "raft", "{msg}{}", kv.0),
+            slog::Level::Critical | slog::Level::Error => {
+                tracing::error!(target: "raft", "{msg}{}", kv.0)
+            }
             slog::Level::Warning => tracing::warn!(target: "raft", "{msg}{}", kv.0),
             slog::Level::Info => tracing::info!(target: "raft", "{msg}{}", kv.0),
             _ => tracing::debug!(target: "raft", "{msg}{}", kv.0),
@@ -601,7 +626,8 @@ mod tests {
 
     impl Sim {
         fn new(n: u64) -> Sim {
-            let members: BTreeMap<u64, String> = (1..=n).map(|id| (id, format!("sim-{id}"))).collect();
+            let members: BTreeMap<u64, String> =
+                (1..=n).map(|id| (id, format!("sim-{id}"))).collect();
             let mut dirs = Vec::new();
             let mut nodes = BTreeMap::new();
             for id in 1..=n {
@@ -609,7 +635,8 @@ mod tests {
                 let storage = DiskStorage::open(dir.path(), "sim", id).unwrap();
                 let mut cfg = NodeConfig::new(id);
                 cfg.snapshot_every = 5;
-                let node = Node::new(cfg, storage, Some(members.clone()), &raft_logger(id)).unwrap();
+                let node =
+                    Node::new(cfg, storage, Some(members.clone()), &raft_logger(id)).unwrap();
                 nodes.insert(id, node);
                 dirs.push(dir);
             }
@@ -671,7 +698,10 @@ mod tests {
 
         fn request(&mut self, to: u64, req: Request) -> Receiver<Response> {
             let (tx, rx) = unbounded();
-            self.nodes.get_mut(&to).unwrap().handle_request(req, tx, Instant::now());
+            self.nodes
+                .get_mut(&to)
+                .unwrap()
+                .handle_request(req, tx, Instant::now());
             self.settle();
             rx
         }
@@ -692,19 +722,27 @@ mod tests {
         let mut sim = Sim::new(3);
         let leader = sim.elect();
         let rx = sim.request(leader, tas(1, "primary"));
-        assert_eq!(rx.try_recv().unwrap(), Response::Tas(TasOutcome::Won { generation: 1 }));
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Response::Tas(TasOutcome::Won { generation: 1 })
+        );
 
         // A follower redirects to the leader.
         let follower = (1..=3).find(|&id| id != leader).unwrap();
         let rx = sim.request(follower, Request::Get { vm: "vm".into() });
-        assert!(matches!(rx.try_recv().unwrap(), Response::NotLeader { leader_id: Some(l), .. } if l == leader));
+        assert!(
+            matches!(rx.try_recv().unwrap(), Response::NotLeader { leader_id: Some(l), .. } if l == leader)
+        );
 
         // Isolate the leader: it cannot commit; the majority elects another one.
         sim.isolated.insert(leader);
         let stuck = sim.request(leader, tas(2, "backup"));
         let new_leader = sim.elect();
         assert_ne!(new_leader, leader);
-        assert!(stuck.try_recv().is_err(), "isolated leader answered a write");
+        assert!(
+            stuck.try_recv().is_err(),
+            "isolated leader answered a write"
+        );
         let rx = sim.request(new_leader, Request::Get { vm: "vm".into() });
         sim.run_ticks(3);
         assert_eq!(
@@ -721,7 +759,10 @@ mod tests {
         assert!(!sim.nodes[&leader].is_leader());
         sim.isolated.clear();
         sim.run_ticks(20);
-        assert_eq!(sim.nodes[&leader].state_machine().get("vm"), sim.nodes[&new_leader].state_machine().get("vm"));
+        assert_eq!(
+            sim.nodes[&leader].state_machine().get("vm"),
+            sim.nodes[&new_leader].state_machine().get("vm")
+        );
     }
 
     #[test]
@@ -730,11 +771,17 @@ mod tests {
         let leader = sim.elect();
         for seq in 1..=12 {
             let rx = sim.request(leader, tas(seq, "primary"));
-            assert!(matches!(rx.try_recv().unwrap(), Response::Tas(TasOutcome::Won { .. })));
+            assert!(matches!(
+                rx.try_recv().unwrap(),
+                Response::Tas(TasOutcome::Won { .. })
+            ));
         }
         // The same (client, seq) again returns the recorded answer.
         let rx = sim.request(leader, tas(12, "someone-else"));
-        assert_eq!(rx.try_recv().unwrap(), Response::Tas(TasOutcome::Won { generation: 1 }));
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Response::Tas(TasOutcome::Won { generation: 1 })
+        );
         assert!(sim.nodes.values().all(|n| n.status().snapshot_index > 5));
     }
 }

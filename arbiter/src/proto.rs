@@ -38,13 +38,22 @@ pub enum Request {
         generation: u64,
     },
     /// Linearizable read (ReadIndex on the leader).
-    Get { vm: String },
+    Get {
+        vm: String,
+    },
     Status,
-    AddNode { node_id: u64, addr: String },
-    RemoveNode { node_id: u64 },
+    AddNode {
+        node_id: u64,
+        addr: String,
+    },
+    RemoveNode {
+        node_id: u64,
+    },
     /// Fault injection for tests: drop all Raft traffic to and from these peers.
     /// Refused unless the server runs with `--allow-fault-injection`.
-    DropTraffic { peers: Vec<u64> },
+    DropTraffic {
+        peers: Vec<u64>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,9 +75,13 @@ pub struct NodeStatus {
 pub enum Response {
     Tas(TasOutcome),
     Reset(ResetOutcome),
-    Get { slot: Option<Slot> },
+    Get {
+        slot: Option<Slot>,
+    },
     Status(NodeStatus),
-    MembershipChanged { voters: Vec<u64> },
+    MembershipChanged {
+        voters: Vec<u64>,
+    },
     Done,
     /// Ask the leader instead (address when known).
     NotLeader {
@@ -76,7 +89,11 @@ pub enum Response {
         leader_addr: Option<String>,
     },
     /// Could not be decided now (no quorum yet, election running); retry is safe.
-    Unavailable { reason: String },
+    Unavailable {
+        reason: String,
+    },
     /// The request itself is wrong; retrying will not help.
-    Invalid { reason: String },
+    Invalid {
+        reason: String,
+    },
 }

@@ -14,11 +14,17 @@ pub fn run(launcher: Launcher) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
     match check(launcher) {
         Ok(summary) => {
-            println!("selftest PASS in {:.1}s: {summary}", start.elapsed().as_secs_f64());
+            println!(
+                "selftest PASS in {:.1}s: {summary}",
+                start.elapsed().as_secs_f64()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            println!("selftest FAIL after {:.1}s: {e:#}", start.elapsed().as_secs_f64());
+            println!(
+                "selftest FAIL after {:.1}s: {e:#}",
+                start.elapsed().as_secs_f64()
+            );
             Ok(ExitCode::from(1))
         }
     }
@@ -30,7 +36,8 @@ fn check(launcher: Launcher) -> anyhow::Result<String> {
         cluster_id: "twinvm-selftest".into(),
         ..Default::default()
     };
-    let mut cluster = LocalCluster::start(launcher, opts).context("starting 3 arbiter processes")?;
+    let mut cluster =
+        LocalCluster::start(launcher, opts).context("starting 3 arbiter processes")?;
 
     // Two contenders race for generation 1.
     let deadline = Duration::from_secs(10);
@@ -44,7 +51,9 @@ fn check(launcher: Launcher) -> anyhow::Result<String> {
     let mut winners = Vec::new();
     let mut holders_seen = Vec::new();
     for h in handles {
-        let (who, result) = h.join().map_err(|_| anyhow::anyhow!("contender thread panicked"))?;
+        let (who, result) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("contender thread panicked"))?;
         match result.with_context(|| format!("{who}'s test-and-set"))? {
             TasOutcome::Won { .. } => winners.push(who),
             TasOutcome::Held { holder, .. } => holders_seen.push(holder),
@@ -62,12 +71,20 @@ fn check(launcher: Launcher) -> anyhow::Result<String> {
     // Kill -9 the leader; a new leader must give the same answer.
     let old_leader = cluster.wait_leader(Duration::from_secs(10))?;
     cluster.kill(old_leader);
-    let new_leader = cluster.wait_leader(Duration::from_secs(15)).context("electing a new leader")?;
-    let loser = if winner == "primary" { "backup" } else { "primary" };
+    let new_leader = cluster
+        .wait_leader(Duration::from_secs(15))
+        .context("electing a new leader")?;
+    let loser = if winner == "primary" {
+        "backup"
+    } else {
+        "primary"
+    };
     let mut client = cluster.client(deadline);
     match client.test_and_set(VM, 1, loser)? {
         TasOutcome::Held { holder, .. } if holder == winner => {}
-        other => bail!("after killing leader {old_leader}, new leader {new_leader} answered {other:?}"),
+        other => {
+            bail!("after killing leader {old_leader}, new leader {new_leader} answered {other:?}")
+        }
     }
 
     // Restart everything from disk; the decision must survive.
@@ -77,7 +94,9 @@ fn check(launcher: Launcher) -> anyhow::Result<String> {
     for id in cluster.ids() {
         cluster.spawn(id)?;
     }
-    cluster.wait_leader(Duration::from_secs(15)).context("electing after full restart")?;
+    cluster
+        .wait_leader(Duration::from_secs(15))
+        .context("electing after full restart")?;
     let slot = client.get(VM)?.context("decision lost after restart")?;
     if slot.holder.as_deref() != Some(winner) || slot.generation != 1 {
         bail!("after restart the record is {slot:?}, expected {winner} at generation 1");

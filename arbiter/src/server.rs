@@ -34,7 +34,10 @@ pub struct ServerConfig {
 
 enum Event {
     Raft(Message),
-    Client { req: Request, reply: Sender<Response> },
+    Client {
+        req: Request,
+        reply: Sender<Response>,
+    },
 }
 
 /// Runs the server until a fatal error (storage failure); never returns `Ok` otherwise.
@@ -57,7 +60,12 @@ pub fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     let (events_tx, events_rx) = unbounded::<Event>();
     let (fail_tx, fail_rx) = bounded::<SendFailure>(1024);
     let drop_filter = DropFilter::default();
-    let mut transport = Transport::new(cfg.node_id, cfg.cluster_id.clone(), fail_tx, drop_filter.clone());
+    let mut transport = Transport::new(
+        cfg.node_id,
+        cfg.cluster_id.clone(),
+        fail_tx,
+        drop_filter.clone(),
+    );
     let mut address_book = cfg.peers.clone();
     address_book.extend(node.members().clone());
     transport.update_addresses(&address_book);
@@ -73,7 +81,14 @@ pub fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         .name("accept".into())
         .spawn(move || acceptor.run(listener))?;
 
-    run_loop(&mut node, &mut transport, &events_rx, &fail_rx, cfg.tick, address_book)
+    run_loop(
+        &mut node,
+        &mut transport,
+        &events_rx,
+        &fail_rx,
+        cfg.tick,
+        address_book,
+    )
 }
 
 fn run_loop(
@@ -114,7 +129,11 @@ fn run_loop(
         }
         node.on_ready(&mut |msgs| transport.send(msgs))
             .context("raft storage failed; stopping this node")?;
-        if node.members().iter().any(|(id, a)| address_book.get(id) != Some(a)) {
+        if node
+            .members()
+            .iter()
+            .any(|(id, a)| address_book.get(id) != Some(a))
+        {
             address_book.extend(node.members().clone());
             transport.update_addresses(&address_book);
         }
@@ -150,7 +169,10 @@ impl Acceptor {
             let _ = std::thread::Builder::new()
                 .name("conn".into())
                 .spawn(move || {
-                    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                    let peer = stream
+                        .peer_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
                     if let Err(e) = conn.handle(stream) {
                         tracing::debug!(%peer, error = %e, "connection ended");
                     }
@@ -185,7 +207,12 @@ impl Connection {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!(%peer_addr, error = %e, "malformed hello; closing");
-                send_json(&mut writer, &HelloReply::Refused { reason: format!("malformed hello: {e}") })?;
+                send_json(
+                    &mut writer,
+                    &HelloReply::Refused {
+                        reason: format!("malformed hello: {e}"),
+                    },
+                )?;
                 return Ok(());
             }
         };
@@ -194,12 +221,23 @@ impl Connection {
         };
         if cluster != self.cluster_id {
             tracing::error!(%peer_addr, theirs = %cluster, ours = %self.cluster_id, "refused connection: wrong cluster id");
-            send_json(&mut writer, &HelloReply::Refused {
-                reason: format!("wrong cluster id {cluster:?}; this is cluster {:?}", self.cluster_id),
-            })?;
+            send_json(
+                &mut writer,
+                &HelloReply::Refused {
+                    reason: format!(
+                        "wrong cluster id {cluster:?}; this is cluster {:?}",
+                        self.cluster_id
+                    ),
+                },
+            )?;
             return Ok(());
         }
-        send_json(&mut writer, &HelloReply::Accepted { node_id: self.node_id })?;
+        send_json(
+            &mut writer,
+            &HelloReply::Accepted {
+                node_id: self.node_id,
+            },
+        )?;
         match hello {
             Hello::Peer { node_id, .. } => self.peer_loop(node_id, reader),
             Hello::Client { .. } => self.client_loop(reader, writer),
@@ -218,7 +256,11 @@ impl Connection {
                 }
             };
             if msg.from != from {
-                tracing::warn!(from, claimed = msg.from, "raft message with a forged sender; dropped");
+                tracing::warn!(
+                    from,
+                    claimed = msg.from,
+                    "raft message with a forged sender; dropped"
+                );
                 continue;
             }
             if self.drop_filter.drops(from) {
@@ -230,17 +272,26 @@ impl Connection {
         }
     }
 
-    fn client_loop(&self, mut reader: BufReader<TcpStream>, mut writer: BufWriter<TcpStream>) -> anyhow::Result<()> {
+    fn client_loop(
+        &self,
+        mut reader: BufReader<TcpStream>,
+        mut writer: BufWriter<TcpStream>,
+    ) -> anyhow::Result<()> {
         // Idle clients are dropped after a while; the client library reconnects.
-        reader.get_ref().set_read_timeout(Some(Duration::from_secs(300)))?;
+        reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(300)))?;
         loop {
             let bytes = match read_frame(&mut reader, MAX_CLIENT_FRAME) {
                 Ok(b) => b,
                 Err(FrameError::TooLarge { len, limit }) => {
                     // The stream cannot be resynchronised after an unread body: answer and close.
-                    send_json(&mut writer, &Response::Invalid {
-                        reason: format!("request of {len} bytes exceeds the limit of {limit}"),
-                    })?;
+                    send_json(
+                        &mut writer,
+                        &Response::Invalid {
+                            reason: format!("request of {len} bytes exceeds the limit of {limit}"),
+                        },
+                    )?;
                     return Ok(());
                 }
                 Err(FrameError::Closed) => return Ok(()),
@@ -266,9 +317,10 @@ impl Connection {
                     if self.events.send(Event::Client { req, reply: tx }).is_err() {
                         return Ok(());
                     }
-                    rx.recv_timeout(Duration::from_secs(10)).unwrap_or(Response::Unavailable {
-                        reason: "node did not answer in time".into(),
-                    })
+                    rx.recv_timeout(Duration::from_secs(10))
+                        .unwrap_or(Response::Unavailable {
+                            reason: "node did not answer in time".into(),
+                        })
                 }
             };
             send_json(&mut writer, &response)?;

@@ -31,9 +31,13 @@ pub enum TasOutcome {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ResetOutcome {
-    Reset { generation: u64 },
+    Reset {
+        generation: u64,
+    },
     /// Only a strictly higher generation re-arms a VM.
-    Rejected { current_generation: u64 },
+    Rejected {
+        current_generation: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,9 +66,13 @@ pub enum OpResult {
     Tas(TasOutcome),
     Reset(ResetOutcome),
     /// The client already moved past this sequence number; the old answer is gone.
-    StaleSequence { last_seq: u64 },
+    StaleSequence {
+        last_seq: u64,
+    },
     /// The operation was malformed; nothing changed.
-    Invalid { reason: String },
+    Invalid {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,7 +95,10 @@ pub struct StateMachine {
 pub fn validate_op(op: &Op) -> Result<(), String> {
     let check = |what: &str, s: &str| {
         if s.is_empty() || s.len() > MAX_NAME_LEN {
-            Err(format!("{what} must be 1..={MAX_NAME_LEN} bytes, got {}", s.len()))
+            Err(format!(
+                "{what} must be 1..={MAX_NAME_LEN} bytes, got {}",
+                s.len()
+            ))
         } else {
             Ok(())
         }
@@ -351,7 +362,11 @@ mod tests {
     fn oversize_names_are_rejected_without_state_change() {
         let mut sm = StateMachine::default();
         let long = "x".repeat(MAX_NAME_LEN + 1);
-        assert!(validate_op(&Op::Reset { vm: long.clone(), generation: 1 }).is_err());
+        assert!(validate_op(&Op::Reset {
+            vm: long.clone(),
+            generation: 1
+        })
+        .is_err());
         sm.apply(1, &tas(1, 1, &long, 1, "a"));
         assert_eq!(sm.slot_count(), 0);
     }

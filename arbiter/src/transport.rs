@@ -58,7 +58,12 @@ pub struct Transport {
 }
 
 impl Transport {
-    pub fn new(node_id: u64, cluster_id: String, failures: Sender<SendFailure>, drop_filter: DropFilter) -> Self {
+    pub fn new(
+        node_id: u64,
+        cluster_id: String,
+        failures: Sender<SendFailure>,
+        drop_filter: DropFilter,
+    ) -> Self {
         Transport {
             node_id,
             cluster_id,
@@ -201,8 +206,12 @@ impl PeerSender {
             cluster_id: self.cluster_id.clone(),
             node_id: self.node_id,
         };
-        write_frame(&mut stream, &serde_json::to_vec(&hello).expect("hello serializes"))?;
-        let reply = read_frame(&mut stream, MAX_CLIENT_FRAME).map_err(|e| std::io::Error::other(e.to_string()))?;
+        write_frame(
+            &mut stream,
+            &serde_json::to_vec(&hello).expect("hello serializes"),
+        )?;
+        let reply = read_frame(&mut stream, MAX_CLIENT_FRAME)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         match serde_json::from_slice::<HelloReply>(&reply) {
             Ok(HelloReply::Accepted { node_id }) if node_id == self.peer_id => {}
             Ok(HelloReply::Accepted { node_id }) => {

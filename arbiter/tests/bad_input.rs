@@ -63,14 +63,21 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
     .unwrap();
     let reason = invalid(ask_raw(&mut s, &req));
     assert!(reason.contains("vm must be"), "{reason}");
-    let reason = invalid(ask_raw(&mut s, &serde_json::to_vec(&Request::DropTraffic { peers: vec![1] }).unwrap()));
+    let reason = invalid(ask_raw(
+        &mut s,
+        &serde_json::to_vec(&Request::DropTraffic { peers: vec![1] }).unwrap(),
+    ));
     assert!(reason.contains("disabled"), "{reason}");
     // The connection still works after bad requests.
-    assert!(matches!(ask_raw(&mut s, &serde_json::to_vec(&Request::Status).unwrap()), Response::Status(_)));
+    assert!(matches!(
+        ask_raw(&mut s, &serde_json::to_vec(&Request::Status).unwrap()),
+        Response::Status(_)
+    ));
 
     // Oversize frame: refused from the length prefix alone, then the connection is closed.
     s.write_all(&(MAX_CLIENT_FRAME + 1).to_le_bytes()).unwrap();
-    let reason = invalid(serde_json::from_slice(&read_frame(&mut s, MAX_CLIENT_FRAME).unwrap()).unwrap());
+    let reason =
+        invalid(serde_json::from_slice(&read_frame(&mut s, MAX_CLIENT_FRAME).unwrap()).unwrap());
     assert!(reason.contains("exceeds the limit"), "{reason}");
 
     // Wrong cluster id: refused at hello.
@@ -87,7 +94,10 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
         assert!(c.status(id).is_some(), "node {id} died");
     }
     let mut client = c.client(Duration::from_secs(10));
-    assert_eq!(client.test_and_set("fine", 1, "p").unwrap(), TasOutcome::Won { generation: 1 });
+    assert_eq!(
+        client.test_and_set("fine", 1, "p").unwrap(),
+        TasOutcome::Won { generation: 1 }
+    );
 }
 
 #[test]
@@ -101,7 +111,10 @@ fn node_of_another_cluster_is_refused_and_logged() {
         .expect("run server");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("belongs to cluster") && stderr.contains("intruder"), "{stderr}");
+    assert!(
+        stderr.contains("belongs to cluster") && stderr.contains("intruder"),
+        "{stderr}"
+    );
 
     // A process of another cluster with a fresh data dir: peers refuse its traffic with a log line.
     let dir = tempfile::tempdir().unwrap();
@@ -115,7 +128,8 @@ fn node_of_another_cluster_is_refused_and_logged() {
     let guard = KillOnDrop(&mut child);
     let other = c.ids()[1];
     wait_until(Duration::from_secs(10), "a peer to log the refusal", || {
-        c.log_of(other).contains("refused connection: wrong cluster id")
+        c.log_of(other)
+            .contains("refused connection: wrong cluster id")
     });
     drop(guard);
 }
@@ -127,10 +141,21 @@ fn serve_command(
     data_dir: &std::path::Path,
 ) -> std::process::Command {
     let launcher = common::launcher();
-    let peers: Vec<String> = c.ids().iter().map(|&i| format!("{i}={}", c.addr(i))).collect();
+    let peers: Vec<String> = c
+        .ids()
+        .iter()
+        .map(|&i| format!("{i}={}", c.addr(i)))
+        .collect();
     let mut cmd = std::process::Command::new(launcher.exe);
     cmd.args(launcher.prefix_args)
-        .args(["--id", &id.to_string(), "--peers", &peers.join(","), "--cluster-id", cluster_id])
+        .args([
+            "--id",
+            &id.to_string(),
+            "--peers",
+            &peers.join(","),
+            "--cluster-id",
+            cluster_id,
+        ])
         .arg("--data-dir")
         .arg(data_dir);
     cmd

@@ -21,13 +21,19 @@ fn held(who: &str, generation: u64) -> Option<Slot> {
 fn leader_and_follower_kills_keep_the_decision() {
     let mut c = cluster(ClusterOptions::default());
     let mut client = c.client(DEADLINE);
-    assert_eq!(client.test_and_set("vm1", 1, "primary").unwrap(), TasOutcome::Won { generation: 1 });
+    assert_eq!(
+        client.test_and_set("vm1", 1, "primary").unwrap(),
+        TasOutcome::Won { generation: 1 }
+    );
 
     // A follower dies: the two others still decide.
     let leader = c.wait_leader(DEADLINE).unwrap();
     let follower = c.ids().into_iter().find(|&id| id != leader).unwrap();
     c.kill(follower);
-    assert_eq!(client.test_and_set("vm2", 1, "backup").unwrap(), TasOutcome::Won { generation: 1 });
+    assert_eq!(
+        client.test_and_set("vm2", 1, "backup").unwrap(),
+        TasOutcome::Won { generation: 1 }
+    );
     c.spawn(follower).unwrap();
 
     // The leader dies: a new one gives the same answers.
@@ -39,7 +45,10 @@ fn leader_and_follower_kills_keep_the_decision() {
     assert_ne!(new_leader, leader);
     assert_eq!(
         client.test_and_set("vm1", 1, "backup").unwrap(),
-        TasOutcome::Held { holder: "primary".into(), generation: 1 }
+        TasOutcome::Held {
+            holder: "primary".into(),
+            generation: 1
+        }
     );
     assert_eq!(client.get("vm2").unwrap(), held("backup", 1));
 }
@@ -49,9 +58,14 @@ fn full_cluster_restart_from_disk() {
     let mut c = cluster(ClusterOptions::default());
     let mut client = c.client(DEADLINE);
     for i in 0..20 {
-        client.test_and_set(&format!("vm{i}"), 1, &format!("node{i}")).unwrap();
+        client
+            .test_and_set(&format!("vm{i}"), 1, &format!("node{i}"))
+            .unwrap();
     }
-    assert!(matches!(client.reset("vm0", 2).unwrap(), arbiter::ResetOutcome::Reset { generation: 2 }));
+    assert!(matches!(
+        client.reset("vm0", 2).unwrap(),
+        arbiter::ResetOutcome::Reset { generation: 2 }
+    ));
     for id in c.ids() {
         c.kill(id);
     }
@@ -60,9 +74,18 @@ fn full_cluster_restart_from_disk() {
     }
     c.wait_leader(DEADLINE).unwrap();
     let mut client = c.client(DEADLINE);
-    assert_eq!(client.get("vm0").unwrap(), Some(Slot { generation: 2, holder: None }));
+    assert_eq!(
+        client.get("vm0").unwrap(),
+        Some(Slot {
+            generation: 2,
+            holder: None
+        })
+    );
     for i in 1..20 {
-        assert_eq!(client.get(&format!("vm{i}")).unwrap(), held(&format!("node{i}"), 1));
+        assert_eq!(
+            client.get(&format!("vm{i}")).unwrap(),
+            held(&format!("node{i}"), 1)
+        );
     }
 }
 
@@ -85,16 +108,21 @@ fn partitioned_leader_cannot_decide_and_majority_goes_on() {
         deadline: Duration::from_secs(3),
     });
     assert!(isolated.test_and_set("during", 1, "isolated-side").is_err());
-    wait_until(DEADLINE, "isolated leader to step down (check-quorum)", || {
-        c.status(old).is_some_and(|s| s.role != "Leader")
-    });
+    wait_until(
+        DEADLINE,
+        "isolated leader to step down (check-quorum)",
+        || c.status(old).is_some_and(|s| s.role != "Leader"),
+    );
 
     let mut majority = arbiter::ArbiterClient::new(arbiter::ClientConfig {
         cluster_id: c.cluster_id().into(),
         addrs: others.iter().map(|&id| c.addr(id).to_string()).collect(),
         deadline: DEADLINE,
     });
-    assert_eq!(majority.test_and_set("during", 1, "majority-side").unwrap(), TasOutcome::Won { generation: 1 });
+    assert_eq!(
+        majority.test_and_set("during", 1, "majority-side").unwrap(),
+        TasOutcome::Won { generation: 1 }
+    );
 
     // Heal; the old leader learns the majority's decision.
     for id in c.ids() {
@@ -122,12 +150,21 @@ fn follower_far_behind_catches_up_through_a_snapshot() {
         client.test_and_set(&format!("vm{i}"), 1, "p").unwrap();
     }
     let leader_status = c.status(c.wait_leader(DEADLINE).unwrap()).unwrap();
-    assert!(leader_status.snapshot_index >= 250, "leader compacted: {leader_status:?}");
+    assert!(
+        leader_status.snapshot_index >= 250,
+        "leader compacted: {leader_status:?}"
+    );
     c.spawn(lagging).unwrap();
     wait_until(DEADLINE, "lagging follower to catch up", || {
-        c.status(lagging).is_some_and(|s| s.applied >= leader_status.commit)
+        c.status(lagging)
+            .is_some_and(|s| s.applied >= leader_status.commit)
     });
-    assert!(c.log_of(lagging).contains("installing snapshot from leader"), "{}", c.log_of(lagging));
+    assert!(
+        c.log_of(lagging)
+            .contains("installing snapshot from leader"),
+        "{}",
+        c.log_of(lagging)
+    );
     // With the caught-up node as one of only two live voters, the cluster still serves the table.
     for id in c.ids() {
         if id != lagging {
@@ -145,7 +182,9 @@ fn corrupted_wal_record_is_reported_not_truncated() {
     let mut c = cluster(ClusterOptions::default());
     let mut client = c.client(DEADLINE);
     for i in 0..10 {
-        client.test_and_set(&format!("corruption-{i}"), 1, "p").unwrap();
+        client
+            .test_and_set(&format!("corruption-{i}"), 1, "p")
+            .unwrap();
     }
     let victim = c.ids()[0];
     wait_until(DEADLINE, "victim to have the entries", || {
@@ -155,19 +194,28 @@ fn corrupted_wal_record_is_reported_not_truncated() {
     let wal = c.data_dir(victim).join("wal.log");
     let mut bytes = std::fs::read(&wal).unwrap();
     let needle = b"corruption-5";
-    let at = bytes.windows(needle.len()).position(|w| w == needle).expect("entry in WAL");
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("entry in WAL");
     bytes[at] ^= 0x20;
     std::fs::write(&wal, &bytes).unwrap();
 
     c.spawn(victim).unwrap();
-    let status = c.wait_exit(victim, DEADLINE).expect("node refuses to start");
+    let status = c
+        .wait_exit(victim, DEADLINE)
+        .expect("node refuses to start");
     assert!(!status.success());
     let log = c.log_of(victim);
     assert!(
         log.contains("wal.log") && log.contains("corrupt record at byte offset"),
         "log does not name the damage: {log}"
     );
-    assert_eq!(std::fs::read(&wal).unwrap(), bytes, "the WAL must be left as found");
+    assert_eq!(
+        std::fs::read(&wal).unwrap(),
+        bytes,
+        "the WAL must be left as found"
+    );
     // The two healthy nodes still serve the decision.
     assert_eq!(client.get("corruption-5").unwrap(), held("p", 1));
 }

@@ -41,20 +41,46 @@ fn history_under_faults_is_linearizable() {
                     let (input, result) = match rng.gen_range(0..10) {
                         0..=4 => {
                             let generation = rng.gen_range(1..=4);
-                            let r = client.test_and_set(&vm, generation, &requester).map(Output::Tas);
-                            (Input::TestAndSet { vm, generation, requester: requester.clone() }, r)
+                            let r = client
+                                .test_and_set(&vm, generation, &requester)
+                                .map(Output::Tas);
+                            (
+                                Input::TestAndSet {
+                                    vm,
+                                    generation,
+                                    requester: requester.clone(),
+                                },
+                                r,
+                            )
                         }
                         5 => {
                             let generation = rng.gen_range(1..=6);
-                            (Input::Reset { vm: vm.clone(), generation }, client.reset(&vm, generation).map(Output::Reset))
+                            (
+                                Input::Reset {
+                                    vm: vm.clone(),
+                                    generation,
+                                },
+                                client.reset(&vm, generation).map(Output::Reset),
+                            )
                         }
-                        _ => (Input::Get { vm: vm.clone() }, client.get(&vm).map(Output::Get)),
+                        _ => (
+                            Input::Get { vm: vm.clone() },
+                            client.get(&vm).map(Output::Get),
+                        ),
                     };
                     let ret = start.elapsed().as_nanos() as u64;
                     let op = match result {
-                        Ok(output) => Operation { client: client_no, input, output, call, ret: Some(ret) },
+                        Ok(output) => Operation {
+                            client: client_no,
+                            input,
+                            output,
+                            call,
+                            ret: Some(ret),
+                        },
                         // A read without an answer had no effect: leave it out.
-                        Err(ClientError::NoQuorum { .. }) if matches!(input, Input::Get { .. }) => continue,
+                        Err(ClientError::NoQuorum { .. }) if matches!(input, Input::Get { .. }) => {
+                            continue
+                        }
                         Err(ClientError::NoQuorum { .. }) => Operation {
                             client: client_no,
                             input,
@@ -75,7 +101,9 @@ fn history_under_faults_is_linearizable() {
     let mut round = 0;
     while start.elapsed() < RUN_FOR {
         std::thread::sleep(Duration::from_millis(700));
-        let Ok(leader) = c.wait_leader(Duration::from_secs(10)) else { continue };
+        let Ok(leader) = c.wait_leader(Duration::from_secs(10)) else {
+            continue;
+        };
         match round % 3 {
             0 => {
                 c.kill(leader);
@@ -108,10 +136,18 @@ fn history_under_faults_is_linearizable() {
     }
     let history = history.lock().unwrap().clone();
     let completed = history.iter().filter(|o| o.ret.is_some()).count();
-    assert!(completed > 100, "too few operations completed ({completed}) to mean anything");
+    assert!(
+        completed > 100,
+        "too few operations completed ({completed}) to mean anything"
+    );
     assert!(round >= 3, "fault rounds: {round}");
     let verdict = check(&history, 20_000_000);
-    assert_eq!(verdict, Verdict::Linearizable, "{} operations", history.len());
+    assert_eq!(
+        verdict,
+        Verdict::Linearizable,
+        "{} operations",
+        history.len()
+    );
     // The same history with one read falsified must be rejected: the check has teeth here too.
     let mut forged = history.clone();
     let victim = forged
@@ -122,7 +158,10 @@ fn history_under_faults_is_linearizable() {
     if let Output::Get(Some(slot)) = &mut victim.output {
         slot.holder = Some("nobody-ever-asked".into());
     }
-    assert!(matches!(check(&forged, 20_000_000), Verdict::NotLinearizable { .. }));
+    assert!(matches!(
+        check(&forged, 20_000_000),
+        Verdict::NotLinearizable { .. }
+    ));
     eprintln!(
         "checked {} operations ({completed} completed) over {round} fault rounds: linearizable",
         history.len()

@@ -27,21 +27,27 @@ fn replace_a_failed_node() {
     c.spawn(4).unwrap();
     let voters = client.add_node(4, &addr).unwrap();
     assert_eq!(voters, vec![1, 2, 3, 4]);
-    let voters = client.remove_node(dead).unwrap_or_else(|e| panic!("{e}\nnode 4 log:\n{}", c.log_of(4)));
+    let voters = client
+        .remove_node(dead)
+        .unwrap_or_else(|e| panic!("{e}\nnode 4 log:\n{}", c.log_of(4)));
     assert_eq!(voters, vec![1, 2, 4]);
     c.forget(dead);
 
     let leader = c.wait_leader(Duration::from_secs(10)).unwrap();
     let commit = c.status(leader).unwrap().commit;
     wait_until(Duration::from_secs(10), "new node to catch up", || {
-        c.status(4).is_some_and(|s| s.applied >= commit && s.voters == vec![1, 2, 4])
+        c.status(4)
+            .is_some_and(|s| s.applied >= commit && s.voters == vec![1, 2, 4])
     });
 
     // Quorum now needs node 4: with one of the old nodes down, decisions still happen.
     let old = if leader == 1 { 2 } else { 1 };
     c.kill(old);
     let mut client = c.client(Duration::from_secs(15));
-    assert_eq!(client.test_and_set("after", 1, "b").unwrap(), TasOutcome::Won { generation: 1 });
+    assert_eq!(
+        client.test_and_set("after", 1, "b").unwrap(),
+        TasOutcome::Won { generation: 1 }
+    );
     assert_eq!(
         client.get("vm7").unwrap(),
         Some(Slot {

@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "twinvm-arbiter", about = "Raft-replicated test-and-set arbiter for twinvm")]
+#[command(
+    name = "twinvm-arbiter",
+    about = "Raft-replicated test-and-set arbiter for twinvm"
+)]
 struct Cli {
     #[command(subcommand)]
     command: arbiter::cli::ArbiterCommand,

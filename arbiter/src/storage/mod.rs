@@ -127,7 +127,8 @@ impl DiskStorage {
             };
             match rec.kind {
                 KIND_ENTRY => {
-                    let e = Entry::parse_from_bytes(rec.body).map_err(|e| undecodable(e.to_string()))?;
+                    let e = Entry::parse_from_bytes(rec.body)
+                        .map_err(|e| undecodable(e.to_string()))?;
                     // Same semantics as the live append: a new entry replaces the suffix from its index.
                     if let Some(first) = log.first().map(|f| f.index) {
                         if e.index < first {
@@ -149,8 +150,8 @@ impl DiskStorage {
                     log.push(e);
                 }
                 KIND_HARD_STATE => {
-                    hard_state =
-                        HardState::parse_from_bytes(rec.body).map_err(|e| undecodable(e.to_string()))?;
+                    hard_state = HardState::parse_from_bytes(rec.body)
+                        .map_err(|e| undecodable(e.to_string()))?;
                 }
                 KIND_BASE => {
                     let b: [u8; 16] = rec
@@ -187,7 +188,10 @@ impl DiskStorage {
             if first.index != expected {
                 return Err(StorageError::Inconsistent {
                     path: wal_path.clone(),
-                    reason: format!("log starts at {} but the snapshot ends at {}", first.index, snap_index),
+                    reason: format!(
+                        "log starts at {} but the snapshot ends at {}",
+                        first.index, snap_index
+                    ),
                 });
             }
         }
@@ -221,7 +225,11 @@ impl DiskStorage {
 
     /// Creates the initial cluster configuration as a snapshot at index 1, term 1,
     /// so nodes added later (empty logs) are brought up through a snapshot.
-    pub fn bootstrap(&mut self, voters: Vec<u64>, state_machine: Vec<u8>) -> Result<(), StorageError> {
+    pub fn bootstrap(
+        &mut self,
+        voters: Vec<u64>,
+        state_machine: Vec<u8>,
+    ) -> Result<(), StorageError> {
         let mut snap = Snapshot::default();
         snap.set_data(state_machine.into());
         let meta = snap.mut_metadata();
@@ -324,7 +332,12 @@ impl DiskStorage {
     }
 
     /// Replaces the log prefix up to `index` (applied) by a snapshot of the state machine.
-    pub fn compact(&mut self, index: u64, conf_state: ConfState, data: Vec<u8>) -> Result<(), StorageError> {
+    pub fn compact(
+        &mut self,
+        index: u64,
+        conf_state: ConfState,
+        data: Vec<u8>,
+    ) -> Result<(), StorageError> {
         let term = self.term(index).map_err(|e| StorageError::Inconsistent {
             path: self.wal_path.clone(),
             reason: format!("cannot snapshot at {index}: {e}"),
@@ -384,15 +397,17 @@ fn check_identity(dir: &Path, cluster_id: &str, node_id: u64) -> Result<(), Stor
     };
     match wal::read_file(&path)? {
         None => {
-            let json = serde_json::to_vec_pretty(&wanted).map_err(|e| StorageError::Encode(e.to_string()))?;
+            let json = serde_json::to_vec_pretty(&wanted)
+                .map_err(|e| StorageError::Encode(e.to_string()))?;
             wal::write_atomically(&path, &json)?;
             Ok(())
         }
         Some(bytes) => {
-            let found: Identity = serde_json::from_slice(&bytes).map_err(|e| StorageError::BadIdentity {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+            let found: Identity =
+                serde_json::from_slice(&bytes).map_err(|e| StorageError::BadIdentity {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
             if found.format != FORMAT_VERSION {
                 return Err(StorageError::BadIdentity {
                     path,
@@ -475,19 +490,21 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = data.to_vec().into();
-        e
+        Entry {
+            index,
+            term,
+            data: data.to_vec().into(),
+            ..Default::default()
+        }
     }
 
     fn hs(term: u64, vote: u64, commit: u64) -> HardState {
-        let mut h = HardState::default();
-        h.term = term;
-        h.vote = vote;
-        h.commit = commit;
-        h
+        HardState {
+            term,
+            vote,
+            commit,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -496,7 +513,8 @@ mod tests {
         {
             let mut s = DiskStorage::open(dir.path(), "c", 1).unwrap();
             s.bootstrap(vec![1, 2, 3], b"sm".to_vec()).unwrap();
-            s.append(&[entry(2, 1, b"a"), entry(3, 1, b"b"), entry(4, 1, b"c")]).unwrap();
+            s.append(&[entry(2, 1, b"a"), entry(3, 1, b"b"), entry(4, 1, b"c")])
+                .unwrap();
             // A new leader overwrites the suffix from 3.
             s.append(&[entry(3, 2, b"x")]).unwrap();
             s.set_hard_state(&hs(2, 3, 3)).unwrap();
@@ -510,7 +528,9 @@ mod tests {
         assert_eq!(*s.hard_state(), hs(2, 3, 3));
         assert_eq!(s.initial_state().unwrap().conf_state.voters, vec![1, 2, 3]);
         assert_eq!(&s.snapshot_ref().data[..], b"sm");
-        let ents = s.entries(2, 4, None, GetEntriesContext::empty(false)).unwrap();
+        let ents = s
+            .entries(2, 4, None, GetEntriesContext::empty(false))
+            .unwrap();
         assert_eq!(&ents[1].data[..], b"x");
     }
 
@@ -525,8 +545,12 @@ mod tests {
             s.set_hard_state(&hs(1, 1, 199)).unwrap();
             s.sync().unwrap();
             let before = std::fs::metadata(dir.path().join(WAL_FILE)).unwrap().len();
-            s.compact(190, s.snapshot_ref().get_metadata().get_conf_state().clone(), b"at190".to_vec())
-                .unwrap();
+            s.compact(
+                190,
+                s.snapshot_ref().get_metadata().get_conf_state().clone(),
+                b"at190".to_vec(),
+            )
+            .unwrap();
             let after = std::fs::metadata(dir.path().join(WAL_FILE)).unwrap().len();
             assert!(after < before / 10, "wal {before} -> {after}");
             assert!(matches!(
@@ -565,7 +589,10 @@ mod tests {
     fn data_dir_of_another_cluster_or_node_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         DiskStorage::open(dir.path(), "alpha", 1).unwrap();
-        let msg = DiskStorage::open(dir.path(), "beta", 1).err().unwrap().to_string();
+        let msg = DiskStorage::open(dir.path(), "beta", 1)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(msg.contains("alpha") && msg.contains("beta"), "{msg}");
         assert!(DiskStorage::open(dir.path(), "alpha", 2).is_err());
     }
@@ -576,7 +603,8 @@ mod tests {
         {
             let mut s = DiskStorage::open(dir.path(), "c", 1).unwrap();
             s.bootstrap(vec![1], Vec::new()).unwrap();
-            s.append(&[entry(2, 1, b"payload-two"), entry(3, 1, b"payload-three")]).unwrap();
+            s.append(&[entry(2, 1, b"payload-two"), entry(3, 1, b"payload-three")])
+                .unwrap();
             s.sync().unwrap();
         }
         let wal_path = dir.path().join(WAL_FILE);
@@ -584,7 +612,10 @@ mod tests {
         let at = bytes.windows(11).position(|w| w == b"payload-two").unwrap();
         bytes[at] ^= 0xff;
         std::fs::write(&wal_path, &bytes).unwrap();
-        let msg = DiskStorage::open(dir.path(), "c", 1).err().unwrap().to_string();
+        let msg = DiskStorage::open(dir.path(), "c", 1)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(msg.contains("wal.log") && msg.contains("offset"), "{msg}");
         // Nothing was truncated.
         assert_eq!(std::fs::read(&wal_path).unwrap(), bytes);
@@ -596,12 +627,16 @@ mod tests {
         {
             let mut s = DiskStorage::open(dir.path(), "c", 1).unwrap();
             s.bootstrap(vec![1], Vec::new()).unwrap();
-            s.append(&[entry(2, 1, b"two"), entry(3, 1, b"three")]).unwrap();
+            s.append(&[entry(2, 1, b"two"), entry(3, 1, b"three")])
+                .unwrap();
             s.sync().unwrap();
         }
         let wal_path = dir.path().join(WAL_FILE);
         let len = std::fs::metadata(&wal_path).unwrap().len();
-        let f = std::fs::OpenOptions::new().write(true).open(&wal_path).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&wal_path)
+            .unwrap();
         f.set_len(len - 2).unwrap();
         drop(f);
         {
