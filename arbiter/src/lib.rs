@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod engine;
 pub mod frame;
 pub mod linearizability;
 pub mod local_cluster;
