@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 
 use crate::client::{ArbiterClient, ClientConfig};
+use crate::engine::{Engine, EtcdEngine};
 use crate::local_cluster::Launcher;
 use crate::server::{serve, ServerConfig};
 use crate::state_machine::{ResetOutcome, TasOutcome};
@@ -15,8 +16,14 @@ use crate::state_machine::{ResetOutcome, TasOutcome};
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClientArgs {
     /// Arbiter addresses, comma separated (any members; the leader is found from there).
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required_unless_present = "etcd")]
     pub arbiters: Vec<String>,
+    /// Use an existing etcd cluster instead (client URLs, comma separated); tas/reset/get only.
+    #[arg(long, value_delimiter = ',', conflicts_with = "arbiters")]
+    pub etcd: Vec<String>,
+    /// Key prefix of the arbiter table in etcd.
+    #[arg(long, default_value = "/twinvm/arbiter/")]
+    pub etcd_prefix: String,
     #[arg(long, default_value = "twinvm")]
     pub cluster_id: String,
     /// Give up with "no quorum" after this many seconds.
@@ -25,15 +32,37 @@ pub struct ClientArgs {
 }
 
 impl ClientArgs {
+    fn deadline(&self) -> anyhow::Result<Duration> {
+        if !(self.deadline_secs.is_finite() && self.deadline_secs > 0.0 && self.deadline_secs < 1e6)
+        {
+            bail!("--deadline-secs must be a positive number of seconds");
+        }
+        Ok(Duration::from_secs_f64(self.deadline_secs))
+    }
+
+    /// The twinvm arbiter cluster (membership and status need it).
     fn client(&self) -> anyhow::Result<ArbiterClient> {
-        if !(self.deadline_secs.is_finite() && self.deadline_secs > 0.0) {
-            bail!("--deadline-secs must be a positive number");
+        if self.arbiters.is_empty() {
+            bail!("this command needs --arbiters (etcd has no such operation here)");
         }
         Ok(ArbiterClient::new(ClientConfig {
             cluster_id: self.cluster_id.clone(),
             addrs: self.arbiters.clone(),
-            deadline: Duration::from_secs_f64(self.deadline_secs),
+            deadline: self.deadline()?,
         }))
+    }
+
+    /// Whichever engine was chosen: `--etcd` or `--arbiters`.
+    fn engine(&self) -> anyhow::Result<Box<dyn Engine>> {
+        if self.etcd.is_empty() {
+            Ok(Box::new(self.client()?))
+        } else {
+            Ok(Box::new(EtcdEngine::new(
+                self.etcd.clone(),
+                &self.etcd_prefix,
+                self.deadline()?,
+            )))
+        }
     }
 }
 
@@ -183,7 +212,7 @@ pub fn run_with_launcher(cmd: ArbiterCommand, launcher: Launcher) -> anyhow::Res
             generation,
             requester,
             client,
-        } => match client.client()?.test_and_set(&vm, generation, &requester) {
+        } => match client.engine()?.test_and_set(&vm, generation, &requester) {
             Ok(TasOutcome::Won { generation }) => {
                 println!("won {vm} generation {generation}");
                 Ok(ExitCode::SUCCESS)
@@ -205,7 +234,7 @@ pub fn run_with_launcher(cmd: ArbiterCommand, launcher: Launcher) -> anyhow::Res
             vm,
             generation,
             client,
-        } => match client.client()?.reset(&vm, generation) {
+        } => match client.engine()?.reset(&vm, generation) {
             Ok(ResetOutcome::Reset { generation }) => {
                 println!("reset {vm} to generation {generation}");
                 Ok(ExitCode::SUCCESS)
@@ -219,7 +248,7 @@ pub fn run_with_launcher(cmd: ArbiterCommand, launcher: Launcher) -> anyhow::Res
                 Ok(ExitCode::from(2))
             }
         },
-        ArbiterCommand::Get { vm, client } => match client.client()?.get(&vm) {
+        ArbiterCommand::Get { vm, client } => match client.engine()?.get(&vm) {
             Ok(Some(slot)) => {
                 let holder = slot.holder.as_deref().unwrap_or("-");
                 println!("{vm} generation {} holder {holder}", slot.generation);

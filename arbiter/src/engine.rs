@@ -296,6 +296,9 @@ impl LocalEtcd {
                 .args(["--initial-cluster", &initial.join(",")])
                 .args(["--initial-cluster-state", "new"])
                 .args(["--initial-cluster-token", "twinvm-bench"])
+                // Same timing as the arbiter's defaults (heartbeat 2 x 50 ms, election 10 x 50 ms,
+                // both randomized up to 2x), so failover times compare like with like.
+                .args(["--heartbeat-interval", "100", "--election-timeout", "500"])
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
