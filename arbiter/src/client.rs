@@ -154,6 +154,7 @@ impl ArbiterClient {
         let start = Instant::now();
         let mut backoff = Duration::from_millis(10);
         let mut last_error;
+        let mut redirects_in_a_row = 0;
         loop {
             let addr = match self.leader.clone() {
                 Some(a) => a,
@@ -173,7 +174,9 @@ impl ArbiterClient {
                     leader_id,
                 }) => {
                     last_error = format!("{addr}: not the leader (leader {leader_id:?})");
-                    wait = leader_addr.is_none();
+                    // Follow a redirect at once, but not forever: hints can be stale mid-election.
+                    redirects_in_a_row += 1;
+                    wait = leader_addr.is_none() || redirects_in_a_row > 2;
                     self.leader = leader_addr;
                 }
                 Ok(Response::Unavailable { reason }) => {
@@ -198,6 +201,7 @@ impl ArbiterClient {
                 });
             }
             if wait {
+                redirects_in_a_row = 0;
                 std::thread::sleep(backoff.min(self.cfg.deadline - elapsed));
                 backoff = (backoff * 2).min(Duration::from_millis(200));
             }

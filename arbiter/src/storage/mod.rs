@@ -319,14 +319,11 @@ impl DiskStorage {
         let mut hs = self.hard_state.clone();
         hs.term = hs.term.max(meta.term);
         hs.commit = meta.index;
-        let keep: Vec<Entry> = match self.entries.iter().position(|e| e.index == meta.index) {
-            // A snapshot inside our log keeps the suffix only if terms match (log matching).
-            Some(pos) if self.entries[pos].term == meta.term => self.entries[pos + 1..].to_vec(),
-            _ => Vec::new(),
-        };
+        // raft-rs only sends a snapshot when our log lacks (index, term), so nothing after it
+        // can be trusted: drop the whole log, as raft-rs's own MemStorage does.
         self.write_snapshot_file(&snap)?;
         self.snapshot = snap;
-        self.entries = keep;
+        self.entries.clear();
         self.hard_state = hs;
         self.rewrite_wal()
     }
