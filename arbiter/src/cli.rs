@@ -150,6 +150,9 @@ pub enum ArbiterCommand {
         /// Also measure etcd (etcd binary on PATH) the same way.
         #[arg(long)]
         etcd: bool,
+        /// The arbiter nodes' --snapshot-every.
+        #[arg(long, default_value_t = 1000)]
+        snapshot_every: u64,
     },
 }
 
@@ -293,7 +296,8 @@ pub fn run_with_launcher(cmd: ArbiterCommand, launcher: Launcher) -> anyhow::Res
             clients,
             seconds,
             etcd,
-        } => crate::bench::run(launcher, &clients, seconds, etcd),
+            snapshot_every,
+        } => crate::bench::run(launcher, &clients, seconds, etcd, snapshot_every),
     }
 }
 

@@ -90,6 +90,16 @@ impl EtcdEngine {
         }
     }
 
+    /// Per-request timeout (default 3 s). A request that times out is retried on the
+    /// next endpoint; both operations are safe to retry (see docs/arbiter.md).
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_millis(500).min(timeout))
+            .timeout(timeout)
+            .build();
+        self
+    }
+
     fn key(&self, vm: &str) -> String {
         B64.encode(format!("{}{}", self.prefix, vm))
     }
@@ -248,9 +258,17 @@ impl Engine for EtcdEngine {
 
 /// A 3-member etcd cluster on loopback (Debian's `etcd` binary), for tests and the benchmark.
 pub struct LocalEtcd {
-    _root: tempfile::TempDir,
-    members: Vec<(String, Option<Child>)>,
+    bin: std::path::PathBuf,
+    members: Vec<EtcdMember>,
     pub client_urls: Vec<String>,
+    // Last field: dropped after the members are killed.
+    _root: tempfile::TempDir,
+}
+
+struct EtcdMember {
+    client_url: String,
+    args: Vec<std::ffi::OsString>,
+    child: Option<Child>,
 }
 
 impl LocalEtcd {
@@ -278,37 +296,72 @@ impl LocalEtcd {
             .map(|(i, u)| format!("e{i}={u}"))
             .collect();
         let mut cluster = LocalEtcd {
-            _root: root,
+            bin,
             members: Vec::new(),
             client_urls: client_urls.clone(),
+            _root: root,
         };
         for i in 0..members {
             let dir = cluster._root.path().join(format!("e{i}"));
-            let log = std::fs::File::create(cluster._root.path().join(format!("e{i}.log")))?;
-            let child = Command::new(&bin)
-                .args(["--name", &format!("e{i}")])
-                .arg("--data-dir")
-                .arg(&dir)
-                .args(["--listen-client-urls", &client_urls[i]])
-                .args(["--advertise-client-urls", &client_urls[i]])
-                .args(["--listen-peer-urls", &peer_urls[i]])
-                .args(["--initial-advertise-peer-urls", &peer_urls[i]])
-                .args(["--initial-cluster", &initial.join(",")])
-                .args(["--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", "twinvm-bench"])
+            let args: Vec<std::ffi::OsString> = [
+                "--name".into(),
+                format!("e{i}"),
+                "--listen-client-urls".into(),
+                client_urls[i].clone(),
+                "--advertise-client-urls".into(),
+                client_urls[i].clone(),
+                "--listen-peer-urls".into(),
+                peer_urls[i].clone(),
+                "--initial-advertise-peer-urls".into(),
+                peer_urls[i].clone(),
+                "--initial-cluster".into(),
+                initial.join(","),
+                "--initial-cluster-state".into(),
+                "new".into(),
+                "--initial-cluster-token".into(),
+                "twinvm-bench".into(),
                 // Same timing as the arbiter's defaults (heartbeat 2 x 50 ms, election 10 x 50 ms,
                 // both randomized up to 2x), so failover times compare like with like.
-                .args(["--heartbeat-interval", "100", "--election-timeout", "500"])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .context("starting etcd")?;
-            cluster.members.push((client_urls[i].clone(), Some(child)));
+                "--heartbeat-interval".into(),
+                "100".into(),
+                "--election-timeout".into(),
+                "500".into(),
+                "--data-dir".into(),
+            ]
+            .into_iter()
+            .map(Into::into)
+            .chain(std::iter::once(dir.into_os_string()))
+            .collect();
+            cluster.members.push(EtcdMember {
+                client_url: client_urls[i].clone(),
+                args,
+                child: None,
+            });
+            cluster.spawn(i)?;
         }
         let mut probe = EtcdEngine::new(client_urls, "/twinvm-probe/", Duration::from_secs(20));
         probe.get("probe").context("etcd cluster did not come up")?;
         Ok(cluster)
+    }
+
+    /// Starts (or restarts, on its data dir) member `index`.
+    pub fn spawn(&mut self, index: usize) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self._root.path().join(format!("e{index}.log")))?;
+        let member = &mut self.members[index];
+        anyhow::ensure!(member.child.is_none(), "etcd member {index} is running");
+        member.child = Some(
+            Command::new(&self.bin)
+                .args(&member.args)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("starting etcd")?,
+        );
+        Ok(())
     }
 
     pub fn engine(&self, deadline: Duration) -> EtcdEngine {
@@ -320,12 +373,12 @@ impl LocalEtcd {
         let agent = ureq::AgentBuilder::new()
             .timeout(Duration::from_secs(2))
             .build();
-        for (i, (url, child)) in self.members.iter().enumerate() {
-            if child.is_none() {
+        for (i, m) in self.members.iter().enumerate() {
+            if m.child.is_none() {
                 continue;
             }
             let Ok(resp) = agent
-                .post(&format!("{url}/v3/maintenance/status"))
+                .post(&format!("{}/v3/maintenance/status", m.client_url))
                 .send_json(json!({}))
             else {
                 continue;
@@ -339,7 +392,7 @@ impl LocalEtcd {
     }
 
     pub fn kill(&mut self, index: usize) {
-        if let Some(mut child) = self.members[index].1.take() {
+        if let Some(mut child) = self.members[index].child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
