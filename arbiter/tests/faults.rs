@@ -150,8 +150,9 @@ fn follower_far_behind_catches_up_through_a_snapshot() {
         client.test_and_set(&format!("vm{i}"), 1, "p").unwrap();
     }
     let leader_status = c.status(c.wait_leader(DEADLINE).unwrap()).unwrap();
+    // Snapshots every max(50, table size) entries: near 50, 100, 200 (after the bootstrap one).
     assert!(
-        leader_status.snapshot_index >= 250,
+        leader_status.snapshot_index >= 150,
         "leader compacted: {leader_status:?}"
     );
     c.spawn(lagging).unwrap();
