@@ -1,4 +1,22 @@
 //! Command-line interface shared by `twinvm-arbiter <cmd>` and `twinvm arbiter <cmd>`.
+//!
+//! Embedding in the main CLI takes one variant and one call:
+//!
+//! ```text
+//! #[derive(clap::Subcommand)]
+//! enum Command {
+//!     #[command(subcommand)]
+//!     Arbiter(arbiter::cli::ArbiterCommand),
+//! }
+//! // ...
+//! Command::Arbiter(cmd) => arbiter::cli::run_with_launcher(
+//!     cmd,
+//!     arbiter::local_cluster::Launcher {
+//!         exe: std::env::current_exe()?,
+//!         prefix_args: vec!["arbiter".into(), "serve".into()],
+//!     },
+//! ),
+//! ```
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
