@@ -47,6 +47,10 @@ pub fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         .get(&cfg.node_id)
         .with_context(|| format!("--peers has no address for this node ({})", cfg.node_id))?
         .clone();
+    // Bind before touching the data dir: a second process started for the same node fails
+    // here ("address in use") instead of writing the same WAL; a process for another node
+    // pointed at this dir is stopped by the identity stamp.
+    let listener = TcpListener::bind(&listen).with_context(|| format!("binding {listen}"))?;
     let storage = DiskStorage::open(&cfg.data_dir, &cfg.cluster_id, cfg.node_id)
         .with_context(|| format!("opening data dir {}", cfg.data_dir.display()))?;
     let mut node_cfg = NodeConfig::new(cfg.node_id);
@@ -54,7 +58,6 @@ pub fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     let bootstrap = (!cfg.join).then(|| cfg.peers.clone());
     let mut node = Node::new(node_cfg, storage, bootstrap, &raft_logger(cfg.node_id))?;
 
-    let listener = TcpListener::bind(&listen).with_context(|| format!("binding {listen}"))?;
     tracing::info!(node = cfg.node_id, %listen, cluster = %cfg.cluster_id, "arbiter node listening");
 
     let (events_tx, events_rx) = unbounded::<Event>();

@@ -134,6 +134,22 @@ fn node_of_another_cluster_is_refused_and_logged() {
     drop(guard);
 }
 
+#[test]
+fn second_process_for_a_running_node_is_refused() {
+    let c = cluster(ClusterOptions::default());
+    let id = c.ids()[0];
+    let out = serve_command(&c, id, c.cluster_id(), c.data_dir(id))
+        .output()
+        .expect("run server");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("binding"), "{stderr}");
+    assert!(
+        c.status(id).is_some(),
+        "the running node must be unaffected"
+    );
+}
+
 fn serve_command(
     c: &arbiter::local_cluster::LocalCluster,
     id: u64,
