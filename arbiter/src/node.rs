@@ -71,6 +71,8 @@ struct Waiter {
 struct PendingRead {
     vm: String,
     waiter: Waiter,
+    /// Whether `read_index` was called for it yet (see `issue_reads`).
+    issued: bool,
     /// Set once raft-rs confirmed leadership; answer when applied reaches it.
     read_index: Option<u64>,
 }
@@ -249,15 +251,16 @@ impl Node {
                 }
                 let ctx = self.next_read_ctx;
                 self.next_read_ctx += 1;
-                self.raw.read_index(ctx.to_le_bytes().to_vec());
                 self.reads.insert(
                     ctx,
                     PendingRead {
                         vm,
                         waiter,
+                        issued: false,
                         read_index: None,
                     },
                 );
+                self.issue_reads();
             }
             Request::AddNode { node_id, addr } => {
                 self.propose_conf_change(ConfChangeType::AddNode, node_id, Some(addr), waiter)
@@ -399,8 +402,30 @@ impl Node {
             }
         }
         self.answer_reads();
+        self.issue_reads();
         self.maybe_compact()?;
         Ok(())
+    }
+
+    /// raft-rs silently drops a ReadIndex request while the leader has not yet committed an
+    /// entry of its own term (just after an election), so such reads wait here and are
+    /// issued as soon as that no-op entry commits.
+    fn issue_reads(&mut self) {
+        if !self.is_leader() || !self.raw.raft.commit_to_current_term() {
+            return;
+        }
+        let waiting: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| !r.issued)
+            .map(|(ctx, _)| *ctx)
+            .collect();
+        for ctx in waiting {
+            self.raw.read_index(ctx.to_le_bytes().to_vec());
+            if let Some(r) = self.reads.get_mut(&ctx) {
+                r.issued = true;
+            }
+        }
     }
 
     fn fail_leader_only_waiters(&mut self) {
