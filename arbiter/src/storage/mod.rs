@@ -619,6 +619,76 @@ mod tests {
     }
 
     #[test]
+    fn crash_between_snapshot_file_and_wal_rewrite_keeps_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal_path = dir.path().join(WAL_FILE);
+        let old_wal;
+        {
+            let mut s = DiskStorage::open(dir.path(), "c", 1).unwrap();
+            s.bootstrap(vec![1], Vec::new()).unwrap();
+            let ents: Vec<Entry> = (2..=10).map(|i| entry(i, 1, b"x")).collect();
+            s.append(&ents).unwrap();
+            s.set_hard_state(&hs(1, 1, 10)).unwrap();
+            s.sync().unwrap();
+            old_wal = std::fs::read(&wal_path).unwrap();
+            let cs = s.snapshot_ref().get_metadata().get_conf_state().clone();
+            s.compact(5, cs, b"at5".to_vec()).unwrap();
+        }
+        // The crash: the new snapshot is on disk, the WAL is still the old one.
+        std::fs::write(&wal_path, &old_wal).unwrap();
+        let s = DiskStorage::open(dir.path(), "c", 1).unwrap();
+        assert_eq!(s.first_index_u64(), 6);
+        assert_eq!(s.last_index_u64(), 10);
+        assert_eq!(&s.snapshot_ref().data[..], b"at5");
+    }
+
+    #[test]
+    fn crash_after_receiving_a_snapshot_drops_the_unrelated_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal_path = dir.path().join(WAL_FILE);
+        let old_wal;
+        {
+            let mut s = DiskStorage::open(dir.path(), "c", 2).unwrap();
+            s.bootstrap(vec![1, 2, 3], Vec::new()).unwrap();
+            s.append(&[entry(2, 1, b"a"), entry(3, 1, b"b")]).unwrap();
+            s.sync().unwrap();
+            old_wal = std::fs::read(&wal_path).unwrap();
+            let mut snap = Snapshot::default();
+            snap.mut_metadata().index = 20;
+            snap.mut_metadata().term = 3;
+            s.install_snapshot(snap).unwrap();
+        }
+        std::fs::write(&wal_path, &old_wal).unwrap();
+        let s = DiskStorage::open(dir.path(), "c", 2).unwrap();
+        assert_eq!(s.first_index_u64(), 21);
+        assert_eq!(s.last_index_u64(), 20);
+        assert_eq!(s.hard_state().commit, 20);
+    }
+
+    #[test]
+    fn corrupt_snapshot_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = DiskStorage::open(dir.path(), "c", 1).unwrap();
+            s.bootstrap(vec![1], b"state-machine-bytes".to_vec())
+                .unwrap();
+        }
+        let path = dir.path().join(SNAPSHOT_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.windows(5).position(|w| w == b"state").unwrap();
+        bytes[at] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let msg = DiskStorage::open(dir.path(), "c", 1)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            msg.contains("snapshot.bin") && msg.contains("checksum"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn torn_tail_is_dropped_and_appends_continue() {
         let dir = tempfile::tempdir().unwrap();
         {
