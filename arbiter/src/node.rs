@@ -655,14 +655,17 @@ mod tests {
         in_flight: VecDeque<Message>,
         /// Nodes whose traffic is dropped.
         isolated: HashSet<u64>,
-        _dirs: Vec<tempfile::TempDir>,
+        dirs: BTreeMap<u64, tempfile::TempDir>,
+        /// Share of messages lost in transit; decided by a seeded RNG.
+        drop_rate: f64,
+        rng: rand::rngs::StdRng,
     }
 
     impl Sim {
         fn new(n: u64) -> Sim {
             let members: BTreeMap<u64, String> =
                 (1..=n).map(|id| (id, format!("sim-{id}"))).collect();
-            let mut dirs = Vec::new();
+            let mut dirs = BTreeMap::new();
             let mut nodes = BTreeMap::new();
             for id in 1..=n {
                 let dir = tempfile::tempdir().unwrap();
@@ -672,14 +675,26 @@ mod tests {
                 let node =
                     Node::new(cfg, storage, Some(members.clone()), &raft_logger(id)).unwrap();
                 nodes.insert(id, node);
-                dirs.push(dir);
+                dirs.insert(id, dir);
             }
             Sim {
                 nodes,
                 in_flight: VecDeque::new(),
                 isolated: HashSet::new(),
-                _dirs: dirs,
+                dirs,
+                drop_rate: 0.0,
+                rng: rand::SeedableRng::seed_from_u64(0),
             }
+        }
+
+        /// Crash and restart: the node is rebuilt from what its data dir holds.
+        fn restart(&mut self, id: u64) {
+            self.nodes.remove(&id);
+            let storage = DiskStorage::open(self.dirs[&id].path(), "sim", id).unwrap();
+            let mut cfg = NodeConfig::new(id);
+            cfg.snapshot_every = 5;
+            let node = Node::new(cfg, storage, None, &raft_logger(id)).unwrap();
+            self.nodes.insert(id, node);
         }
 
         /// Processes readies and delivers messages until the network is quiet.
@@ -694,6 +709,9 @@ mod tests {
                 }
                 while let Some(m) = self.in_flight.pop_front() {
                     if self.isolated.contains(&m.from) || self.isolated.contains(&m.to) {
+                        continue;
+                    }
+                    if self.drop_rate > 0.0 && rand::Rng::gen_bool(&mut self.rng, self.drop_rate) {
                         continue;
                     }
                     if let Some(node) = self.nodes.get_mut(&m.to) {
@@ -817,5 +835,87 @@ mod tests {
             Response::Tas(TasOutcome::Won { generation: 1 })
         );
         assert!(sim.nodes.values().all(|n| n.status().snapshot_index > 5));
+    }
+
+    #[test]
+    fn random_faults_never_make_two_winners_and_replicas_converge() {
+        use rand::{Rng, SeedableRng};
+        for seed in 0..4u64 {
+            let mut sim = Sim::new(3);
+            sim.drop_rate = 0.05;
+            sim.rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(1000 + seed);
+            let mut waiting: Vec<(String, String, Receiver<Response>)> = Vec::new();
+            let mut winners: BTreeMap<String, HashSet<String>> = BTreeMap::new();
+            let mut seq = 0;
+            for _ in 0..300 {
+                match rng.gen_range(0..10) {
+                    0 if sim.isolated.is_empty() => {
+                        sim.isolated.insert(rng.gen_range(1..=3));
+                    }
+                    1 => sim.isolated.clear(),
+                    2 => sim.restart(rng.gen_range(1..=3)),
+                    3..=5 => {
+                        let vm = ["a", "b", "c"][rng.gen_range(0..3)].to_string();
+                        let who = rng.gen_range(0..4u64);
+                        seq += 1;
+                        let to = match sim.leader() {
+                            Some(l) if rng.gen_bool(0.8) => l,
+                            _ => rng.gen_range(1..=3),
+                        };
+                        let rx = sim.request(
+                            to,
+                            Request::TestAndSet {
+                                client_id: who + 1,
+                                seq,
+                                vm: vm.clone(),
+                                generation: 1,
+                                requester: format!("r{who}"),
+                            },
+                        );
+                        waiting.push((vm, format!("r{who}"), rx));
+                    }
+                    _ => {}
+                }
+                sim.run_ticks(1);
+                waiting.retain(|(vm, who, rx)| match rx.try_recv() {
+                    Ok(Response::Tas(TasOutcome::Won { .. })) => {
+                        winners.entry(vm.clone()).or_default().insert(who.clone());
+                        false
+                    }
+                    Ok(_) => false,
+                    Err(_) => true,
+                });
+            }
+            sim.isolated.clear();
+            sim.drop_rate = 0.0;
+            sim.run_ticks(60);
+            for (vm, who) in &winners {
+                assert_eq!(who.len(), 1, "seed {seed}: {vm} won by {who:?}");
+            }
+            assert!(!winners.is_empty(), "seed {seed}: nothing was ever decided");
+            let term = sim.nodes.values().map(|n| n.status().term).max().unwrap();
+            assert!(
+                term > 3,
+                "seed {seed}: faults never forced a new election (term {term})"
+            );
+            for vm in ["a", "b", "c"] {
+                let slots: Vec<Option<Slot>> = sim
+                    .nodes
+                    .values()
+                    .map(|n| n.state_machine().get(vm))
+                    .collect();
+                assert!(
+                    slots.windows(2).all(|w| w[0] == w[1]),
+                    "seed {seed}: replicas differ on {vm}: {slots:?}"
+                );
+                if let (Some(who), Some(slot)) = (winners.get(vm), &slots[0]) {
+                    assert!(
+                        who.contains(slot.holder.as_ref().unwrap()),
+                        "seed {seed}: {vm} {slot:?} vs {who:?}"
+                    );
+                }
+            }
+        }
     }
 }
