@@ -68,6 +68,16 @@ struct Waiter {
     deadline: Instant,
 }
 
+/// A node being added: first as a learner, made a voter once it has caught up, so
+/// it never counts in the quorum before it can acknowledge anything.
+struct Promotion {
+    node_id: u64,
+    addr: String,
+    /// Log index of the entry that made it a learner; caught up once it has that entry.
+    learner_index: Option<u64>,
+    voter_proposed: bool,
+}
+
 struct PendingRead {
     vm: String,
     waiter: Waiter,
@@ -85,6 +95,7 @@ pub struct Node {
     cfg: NodeConfig,
     writes: HashMap<(u64, u64), Vec<Waiter>>,
     conf_change: Option<Waiter>,
+    promotion: Option<Promotion>,
     reads: BTreeMap<u64, PendingRead>,
     next_read_ctx: u64,
     /// A membership change was applied: snapshot now, so a node just added receives a
@@ -137,6 +148,7 @@ impl Node {
             cfg,
             writes: HashMap::new(),
             conf_change: None,
+            promotion: None,
             reads: BTreeMap::new(),
             next_read_ctx: 1,
             snapshot_due: false,
@@ -262,10 +274,15 @@ impl Node {
                 );
                 self.issue_reads();
             }
-            Request::AddNode { node_id, addr } => {
-                self.propose_conf_change(ConfChangeType::AddNode, node_id, Some(addr), waiter)
-            }
+            Request::AddNode { node_id, addr } => self.add_node(node_id, addr, waiter),
             Request::RemoveNode { node_id } => {
+                if self
+                    .promotion
+                    .as_ref()
+                    .is_some_and(|p| p.node_id == node_id)
+                {
+                    self.promotion = None;
+                }
                 self.propose_conf_change(ConfChangeType::RemoveNode, node_id, None, waiter)
             }
         }
@@ -288,6 +305,84 @@ impl Node {
                     reason: format!("proposal dropped: {e}"),
                 });
             }
+        }
+    }
+
+    fn add_node(&mut self, node_id: u64, addr: String, waiter: Waiter) {
+        if self.conf_state.voters.contains(&node_id) {
+            // Already a voter (e.g. a retried request): a no-op change that confirms it.
+            return self.propose_conf_change(ConfChangeType::AddNode, node_id, Some(addr), waiter);
+        }
+        if self
+            .promotion
+            .as_ref()
+            .is_some_and(|p| p.node_id == node_id)
+        {
+            // A retry while the same addition is under way: wait for it.
+            match &self.conf_change {
+                None => self.conf_change = Some(waiter),
+                Some(_) => {
+                    let _ = waiter.reply.send(Response::Unavailable {
+                        reason: format!("node {node_id} is still catching up as a learner"),
+                    });
+                }
+            }
+            return;
+        }
+        if self.promotion.is_some() {
+            let _ = waiter.reply.send(Response::Unavailable {
+                reason: "another node is being added".into(),
+            });
+            return;
+        }
+        if self.conf_change.is_none() {
+            self.promotion = Some(Promotion {
+                node_id,
+                addr: addr.clone(),
+                learner_index: None,
+                voter_proposed: false,
+            });
+        }
+        self.propose_conf_change(ConfChangeType::AddLearnerNode, node_id, Some(addr), waiter);
+        if self.conf_change.is_none() {
+            self.promotion = None; // the proposal was refused
+        }
+    }
+
+    /// Proposes the learner → voter step once the learner has caught up (leader only).
+    fn maybe_promote(&mut self) {
+        if !self.is_leader() {
+            return;
+        }
+        let Some(p) = &self.promotion else { return };
+        let Some(learner_index) = p.learner_index else {
+            return;
+        };
+        let caught_up = self
+            .raw
+            .raft
+            .prs()
+            .get(p.node_id)
+            .is_some_and(|pr| pr.matched >= learner_index);
+        if p.voter_proposed || !caught_up {
+            return;
+        }
+        let mut cc = ConfChange::default();
+        cc.set_change_type(ConfChangeType::AddNode);
+        cc.node_id = p.node_id;
+        let context = serde_json::to_vec(&ConfChangeContext {
+            addr: Some(p.addr.clone()),
+        })
+        .expect("context serializes");
+        let node_id = p.node_id;
+        match self.raw.propose_conf_change(context, cc) {
+            Ok(()) => {
+                tracing::info!(node_id, "learner caught up; proposing it as a voter");
+                if let Some(p) = self.promotion.as_mut() {
+                    p.voter_proposed = true;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "promotion not proposed yet"),
         }
     }
 
@@ -403,6 +498,7 @@ impl Node {
         }
         self.answer_reads();
         self.issue_reads();
+        self.maybe_promote();
         self.maybe_compact()?;
         Ok(())
     }
@@ -441,6 +537,8 @@ impl Node {
         if let Some(w) = self.conf_change.take() {
             let _ = w.reply.send(not_leader);
         }
+        // The next leader takes an addition over when the client retries it.
+        self.promotion = None;
     }
 
     fn answer_reads(&mut self) {
@@ -525,16 +623,30 @@ impl Node {
                                 }
                                 ConfChangeType::RemoveNode => self.sm.remove_member(cc.node_id),
                             }
-                            tracing::info!(voters = ?cs.voters, "membership changed");
+                            tracing::info!(voters = ?cs.voters, learners = ?cs.learners, "membership changed");
                             self.conf_state = cs;
                             self.snapshot_due = true;
                         }
                         Err(e) => tracing::warn!(error = %e, "membership change rejected at apply"),
                     }
-                    if let Some(w) = self.conf_change.take() {
-                        let _ = w.reply.send(Response::MembershipChanged {
-                            voters: sorted(&self.conf_state.voters),
-                        });
+                    let promoting = self.promotion.as_mut().filter(|p| p.node_id == cc.node_id);
+                    let first_step_of_addition = match promoting {
+                        Some(p) if cc.get_change_type() == ConfChangeType::AddLearnerNode => {
+                            p.learner_index = Some(index);
+                            true
+                        }
+                        Some(_) if cc.get_change_type() == ConfChangeType::AddNode => {
+                            self.promotion = None;
+                            false
+                        }
+                        _ => false,
+                    };
+                    if !first_step_of_addition {
+                        if let Some(w) = self.conf_change.take() {
+                            let _ = w.reply.send(Response::MembershipChanged {
+                                voters: sorted(&self.conf_state.voters),
+                            });
+                        }
                     }
                 }
                 EntryType::EntryConfChangeV2 => {

@@ -32,6 +32,12 @@ fn replace_a_failed_node() {
         .unwrap_or_else(|e| panic!("{e}\nnode 4 log:\n{}", c.log_of(4)));
     assert_eq!(voters, vec![1, 2, 4]);
     c.forget(dead);
+    assert!(
+        c.ids()
+            .iter()
+            .any(|&id| c.log_of(id).contains("learner caught up")),
+        "node 4 was not added as a learner first"
+    );
 
     let leader = c.wait_leader(Duration::from_secs(10)).unwrap();
     let commit = c.status(leader).unwrap().commit;
