@@ -42,6 +42,7 @@ pub struct ClientArgs {
     /// Key prefix of the arbiter table in etcd.
     #[arg(long, default_value = "/twinvm/arbiter/")]
     pub etcd_prefix: String,
+    /// Must match the servers' --cluster-id.
     #[arg(long, default_value = "twinvm")]
     pub cluster_id: String,
     /// Give up with "no quorum" after this many seconds.
@@ -88,13 +89,16 @@ impl ClientArgs {
 pub enum ArbiterCommand {
     /// Run one arbiter node.
     Serve {
+        /// This node's id (≥ 1), one of --peers.
         #[arg(long)]
         id: u64,
         /// Members as id=host:port, comma separated, this node included (its address is where it listens).
         #[arg(long, value_delimiter = ',', required = true)]
         peers: Vec<String>,
+        /// Where the WAL, snapshot and identity stamp live.
         #[arg(long)]
         data_dir: PathBuf,
+        /// Name of this cluster; peers, clients and data dirs of another cluster are refused.
         #[arg(long, default_value = "twinvm")]
         cluster_id: String,
         /// Start empty and wait to be added by `add-node` instead of bootstrapping with --peers.
@@ -112,9 +116,12 @@ pub enum ArbiterCommand {
     },
     /// Test-and-set: exit 0 if REQUESTER holds VM for GENERATION, 1 if someone else does, 2 on error.
     Tas {
+        /// VM name (1..=256 bytes).
         vm: String,
+        /// Generation of the primary/backup pair asking.
         #[arg(long)]
         generation: u64,
+        /// Who asks (e.g. the host name); the winner is recorded as holder.
         #[arg(long)]
         requester: String,
         #[command(flatten)]
@@ -122,7 +129,9 @@ pub enum ArbiterCommand {
     },
     /// Re-arm VM for a higher generation (after a repair).
     Reset {
+        /// VM name.
         vm: String,
+        /// New generation; must be higher than the current one.
         #[arg(long)]
         generation: u64,
         #[command(flatten)]
@@ -130,6 +139,7 @@ pub enum ArbiterCommand {
     },
     /// Linearizable read of VM's holder.
     Get {
+        /// VM name.
         vm: String,
         #[command(flatten)]
         client: ClientArgs,
@@ -139,10 +149,12 @@ pub enum ArbiterCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Add a voter (start it first with `serve --join`).
+    /// Add a voter: learner first, promoted once caught up (start it with `serve --join`).
     AddNode {
+        /// The new node's id.
         #[arg(long)]
         id: u64,
+        /// Where the new node listens (host:port).
         #[arg(long)]
         addr: String,
         #[command(flatten)]
@@ -150,6 +162,7 @@ pub enum ArbiterCommand {
     },
     /// Remove a voter.
     RemoveNode {
+        /// The id of the node to remove.
         #[arg(long)]
         id: u64,
         #[command(flatten)]
