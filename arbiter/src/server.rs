@@ -258,6 +258,10 @@ impl Connection {
                     return Ok(());
                 }
             };
+            if msg.to != self.node_id {
+                tracing::warn!(from, to = msg.to, "raft message for another node; dropped");
+                continue;
+            }
             if msg.from != from {
                 tracing::warn!(
                     from,
