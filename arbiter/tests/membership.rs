@@ -69,3 +69,29 @@ fn replace_a_failed_node() {
     });
     assert!(client.get("after").unwrap().is_some());
 }
+
+#[test]
+fn removing_the_leader_hands_over_to_the_rest() {
+    let mut c = cluster(ClusterOptions::default());
+    let mut client = c.client(Duration::from_secs(10));
+    client.test_and_set("before", 1, "p").unwrap();
+    let leader = c.wait_leader(Duration::from_secs(10)).unwrap();
+    let voters = client.remove_node(leader).unwrap();
+    assert_eq!(voters.len(), 2);
+    assert!(!voters.contains(&leader));
+    c.forget(leader);
+    let new_leader = c.wait_leader(Duration::from_secs(10)).unwrap();
+    assert_ne!(new_leader, leader);
+    let mut client = c.client(Duration::from_secs(10));
+    assert_eq!(
+        client.test_and_set("after", 1, "q").unwrap(),
+        TasOutcome::Won { generation: 1 }
+    );
+    assert_eq!(
+        client.get("before").unwrap(),
+        Some(Slot {
+            generation: 1,
+            holder: Some("p".into())
+        })
+    );
+}
