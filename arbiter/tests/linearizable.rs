@@ -29,7 +29,10 @@ fn history_under_faults_is_linearizable() {
 
     let workers: Vec<_> = (0..CLIENTS)
         .map(|client_no| {
-            let mut client = c.client(Duration::from_secs(3));
+            // Half the clients give up early, so some writes end with an unknown outcome
+            // (and are retried by nobody): the checker must allow both possibilities.
+            let deadline = if client_no % 2 == 0 { 3000 } else { 700 };
+            let mut client = c.client(Duration::from_millis(deadline));
             let history = history.clone();
             let stop = stop.clone();
             std::thread::spawn(move || {
@@ -136,6 +139,7 @@ fn history_under_faults_is_linearizable() {
     }
     let history = history.lock().unwrap().clone();
     let completed = history.iter().filter(|o| o.ret.is_some()).count();
+    let unknown = history.len() - completed;
     assert!(
         completed > 100,
         "too few operations completed ({completed}) to mean anything"
@@ -163,7 +167,7 @@ fn history_under_faults_is_linearizable() {
         Verdict::NotLinearizable { .. }
     ));
     eprintln!(
-        "checked {} operations ({completed} completed) over {round} fault rounds: linearizable",
+        "checked {} operations ({completed} completed, {unknown} unknown) over {round} fault rounds: linearizable",
         history.len()
     );
 }
