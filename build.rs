@@ -16,6 +16,8 @@ fn run(cmd: &mut Command, what: &str) {
 fn main() {
     let src = Path::new("guest-images");
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
+    // The directory too, so a new guest is picked up.
+    println!("cargo:rerun-if-changed=guest-images");
     println!("cargo:rerun-if-changed=guest-images/linker.ld");
     println!("cargo:rerun-if-changed=guest-images/rt.S");
     let mut names: Vec<String> = std::fs::read_dir(src)

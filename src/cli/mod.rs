@@ -30,6 +30,9 @@ pub enum Command {
     Record(RecordArgs),
     /// Re-execute a guest from a recorded log and check it ends in the identical state.
     Replay(ReplayArgs),
+    /// The arbiter: a Raft-replicated test-and-set service (serve, tas, reset, get, status, selftest, ...).
+    #[command(subcommand)]
+    Arbiter(arbiter::cli::ArbiterCommand),
     /// Boot the embedded test guests one after another and show what they print.
     Demo,
     /// List the test guests embedded in this binary (use them as `--kernel builtin:NAME`).
@@ -60,6 +63,16 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(&args),
         Command::Record(args) => replay::record(&args),
         Command::Replay(args) => replay::replay(&args),
+        Command::Arbiter(cmd) => std::env::current_exe()
+            .map_err(anyhow::Error::from)
+            .and_then(|exe| {
+                // Servers the selftest or a benchmark starts are this binary's `arbiter serve`.
+                let launcher = arbiter::local_cluster::Launcher {
+                    exe,
+                    prefix_args: vec!["arbiter".into(), "serve".into()],
+                };
+                arbiter::cli::run_with_launcher(cmd, launcher)
+            }),
         Command::Demo => run::demo(),
         Command::Guests => {
             for name in crate::guests::names() {

@@ -37,6 +37,7 @@ use zerocopy::FromBytes;
 use super::emulate::{self, EmulateError, Emulated, GuestCpu};
 use super::guest_cpu::KvmGuestCpu;
 use super::sys::{self, Kicker};
+use super::traps::TimeTrap;
 use super::vm::{Vm, VmError};
 use crate::devices::{Nanos, Platform, PlatformEvent};
 use crate::replay::digest::{self, DirtyPages};
@@ -97,6 +98,7 @@ pub struct ExitStats {
     pub exceptions_injected: u64,
     pub sync_points: u64,
     pub sync_point_pages: u64,
+    pub time_reads: u64,
     pub digests: u64,
     pub digest_pages: u64,
     pub digest_time: Duration,
@@ -649,6 +651,54 @@ impl<W: Write> Engine<'_, '_, W> {
         Ok(())
     }
 
+    /// Is this emulation failure one of the time traps twinvm planted (an
+    /// int3 at a recorded site)? Any other int3 is the guest's own.
+    fn planted_trap(&mut self) -> Result<Option<TimeTrap>, RunError> {
+        if self.vm.time_traps.is_empty() {
+            return Ok(None);
+        }
+        let bytes = sys::internal_error(&mut self.vm.vcpu).instruction_bytes();
+        if bytes.as_ref().and_then(|b| b.first()) != Some(&0xcc) {
+            return Ok(None);
+        }
+        let rip = self.vm.vcpu.get_regs().map_err(kvm_err("get regs"))?.rip;
+        Ok(self.vm.time_traps.get(&rip).copied())
+    }
+
+    /// A planted time trap: a landmark whose value the primary reads from its
+    /// clock (a 1 GHz virtual TSC: guest nanoseconds) and logs.
+    fn time_trap(&mut self, trap: TimeTrap) -> Result<(), RunError> {
+        self.landmark += 1;
+        self.stats.time_reads += 1;
+        let value = match &mut self.mode {
+            Mode::Replay(schedule) => match schedule.take_at(self.landmark)? {
+                Some(Record::TimeRead { value, .. }) => value,
+                other => {
+                    return Err(self.diverged(format!(
+                        "the guest read the TSC but the log holds {other:?}"
+                    )))
+                }
+            },
+            _ => {
+                let now = self.real_now();
+                self.log(Record::TimeRead {
+                    landmark: self.landmark,
+                    value: now,
+                })?;
+                now
+            }
+        };
+        self.clock = self.clock.max(value);
+        let mut regs = self.vm.vcpu.get_regs().map_err(kvm_err("get regs"))?;
+        regs.rax = value & 0xffff_ffff;
+        regs.rdx = value >> 32;
+        if trap == TimeTrap::Rdtscp {
+            regs.rcx = 0; // IA32_TSC_AUX: processor 0
+        }
+        regs.rip += trap.instruction_len();
+        self.vm.vcpu.set_regs(&regs).map_err(kvm_err("set regs"))
+    }
+
     /// Is an interrupt due that the guest could take, with no landmark in sight?
     fn sync_due(&mut self) -> bool {
         let now = self.real_now();
@@ -832,11 +882,15 @@ impl<W: Write> Engine<'_, '_, W> {
                 }
                 VcpuExit::FailEntry(reason, _) => return Err(RunError::FailEntry { reason }),
                 VcpuExit::InternalError => {
-                    self.stats.emulation_fallbacks += 1;
-                    if emulation_fallback(self.vm)? {
-                        self.stats.exceptions_injected += 1;
+                    if let Some(trap) = self.planted_trap()? {
+                        self.time_trap(trap)?;
+                    } else {
+                        self.stats.emulation_fallbacks += 1;
+                        if emulation_fallback(self.vm)? {
+                            self.stats.exceptions_injected += 1;
+                        }
+                        continue;
                     }
-                    continue;
                 }
                 VcpuExit::IrqWindowOpen => continue,
                 other => return Err(RunError::UnexpectedExit(format!("{other:?}"))),

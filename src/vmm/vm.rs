@@ -17,6 +17,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use super::boot::{self, BootError, LoadedKernel};
 use super::cpuid;
 use super::layout::{ram_ranges, MAX_MEM_BYTES, MIN_MEM_BYTES};
+use super::traps::{self, TimeTrap};
 use crate::replay::digest::DirtyPages;
 use crate::replay::log::CpuStateBytes;
 
@@ -126,6 +127,8 @@ pub struct Vm {
     _kvm: Kvm,
     pub mem: GuestMemoryMmap,
     pub kernel: LoadedKernel,
+    /// Planted RDTSC/RDTSCP traps in the kernel, by guest virtual address.
+    pub time_traps: std::collections::HashMap<u64, TimeTrap>,
     slots: Vec<kvm_userspace_memory_region>,
     /// Guest pages the VMM itself wrote (KVM's dirty log does not see them).
     userspace_dirty: RefCell<DirtyPages>,
@@ -180,7 +183,14 @@ impl Vm {
             slots.push(region_desc);
         }
 
-        let kernel = boot::load_kernel(&mem, &config.kernel_name, &config.kernel)?;
+        // Time reads in the kernel's code become traps (see traps.rs); the
+        // file itself is untouched, only the loaded copy differs.
+        let mut image = config.kernel.clone();
+        let time_traps = traps::plant_time_traps(&mut image);
+        if !time_traps.is_empty() {
+            tracing::info!(sites = time_traps.len(), "planted time traps in the kernel");
+        }
+        let kernel = boot::load_kernel(&mem, &config.kernel_name, &image)?;
         let initrd = match &config.initrd {
             Some(image) => Some((
                 boot::load_initrd(&mem, config.mem_bytes, &kernel, image)?,
@@ -213,6 +223,7 @@ impl Vm {
             _kvm: kvm,
             mem,
             kernel,
+            time_traps,
             slots,
             userspace_dirty: RefCell::new(DirtyPages::default()),
         })

@@ -1,0 +1,202 @@
+//! Planted time traps: RDTSC/RDTSCP in the guest kernel rewritten to `int3`.
+//!
+//! RDTSC cannot be trapped through the KVM API, and a guest that reads the
+//! TSC directly would make the replicas diverge. Before boot, twinvm decodes
+//! the kernel's executable ELF sections (`.text`, `.init.text` and the
+//! alternative-replacement sections, so patched-in variants are covered too),
+//! and replaces every `rdtsc` with `int3; nop` and every `rdtscp` with
+//! `int3; nop; nop`. On these hosts an int3 at CPL0 ends KVM_RUN as an
+//! emulation failure at that RIP (host-notes.md); the vCPU loop recognises its
+//! own sites by RIP, performs the read (a logged value) and makes it a
+//! landmark. An int3 at any other RIP is the guest's own and is reflected.
+//!
+//! User-mode code is never patched (an int3 at CPL3 goes straight to the
+//! guest): user-mode RDTSC stays untrappable and is caught by the digests.
+//! Sans-IO: works on the image bytes.
+
+use std::collections::HashMap;
+
+use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+
+/// Which time instruction a trap stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeTrap {
+    Rdtsc,
+    Rdtscp,
+}
+
+impl TimeTrap {
+    /// Bytes the original instruction occupied (and the trap replaces).
+    pub fn instruction_len(self) -> u64 {
+        match self {
+            TimeTrap::Rdtsc => 2,
+            TimeTrap::Rdtscp => 3,
+        }
+    }
+}
+
+/// Sections scanned for time reads: kernel code and the alternatives
+/// that may be copied over it at boot.
+pub const SCANNED_SECTIONS: &[&str] = &[
+    ".text",
+    ".init.text",
+    ".altinstr_replacement",
+    ".altinstr_aux",
+];
+
+/// An executable section of an ELF: name, load address and file bytes range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodeSection {
+    pub name: String,
+    pub addr: u64,
+    pub offset: usize,
+    pub size: usize,
+}
+
+fn u16_at(b: &[u8], o: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(o..o + 2)?.try_into().ok()?))
+}
+fn u32_at(b: &[u8], o: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?))
+}
+fn u64_at(b: &[u8], o: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?))
+}
+
+/// Executable sections of an ELF64 image whose names are in `wanted`. An
+/// image without section headers (or a malformed table) yields none.
+pub fn code_sections(elf: &[u8], wanted: &[&str]) -> Vec<CodeSection> {
+    const SHF_EXECINSTR: u64 = 4;
+    const SHT_NOBITS: u32 = 8;
+    let parse = || -> Option<Vec<CodeSection>> {
+        if !elf.starts_with(b"\x7fELF") {
+            return None;
+        }
+        let shoff = u64_at(elf, 0x28)? as usize;
+        let shentsize = u16_at(elf, 0x3a)? as usize;
+        let shnum = u16_at(elf, 0x3c)? as usize;
+        let shstrndx = u16_at(elf, 0x3e)? as usize;
+        if shoff == 0 || shentsize < 64 || shstrndx >= shnum {
+            return None;
+        }
+        let header = |i: usize| shoff.checked_add(i.checked_mul(shentsize)?);
+        let strtab = header(shstrndx)?;
+        let str_off = u64_at(elf, strtab + 0x18)? as usize;
+        let mut out = Vec::new();
+        for i in 0..shnum {
+            let h = header(i)?;
+            let name_off = u32_at(elf, h)? as usize;
+            let kind = u32_at(elf, h + 4)?;
+            let flags = u64_at(elf, h + 8)?;
+            let addr = u64_at(elf, h + 0x10)?;
+            let offset = u64_at(elf, h + 0x18)? as usize;
+            let size = u64_at(elf, h + 0x20)? as usize;
+            let name_bytes = elf.get(str_off.checked_add(name_off)?..)?;
+            let name_end = name_bytes.iter().position(|&c| c == 0)?;
+            let name = std::str::from_utf8(&name_bytes[..name_end]).ok()?;
+            if flags & SHF_EXECINSTR != 0
+                && kind != SHT_NOBITS
+                && wanted.contains(&name)
+                && offset.checked_add(size)? <= elf.len()
+            {
+                out.push(CodeSection {
+                    name: name.to_string(),
+                    addr,
+                    offset,
+                    size,
+                });
+            }
+        }
+        Some(out)
+    };
+    parse().unwrap_or_default()
+}
+
+/// Time reads in `code` (loaded at `addr`), found by linear decoding.
+pub fn find_time_reads(code: &[u8], addr: u64) -> Vec<(u64, TimeTrap)> {
+    let mut decoder = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
+    let mut found = Vec::new();
+    for insn in &mut decoder {
+        match insn.mnemonic() {
+            Mnemonic::Rdtsc if insn.len() == 2 => found.push((insn.ip(), TimeTrap::Rdtsc)),
+            Mnemonic::Rdtscp if insn.len() == 3 => found.push((insn.ip(), TimeTrap::Rdtscp)),
+            _ => {}
+        }
+    }
+    found
+}
+
+/// Rewrite every time read in the image's kernel sections into a trap.
+/// Returns the trap table keyed by guest virtual address; patches `elf` in
+/// place (the caller loads the patched image; the file is untouched).
+pub fn plant_time_traps(elf: &mut [u8]) -> HashMap<u64, TimeTrap> {
+    let mut traps = HashMap::new();
+    for section in code_sections(elf, SCANNED_SECTIONS) {
+        let code = &elf[section.offset..section.offset + section.size];
+        let sites = find_time_reads(code, section.addr);
+        for (addr, trap) in sites {
+            let at = section.offset + (addr - section.addr) as usize;
+            elf[at] = 0xcc;
+            for b in &mut elf[at + 1..at + trap.instruction_len() as usize] {
+                *b = 0x90;
+            }
+            traps.insert(addr, trap);
+        }
+    }
+    traps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_decoding_finds_rdtsc_and_rdtscp() {
+        // mov eax,1; rdtsc; nop; rdtscp; ret; bytes 0f 31 inside an immediate
+        let code = [
+            0xb8, 1, 0, 0, 0, 0x0f, 0x31, 0x90, 0x0f, 0x01, 0xf9, 0xc3, 0xb8, 0x0f, 0x31, 0, 0,
+        ];
+        let found = find_time_reads(&code, 0x1000);
+        assert_eq!(
+            found,
+            vec![(0x1005, TimeTrap::Rdtsc), (0x1008, TimeTrap::Rdtscp)]
+        );
+    }
+
+    #[test]
+    fn images_without_sections_plant_nothing() {
+        let mut not_elf = vec![0x0f, 0x31, 0x0f, 0x31];
+        assert!(plant_time_traps(&mut not_elf).is_empty());
+        assert_eq!(not_elf, vec![0x0f, 0x31, 0x0f, 0x31]);
+        // Truncated section table: no panic, nothing found.
+        let mut elf = b"\x7fELF".to_vec();
+        elf.resize(0x40, 0);
+        elf[0x28] = 0xff;
+        elf[0x3a] = 64;
+        elf[0x3c] = 3;
+        elf[0x3e] = 1;
+        assert!(plant_time_traps(&mut elf).is_empty());
+    }
+
+    #[test]
+    fn test_guest_kernel_sites_are_patched_and_user_code_is_not() {
+        let mut storm = crate::guests::builtin("storm")
+            .expect("storm guest")
+            .to_vec();
+        let traps = plant_time_traps(&mut storm);
+        assert!(!traps.is_empty(), "storm has kernel-mode rdtsc");
+        for (addr, trap) in &traps {
+            assert_eq!(*trap, TimeTrap::Rdtsc);
+            assert!(*addr >= 0x10_0000);
+        }
+        let mut user = crate::guests::builtin("rdtscuser")
+            .expect("rdtscuser guest")
+            .to_vec();
+        let before = user.clone();
+        assert!(
+            plant_time_traps(&mut user).is_empty(),
+            "user-mode rdtsc must stay as it is"
+        );
+        assert_eq!(user, before);
+    }
+}

@@ -1,0 +1,303 @@
+//! Record a guest under real KVM, replay it from the log, and check the
+//! replay ends in the identical state; corrupted, truncated and mismatched
+//! logs are refused; a guest whose execution cannot be replayed is caught.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{run_to_end, Finished, Running, TempDir};
+
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+fn record(dir: &TempDir, guest: &str, extra: &[&str]) -> (String, Finished) {
+    let log = dir
+        .0
+        .join(format!("{guest}.log"))
+        .to_str()
+        .unwrap()
+        .to_string();
+    let kernel = format!("builtin:{guest}");
+    let mut args = vec!["record", "--log", &log, "--kernel", &kernel, "--mem", "64M"];
+    args.extend_from_slice(extra);
+    let out = run_to_end(&args, TIMEOUT);
+    assert!(out.status.success(), "record {guest}: {out:?}");
+    (log, out)
+}
+
+fn replay(log: &str, guest: &str, mem: &str) -> Finished {
+    let kernel = format!("builtin:{guest}");
+    run_to_end(
+        &["replay", "--log", log, "--kernel", &kernel, "--mem", mem],
+        TIMEOUT,
+    )
+}
+
+fn stat(stderr: &str, name: &str) -> u64 {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains(" landmarks, "))
+        .unwrap_or_else(|| panic!("no summary in {stderr}"));
+    let before = line.split(&format!(" {name}")).next().unwrap();
+    before
+        .rsplit([' ', '('])
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{name} in {line}"))
+}
+
+fn assert_identical(recorded: &Finished, replayed: &Finished) {
+    assert!(replayed.status.success(), "replay: {replayed:?}");
+    assert!(
+        replayed
+            .stdout
+            .contains("replay: final state identical to the recording"),
+        "{}",
+        replayed.stdout
+    );
+    let console: String = replayed
+        .stdout
+        .lines()
+        .filter(|l| !l.starts_with("replay: "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(console, recorded.stdout, "the replayed console differs");
+    assert_eq!(
+        stat(&replayed.stderr, "landmarks"),
+        stat(&recorded.stderr, "landmarks")
+    );
+    assert_eq!(
+        stat(&replayed.stderr, "interrupts"),
+        stat(&recorded.stderr, "interrupts")
+    );
+}
+
+#[test]
+fn hello_replays_identically() {
+    let dir = TempDir::new("rr-hello");
+    let (log, rec) = record(&dir, "hello", &[]);
+    assert_identical(&rec, &replay(&log, "hello", "64M"));
+}
+
+#[test]
+fn ticker_replays_identically_through_interrupts_and_sync_points() {
+    let dir = TempDir::new("rr-ticker");
+    let (log, rec) = record(&dir, "ticker", &["--digest-interval", "64"]);
+    // The user-mode loop makes no exits: timer interrupts reach it only
+    // through sync points.
+    assert!(stat(&rec.stderr, "interrupts") >= 20, "{}", rec.stderr);
+    assert!(stat(&rec.stderr, "sync points") >= 20, "{}", rec.stderr);
+    assert!(stat(&rec.stderr, "digests") >= 5, "{}", rec.stderr);
+    let rep = replay(&log, "ticker", "64M");
+    assert_identical(&rec, &rep);
+    assert_eq!(
+        stat(&rep.stderr, "sync points"),
+        stat(&rec.stderr, "sync points")
+    );
+}
+
+#[test]
+fn echo_replays_logged_serial_input() {
+    let dir = TempDir::new("rr-echo");
+    let log = dir.0.join("echo.log");
+    let mut vm = Running::spawn(&[
+        "record",
+        "--log",
+        log.to_str().unwrap(),
+        "--kernel",
+        "builtin:echo",
+        "--mem",
+        "64M",
+    ]);
+    vm.wait_for_stdout("echo: ready\n", TIMEOUT);
+    for chunk in [&b"first "[..], b"second ", b"third\n"] {
+        vm.write_stdin(chunk);
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    vm.write_stdin(b"q");
+    let rec = vm.finish(TIMEOUT);
+    assert!(rec.status.success(), "{rec:?}");
+    assert!(
+        rec.stdout.contains("first second third\n"),
+        "{}",
+        rec.stdout
+    );
+    // Replay gets no input from us: it must come from the log.
+    let rep = replay(log.to_str().unwrap(), "echo", "64M");
+    assert_identical(&rec, &rep);
+}
+
+#[test]
+fn user_mode_rdtsc_is_detected_as_divergence() {
+    let dir = TempDir::new("rr-rdtsc");
+    let (log, _) = record(&dir, "rdtscuser", &[]);
+    let rep = replay(&log, "rdtscuser", "64M");
+    assert_eq!(rep.status.code(), Some(1), "{rep:?}");
+    assert!(
+        !rep.stdout.contains("identical to the recording"),
+        "{}",
+        rep.stdout
+    );
+    assert!(
+        rep.stderr.contains("replay diverged at landmark"),
+        "{}",
+        rep.stderr
+    );
+    assert!(rep.stderr.contains("digest mismatch"), "{}", rep.stderr);
+    assert!(rep.stderr.contains("NOT identical"), "{}", rep.stderr);
+}
+
+#[test]
+fn a_log_from_another_guest_is_refused() {
+    let dir = TempDir::new("rr-header");
+    let (log, _) = record(&dir, "hello", &[]);
+    let out = replay(&log, "hello", "128M");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stderr
+            .contains("recorded from a different guest: memory was 64 MiB, now 128 MiB"),
+        "{}",
+        out.stderr
+    );
+    let out = replay(&log, "ticker", "64M");
+    assert!(
+        out.stderr.contains("kernel image differs"),
+        "{}",
+        out.stderr
+    );
+    let out = run_to_end(
+        &[
+            "replay",
+            "--log",
+            &log,
+            "--kernel",
+            "builtin:hello",
+            "--mem",
+            "64M",
+            "--cmdline",
+            "quiet",
+        ],
+        TIMEOUT,
+    );
+    assert!(
+        out.stderr.contains("the command line was"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn corrupted_and_truncated_logs_are_clear_errors() {
+    let dir = TempDir::new("rr-corrupt");
+    let (log, _) = record(&dir, "ticker", &[]);
+    let bytes = std::fs::read(&log).unwrap();
+    let path = |name: &str| dir.0.join(name).to_str().unwrap().to_string();
+
+    let mut flipped = bytes.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x01;
+    std::fs::write(path("flipped.log"), &flipped).unwrap();
+    let out = replay(&path("flipped.log"), "ticker", "64M");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("is corrupted: checksum mismatch"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("log record "), "{}", out.stderr);
+    assert!(!out.stdout.contains("identical to the recording"));
+
+    std::fs::write(path("cut.log"), &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let out = replay(&path("cut.log"), "ticker", "64M");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("log truncated in record"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("last complete record was at landmark"),
+        "{}",
+        out.stderr
+    );
+
+    std::fs::write(path("header-only.log"), &bytes[..60]).unwrap();
+    let out = replay(&path("header-only.log"), "ticker", "64M");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("truncated"), "{}", out.stderr);
+
+    std::fs::write(path("notalog.log"), b"hello, this is not a log").unwrap();
+    let out = replay(&path("notalog.log"), "ticker", "64M");
+    assert!(out.stderr.contains("not a twinvm log"), "{}", out.stderr);
+
+    let out = replay(&path("missing.log"), "ticker", "64M");
+    assert!(out.stderr.contains("opening log"), "{}", out.stderr);
+    assert!(!out.stderr.contains("panicked"));
+}
+
+/// A small deterministic generator, so the input timing is random but the
+/// test is repeatable.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % below
+    }
+}
+
+#[test]
+fn storm_replays_identically_with_input_at_random_times() {
+    let dir = TempDir::new("rr-storm");
+    let log = dir.0.join("storm.log");
+    let mut vm = Running::spawn(&[
+        "record",
+        "--log",
+        log.to_str().unwrap(),
+        "--kernel",
+        "builtin:storm",
+        "--mem",
+        "64M",
+    ]);
+    vm.wait_for_stdout("storm: ready\n", TIMEOUT);
+    let mut rng = Lcg(0x5eed);
+    let mut sent = 0;
+    while sent < 40 && !vm.stdout_now().contains("storm: done") {
+        std::thread::sleep(Duration::from_millis(5 + rng.next(60)));
+        let byte = b'a' + rng.next(26) as u8;
+        vm.write_stdin(&[byte]);
+        sent += 1;
+    }
+    let rec = vm.finish(TIMEOUT);
+    assert!(rec.status.success(), "{rec:?}");
+    let summary = rec
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("storm: ticks="))
+        .unwrap_or_else(|| panic!("{}", rec.stdout))
+        .to_string();
+    let rx: u64 = summary
+        .split(" rx=")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(rx > 0, "no serial input reached the guest: {summary}");
+    assert!(stat(&rec.stderr, "sync points") >= 100, "{}", rec.stderr);
+    assert!(
+        stat(&rec.stderr, "trapped time reads") >= 20,
+        "{}",
+        rec.stderr
+    );
+    let rep = replay(log.to_str().unwrap(), "storm", "64M");
+    assert_identical(&rec, &rep);
+    // The hash over every interrupt's observed user counter is the same.
+    assert!(rep.stdout.contains(&summary), "{}", rep.stdout);
+}
