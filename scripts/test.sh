@@ -5,16 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-missing=()
-command -v as >/dev/null 2>&1 || missing+=(binutils)
-command -v cc >/dev/null 2>&1 || missing+=(gcc)
-if ((${#missing[@]})); then
-    echo "== installing ${missing[*]}"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
-fi
-if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
-    echo "error: /dev/kvm is missing or not accessible: run the tests as root on a host with KVM" >&2
-    exit 1
+. scripts/prereqs.sh
+# A real etcd for the arbiter's external-engine test (Debian's etcd-server).
+if ! command -v etcd >/dev/null 2>&1; then
+    echo "== installing etcd-server"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
 fi
 
 echo "== cargo fmt --check"
