@@ -98,6 +98,8 @@ pub struct ExitStats {
     pub exceptions_injected: u64,
     pub sync_points: u64,
     pub sync_point_pages: u64,
+    /// Log bytes taken by sync points (recording only).
+    pub sync_point_bytes: u64,
     pub time_reads: u64,
     pub digests: u64,
     pub digest_pages: u64,
@@ -376,6 +378,13 @@ impl<W: Write> Engine<'_, '_, W> {
         Ok(())
     }
 
+    fn log_bytes_written(&self) -> u64 {
+        match &self.mode {
+            Mode::Record(rec) => rec.log.written().0,
+            _ => 0,
+        }
+    }
+
     fn diverged(&self, detail: String) -> RunError {
         RunError::Divergence {
             landmark: self.landmark,
@@ -616,11 +625,13 @@ impl<W: Write> Engine<'_, '_, W> {
             }
             self.stats.sync_points += 1;
             self.stats.sync_point_pages += pages.len() as u64;
+            let before = self.log_bytes_written();
             self.log(Record::SyncPoint {
                 landmark: self.landmark,
                 cpu: Box::new(cpu.clone()),
                 pages,
             })?;
+            self.stats.sync_point_bytes += self.log_bytes_written() - before;
             // Judge "can take an interrupt" from this state, as the backup will.
             self.sync_state = Some(cpu);
         }
