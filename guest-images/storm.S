@@ -3,8 +3,9 @@
 # input arrives whenever it is typed. Every interrupt records the user loop's
 # counter (from the interrupted register frame) and folds it into a hash, so
 # an interrupt delivered one instruction off changes the result. Every 4th
-# tick the kernel also reads the TSC (rdtsc at CPL0, which twinvm traps), the
-# PIT counter and the RTC seconds, and folds those in too.
+# tick the kernel also reads the TSC (rdtsc at CPL0, which twinvm traps, and
+# rdmsr IA32_TSC, which KVM's MSR filter sends to twinvm), the PIT counter and
+# the RTC seconds, and folds those in too.
 .include "rt.S"
 
 .set PIT_DIVISOR, 1193          # about 1 kHz
@@ -80,6 +81,12 @@ on_timer:
     testq [rip + ticks], 3
     jnz 1f
     rdtsc                       # kernel-mode time read: trapped and logged
+    shl rdx, 32
+    or rax, rdx
+    mov rdi, rax
+    call mix
+    mov ecx, 0x10               # IA32_TSC through rdmsr: filtered to twinvm and logged
+    rdmsr
     shl rdx, 32
     or rax, rdx
     mov rdi, rax

@@ -7,7 +7,7 @@
 //! make replay exact without an instruction counter:
 //!
 //! - **Landmarks** are the exits that happen at the same instruction on every
-//!   run: port I/O, MMIO, HLT, plus sync points. They are numbered from 1.
+//!   run: port I/O, MMIO, HLT, planted time traps, time-MSR reads, plus sync points. They are numbered from 1.
 //!   Kicks (EINTR) and emulation failures are not landmarks.
 //! - Interrupts are injected only at a landmark where the guest can take them
 //!   (IF=1, no interrupt shadow), never through an interrupt-window exit
@@ -305,41 +305,59 @@ fn can_inject_from_state(cpu: &CpuStateBytes) -> bool {
         && events.exception.injected == 0
 }
 
-/// Guest time for a port access that reads the clock at `landmark`: the
-/// primary reads its clock and logs it, the backup takes the logged value.
-/// A free function so it can run while the exit's data borrows the vCPU.
-fn device_time(
+/// What a logged clock reading was for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClockUse {
+    /// A port access to a clock device (PIT, port B, RTC): `IoTime`.
+    Device,
+    /// A trapped TSC read (RDTSC trap or time MSR): `TimeRead`.
+    Tsc,
+}
+
+/// The guest clock at `landmark`: the primary reads it and logs it, the
+/// backup takes the logged value. A free function so it can run while an
+/// exit's data borrows the vCPU.
+fn clock_reading(
     mode: &mut Mode<'_>,
     clock: &mut Nanos,
     landmark: u64,
     start: Instant,
+    use_: ClockUse,
 ) -> Result<Nanos, RunError> {
-    match mode {
-        Mode::Replay(schedule) => match schedule.take_at(landmark)? {
-            Some(Record::IoTime { now, .. }) => {
-                *clock = now;
-                Ok(now)
-            }
-            other => Err(RunError::Divergence {
-                landmark,
-                detail: format!("the guest read a clock device but the log holds {other:?}"),
-            }),
-        },
-        Mode::Record(rec) => {
-            *clock = (*clock).max(start.elapsed().as_nanos() as Nanos);
-            rec.log
-                .append(&Record::IoTime {
+    if let Mode::Replay(schedule) = mode {
+        let value = match (schedule.take_at(landmark)?, use_) {
+            (Some(Record::IoTime { now, .. }), ClockUse::Device)
+            | (Some(Record::TimeRead { value: now, .. }), ClockUse::Tsc) => now,
+            (other, _) => {
+                let what = if use_ == ClockUse::Device {
+                    "read a clock device"
+                } else {
+                    "read the TSC"
+                };
+                return Err(RunError::Divergence {
                     landmark,
-                    now: *clock,
-                })
-                .map_err(RunError::LogWrite)?;
-            Ok(*clock)
-        }
-        Mode::Live => {
-            *clock = (*clock).max(start.elapsed().as_nanos() as Nanos);
-            Ok(*clock)
-        }
+                    detail: format!("the guest {what} but the log holds {other:?}"),
+                });
+            }
+        };
+        *clock = (*clock).max(value);
+        return Ok(value);
     }
+    *clock = (*clock).max(start.elapsed().as_nanos() as Nanos);
+    if let Mode::Record(rec) = mode {
+        let record = match use_ {
+            ClockUse::Device => Record::IoTime {
+                landmark,
+                now: *clock,
+            },
+            ClockUse::Tsc => Record::TimeRead {
+                landmark,
+                value: *clock,
+            },
+        };
+        rec.log.append(&record).map_err(RunError::LogWrite)?;
+    }
+    Ok(*clock)
 }
 
 struct Engine<'a, 'm, W: Write> {
@@ -681,25 +699,13 @@ impl<W: Write> Engine<'_, '_, W> {
     fn time_trap(&mut self, trap: TimeTrap) -> Result<(), RunError> {
         self.landmark += 1;
         self.stats.time_reads += 1;
-        let value = match &mut self.mode {
-            Mode::Replay(schedule) => match schedule.take_at(self.landmark)? {
-                Some(Record::TimeRead { value, .. }) => value,
-                other => {
-                    return Err(self.diverged(format!(
-                        "the guest read the TSC but the log holds {other:?}"
-                    )))
-                }
-            },
-            _ => {
-                let now = self.real_now();
-                self.log(Record::TimeRead {
-                    landmark: self.landmark,
-                    value: now,
-                })?;
-                now
-            }
-        };
-        self.clock = self.clock.max(value);
+        let value = clock_reading(
+            &mut self.mode,
+            &mut self.clock,
+            self.landmark,
+            self.start,
+            ClockUse::Tsc,
+        )?;
         let mut regs = self.vm.vcpu.get_regs().map_err(kvm_err("get regs"))?;
         regs.rax = value & 0xffff_ffff;
         regs.rdx = value >> 32;
@@ -844,7 +850,13 @@ impl<W: Write> Engine<'_, '_, W> {
                     self.stats.io += 1;
                     self.landmark += 1;
                     let now = if Platform::<W>::port_uses_time(port, data.len()) {
-                        device_time(&mut self.mode, &mut self.clock, self.landmark, self.start)?
+                        clock_reading(
+                            &mut self.mode,
+                            &mut self.clock,
+                            self.landmark,
+                            self.start,
+                            ClockUse::Device,
+                        )?
                     } else {
                         self.clock
                     };
@@ -854,7 +866,13 @@ impl<W: Write> Engine<'_, '_, W> {
                     self.stats.io += 1;
                     self.landmark += 1;
                     let now = if Platform::<W>::port_uses_time(port, data.len()) {
-                        device_time(&mut self.mode, &mut self.clock, self.landmark, self.start)?
+                        clock_reading(
+                            &mut self.mode,
+                            &mut self.clock,
+                            self.landmark,
+                            self.start,
+                            ClockUse::Device,
+                        )?
                     } else {
                         self.clock
                     };
@@ -902,6 +920,18 @@ impl<W: Write> Engine<'_, '_, W> {
                         }
                         continue;
                     }
+                }
+                VcpuExit::X86Rdmsr(msr) => {
+                    // Only the time MSRs are filtered to userspace (vm.rs).
+                    self.landmark += 1;
+                    self.stats.time_reads += 1;
+                    *msr.data = clock_reading(
+                        &mut self.mode,
+                        &mut self.clock,
+                        self.landmark,
+                        self.start,
+                        ClockUse::Tsc,
+                    )?;
                 }
                 VcpuExit::IrqWindowOpen => continue,
                 other => return Err(RunError::UnexpectedExit(format!("{other:?}"))),

@@ -7,7 +7,9 @@ use kvm_bindings::{
     kvm_fpu, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events,
     KVM_MEM_LOG_DIRTY_PAGES,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{
+    Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
+};
 use thiserror::Error;
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
@@ -69,6 +71,40 @@ pub enum VmError {
 
 fn kvm_err(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
+}
+
+/// MSRs whose reads return time (IA32_TSC, MPERF, APERF): they exit to
+/// userspace through KVM's MSR filter and become logged time reads.
+pub const TIME_MSRS: [u32; 3] = [0x10, 0xe7, 0xe8];
+
+/// Send guest reads of [`TIME_MSRS`] to userspace (writes stay with KVM).
+fn trap_time_msrs(kvm: &Kvm, vm_fd: &VmFd) -> Result<(), VmError> {
+    if !kvm.check_extension(Cap::X86UserSpaceMsr) {
+        return Err(VmError::MissingCap(Cap::X86UserSpaceMsr));
+    }
+    let cap = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+        args: [u64::from(kvm_bindings::KVM_MSR_EXIT_REASON_FILTER), 0, 0, 0],
+        ..Default::default()
+    };
+    vm_fd
+        .enable_cap(&cap)
+        .map_err(kvm_err("enable user-space MSR exits"))?;
+    // A clear bit denies the access, which (with the capability above) exits
+    // to userspace instead of raising #GP.
+    let deny = [0u8; 1];
+    let ranges: Vec<MsrFilterRange> = TIME_MSRS
+        .iter()
+        .map(|&base| MsrFilterRange {
+            flags: MsrFilterRangeFlags::READ,
+            base,
+            msr_count: 1,
+            bitmap: &deny,
+        })
+        .collect();
+    vm_fd
+        .set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
+        .map_err(kvm_err("set MSR filter"))
 }
 
 /// Size of `kvm_fpu` in its uapi layout.
@@ -200,6 +236,7 @@ impl Vm {
         };
         boot::write_boot_structures(&mem, config.mem_bytes, &kernel, &config.cmdline, initrd)?;
 
+        trap_time_msrs(&kvm, &vm_fd)?;
         let vcpu = vm_fd.create_vcpu(0).map_err(kvm_err("create vCPU"))?;
         let model = cpuid::kvm_cpuid().map_err(VmError::Cpuid)?;
         if let Ok(supported) = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES) {
