@@ -191,4 +191,22 @@ fn demo_boots_the_embedded_guests() {
     assert!(out.status.success(), "{out:?}");
     assert!(out.stdout.contains("hello: done\n"), "{}", out.stdout);
     assert!(out.stdout.contains("ticker: done\n"), "{}", out.stdout);
+    assert!(out.stdout.contains("storm: done\n"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("replay: final state identical to the recording"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("demo: the replayed console is identical"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("demo: divergence detected as expected"),
+        "{}",
+        out.stdout
+    );
 }

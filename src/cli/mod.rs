@@ -1,5 +1,6 @@
 //! The `twinvm` command line.
 
+mod demo;
 mod replay;
 mod run;
 pub mod size;
@@ -33,7 +34,7 @@ pub enum Command {
     /// The arbiter: a Raft-replicated test-and-set service (serve, tas, reset, get, status, selftest, ...).
     #[command(subcommand)]
     Arbiter(arbiter::cli::ArbiterCommand),
-    /// Boot the embedded test guests one after another and show what they print.
+    /// Boot the embedded test guests, then record the `storm` guest and replay it to an identical state.
     Demo,
     /// List the test guests embedded in this binary (use them as `--kernel builtin:NAME`).
     Guests,
@@ -73,7 +74,7 @@ pub fn main() -> ExitCode {
                 };
                 arbiter::cli::run_with_launcher(cmd, launcher)
             }),
-        Command::Demo => run::demo(),
+        Command::Demo => demo::demo(),
         Command::Guests => {
             for name in crate::guests::names() {
                 println!("builtin:{name}");

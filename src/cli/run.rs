@@ -229,25 +229,3 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         _ => ExitCode::SUCCESS,
     })
 }
-
-/// `twinvm demo`: the embedded default job.
-pub fn demo() -> Result<ExitCode> {
-    for name in ["hello", "ticker"] {
-        eprintln!("twinvm demo: booting builtin:{name}");
-        let args = RunArgs {
-            kernel: format!("{BUILTIN_PREFIX}{name}"),
-            initrd: None,
-            cmdline: String::new(),
-            mem: 64 << 20,
-            serial: "stdio".into(),
-            stats: true,
-        };
-        let report = boot_and_run(&args, false)?;
-        eprintln!("twinvm demo: builtin:{name}: {}", describe(&report));
-        print_stats(&report);
-        if report.ending == Ending::Stopped {
-            return Ok(ExitCode::from(130));
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
