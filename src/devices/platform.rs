@@ -84,6 +84,14 @@ fn target(port: u16) -> Target {
     }
 }
 
+/// Whether an access of `len` bytes at `port` depends on guest time (PIT,
+/// port B, RTC): those are the accesses whose `now` record/replay logs.
+pub fn port_uses_time(port: u16, len: usize) -> bool {
+    !(0xcf8..=0xcff).contains(&port)
+        && (0..len as u16)
+            .any(|i| matches!(target(port.wrapping_add(i)), Target::Pit | Target::Rtc))
+}
+
 /// The emulated legacy PC.
 #[derive(Debug)]
 pub struct Platform<W: Write> {
@@ -125,14 +133,6 @@ impl<W: Write> Platform<W> {
 
     fn is_pci(port: u16) -> bool {
         (0xcf8..=0xcff).contains(&port)
-    }
-
-    /// Whether an access of `len` bytes at `port` depends on guest time (PIT,
-    /// port B, RTC): those are the accesses whose `now` record/replay logs.
-    pub fn port_uses_time(port: u16, len: usize) -> bool {
-        !Self::is_pci(port)
-            && (0..len as u16)
-                .any(|i| matches!(target(port.wrapping_add(i)), Target::Pit | Target::Rtc))
     }
 
     /// A guest `in` of `data.len()` bytes (1, 2 or 4) from `port`.
@@ -335,13 +335,13 @@ mod time_port_tests {
     #[test]
     fn only_timer_and_clock_ports_use_time() {
         for port in [0x40, 0x43, 0x61, 0x70, 0x71] {
-            assert!(Platform::<Vec<u8>>::port_uses_time(port, 1), "{port:#x}");
+            assert!(port_uses_time(port, 1), "{port:#x}");
         }
         for port in [0x20, 0x21, 0x3f8, 0x3fd, 0x64, 0x80, 0xcfc] {
-            assert!(!Platform::<Vec<u8>>::port_uses_time(port, 1), "{port:#x}");
+            assert!(!port_uses_time(port, 1), "{port:#x}");
         }
         // A word access at 0x3f ends in the PIT.
-        assert!(Platform::<Vec<u8>>::port_uses_time(0x3f, 2));
+        assert!(port_uses_time(0x3f, 2));
     }
 }
 

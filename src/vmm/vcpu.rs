@@ -39,6 +39,7 @@ use super::guest_cpu::KvmGuestCpu;
 use super::sys::{self, Kicker};
 use super::traps::TimeTrap;
 use super::vm::{Vm, VmError};
+use crate::devices::platform::port_uses_time;
 use crate::devices::{Nanos, Platform, PlatformEvent};
 use crate::replay::digest::{self, DirtyPages};
 use crate::replay::log::{CpuStateBytes, EndReason, LogWriter, PageHash, Record, PAGE_SIZE};
@@ -358,6 +359,24 @@ fn clock_reading(
         rec.log.append(&record).map_err(RunError::LogWrite)?;
     }
     Ok(*clock)
+}
+
+/// Guest time for a port access at `landmark`: a logged clock reading if the
+/// port is a clock device, else the last time handed out (which devices
+/// that do not keep time ignore).
+fn port_time(
+    mode: &mut Mode<'_>,
+    clock: &mut Nanos,
+    landmark: u64,
+    start: Instant,
+    port: u16,
+    len: usize,
+) -> Result<Nanos, RunError> {
+    if port_uses_time(port, len) {
+        clock_reading(mode, clock, landmark, start, ClockUse::Device)
+    } else {
+        Ok(*clock)
+    }
 }
 
 struct Engine<'a, 'm, W: Write> {
@@ -849,33 +868,27 @@ impl<W: Write> Engine<'_, '_, W> {
                 VcpuExit::IoIn(port, data) => {
                     self.stats.io += 1;
                     self.landmark += 1;
-                    let now = if Platform::<W>::port_uses_time(port, data.len()) {
-                        clock_reading(
-                            &mut self.mode,
-                            &mut self.clock,
-                            self.landmark,
-                            self.start,
-                            ClockUse::Device,
-                        )?
-                    } else {
-                        self.clock
-                    };
+                    let now = port_time(
+                        &mut self.mode,
+                        &mut self.clock,
+                        self.landmark,
+                        self.start,
+                        port,
+                        data.len(),
+                    )?;
                     self.platform.pio_read(port, data, now);
                 }
                 VcpuExit::IoOut(port, data) => {
                     self.stats.io += 1;
                     self.landmark += 1;
-                    let now = if Platform::<W>::port_uses_time(port, data.len()) {
-                        clock_reading(
-                            &mut self.mode,
-                            &mut self.clock,
-                            self.landmark,
-                            self.start,
-                            ClockUse::Device,
-                        )?
-                    } else {
-                        self.clock
-                    };
+                    let now = port_time(
+                        &mut self.mode,
+                        &mut self.clock,
+                        self.landmark,
+                        self.start,
+                        port,
+                        data.len(),
+                    )?;
                     self.platform.pio_write(port, data, now);
                 }
                 VcpuExit::MmioRead(addr, data) => {
@@ -1025,5 +1038,48 @@ fn emulation_fallback(vm: &mut Vm) -> Result<bool, RunError> {
             vm.inject_exception(vector, error_code)?;
             Ok(true)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use zerocopy::IntoBytes;
+
+    use super::*;
+
+    fn state(rflags: u64, shadow: u8, injected: u8) -> CpuStateBytes {
+        let regs = kvm_regs {
+            rflags,
+            ..Default::default()
+        };
+        let mut events = kvm_vcpu_events::default();
+        events.interrupt.shadow = shadow;
+        events.interrupt.injected = injected;
+        CpuStateBytes {
+            regs: regs.as_bytes().to_vec(),
+            sregs: vec![],
+            fpu: vec![],
+            events: events.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn interrupts_go_in_at_a_sync_point_only_when_the_saved_state_allows() {
+        assert!(can_inject_from_state(&state(0x202, 0, 0)));
+        assert!(!can_inject_from_state(&state(0x002, 0, 0)), "IF clear");
+        assert!(
+            !can_inject_from_state(&state(0x202, 1, 0)),
+            "sti/mov ss shadow"
+        );
+        assert!(
+            !can_inject_from_state(&state(0x202, 0, 1)),
+            "an interrupt already pending"
+        );
+        let mut short = state(0x202, 0, 0);
+        short.regs.truncate(10);
+        assert!(
+            !can_inject_from_state(&short),
+            "malformed state never injects"
+        );
     }
 }
