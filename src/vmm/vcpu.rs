@@ -399,6 +399,42 @@ struct Engine<'a, 'm, W: Write> {
     since_sync: DirtyPages,
     since_digest: DirtyPages,
     log_end_reached: bool,
+    progress: Progress,
+}
+
+/// A status line every few seconds on stderr, for a person watching a long
+/// boot, recording or replay (only when stderr is a terminal).
+struct Progress {
+    enabled: bool,
+    last: Instant,
+}
+
+impl Progress {
+    const EVERY: Duration = Duration::from_secs(5);
+
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        Progress {
+            enabled: std::io::stderr().is_terminal(),
+            last: Instant::now(),
+        }
+    }
+
+    fn tick(&mut self, what: &str, landmark: u64, stats: &ExitStats, start: Instant) {
+        // Checked every 256 exits to keep the clock off the hot path.
+        if !self.enabled || stats.total % 256 != 0 || self.last.elapsed() < Self::EVERY {
+            return;
+        }
+        self.last = Instant::now();
+        eprintln!(
+            "twinvm: {what} {:.0} s: landmark {landmark}, {} exits, {} interrupts, {} sync points, {} emulation fallbacks",
+            start.elapsed().as_secs_f64(),
+            stats.total,
+            stats.interrupts_injected,
+            stats.sync_points,
+            stats.emulation_fallbacks
+        );
+    }
 }
 
 impl<W: Write> Engine<'_, '_, W> {
@@ -824,6 +860,13 @@ impl<W: Write> Engine<'_, '_, W> {
             }
             at_landmark = false;
             self.stats.total += 1;
+            let what = match self.mode {
+                Mode::Live => "running",
+                Mode::Record(_) => "recording",
+                Mode::Replay(_) => "replaying",
+            };
+            self.progress
+                .tick(what, self.landmark, &self.stats, self.start);
             let exit = match self.vm.vcpu.run() {
                 Ok(exit) => exit,
                 Err(e) if e.errno() == libc::EINTR => {
@@ -992,6 +1035,7 @@ pub fn run<W: Write>(
         since_sync: DirtyPages::default(),
         since_digest: DirtyPages::default(),
         log_end_reached: false,
+        progress: Progress::new(),
     };
     let ending = engine.run()?;
     let mut stats = engine.stats;
