@@ -66,6 +66,12 @@ fn u64_at(b: &[u8], o: usize) -> Option<u64> {
 /// Executable sections of an ELF64 image whose names are in `wanted`. An
 /// image without section headers (or a malformed table) yields none.
 pub fn code_sections(elf: &[u8], wanted: &[&str]) -> Vec<CodeSection> {
+    sections(elf, wanted, true)
+}
+
+/// Sections of an ELF64 image whose names are in `wanted`, executable ones
+/// only if `code_only`.
+fn sections(elf: &[u8], wanted: &[&str], code_only: bool) -> Vec<CodeSection> {
     const SHF_EXECINSTR: u64 = 4;
     const SHT_NOBITS: u32 = 8;
     let parse = || -> Option<Vec<CodeSection>> {
@@ -94,7 +100,7 @@ pub fn code_sections(elf: &[u8], wanted: &[&str]) -> Vec<CodeSection> {
             let name_bytes = elf.get(str_off.checked_add(name_off)?..)?;
             let name_end = name_bytes.iter().position(|&c| c == 0)?;
             let name = std::str::from_utf8(&name_bytes[..name_end]).ok()?;
-            if flags & SHF_EXECINSTR != 0
+            if (!code_only || flags & SHF_EXECINSTR != 0)
                 && kind != SHT_NOBITS
                 && wanted.contains(&name)
                 && offset.checked_add(size)? <= elf.len()
@@ -126,11 +132,68 @@ pub fn find_time_reads(code: &[u8], addr: u64) -> Vec<(u64, TimeTrap)> {
     found
 }
 
+/// Where Linux's alternatives patching will copy each replacement: for every
+/// trap inside a replacement (in `.altinstr_replacement`), the address the
+/// same bytes occupy once copied over the original instruction. Read from
+/// `.altinstructions` (`struct alt_instr`: s32 instr_offset, s32 repl_offset,
+/// then cpuid/flags and two u8 lengths, each offset relative to its own
+/// field); the entry size differs between kernel versions, so the size whose
+/// every entry points into the replacement section is taken.
+pub fn alternative_sites(
+    elf: &[u8],
+    replacement_traps: &[(u64, TimeTrap)],
+) -> Vec<(u64, TimeTrap)> {
+    let found = sections(elf, &[".altinstructions", ".altinstr_replacement"], false);
+    let (Some(table), Some(repl)) = (
+        found.iter().find(|s| s.name == ".altinstructions"),
+        found.iter().find(|s| s.name == ".altinstr_replacement"),
+    ) else {
+        return Vec::new();
+    };
+    let bytes = &elf[table.offset..table.offset + table.size];
+    let i32_at = |o: usize| i64::from(i32::from_le_bytes(bytes[o..o + 4].try_into().unwrap()));
+    let repl_range = repl.addr..repl.addr + repl.size as u64;
+    // (instruction address, replacement address, replacement length) per entry.
+    let entries = |size: usize| -> Option<Vec<(u64, u64, u64)>> {
+        if size == 0 || bytes.len() % size != 0 {
+            return None;
+        }
+        let mut out = Vec::new();
+        for at in (0..bytes.len()).step_by(size) {
+            let field = table.addr + at as u64;
+            let instr = field.wrapping_add_signed(i32_at(at));
+            let replacement = (field + 4).wrapping_add_signed(i32_at(at + 4));
+            let repl_len = u64::from(bytes[at + size - 1]);
+            if repl_len > 0
+                && !(repl_range.contains(&replacement) && replacement + repl_len <= repl_range.end)
+            {
+                return None;
+            }
+            out.push((instr, replacement, repl_len));
+        }
+        Some(out)
+    };
+    let Some(entries) = [12, 14, 13].into_iter().find_map(entries) else {
+        tracing::warn!("cannot read .altinstructions: time reads in alternatives will not be trapped once applied");
+        return Vec::new();
+    };
+    let mut sites = Vec::new();
+    for (instr, replacement, len) in entries {
+        for &(addr, trap) in replacement_traps {
+            if (replacement..replacement + len).contains(&addr) {
+                sites.push((instr + (addr - replacement), trap));
+            }
+        }
+    }
+    sites
+}
+
 /// Rewrite every time read in the image's kernel sections into a trap.
 /// Returns the trap table keyed by guest virtual address; patches `elf` in
 /// place (the caller loads the patched image; the file is untouched).
 pub fn plant_time_traps(elf: &mut [u8]) -> HashMap<u64, TimeTrap> {
     let mut traps = HashMap::new();
+    let mut replacement_traps = Vec::new();
     for section in code_sections(elf, SCANNED_SECTIONS) {
         let code = &elf[section.offset..section.offset + section.size];
         let sites = find_time_reads(code, section.addr);
@@ -141,7 +204,21 @@ pub fn plant_time_traps(elf: &mut [u8]) -> HashMap<u64, TimeTrap> {
                 *b = 0x90;
             }
             traps.insert(addr, trap);
+            if section.name == ".altinstr_replacement" {
+                replacement_traps.push((addr, trap));
+            }
         }
+    }
+    // The same traps where the kernel will copy its alternatives.
+    let copies = alternative_sites(elf, &replacement_traps);
+    tracing::info!(
+        in_code = traps.len(),
+        in_alternatives = replacement_traps.len(),
+        copy_sites = copies.len(),
+        "time read sites"
+    );
+    for (addr, trap) in copies {
+        traps.insert(addr, trap);
     }
     traps
 }
@@ -161,6 +238,68 @@ mod tests {
             found,
             vec![(0x1005, TimeTrap::Rdtsc), (0x1008, TimeTrap::Rdtscp)]
         );
+    }
+
+    /// A minimal ELF with `.altinstr_replacement` (one "lfence; rdtsc" at
+    /// 0x2000) and a 12-byte-entry `.altinstructions` at 0x3000 whose entry
+    /// says: replace the instruction at 0x1010 with 5 bytes at 0x2000.
+    fn elf_with_alternatives() -> Vec<u8> {
+        let mut elf = vec![0u8; 0x400];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        let shoff = 0x200usize;
+        elf[0x28..0x30].copy_from_slice(&(shoff as u64).to_le_bytes());
+        elf[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+        elf[0x3c..0x3e].copy_from_slice(&4u16.to_le_bytes());
+        elf[0x3e..0x40].copy_from_slice(&3u16.to_le_bytes());
+        // Section contents.
+        elf[0x100..0x105].copy_from_slice(&[0x0f, 0xae, 0xe8, 0x0f, 0x31]); // lfence; rdtsc
+        let field = 0x3000u64;
+        let instr_off = (0x1010i64 - field as i64) as i32;
+        let repl_off = (0x2000i64 - (field as i64 + 4)) as i32;
+        elf[0x180..0x184].copy_from_slice(&instr_off.to_le_bytes());
+        elf[0x184..0x188].copy_from_slice(&repl_off.to_le_bytes());
+        elf[0x18a] = 5; // instrlen
+        elf[0x18b] = 5; // replacementlen
+        let names = b"\0.altinstr_replacement\0.altinstructions\0.shstrtab\0";
+        elf[0x1c0..0x1c0 + names.len()].copy_from_slice(names);
+        // name, type, flags, addr, offset, size
+        let headers: [(u32, u32, u64, u64, u64, u64); 4] = [
+            (0, 0, 0, 0, 0, 0),
+            (1, 1, 6, 0x2000, 0x100, 5),
+            (23, 1, 2, 0x3000, 0x180, 12),
+            (40, 3, 0, 0, 0x1c0, names.len() as u64),
+        ];
+        for (i, (name, kind, flags, addr, offset, size)) in headers.iter().enumerate() {
+            let h = shoff + i * 64;
+            elf[h..h + 4].copy_from_slice(&name.to_le_bytes());
+            elf[h + 4..h + 8].copy_from_slice(&kind.to_le_bytes());
+            elf[h + 8..h + 16].copy_from_slice(&flags.to_le_bytes());
+            elf[h + 16..h + 24].copy_from_slice(&addr.to_le_bytes());
+            elf[h + 24..h + 32].copy_from_slice(&offset.to_le_bytes());
+            elf[h + 32..h + 40].copy_from_slice(&size.to_le_bytes());
+        }
+        elf
+    }
+
+    #[test]
+    fn traps_in_alternatives_are_also_known_where_they_will_be_copied() {
+        let mut elf = elf_with_alternatives();
+        let traps = plant_time_traps(&mut elf);
+        // The rdtsc in the replacement (0x2003) and its copy at 0x1010 + 3.
+        assert_eq!(traps.get(&0x2003), Some(&TimeTrap::Rdtsc));
+        assert_eq!(traps.get(&0x1013), Some(&TimeTrap::Rdtsc));
+        assert_eq!(traps.len(), 2);
+        assert_eq!(&elf[0x103..0x105], &[0xcc, 0x90]);
+    }
+
+    #[test]
+    fn a_malformed_alternatives_table_adds_nothing() {
+        let mut elf = elf_with_alternatives();
+        // Point the replacement offset far outside .altinstr_replacement.
+        elf[0x184..0x188].copy_from_slice(&0x7fff_0000i32.to_le_bytes());
+        let traps = plant_time_traps(&mut elf);
+        assert_eq!(traps.len(), 1);
+        assert!(traps.contains_key(&0x2003));
     }
 
     #[test]
