@@ -6,6 +6,7 @@ pub mod emulate;
 pub mod guest_cpu;
 pub mod layout;
 pub mod sys;
+pub mod syscall_fix;
 pub mod traps;
 pub mod vcpu;
 pub mod vm;

@@ -37,6 +37,7 @@ use zerocopy::FromBytes;
 use super::emulate::{self, EmulateError, Emulated, GuestCpu};
 use super::guest_cpu::KvmGuestCpu;
 use super::sys::{self, Kicker};
+use super::syscall_fix::{SyscallFix, SyscallFixError, MSR_LSTAR};
 use super::traps::TimeTrap;
 use super::vm::{Vm, VmError};
 use crate::devices::platform::port_uses_time;
@@ -102,6 +103,8 @@ pub struct ExitStats {
     /// Log bytes taken by sync points (recording only).
     pub sync_point_bytes: u64,
     pub time_reads: u64,
+    /// syscall/sysret privilege switches twinvm completed (syscall_fix.rs).
+    pub syscall_fixes: u64,
     pub digests: u64,
     pub digest_pages: u64,
     pub digest_time: Duration,
@@ -156,6 +159,9 @@ pub enum RunError {
     /// The log cannot be followed (corrupt, truncated, or the replay passed it).
     #[error(transparent)]
     Schedule(#[from] ScheduleError),
+    /// Completing a system call the host left half done failed.
+    #[error(transparent)]
+    SyscallFix(#[from] SyscallFixError),
     /// The replay does not do what the log says the primary did.
     #[error("replay diverged at landmark {landmark}: {detail}")]
     Divergence { landmark: u64, detail: String },
@@ -400,6 +406,7 @@ struct Engine<'a, 'm, W: Write> {
     since_digest: DirtyPages,
     log_end_reached: bool,
     progress: Progress,
+    syscall_fix: SyscallFix,
 }
 
 /// A status line every few seconds on stderr, for a person watching a long
@@ -735,18 +742,28 @@ impl<W: Write> Engine<'_, '_, W> {
         Ok(())
     }
 
-    /// Is this emulation failure one of the time traps twinvm planted (an
-    /// int3 at a recorded site)? Any other int3 is the guest's own.
-    fn planted_trap(&mut self) -> Result<Option<TimeTrap>, RunError> {
-        if self.vm.time_traps.is_empty() {
-            return Ok(None);
+    /// Emulation failures twinvm caused itself or finishes itself, before
+    /// the general fallback: a planted time trap (a landmark), the syscall
+    /// fix's #PF-entry trap, and `sysretq`. Returns whether it was one.
+    fn own_emulation_failure(&mut self) -> Result<Option<bool>, RunError> {
+        let bytes = sys::internal_error(&mut self.vm.vcpu)
+            .instruction_bytes()
+            .unwrap_or_default();
+        if bytes.first() == Some(&0xcc) {
+            let rip = self.vm.vcpu.get_regs().map_err(kvm_err("get regs"))?.rip;
+            if let Some(trap) = self.vm.time_traps.get(&rip).copied() {
+                self.time_trap(trap)?;
+                return Ok(Some(true));
+            }
+            if self.syscall_fix.on_trap(self.vm, rip)? {
+                self.stats.syscall_fixes += 1;
+                return Ok(Some(false));
+            }
+        } else if self.syscall_fix.on_sysret(self.vm, &bytes)? {
+            self.stats.syscall_fixes += 1;
+            return Ok(Some(false));
         }
-        let bytes = sys::internal_error(&mut self.vm.vcpu).instruction_bytes();
-        if bytes.as_ref().and_then(|b| b.first()) != Some(&0xcc) {
-            return Ok(None);
-        }
-        let rip = self.vm.vcpu.get_regs().map_err(kvm_err("get regs"))?.rip;
-        Ok(self.vm.time_traps.get(&rip).copied())
+        Ok(None)
     }
 
     /// A planted time trap: a landmark whose value the primary reads from its
@@ -966,16 +983,26 @@ impl<W: Write> Engine<'_, '_, W> {
                     return Err(RunError::TripleFault { rip });
                 }
                 VcpuExit::FailEntry(reason, _) => return Err(RunError::FailEntry { reason }),
-                VcpuExit::InternalError => {
-                    if let Some(trap) = self.planted_trap()? {
-                        self.time_trap(trap)?;
-                    } else {
+                VcpuExit::InternalError => match self.own_emulation_failure()? {
+                    // A planted time trap: a landmark.
+                    Some(true) => {}
+                    Some(false) => continue,
+                    None => {
                         self.stats.emulation_fallbacks += 1;
                         if emulation_fallback(self.vm)? {
                             self.stats.exceptions_injected += 1;
                         }
                         continue;
                     }
+                },
+                VcpuExit::X86Wrmsr(msr) => {
+                    // Only IA32_LSTAR writes are filtered to userspace (vm.rs).
+                    let (index, data) = (msr.index, msr.data);
+                    if index != MSR_LSTAR {
+                        return Err(RunError::UnexpectedExit(format!("write of MSR {index:#x}")));
+                    }
+                    self.syscall_fix.on_lstar_write(self.vm, data)?;
+                    continue;
                 }
                 VcpuExit::X86Rdmsr(msr) => {
                     // Only the time MSRs are filtered to userspace (vm.rs).
@@ -1036,6 +1063,7 @@ pub fn run<W: Write>(
         since_digest: DirtyPages::default(),
         log_end_reached: false,
         progress: Progress::new(),
+        syscall_fix: SyscallFix::default(),
     };
     let ending = engine.run()?;
     let mut stats = engine.stats;
@@ -1064,6 +1092,13 @@ fn emulation_fallback(vm: &mut Vm) -> Result<bool, RunError> {
             data: info.data,
             rip,
         });
+    }
+    // A SYSCALL the host left half done shows up as a trap on the guest's
+    // #PF handler (syscall_repair.rs); that module also keeps the trap planted.
+    if super::syscall_repair::on_emulation_failure(vm, rip)?
+        != super::syscall_repair::Repair::NotOurs
+    {
+        return Ok(false);
     }
     let mut cpu = KvmGuestCpu { vm };
     let bytes = match info.instruction_bytes() {

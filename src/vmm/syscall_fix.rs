@@ -1,0 +1,373 @@
+//! Completing `syscall`/`sysret` privilege switches the host leaves undone.
+//!
+//! Measured on the development hosts (guest kernel mode run by KVM's
+//! emulator, user mode native): `syscall` at CPL3 saves RCX/R11, masks
+//! RFLAGS and jumps to LSTAR, but stays at CPL3 with the user CS/SS. Linux's
+//! `entry_SYSCALL_64` lives on a supervisor page, so the very first fetch
+//! takes a #PF delivered inside the guest, and the process dies with SIGSEGV:
+//! no user program could ever make a system call.
+//!
+//! The #PF never reaches the VMM, so twinvm plants a trap where it will:
+//! 1. guest writes to IA32_LSTAR go to userspace through the MSR filter, so
+//!    twinvm learns the syscall entry (and applies the write itself);
+//! 2. at that moment Linux's IDT is already set up (`trap_init` installs the
+//!    exception gates before `syscall_init`), so twinvm reads gate 14 and
+//!    replaces the first instruction of the #PF entry — a NOP-class
+//!    instruction (the `ASM_CLAC` slot, or ENDBR64) — with `int3`;
+//! 3. on that trap, if the hardware frame says "user mode, RIP = LSTAR", it
+//!    was a syscall that did not switch privilege: twinvm completes it
+//!    (CS/SS from IA32_STAR, RIP = LSTAR, RSP and RFLAGS as the syscall left
+//!    them) and drops the frame; otherwise it performs the replaced NOP and
+//!    the guest handles its page fault;
+//! 4. `sysretq` at CPL0, which KVM's emulator cannot run here, is completed
+//!    from RCX, R11 and IA32_STAR.
+//!
+//! Every step is a deterministic function of guest state, so primary and
+//! backup apply it identically. The decisions are pure functions below;
+//! [`SyscallFix`] applies them to the vCPU.
+
+use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+use kvm_bindings::{kvm_msr_entry, kvm_segment, Msrs};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::vm::Vm;
+
+pub const MSR_STAR: u32 = 0xc000_0081;
+pub const MSR_LSTAR: u32 = 0xc000_0082;
+
+const RFLAGS_AC: u64 = 1 << 18;
+const RFLAGS_RF: u64 = 1 << 16;
+const PF_VECTOR: u64 = 14;
+
+/// The hardware frame of an exception with an error code, as pushed on the
+/// kernel stack (lowest address first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExceptionFrame {
+    pub error_code: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+
+impl ExceptionFrame {
+    pub fn parse(bytes: &[u8; 48]) -> Self {
+        let q = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
+        ExceptionFrame {
+            error_code: q(0),
+            rip: q(1),
+            cs: q(2),
+            rflags: q(3),
+            rsp: q(4),
+            ss: q(5),
+        }
+    }
+
+    /// A user-mode fault on fetching the syscall entry itself: a `syscall`
+    /// that stayed at CPL3.
+    pub fn is_unswitched_syscall(&self, lstar: u64) -> bool {
+        self.rip == lstar && self.cs & 3 == 3
+    }
+}
+
+/// Handler address in a 64-bit IDT gate (16 bytes).
+pub fn gate_target(gate: &[u8; 16]) -> u64 {
+    let lo = u64::from(u16::from_le_bytes([gate[0], gate[1]]));
+    let mid = u64::from(u16::from_le_bytes([gate[6], gate[7]]));
+    let hi = u64::from(u32::from_le_bytes([gate[8], gate[9], gate[10], gate[11]]));
+    lo | (mid << 16) | (hi << 32)
+}
+
+/// What the first instruction of the #PF entry is, if it can be replaced by
+/// a trap and performed by the VMM: its length, and whether it is CLAC.
+pub fn replaceable_entry(code: &[u8], addr: u64) -> Option<(u64, bool)> {
+    let insn = Decoder::with_ip(64, code, addr, DecoderOptions::NONE).decode();
+    match insn.mnemonic() {
+        Mnemonic::Nop | Mnemonic::Endbr64 => Some((insn.len() as u64, false)),
+        Mnemonic::Clac => Some((insn.len() as u64, true)),
+        _ => None,
+    }
+}
+
+fn code_segment(selector: u16, dpl: u8) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_: 0xb,
+        present: 1,
+        dpl,
+        db: 0,
+        s: 1,
+        l: 1,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+fn data_segment(selector: u16, dpl: u8) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_: 0x3,
+        present: 1,
+        dpl,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// Kernel CS and SS selectors `syscall` loads from IA32_STAR.
+pub fn syscall_segments(star: u64) -> (kvm_segment, kvm_segment) {
+    let base = ((star >> 32) & 0xfffc) as u16;
+    (code_segment(base, 0), data_segment(base + 8, 0))
+}
+
+/// User CS and SS selectors `sysretq` loads from IA32_STAR.
+pub fn sysret_segments(star: u64) -> (kvm_segment, kvm_segment) {
+    let base = ((star >> 48) & 0xffff) as u16;
+    (
+        code_segment((base + 16) | 3, 3),
+        data_segment((base + 8) | 3, 3),
+    )
+}
+
+/// RFLAGS after `sysret`: R11 with RF, VM and reserved bits cleared, bit 1 set.
+pub fn sysret_rflags(r11: u64) -> u64 {
+    (r11 & 0x3c_7fd7) | 2
+}
+
+/// The planted trap at the #PF entry.
+#[derive(Debug, Clone, Copy)]
+struct EntryTrap {
+    addr: u64,
+    replaced_len: u64,
+    replaced_clac: bool,
+}
+
+/// State of the syscall fix for one VM.
+#[derive(Debug, Default)]
+pub struct SyscallFix {
+    lstar: Option<u64>,
+    entry_trap: Option<EntryTrap>,
+}
+
+/// Why the fix could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum SyscallFixError {
+    #[error("syscall fix: KVM {0}: {1}")]
+    Kvm(&'static str, vmm_sys_util::errno::Error),
+    #[error("syscall fix: guest address {0:#x} is not mapped")]
+    Unmapped(u64),
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> SyscallFixError {
+    move |e| SyscallFixError::Kvm(what, e)
+}
+
+fn read_virt(vm: &Vm, gva: u64, buf: &mut [u8]) -> Result<(), SyscallFixError> {
+    let mut done = 0;
+    while done < buf.len() {
+        let addr = gva + done as u64;
+        let size = ((0x1000 - (addr & 0xfff)) as usize).min(buf.len() - done);
+        let t = vm.vcpu.translate_gva(addr).map_err(kvm("translate"))?;
+        if t.valid == 0 {
+            return Err(SyscallFixError::Unmapped(addr));
+        }
+        vm.mem
+            .read_slice(
+                &mut buf[done..done + size],
+                GuestAddress(t.physical_address),
+            )
+            .map_err(|_| SyscallFixError::Unmapped(addr))?;
+        done += size;
+    }
+    Ok(())
+}
+
+fn read_msr(vm: &Vm, index: u32) -> Result<u64, SyscallFixError> {
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index,
+        ..Default::default()
+    }])
+    .expect("one entry fits");
+    vm.vcpu.get_msrs(&mut msrs).map_err(kvm("get MSR"))?;
+    Ok(msrs.as_slice()[0].data)
+}
+
+impl SyscallFix {
+    /// The guest wrote IA32_LSTAR: apply it, and plant the #PF entry trap.
+    pub fn on_lstar_write(&mut self, vm: &Vm, value: u64) -> Result<(), SyscallFixError> {
+        let msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_LSTAR,
+            data: value,
+            ..Default::default()
+        }])
+        .expect("one entry fits");
+        vm.vcpu.set_msrs(&msrs).map_err(kvm("set LSTAR"))?;
+        self.lstar = Some(value);
+        if self.entry_trap.is_some() {
+            return Ok(());
+        }
+        let sregs = vm.vcpu.get_sregs().map_err(kvm("get sregs"))?;
+        if u64::from(sregs.idt.limit) < PF_VECTOR * 16 + 15 {
+            tracing::warn!("syscall fix: no #PF gate in the IDT yet; user-mode system calls will fail on this host");
+            return Ok(());
+        }
+        let mut gate = [0u8; 16];
+        read_virt(vm, sregs.idt.base + PF_VECTOR * 16, &mut gate)?;
+        let entry = gate_target(&gate);
+        let mut code = [0u8; 15];
+        read_virt(vm, entry, &mut code)?;
+        let Some((replaced_len, replaced_clac)) = replaceable_entry(&code, entry) else {
+            tracing::warn!(entry = format_args!("{entry:#x}"), "syscall fix: the #PF entry does not start with a NOP-class instruction; not planted");
+            return Ok(());
+        };
+        let t = vm.vcpu.translate_gva(entry).map_err(kvm("translate"))?;
+        vm.mem
+            .write_obj(0xccu8, GuestAddress(t.physical_address))
+            .map_err(|_| SyscallFixError::Unmapped(entry))?;
+        vm.note_userspace_write(t.physical_address, 1);
+        tracing::info!(
+            entry = format_args!("{entry:#x}"),
+            lstar = format_args!("{value:#x}"),
+            "syscall fix planted at the #PF entry"
+        );
+        self.entry_trap = Some(EntryTrap {
+            addr: entry,
+            replaced_len,
+            replaced_clac,
+        });
+        Ok(())
+    }
+
+    /// Handle an int3 emulation failure at `rip` if it is the #PF entry
+    /// trap. Returns whether it was.
+    pub fn on_trap(&self, vm: &Vm, rip: u64) -> Result<bool, SyscallFixError> {
+        let Some(trap) = self.entry_trap.filter(|t| t.addr == rip) else {
+            return Ok(false);
+        };
+        let mut regs = vm.vcpu.get_regs().map_err(kvm("get regs"))?;
+        let mut raw = [0u8; 48];
+        read_virt(vm, regs.rsp, &mut raw)?;
+        let frame = ExceptionFrame::parse(&raw);
+        match self.lstar {
+            Some(lstar) if frame.is_unswitched_syscall(lstar) => {
+                let mut sregs = vm.vcpu.get_sregs().map_err(kvm("get sregs"))?;
+                (sregs.cs, sregs.ss) = syscall_segments(read_msr(vm, MSR_STAR)?);
+                regs.rip = lstar;
+                regs.rsp = frame.rsp;
+                // As the syscall left them (FMASK applied), less RF, which
+                // the #PF delivery set and SYSCALL clears.
+                regs.rflags = frame.rflags & !RFLAGS_RF;
+                vm.vcpu.set_sregs(&sregs).map_err(kvm("set sregs"))?;
+            }
+            _ => {
+                // A real page fault: perform the replaced instruction.
+                regs.rip = trap.addr + trap.replaced_len;
+                if trap.replaced_clac {
+                    regs.rflags &= !RFLAGS_AC;
+                }
+            }
+        }
+        vm.vcpu.set_regs(&regs).map_err(kvm("set regs"))?;
+        Ok(true)
+    }
+
+    /// Complete a `sysretq` at CPL0 that KVM's emulator gave up on. Returns
+    /// whether `bytes` was one.
+    pub fn on_sysret(&self, vm: &Vm, bytes: &[u8]) -> Result<bool, SyscallFixError> {
+        if !bytes.starts_with(&[0x48, 0x0f, 0x07]) {
+            return Ok(false);
+        }
+        let mut sregs = vm.vcpu.get_sregs().map_err(kvm("get sregs"))?;
+        if sregs.cs.dpl != 0 {
+            return Ok(false);
+        }
+        let mut regs = vm.vcpu.get_regs().map_err(kvm("get regs"))?;
+        (sregs.cs, sregs.ss) = sysret_segments(read_msr(vm, MSR_STAR)?);
+        regs.rip = regs.rcx;
+        regs.rflags = sysret_rflags(regs.r11);
+        vm.vcpu.set_sregs(&sregs).map_err(kvm("set sregs"))?;
+        vm.vcpu.set_regs(&regs).map_err(kvm("set regs"))?;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gate_targets_assemble_all_three_offset_parts() {
+        let mut gate = [0u8; 16];
+        gate[0..2].copy_from_slice(&0x1234u16.to_le_bytes());
+        gate[6..8].copy_from_slice(&0x8100u16.to_le_bytes());
+        gate[8..12].copy_from_slice(&0xffff_ffffu32.to_le_bytes());
+        assert_eq!(gate_target(&gate), 0xffff_ffff_8100_1234);
+    }
+
+    #[test]
+    fn only_nop_class_entries_are_replaced() {
+        assert_eq!(
+            replaceable_entry(&[0x0f, 0x1f, 0x00, 0x48], 0),
+            Some((3, false))
+        );
+        assert_eq!(replaceable_entry(&[0x0f, 0x01, 0xca], 0), Some((3, true)));
+        assert_eq!(
+            replaceable_entry(&[0xf3, 0x0f, 0x1e, 0xfa], 0),
+            Some((4, false))
+        );
+        assert_eq!(replaceable_entry(&[0x90], 0), Some((1, false)));
+        assert_eq!(
+            replaceable_entry(&[0x55], 0),
+            None,
+            "push rbp must not be skipped"
+        );
+    }
+
+    #[test]
+    fn the_unswitched_syscall_is_told_from_real_faults() {
+        let mut raw = [0u8; 48];
+        for (i, v) in [
+            4u64,
+            0xffff_ffff_81c0_0000,
+            0x33,
+            0x10002,
+            0x7fff_8938_9790,
+            0x2b,
+        ]
+        .iter()
+        .enumerate()
+        {
+            raw[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        let frame = ExceptionFrame::parse(&raw);
+        assert!(frame.is_unswitched_syscall(0xffff_ffff_81c0_0000));
+        assert!(!frame.is_unswitched_syscall(0xffff_ffff_81c0_0040));
+        let kernel = ExceptionFrame { cs: 0x10, ..frame };
+        assert!(!kernel.is_unswitched_syscall(0xffff_ffff_81c0_0000));
+    }
+
+    #[test]
+    fn selectors_follow_star_as_linux_programs_it() {
+        // Linux: STAR = (__USER32_CS << 48) | (__KERNEL_CS << 32)
+        let star = (0x23u64 << 48) | (0x10u64 << 32);
+        let (cs, ss) = syscall_segments(star);
+        assert_eq!((cs.selector, cs.dpl, cs.l), (0x10, 0, 1));
+        assert_eq!((ss.selector, ss.dpl), (0x18, 0));
+        let (cs, ss) = sysret_segments(star);
+        assert_eq!((cs.selector, cs.dpl, cs.l), (0x33, 3, 1));
+        assert_eq!((ss.selector, ss.dpl), (0x2b, 3));
+        assert_eq!(sysret_rflags(0x246 | (1 << 16) | (1 << 17)), 0x246);
+    }
+}
