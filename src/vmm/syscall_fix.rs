@@ -8,19 +8,19 @@
 //! no user program could ever make a system call.
 //!
 //! The #PF never reaches the VMM, so twinvm plants a trap where it will:
-//! 1. guest writes to IA32_LSTAR go to userspace through the MSR filter, so
-//!    twinvm learns the syscall entry (and applies the write itself);
-//! 2. at that moment Linux's IDT is already set up (`trap_init` installs the
-//!    exception gates before `syscall_init`), so twinvm reads gate 14 and
-//!    replaces the first instruction of the #PF entry — a NOP-class
-//!    instruction (the `ASM_CLAC` slot, or ENDBR64) — with `int3`;
-//! 3. on that trap, if the hardware frame says "user mode, RIP = LSTAR", it
+//! 1. at emulation failures (plentiful while a kernel boots, and at the same
+//!    instructions on every replica) twinvm reads IDT gate 14 and, once it
+//!    points at a handler starting with a NOP-class instruction (Linux's
+//!    `ASM_CLAC` slot, or ENDBR64 — never the early boot handlers), replaces
+//!    that instruction's first byte with `int3`; it checks again now and then,
+//!    since alternatives patching may rewrite those bytes (NOP to CLAC);
+//! 2. on that trap, if the hardware frame says "user mode, RIP = LSTAR", it
 //!    was a syscall that did not switch privilege: twinvm completes it
 //!    (CS/SS from IA32_STAR, RIP = LSTAR, RSP and RFLAGS as the syscall left
 //!    them) and drops the frame; otherwise it performs the replaced NOP and
-//!    the guest handles its page fault;
-//! 4. `sysretq` at CPL0, which KVM's emulator cannot run here, is completed
-//!    from RCX, R11 and IA32_STAR.
+//!    the guest handles its page fault (LSTAR and STAR are read from KVM);
+//! 3. a `sysretq` at CPL0 that KVM's emulator gives up on is completed from
+//!    RCX, R11 and IA32_STAR.
 //!
 //! Every step is a deterministic function of guest state, so primary and
 //! backup apply it identically. The decisions are pure functions below;
@@ -157,8 +157,8 @@ struct EntryTrap {
 /// State of the syscall fix for one VM.
 #[derive(Debug, Default)]
 pub struct SyscallFix {
-    lstar: Option<u64>,
     entry_trap: Option<EntryTrap>,
+    failures_seen: u64,
 }
 
 /// Why the fix could not be applied.
@@ -205,31 +205,35 @@ fn read_msr(vm: &Vm, index: u32) -> Result<u64, SyscallFixError> {
 }
 
 impl SyscallFix {
-    /// The guest wrote IA32_LSTAR: apply it, and plant the #PF entry trap.
-    pub fn on_lstar_write(&mut self, vm: &Vm, value: u64) -> Result<(), SyscallFixError> {
-        let msrs = Msrs::from_entries(&[kvm_msr_entry {
-            index: MSR_LSTAR,
-            data: value,
-            ..Default::default()
-        }])
-        .expect("one entry fits");
-        vm.vcpu.set_msrs(&msrs).map_err(kvm("set LSTAR"))?;
-        self.lstar = Some(value);
-        if self.entry_trap.is_some() {
+    /// Emulation failures between checks of the planted trap once it is in.
+    const RECHECK_EVERY: u64 = 256;
+
+    /// Called at every emulation failure: plant the #PF-entry trap if the
+    /// guest has a suitable handler and the trap is not (still) there.
+    pub fn ensure_planted(&mut self, vm: &Vm) -> Result<(), SyscallFixError> {
+        self.failures_seen += 1;
+        if self.entry_trap.is_some() && self.failures_seen % Self::RECHECK_EVERY != 0 {
             return Ok(());
         }
         let sregs = vm.vcpu.get_sregs().map_err(kvm("get sregs"))?;
-        if u64::from(sregs.idt.limit) < PF_VECTOR * 16 + 15 {
-            tracing::warn!("syscall fix: no #PF gate in the IDT yet; user-mode system calls will fail on this host");
+        const EFER_LMA: u64 = 1 << 10;
+        if sregs.efer & EFER_LMA == 0 || u64::from(sregs.idt.limit) < PF_VECTOR * 16 + 15 {
             return Ok(());
         }
         let mut gate = [0u8; 16];
-        read_virt(vm, sregs.idt.base + PF_VECTOR * 16, &mut gate)?;
+        if read_virt(vm, sregs.idt.base + PF_VECTOR * 16, &mut gate).is_err() {
+            return Ok(());
+        }
         let entry = gate_target(&gate);
         let mut code = [0u8; 15];
-        read_virt(vm, entry, &mut code)?;
+        if read_virt(vm, entry, &mut code).is_err() {
+            return Ok(());
+        }
+        if code[0] == 0xcc && self.entry_trap.is_some_and(|t| t.addr == entry) {
+            return Ok(());
+        }
         let Some((replaced_len, replaced_clac)) = replaceable_entry(&code, entry) else {
-            tracing::warn!(entry = format_args!("{entry:#x}"), "syscall fix: the #PF entry does not start with a NOP-class instruction; not planted");
+            // An early boot handler, or not Linux: nothing to plant (yet).
             return Ok(());
         };
         let t = vm.vcpu.translate_gva(entry).map_err(kvm("translate"))?;
@@ -239,8 +243,7 @@ impl SyscallFix {
         vm.note_userspace_write(t.physical_address, 1);
         tracing::info!(
             entry = format_args!("{entry:#x}"),
-            lstar = format_args!("{value:#x}"),
-            "syscall fix planted at the #PF entry"
+            "syscall fix: trap planted on the #PF entry"
         );
         self.entry_trap = Some(EntryTrap {
             addr: entry,
@@ -260,8 +263,9 @@ impl SyscallFix {
         let mut raw = [0u8; 48];
         read_virt(vm, regs.rsp, &mut raw)?;
         let frame = ExceptionFrame::parse(&raw);
-        match self.lstar {
-            Some(lstar) if frame.is_unswitched_syscall(lstar) => {
+        let lstar = read_msr(vm, MSR_LSTAR)?;
+        match frame.is_unswitched_syscall(lstar) {
+            true => {
                 let mut sregs = vm.vcpu.get_sregs().map_err(kvm("get sregs"))?;
                 (sregs.cs, sregs.ss) = syscall_segments(read_msr(vm, MSR_STAR)?);
                 regs.rip = lstar;
@@ -271,7 +275,7 @@ impl SyscallFix {
                 regs.rflags = frame.rflags & !RFLAGS_RF;
                 vm.vcpu.set_sregs(&sregs).map_err(kvm("set sregs"))?;
             }
-            _ => {
+            false => {
                 // A real page fault: perform the replaced instruction.
                 regs.rip = trap.addr + trap.replaced_len;
                 if trap.replaced_clac {

@@ -37,7 +37,7 @@ use zerocopy::FromBytes;
 use super::emulate::{self, EmulateError, Emulated, GuestCpu};
 use super::guest_cpu::KvmGuestCpu;
 use super::sys::{self, Kicker};
-use super::syscall_fix::{SyscallFix, SyscallFixError, MSR_LSTAR};
+use super::syscall_fix::{SyscallFix, SyscallFixError};
 use super::traps::TimeTrap;
 use super::vm::{Vm, VmError};
 use crate::devices::platform::port_uses_time;
@@ -746,6 +746,7 @@ impl<W: Write> Engine<'_, '_, W> {
     /// the general fallback: a planted time trap (a landmark), the syscall
     /// fix's #PF-entry trap, and `sysretq`. Returns whether it was one.
     fn own_emulation_failure(&mut self) -> Result<Option<bool>, RunError> {
+        self.syscall_fix.ensure_planted(self.vm)?;
         let bytes = sys::internal_error(&mut self.vm.vcpu)
             .instruction_bytes()
             .unwrap_or_default();
@@ -995,15 +996,6 @@ impl<W: Write> Engine<'_, '_, W> {
                         continue;
                     }
                 },
-                VcpuExit::X86Wrmsr(msr) => {
-                    // Only IA32_LSTAR writes are filtered to userspace (vm.rs).
-                    let (index, data) = (msr.index, msr.data);
-                    if index != MSR_LSTAR {
-                        return Err(RunError::UnexpectedExit(format!("write of MSR {index:#x}")));
-                    }
-                    self.syscall_fix.on_lstar_write(self.vm, data)?;
-                    continue;
-                }
                 VcpuExit::X86Rdmsr(msr) => {
                     // Only the time MSRs are filtered to userspace (vm.rs).
                     self.landmark += 1;

@@ -77,8 +77,7 @@ fn kvm_err(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> VmE
 /// userspace through KVM's MSR filter and become logged time reads.
 pub const TIME_MSRS: [u32; 3] = [0x10, 0xe7, 0xe8];
 
-/// Send guest reads of [`TIME_MSRS`] (writes stay with KVM) and writes of
-/// IA32_LSTAR (see syscall_fix.rs) to userspace.
+/// Send guest reads of [`TIME_MSRS`] to userspace (writes stay with KVM).
 fn trap_time_msrs(kvm: &Kvm, vm_fd: &VmFd) -> Result<(), VmError> {
     if !kvm.check_extension(Cap::X86UserSpaceMsr) {
         return Err(VmError::MissingCap(Cap::X86UserSpaceMsr));
