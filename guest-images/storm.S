@@ -27,6 +27,11 @@ kmain:
     mov edi, 0xee               # IRQ0 and IRQ4
     mov esi, 0xff
     call rt_pic_init
+    # Serial before timer: make IRQ3 the lowest priority, so IRQ4 outranks
+    # IRQ0. Where kernel code is emulated the timer handler outlasts the
+    # 1 ms tick, and with the default order IRQ0 would always win.
+    mov al, 0xc0 | 3
+    out 0x20, al
     mov dx, COM1 + 2
     mov al, 0x07                # FIFO on and cleared, trigger at 1 byte
     out dx, al

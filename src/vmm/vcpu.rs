@@ -171,6 +171,9 @@ fn kvm_err(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> Run
     move |source| RunError::Kvm { what, source }
 }
 
+/// Least time between two dirty-log harvests at landmarks (recording).
+const HARVEST_EVERY: Duration = Duration::from_millis(1);
+
 /// Settings of a recording.
 #[derive(Debug, Clone, Copy)]
 pub struct RecordSettings {
@@ -405,6 +408,7 @@ struct Engine<'a, 'm, W: Write> {
     since_sync: DirtyPages,
     since_digest: DirtyPages,
     log_end_reached: bool,
+    last_harvest: Instant,
     progress: Progress,
     syscall_fix: SyscallFix,
 }
@@ -558,6 +562,22 @@ impl<W: Write> Engine<'_, '_, W> {
         Ok(())
     }
 
+    /// Primary, at a landmark: the backup will have executed everything up
+    /// to here itself, so a later sync point needs only pages written after
+    /// this point. Fetch the dirty log (at most once per
+    /// [`HARVEST_EVERY`], to bound the ioctl cost), keep it for the next
+    /// digest, and restart the sync-point set. Any superset stays correct,
+    /// so the timing need not be deterministic.
+    fn harvest_dirty_pages(&mut self) -> Result<(), RunError> {
+        if self.last_harvest.elapsed() < HARVEST_EVERY {
+            return Ok(());
+        }
+        self.last_harvest = Instant::now();
+        self.vm.collect_dirty_pages(&mut [&mut self.since_digest])?;
+        self.since_sync = DirtyPages::default();
+        Ok(())
+    }
+
     /// End a live run; a recording gets its final digest and End record.
     fn end_live(&mut self, ending: Ending) -> Result<AtLandmark, RunError> {
         if let Mode::Record(_) = self.mode {
@@ -616,9 +636,11 @@ impl<W: Write> Engine<'_, '_, W> {
                 injected = true;
             }
         }
-        if matches!(self.mode, Mode::Record(_)) && self.landmark % self.digest_interval.max(1) == 0
-        {
-            self.record_digest()?;
+        if matches!(self.mode, Mode::Record(_)) {
+            if self.landmark % self.digest_interval.max(1) == 0 {
+                self.record_digest()?;
+            }
+            self.harvest_dirty_pages()?;
         }
         Ok(AtLandmark::Continue { injected })
     }
@@ -792,22 +814,32 @@ impl<W: Write> Engine<'_, '_, W> {
     /// Is an interrupt due that the guest could take, with no landmark in sight?
     fn sync_due(&mut self) -> bool {
         let now = self.real_now();
-        let due =
-            self.platform.next_deadline().is_some_and(|d| d <= now) || !self.input.0.is_empty();
+        let waiting = self.waiting_for_landmark(now);
         let run = self.vm.vcpu.get_kvm_run();
-        due && run.if_flag != 0 && run.ready_for_interrupt_injection != 0
+        waiting && run.if_flag != 0 && run.ready_for_interrupt_injection != 0
     }
 
+    /// Something only a landmark can deliver is waiting: an interrupt the
+    /// PIC holds (a lower-priority one stays there while a higher one is
+    /// served: without this, IRQ4 would starve behind every timer tick of a
+    /// guest spinning in user mode), a timer deadline that passed, or input
+    /// the UART has not taken.
+    fn waiting_for_landmark(&self, now: Nanos) -> bool {
+        self.platform.interrupt_pending()
+            || self.platform.next_deadline().is_some_and(|d| d <= now)
+            || !self.input.0.is_empty()
+    }
+
+    /// Kick the guest one sync bound after the next thing it must get
+    /// (now, if something is already waiting).
     fn arm_timer(&mut self) {
         let now = self.real_now();
         let bound = self.sync_bound;
-        let wake = self.platform.next_deadline().map(|d| {
-            if d + bound <= now {
-                now + bound
-            } else {
-                d + bound
-            }
-        });
+        let wake = if self.waiting_for_landmark(now) {
+            Some(now + bound)
+        } else {
+            self.platform.next_deadline().map(|d| d.max(now) + bound)
+        };
         let start = self.start;
         if let Some(timer) = &mut self.timer {
             timer.arm(start, wake);
@@ -1054,6 +1086,7 @@ pub fn run<W: Write>(
         since_sync: DirtyPages::default(),
         since_digest: DirtyPages::default(),
         log_end_reached: false,
+        last_harvest: start,
         progress: Progress::new(),
         syscall_fix: SyscallFix::default(),
     };
@@ -1084,13 +1117,6 @@ fn emulation_fallback(vm: &mut Vm) -> Result<bool, RunError> {
             data: info.data,
             rip,
         });
-    }
-    // A SYSCALL the host left half done shows up as a trap on the guest's
-    // #PF handler (syscall_repair.rs); that module also keeps the trap planted.
-    if super::syscall_repair::on_emulation_failure(vm, rip)?
-        != super::syscall_repair::Repair::NotOurs
-    {
-        return Ok(false);
     }
     let mut cpu = KvmGuestCpu { vm };
     let bytes = match info.instruction_bytes() {
