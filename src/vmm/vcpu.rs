@@ -615,7 +615,13 @@ impl<W: Write> Engine<'_, '_, W> {
                 bytes: accepted,
             })?;
         }
-        if let Some(deadline) = self.platform.next_deadline() {
+        // An interrupt already waiting goes in before time advances: a timer
+        // edge arriving one landmark later is a legitimate virtual-time
+        // choice, while polling first would let IRQ0 (highest priority, and
+        // due again by the time a slow emulated timer handler returns)
+        // starve every other line, e.g. the serial transmit interrupt.
+        let waiting = self.platform.interrupt_pending();
+        if let Some(deadline) = self.platform.next_deadline().filter(|_| !waiting) {
             let now = self.real_now();
             if deadline <= now {
                 self.platform.poll(now);
