@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building twinvm needs on a fresh Debian machine, if missing:
-# GNU as/ld (the test guests), a C compiler and cmake (Unicorn's C core,
-# the emulation fallback). Sourced by demo.sh and test.sh.
+# GNU as/ld (the test guests), a C compiler, cmake and libclang (Unicorn's C
+# core and its generated bindings: the emulation fallback). Sourced by
+# demo.sh and test.sh.
 set -euo pipefail
 
 missing=()
@@ -9,6 +10,8 @@ command -v as >/dev/null 2>&1 || missing+=(binutils)
 command -v cc >/dev/null 2>&1 || missing+=(gcc)
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+# Unicorn's -sys crate generates its bindings with bindgen, which needs libclang.
+dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
 if ((${#missing[@]})); then
     echo "== installing ${missing[*]}"
     apt-get update -qq

@@ -2,10 +2,12 @@
 //!
 //! On hosts where guest kernel code runs through KVM's instruction emulator
 //! (see host-notes.md), some instructions end KVM_RUN with an emulation
-//! failure. Here they are decoded with iced-x86 and either performed against
-//! the vCPU's registers, FPU state and guest memory, or turned into the
-//! exception the guest expects. Anything else is an error naming the RIP,
-//! the bytes and their disassembly.
+//! failure. Here they are decoded with iced-x86; the cheap, known cases are
+//! performed directly or turned into the exception the guest expects, and
+//! everything else runs in Unicorn (`unicorn.rs`) against the vCPU's
+//! registers, SSE state and guest memory. What Unicorn must not run (host
+//! time or entropy, system state it does not model) is an error naming the
+//! RIP, the bytes, their disassembly and the reason.
 //!
 //! Sans-IO: the vCPU is reached through [`GuestCpu`], so this is unit-tested
 //! without KVM.
@@ -28,6 +30,8 @@ pub trait GuestCpu {
     /// Read guest memory at a virtual address through the guest's page tables.
     fn read_virt(&mut self, gva: u64, buf: &mut [u8]) -> Result<(), EmulateError>;
     fn write_virt(&mut self, gva: u64, data: &[u8]) -> Result<(), EmulateError>;
+    /// Whether the guest's page tables allow kernel writes to the page of `gva`.
+    fn is_writable(&mut self, gva: u64) -> Result<bool, EmulateError>;
 }
 
 /// What the fallback did with the instruction.
@@ -44,11 +48,13 @@ pub enum Emulated {
 #[derive(Debug, Error)]
 pub enum EmulateError {
     /// An instruction the fallback does not implement.
-    #[error("unhandled emulation failure at RIP {rip:#x}: bytes [{bytes}] = `{disasm}`")]
+    #[error("unhandled emulation failure at RIP {rip:#x}: bytes [{bytes}] = `{disasm}`{why}")]
     Unhandled {
         rip: u64,
         bytes: String,
         disasm: String,
+        /// Why the fallback refused it (empty, or "; " and the reason).
+        why: String,
     },
     /// Reading or writing vCPU state failed.
     #[error("vCPU state access for emulation: {0}")]
@@ -105,11 +111,17 @@ pub fn emulate(cpu: &mut impl GuestCpu, bytes: &[u8]) -> Result<Emulated, Emulat
     } else {
         insn.len()
     };
-    let unhandled = || EmulateError::Unhandled {
+    let unhandled_because = |why: &str| EmulateError::Unhandled {
         rip,
         bytes: hex(&bytes[..shown.min(bytes.len())]),
         disasm: disassemble(&insn),
+        why: if why.is_empty() {
+            String::new()
+        } else {
+            format!("; not run in Unicorn: {why}")
+        },
     };
+    let unhandled = || unhandled_because("");
     match decode_error {
         DecoderError::None => {}
         // An undefined opcode: the CPU raises #UD with RIP at it.
@@ -192,7 +204,12 @@ pub fn emulate(cpu: &mut impl GuestCpu, bytes: &[u8]) -> Result<Emulated, Emulat
             cpu.set_regs(&regs)?;
             Emulated::Performed
         }
-        _ => return Err(unhandled()),
+        // Everything else runs in Unicorn, unless its result would depend on
+        // the host or on state Unicorn does not model.
+        _ => match super::unicorn::check_runnable(&insn) {
+            Some(why) => return Err(unhandled_because(why)),
+            None => super::unicorn::execute(cpu, &regs, &insn)?,
+        },
     };
     Ok(outcome)
 }
@@ -223,6 +240,7 @@ fn read_operand(
             rip: regs.rip,
             bytes: String::new(),
             disasm: disassemble(insn),
+            why: String::new(),
         }),
     }
 }
@@ -250,6 +268,7 @@ fn memory_address(
         rip: regs.rip,
         bytes: String::new(),
         disasm: disassemble(insn),
+        why: String::new(),
     })
 }
 
@@ -319,6 +338,8 @@ mod tests {
         fpu: kvm_fpu,
         mem: Vec<u8>,
         fs_base: u64,
+        /// Pages the guest's page tables map read-only.
+        read_only: Vec<u64>,
     }
 
     impl TestCpu {
@@ -335,6 +356,7 @@ mod tests {
                 },
                 mem: vec![0; 0x10000],
                 fs_base: 0,
+                read_only: Vec::new(),
             }
         }
     }
@@ -365,6 +387,9 @@ mod tests {
                 .ok_or(EmulateError::Unmapped(gva))?;
             buf.copy_from_slice(src);
             Ok(())
+        }
+        fn is_writable(&mut self, gva: u64) -> Result<bool, EmulateError> {
+            Ok(!self.read_only.contains(&(gva & !0xfff)))
         }
         fn write_virt(&mut self, gva: u64, data: &[u8]) -> Result<(), EmulateError> {
             let a = gva as usize;
@@ -503,15 +528,130 @@ mod tests {
     }
 
     #[test]
-    fn unknown_instructions_are_reported_with_rip_bytes_and_disassembly() {
+    fn instructions_unicorn_must_not_run_are_reported_with_rip_bytes_and_disassembly() {
         let mut cpu = TestCpu::new(0xffff_ffff_8100_0000);
-        // movd xmm15, ecx
-        let err = emulate(&mut cpu, &[0x66, 0x44, 0x0f, 0x6e, 0xf9]).unwrap_err();
+        // vpxor ymm0, ymm1, ymm2: the VM has no AVX.
+        let err = emulate(&mut cpu, &[0xc5, 0xf5, 0xef, 0xc2]).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("0xffffffff81000000"), "{msg}");
-        assert!(msg.contains("66 44 0f 6e f9"), "{msg}");
-        assert!(msg.contains("movd xmm15,ecx"), "{msg}");
+        assert!(msg.contains("c5 f5 ef c2"), "{msg}");
+        assert!(msg.contains("vpxor ymm0,ymm1,ymm2"), "{msg}");
+        assert!(msg.contains("AVX"), "{msg}");
+        // wrmsr needs system state; cpuid must come from the CPU model.
+        for bytes in [&[0x0f, 0x30][..], &[0x0f, 0xa2][..]] {
+            let err = emulate(&mut cpu, bytes).unwrap_err().to_string();
+            assert!(err.contains("not run in Unicorn"), "{err}");
+        }
         assert_eq!(cpu.regs.rip, 0xffff_ffff_8100_0000);
+    }
+
+    /// The instruction bytes at the test CPU's RIP, as KVM reports them.
+    fn place(cpu: &mut TestCpu, bytes: &[u8]) {
+        let at = cpu.regs.rip as usize;
+        cpu.mem[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+
+    #[test]
+    fn unicorn_runs_sse_moves_between_gprs_and_xmm() {
+        let mut cpu = TestCpu::new(0x1000);
+        cpu.regs.rcx = 0xdead_beef_1234_5678;
+        cpu.fpu.xmm[15] = [0xff; 16];
+        // movd xmm15, ecx (what the Linux probe met in SIMD crypto code)
+        let movd = [0x66, 0x44, 0x0f, 0x6e, 0xf9];
+        place(&mut cpu, &movd);
+        assert_eq!(emulate(&mut cpu, &movd).unwrap(), Emulated::Performed);
+        let mut want = [0u8; 16];
+        want[..4].copy_from_slice(&0x1234_5678u32.to_le_bytes());
+        assert_eq!(cpu.fpu.xmm[15], want);
+        assert_eq!(cpu.regs.rip, 0x1005);
+        // movq rax, xmm15
+        let movq = [0x66, 0x4c, 0x0f, 0x7e, 0xf8];
+        place(&mut cpu, &movq);
+        emulate(&mut cpu, &movq).unwrap();
+        assert_eq!(cpu.regs.rax, 0x1234_5678);
+        assert_eq!(cpu.regs.rip, 0x100a);
+    }
+
+    #[test]
+    fn unicorn_runs_ssse3_and_aes_with_memory_operands() {
+        let mut cpu = TestCpu::new(0x1000);
+        cpu.regs.rsi = 0x2000;
+        // pshufb xmm0, [rsi]: reverse the bytes of xmm0.
+        let mask: Vec<u8> = (0..16u8).rev().collect();
+        cpu.mem[0x2000..0x2010].copy_from_slice(&mask);
+        cpu.fpu.xmm[0] = core::array::from_fn(|i| i as u8);
+        let pshufb = [0x66, 0x0f, 0x38, 0x00, 0x06];
+        place(&mut cpu, &pshufb);
+        emulate(&mut cpu, &pshufb).unwrap();
+        assert_eq!(cpu.fpu.xmm[0], core::array::from_fn(|i| 15 - i as u8));
+        // aesenc xmm1, xmm2 with zero state and key: one AES round of zeros
+        // gives 0x63 in every byte after SubBytes; MixColumns of a constant
+        // column keeps it (2+3+1+1 = 1 in GF(2^8) times 0x63).
+        cpu.regs.rip = 0x1100;
+        let aesenc = [0x66, 0x0f, 0x38, 0xdc, 0xca];
+        place(&mut cpu, &aesenc);
+        emulate(&mut cpu, &aesenc).unwrap();
+        assert_eq!(cpu.fpu.xmm[1], [0x63; 16]);
+    }
+
+    #[test]
+    fn unicorn_writes_memory_back_only_where_it_changed() {
+        let mut cpu = TestCpu::new(0x1000);
+        cpu.regs.rdi = 0x2ff8; // straddles a page boundary
+        cpu.fpu.xmm[3] = [0xab; 16];
+        cpu.mem[0x2ff0..0x3010].fill(0x11);
+        // movdqu [rdi], xmm3
+        let store = [0xf3, 0x0f, 0x7f, 0x1f];
+        place(&mut cpu, &store);
+        emulate(&mut cpu, &store).unwrap();
+        assert_eq!(&cpu.mem[0x2ff8..0x3008], &[0xab; 16]);
+        assert_eq!(&cpu.mem[0x2ff0..0x2ff8], &[0x11; 8]);
+        assert_eq!(&cpu.mem[0x3008..0x3010], &[0x11; 8]);
+        assert_eq!(cpu.regs.rip, 0x1004);
+    }
+
+    #[test]
+    fn unicorn_faults_become_guest_exceptions_with_state_unchanged() {
+        let mut cpu = TestCpu::new(0x1000);
+        cpu.regs.rax = 5;
+        cpu.regs.rdx = 1;
+        cpu.regs.rcx = 0;
+        // div rcx with rcx = 0: #DE at the instruction, no error code.
+        let div = [0x48, 0xf7, 0xf1];
+        place(&mut cpu, &div);
+        assert_eq!(
+            emulate(&mut cpu, &div).unwrap(),
+            Emulated::Exception {
+                vector: 0,
+                error_code: None
+            }
+        );
+        assert_eq!((cpu.regs.rax, cpu.regs.rdx), (5, 1));
+        assert_eq!(cpu.regs.rip, 0x1000);
+    }
+
+    #[test]
+    fn unicorn_clac_clears_the_alignment_check_flag() {
+        let mut cpu = TestCpu::new(0x1000);
+        const FLAG_AC: u64 = 1 << 18;
+        cpu.regs.rflags = 2 | FLAG_AC;
+        let clac = [0x0f, 0x01, 0xca];
+        place(&mut cpu, &clac);
+        emulate(&mut cpu, &clac).unwrap();
+        assert_eq!(cpu.regs.rflags, 2);
+        assert_eq!(cpu.regs.rip, 0x1003);
+    }
+
+    #[test]
+    fn unicorn_refuses_writes_to_read_only_guest_pages() {
+        let mut cpu = TestCpu::new(0x1000);
+        cpu.regs.rdi = 0x5000;
+        cpu.read_only.push(0x5000);
+        let store = [0xf3, 0x0f, 0x7f, 0x1f];
+        place(&mut cpu, &store);
+        assert!(emulate(&mut cpu, &store).is_err());
+        assert_eq!(&cpu.mem[0x5000..0x5010], &[0; 16]);
+        assert_eq!(cpu.regs.rip, 0x1000);
     }
 
     #[test]

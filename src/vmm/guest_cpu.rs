@@ -88,6 +88,17 @@ impl GuestCpu for KvmGuestCpu<'_> {
                 .map_err(|_| EmulateError::Unmapped(gva))
         })
     }
+    fn is_writable(&mut self, gva: u64) -> Result<bool, EmulateError> {
+        let t = self
+            .vm
+            .vcpu
+            .translate_gva(gva)
+            .map_err(|e| EmulateError::Vcpu(format!("translate {gva:#x}: {e}")))?;
+        if t.valid == 0 {
+            return Err(EmulateError::Unmapped(gva));
+        }
+        Ok(t.writeable != 0)
+    }
     fn write_virt(&mut self, gva: u64, data: &[u8]) -> Result<(), EmulateError> {
         let vm = self.vm;
         self.for_each_page(gva, data.len(), |gpa, off, size| {

@@ -8,6 +8,7 @@ pub mod layout;
 pub mod sys;
 pub mod syscall_fix;
 pub mod traps;
+pub mod unicorn;
 pub mod vcpu;
 pub mod vm;
 
