@@ -31,6 +31,8 @@
 
 .set SYS_EXIT, 0
 .set SYS_WRITE, 1
+.set SYS_SETGS, 2               # IA32_KERNEL_GS_BASE = rdi (a WRMSR, no exit)
+.set MSR_KERNEL_GS_BASE, 0xc0000102
 
 # Frame built by isr_common: 15 saved registers, then vector, error code and
 # the CPU's interrupt frame.
@@ -228,6 +230,8 @@ rt_breakpoint:
 1:  mov rax, [rsi + FRAME_RAX]
     cmp rax, SYS_EXIT
     je 2f
+    cmp rax, SYS_SETGS
+    je 4f
     cmp rax, SYS_WRITE
     jne 3f
     push rsi
@@ -238,6 +242,12 @@ rt_breakpoint:
     mov qword ptr [rsi + FRAME_RAX], 0
     ret
 3:  mov qword ptr [rsi + FRAME_RAX], -1
+    ret
+4:  mov ecx, MSR_KERNEL_GS_BASE
+    mov eax, [rsi + FRAME_RDI]
+    mov edx, [rsi + FRAME_RDI + 4]
+    wrmsr
+    mov qword ptr [rsi + FRAME_RAX], 0
     ret
 2:  # The user program finished: back on the kernel stack, interrupts off.
     mov rdi, [rsi + FRAME_RDI]

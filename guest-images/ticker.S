@@ -1,5 +1,8 @@
 # ticker: programs PIT channel 0 at 1 kHz and counts timer interrupts while a
-# user-mode (CPL3) loop computes with no exits; prints both counts.
+# user-mode (CPL3) loop computes with no exits; prints both counts. Every
+# 2^18 rounds the loop has the kernel put its state (made canonical) in
+# IA32_KERNEL_GS_BASE:
+# a WRMSR that KVM completes without an exit, so a sync point must carry MSRs.
 .include "rt.S"
 
 .set PIT_DIVISOR, 1193          # 1193182 Hz / 1193 = 1000.15 Hz
@@ -42,6 +45,14 @@ user_exited:
     call rt_puts
     mov rdi, rbx
     call rt_put_hex
+    lea rdi, [rip + msg_gs]
+    call rt_puts
+    mov ecx, MSR_KERNEL_GS_BASE
+    rdmsr
+    shl rdx, 32
+    or rax, rdx
+    mov rdi, rax
+    call rt_put_hex
     mov dil, 10
     call rt_putc
     lea rdi, [rip + msg_done]
@@ -61,7 +72,18 @@ user_main:
     mov rdx, rax
     shl rdx, 17
     xor rax, rdx
-    dec ecx
+    test ecx, 0x3ffff
+    jnz 2f
+    push rax
+    push rcx
+    mov rdi, rax
+    shl rdi, 16                 # canonical: WRMSR of a base raises #GP otherwise
+    sar rdi, 16
+    mov eax, SYS_SETGS
+    int3                        # system call
+    pop rcx
+    pop rax
+2:  dec ecx
     jnz 1b
     mov rdi, rax
     mov eax, SYS_EXIT
@@ -72,6 +94,7 @@ user_main:
 msg_start: .asciz "ticker: start\n"
 msg_ticks: .asciz "ticker: ticks="
 msg_work: .asciz " work="
+msg_gs: .asciz " gs="
 msg_done: .asciz "ticker: done\n"
 
 .data

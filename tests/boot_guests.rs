@@ -86,11 +86,25 @@ fn ticker_counts_timer_interrupts_during_user_mode_compute() {
         .lines()
         .find(|l| l.starts_with("ticker: ticks="))
         .unwrap_or_else(|| panic!("{}", out.stdout));
-    let mut fields = line.trim_start_matches("ticker: ticks=").split(" work=");
+    let mut fields = line
+        .trim_start_matches("ticker: ticks=")
+        .split([' ', '='])
+        .filter(|f| f.starts_with(char::is_numeric));
     let ticks: u64 = fields.next().unwrap().parse().unwrap();
-    let work = u64::from_str_radix(fields.next().unwrap().trim_start_matches("0x"), 16).unwrap();
+    let hex =
+        |f: Option<&str>| u64::from_str_radix(f.unwrap().trim_start_matches("0x"), 16).unwrap();
+    let work = hex(fields.next());
+    let gs = hex(fields.next());
     // The interrupted computation still gives the exact result.
     assert_eq!(work, ticker_work(400_000_000));
+    // The last SYS_SETGS came with the loop counter at 2^18, after
+    // 400_000_000 - 2^18 + 1 rounds.
+    let canonical = |v: u64| (((v << 16) as i64) >> 16) as u64;
+    assert_eq!(
+        gs,
+        canonical(ticker_work(400_000_000 - (1 << 18) + 1)),
+        "{line}"
+    );
     // A 1 kHz timer over a compute loop that takes a good fraction of a second
     // on any host: interrupts reached the guest while it ran in user mode.
     assert!(ticks >= 20, "only {ticks} timer interrupts: {out:?}");

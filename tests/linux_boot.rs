@@ -1,23 +1,72 @@
 //! Boots Debian's stock cloud kernel with the busybox initramfs from
-//! guest-images/linux/build.sh to its userspace marker and clean power-off.
+//! guest-images/linux/build.sh to its userspace marker and clean power-off;
+//! records that boot and replays it to an identical state.
 //!
-//! Opt-in: slow on hosts where KVM emulates guest kernel code (minutes), and
-//! it downloads Debian packages. Runs only with `TWINVM_LINUX_TESTS=1`;
-//! otherwise it prints that it was skipped and passes at once.
-//! `TWINVM_LINUX_IMAGE_DIR` overrides where the image is built and cached,
-//! `TWINVM_LINUX_TIMEOUT` the boot timeout in seconds (default 2400).
+//! Opt-in: slow on hosts where KVM emulates guest kernel code (minutes per
+//! boot), and it downloads Debian packages. Runs only with
+//! `TWINVM_LINUX_TESTS=1`; otherwise each test prints that it was skipped
+//! and passes at once. The two tests run side by side (one vCPU thread
+//! each). `TWINVM_LINUX_IMAGE_DIR` overrides where the image is built and
+//! cached, `TWINVM_LINUX_TIMEOUT` the timeout of each boot, record or replay
+//! in seconds (default 2400).
 
 mod common;
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::Running;
+use common::{Finished, Running, TempDir};
 
-fn enabled() -> bool {
-    std::env::var("TWINVM_LINUX_TESTS").is_ok_and(|v| v == "1")
+/// Whether the Linux tests run; if not, say so where a normal `cargo test`
+/// shows it (the harness captures `println!`).
+fn enabled(test: &str) -> bool {
+    let on = std::env::var("TWINVM_LINUX_TESTS").is_ok_and(|v| v == "1");
+    if !on {
+        let _ = writeln!(
+            std::io::stderr(),
+            "{test}: SKIPPED (set TWINVM_LINUX_TESTS=1 to build the Debian kernel image and boot it; slow)"
+        );
+    }
+    on
+}
+
+fn timeout() -> Duration {
+    Duration::from_secs(
+        std::env::var("TWINVM_LINUX_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(2400),
+    )
+}
+
+/// The image directory, built once for both tests.
+fn image() -> &'static Path {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE.get_or_init(build_image)
+}
+
+/// `--kernel`, `--initrd`, `--cmdline` and `--mem` for the image.
+fn guest_args() -> Vec<String> {
+    let dir = image();
+    let cmdline = std::fs::read_to_string(dir.join("cmdline")).expect("read OUTDIR/cmdline");
+    vec![
+        "--kernel".into(),
+        dir.join("vmlinux").to_str().unwrap().into(),
+        "--initrd".into(),
+        dir.join("initrd.img").to_str().unwrap().into(),
+        "--cmdline".into(),
+        cmdline.trim().into(),
+        "--mem".into(),
+        "512M".into(),
+    ]
+}
+
+fn run_twinvm(args: &[String]) -> Finished {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Running::spawn(&args).finish(timeout())
 }
 
 /// Build (or reuse) the image and return its directory.
@@ -37,39 +86,13 @@ fn build_image() -> PathBuf {
 
 #[test]
 fn debian_cloud_kernel_boots_to_userspace_and_powers_off() {
-    if !enabled() {
-        // Straight to the stderr handle: the test harness captures
-        // `println!`, and a skip must be visible in a normal `cargo test`.
-        let _ = writeln!(
-            std::io::stderr(),
-            "linux_boot: SKIPPED (set TWINVM_LINUX_TESTS=1 to build the Debian kernel image and boot it; slow)"
-        );
+    if !enabled("linux_boot") {
         return;
     }
-    let timeout = Duration::from_secs(
-        std::env::var("TWINVM_LINUX_TIMEOUT")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(2400),
-    );
-    let dir = build_image();
-    let cmdline = std::fs::read_to_string(dir.join("cmdline")).expect("read OUTDIR/cmdline");
-    let kernel = dir.join("vmlinux");
-    let initrd = dir.join("initrd.img");
+    let mut args = vec!["run".to_string(), "--stats".into()];
+    args.extend(guest_args());
     let started = Instant::now();
-    let vm = Running::spawn(&[
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--cmdline",
-        cmdline.trim(),
-        "--mem",
-        "512M",
-        "--stats",
-    ]);
-    let out = vm.finish(timeout);
+    let out = run_twinvm(&args);
     let wall = started.elapsed();
     println!("linux_boot: wall time {wall:.1?}");
     println!("linux_boot: stderr: {}", out.stderr.trim_end());
@@ -98,4 +121,58 @@ fn debian_cloud_kernel_boots_to_userspace_and_powers_off() {
 fn tail(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+#[test]
+fn debian_cloud_kernel_boot_records_and_replays_identically() {
+    if !enabled("linux_record_replay") {
+        return;
+    }
+    let dir = TempDir::new("linux-rr");
+    let log = dir.0.join("linux-boot.log").to_str().unwrap().to_string();
+    let mut record = vec!["record".to_string(), "--log".into(), log.clone()];
+    // Sync points only where a timer is 2 ms overdue: fewer kicks into the
+    // slow (emulated) kernel, same coverage of user-mode stretches.
+    record.extend(["--sync-bound-us".into(), "2000".into()]);
+    record.extend(guest_args());
+    let started = Instant::now();
+    let rec = run_twinvm(&record);
+    println!(
+        "linux_record_replay: record wall {:.1?}: {}",
+        started.elapsed(),
+        rec.stderr.trim_end()
+    );
+    assert!(rec.status.success(), "record failed: {}", rec.stderr);
+    assert!(
+        rec.stdout.contains("TWINVM-LINUX-UP") && rec.stdout.contains("TWINVM-POWEROFF"),
+        "the recorded boot did not reach its markers; console tail: {}",
+        tail(&rec.stdout)
+    );
+    let mut replay = vec!["replay".to_string(), "--log".into(), log];
+    replay.extend(guest_args());
+    let started = Instant::now();
+    let rep = run_twinvm(&replay);
+    println!(
+        "linux_record_replay: replay wall {:.1?}: {}",
+        started.elapsed(),
+        rep.stderr.trim_end()
+    );
+    assert!(rep.status.success(), "replay failed: {}", rep.stderr);
+    assert!(
+        rep.stdout
+            .contains("replay: final state identical to the recording"),
+        "{}",
+        rep.stderr
+    );
+    let console: String = rep
+        .stdout
+        .lines()
+        .filter(|l| !l.starts_with("replay: "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(
+        console == rec.stdout,
+        "the replayed console differs; replay tail: {}",
+        tail(&console)
+    );
 }

@@ -93,12 +93,13 @@ fn summary(report: &RunReport) -> String {
     let s = &report.stats;
     let secs = report.wall.as_secs_f64().max(1e-9);
     format!(
-        "{} landmarks, {} interrupts, {} sync points ({} pages), {} trapped time reads, {} digests ({} pages, {:.1} ms), {} log records, {} log bytes ({:.0} B/s), {:.3} s",
+        "{} landmarks, {} interrupts, {} sync points ({} pages), {} trapped time reads, {} random reads, {} digests ({} pages, {:.1} ms), {} log records, {} log bytes ({:.0} B/s), {:.3} s",
         s.landmarks,
         s.interrupts_injected,
         s.sync_points,
         s.sync_point_pages,
         s.time_reads,
+        s.random_reads,
         s.digests,
         s.digest_pages,
         s.digest_time.as_secs_f64() * 1e3,

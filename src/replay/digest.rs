@@ -9,13 +9,14 @@ use std::collections::BTreeSet;
 use super::log::{CpuStateBytes, PageHash, PAGE_SIZE};
 
 /// Hash of the architectural vCPU state: general registers, special
-/// registers and FPU/SSE state. (`kvm_vcpu_events` is left out: it holds
-/// host-side bookkeeping that legitimately differs between hosts.)
+/// registers, FPU/SSE state and the saved MSRs. (`kvm_vcpu_events` is left
+/// out: it holds host-side bookkeeping that legitimately differs between hosts.)
 pub fn cpu_hash(cpu: &CpuStateBytes) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     h.update(&cpu.regs);
     h.update(&cpu.sregs);
     h.update(&cpu.fpu);
+    h.update(&cpu.msrs);
     h.finalize().into()
 }
 
@@ -115,10 +116,14 @@ mod tests {
             sregs: vec![0; 312],
             fpu: vec![0; 416],
             events: vec![0; 64],
+            msrs: vec![0; 12],
         };
         let mut other = cpu.clone();
         other.fpu[100] = 1;
         assert_ne!(cpu_hash(&cpu), cpu_hash(&other));
+        let mut msr = cpu.clone();
+        msr.msrs[11] = 1;
+        assert_ne!(cpu_hash(&cpu), cpu_hash(&msr));
         let mut events = cpu.clone();
         events.events[0] = 1;
         assert_eq!(cpu_hash(&cpu), cpu_hash(&events));

@@ -11,12 +11,15 @@ use thiserror::Error;
 /// First bytes of every log.
 pub const LOG_MAGIC: [u8; 8] = *b"TWINVMLG";
 /// Format version this build writes and reads.
-pub const LOG_VERSION: u16 = 1;
+pub const LOG_VERSION: u16 = 2;
 /// No frame is larger than this; a corrupted length cannot make the reader
 /// allocate gigabytes.
 pub const MAX_FRAME_BYTES: u32 = 256 << 20;
 /// Guest page size; sync points carry whole pages.
 pub const PAGE_SIZE: usize = 4096;
+/// Most pages one sync point may carry (256 MiB uncompressed); bounds what a
+/// corrupted count makes the reader allocate.
+const MAX_SYNC_PAGES: usize = MAX_FRAME_BYTES as usize / PAGE_SIZE;
 
 const KIND_HEADER: u8 = 0x01;
 const KIND_IO_TIME: u8 = 0x10;
@@ -24,6 +27,7 @@ const KIND_POLL: u8 = 0x11;
 const KIND_SERIAL_INPUT: u8 = 0x12;
 const KIND_INTERRUPT: u8 = 0x13;
 const KIND_TIME_READ: u8 = 0x14;
+const KIND_RANDOM: u8 = 0x15;
 const KIND_SYNC_POINT: u8 = 0x20;
 const KIND_DIGEST: u8 = 0x21;
 const KIND_END: u8 = 0x30;
@@ -42,13 +46,16 @@ pub struct LogHeader {
 }
 
 /// vCPU state as the raw bytes of KVM's x86-64 uapi structs (`kvm_regs`,
-/// `kvm_sregs`, `kvm_fpu`, `kvm_vcpu_events`); the codec does not interpret them.
+/// `kvm_sregs`, `kvm_fpu`, `kvm_vcpu_events`) and the MSRs a guest changes
+/// without exits; the codec does not interpret them.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CpuStateBytes {
     pub regs: Vec<u8>,
     pub sregs: Vec<u8>,
     pub fpu: Vec<u8>,
     pub events: Vec<u8>,
+    /// `(u32 index, u64 value)` little-endian pairs, 12 bytes each.
+    pub msrs: Vec<u8>,
 }
 
 /// One guest page's hash in a digest.
@@ -79,11 +86,15 @@ pub enum Record {
     Interrupt { landmark: u64, vector: u8 },
     /// A trapped time read (RDTSC at a planted trap) returned `value`.
     TimeRead { landmark: u64, value: u64 },
+    /// A RDRAND/RDSEED that reached the VMM returned `value` (CF=1).
+    Random { landmark: u64, value: u64 },
     /// The primary stopped the guest at an arbitrary point, which became this
-    /// landmark: full vCPU state and the pages written since the previous sync point.
+    /// landmark: full vCPU state, the VMM's own state that can change between
+    /// landmarks (opaque here), and the pages written since the previous sync point.
     SyncPoint {
         landmark: u64,
         cpu: Box<CpuStateBytes>,
+        vmm_state: Vec<u8>,
         pages: Vec<(u64, Vec<u8>)>,
     },
     /// State digest at this landmark: vCPU hash and the hashes of pages
@@ -105,6 +116,7 @@ impl Record {
             | Record::SerialInput { landmark, .. }
             | Record::Interrupt { landmark, .. }
             | Record::TimeRead { landmark, .. }
+            | Record::Random { landmark, .. }
             | Record::SyncPoint { landmark, .. }
             | Record::Digest { landmark, .. }
             | Record::End { landmark, .. } => *landmark,
@@ -119,6 +131,7 @@ impl Record {
             Record::SerialInput { .. } => "serial-input",
             Record::Interrupt { .. } => "interrupt",
             Record::TimeRead { .. } => "time-read",
+            Record::Random { .. } => "random",
             Record::SyncPoint { .. } => "sync-point",
             Record::Digest { .. } => "digest",
             Record::End { .. } => "end",
@@ -277,9 +290,15 @@ fn encode_record(r: &Record) -> (u8, Vec<u8>) {
             e.u64(*value);
             KIND_TIME_READ
         }
+        Record::Random { landmark, value } => {
+            e.u64(*landmark);
+            e.u64(*value);
+            KIND_RANDOM
+        }
         Record::SyncPoint {
             landmark,
             cpu,
+            vmm_state,
             pages,
         } => {
             e.u64(*landmark);
@@ -287,11 +306,17 @@ fn encode_record(r: &Record) -> (u8, Vec<u8>) {
             e.bytes(&cpu.sregs);
             e.bytes(&cpu.fpu);
             e.bytes(&cpu.events);
+            e.bytes(&cpu.msrs);
+            e.bytes(vmm_state);
             e.u32(pages.len() as u32);
+            let mut contents = Vec::with_capacity(pages.len() * PAGE_SIZE);
             for (gpa, data) in pages {
                 e.u64(*gpa);
-                e.0.extend_from_slice(data);
+                contents.extend_from_slice(data);
             }
+            // Page contents compress well (zeroed and sparse pages, page
+            // tables); LZ4 is fast enough to stay off the critical path.
+            e.bytes(&lz4_flex::block::compress(&contents));
             KIND_SYNC_POINT
         }
         Record::Digest {
@@ -340,25 +365,52 @@ fn decode_record(kind: u8, d: &mut Dec) -> Result<Record, String> {
             landmark,
             value: d.u64()?,
         },
+        KIND_RANDOM => Record::Random {
+            landmark,
+            value: d.u64()?,
+        },
         KIND_SYNC_POINT => {
             let cpu = CpuStateBytes {
                 regs: d.bytes()?,
                 sregs: d.bytes()?,
                 fpu: d.bytes()?,
                 events: d.bytes()?,
+                msrs: d.bytes()?,
             };
+            let vmm_state = d.bytes()?;
             let n = d.u32()? as usize;
-            let mut pages = Vec::with_capacity(n.min(1 << 16));
+            if n > MAX_SYNC_PAGES {
+                return Err(format!(
+                    "{n} pages is more than a sync point can hold ({MAX_SYNC_PAGES})"
+                ));
+            }
+            let mut gpas = Vec::with_capacity(n);
             for _ in 0..n {
                 let gpa = d.u64()?;
                 if gpa % PAGE_SIZE as u64 != 0 {
                     return Err(format!("page address {gpa:#x} is not page aligned"));
                 }
-                pages.push((gpa, d.take(PAGE_SIZE)?.to_vec()));
+                gpas.push(gpa);
             }
+            let packed = d.bytes()?;
+            let mut contents = vec![0u8; n * PAGE_SIZE];
+            let unpacked = lz4_flex::block::decompress_into(&packed, &mut contents)
+                .map_err(|e| format!("page contents do not decompress: {e}"))?;
+            if unpacked != contents.len() {
+                return Err(format!(
+                    "page contents decompress to {unpacked} bytes, expected {}",
+                    contents.len()
+                ));
+            }
+            let pages = gpas
+                .into_iter()
+                .zip(contents.chunks_exact(PAGE_SIZE))
+                .map(|(gpa, data)| (gpa, data.to_vec()))
+                .collect();
             Record::SyncPoint {
                 landmark,
                 cpu: Box::new(cpu),
+                vmm_state,
                 pages,
             }
         }
@@ -396,6 +448,15 @@ fn decode_record(kind: u8, d: &mut Dec) -> Result<Record, String> {
 /// Frame: u32 length of (kind + payload), kind byte, payload, CRC-32 of all
 /// the preceding bytes of the frame.
 fn write_frame(out: &mut impl Write, kind: u8, payload: &[u8]) -> io::Result<u64> {
+    if payload.len() as u64 + 1 > u64::from(MAX_FRAME_BYTES) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "a {}-byte record exceeds the log's frame limit of {MAX_FRAME_BYTES} bytes",
+                payload.len()
+            ),
+        ));
+    }
     let len = payload.len() as u32 + 1;
     let mut frame = Vec::with_capacity(payload.len() + 9);
     frame.extend_from_slice(&len.to_le_bytes());
@@ -617,6 +678,10 @@ mod tests {
                 landmark: 9,
                 value: u64::MAX - 1,
             },
+            Record::Random {
+                landmark: 9,
+                value: 0x1234_5678_9abc_def0,
+            },
             Record::SyncPoint {
                 landmark: 10,
                 cpu: Box::new(CpuStateBytes {
@@ -624,7 +689,9 @@ mod tests {
                     sregs: vec![2; 312],
                     fpu: vec![3; 416],
                     events: vec![4; 64],
+                    msrs: vec![7; 24],
                 }),
+                vmm_state: vec![8, 9],
                 pages: vec![
                     (0x1000, vec![0xaa; PAGE_SIZE]),
                     (0x7000, vec![0x55; PAGE_SIZE]),
@@ -653,7 +720,7 @@ mod tests {
         let (bytes, records) = w.written();
         let out = w.into_inner();
         assert_eq!(bytes, out.len() as u64);
-        assert_eq!(records, 8);
+        assert_eq!(records, 9);
         out
     }
 
@@ -714,8 +781,42 @@ mod tests {
         let full = encoded();
         let err = read_all(&full[..full.len() - 3]).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("truncated in record 7"), "{msg}");
+        assert!(msg.contains("truncated in record 8"), "{msg}");
         assert!(msg.contains("landmark Some(10)"), "{msg}");
+    }
+
+    /// A sync point with a valid frame (so the CRC passes) but bad insides.
+    fn sync_point_frame(pages: u32, packed: &[u8]) -> Vec<u8> {
+        let mut out = LogWriter::new(Vec::new(), &header()).unwrap().into_inner();
+        let mut e = Enc::default();
+        e.u64(5);
+        // regs, sregs, fpu, events, msrs, VMM state
+        for _ in 0..6 {
+            e.bytes(&[]);
+        }
+        e.u32(pages);
+        for i in 0..pages.min(4) {
+            e.u64(u64::from(i) * PAGE_SIZE as u64);
+        }
+        e.bytes(packed);
+        write_frame(&mut out, KIND_SYNC_POINT, &e.0).unwrap();
+        out
+    }
+
+    #[test]
+    fn sync_point_contents_are_checked_after_the_checksum() {
+        let packed = lz4_flex::block::compress(&vec![0u8; 2 * PAGE_SIZE]);
+        let ok = sync_point_frame(2, &packed);
+        read_all(&ok).unwrap();
+        // Contents that decompress to less than the pages named.
+        let err = read_all(&sync_point_frame(3, &packed)).unwrap_err();
+        assert!(matches!(err, LogError::Malformed { .. }), "{err}");
+        // Garbage instead of LZ4.
+        let err = read_all(&sync_point_frame(2, &[0xff; 40])).unwrap_err();
+        assert!(err.to_string().contains("do not decompress"), "{err}");
+        // A page count no frame could back is refused before allocating.
+        let err = read_all(&sync_point_frame(u32::MAX, &packed)).unwrap_err();
+        assert!(err.to_string().contains("more than a sync point"), "{err}");
     }
 
     #[test]

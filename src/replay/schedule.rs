@@ -55,10 +55,6 @@ impl<R: Read> Schedule<R> {
         }
     }
 
-    pub fn header(&self) -> &super::log::LogHeader {
-        self.reader.header()
-    }
-
     pub fn records_read(&self) -> u64 {
         self.records_read
     }
@@ -138,6 +134,7 @@ mod tests {
         Record::SyncPoint {
             landmark,
             cpu: Box::new(CpuStateBytes::default()),
+            vmm_state: vec![],
             pages: vec![],
         }
     }

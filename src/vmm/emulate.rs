@@ -42,6 +42,35 @@ pub enum Emulated {
     /// The guest must take this exception (RIP already set as the CPU would:
     /// after the instruction for traps such as #BP, at it for faults).
     Exception { vector: u8, error_code: Option<u32> },
+    /// RDRAND/RDSEED: nothing done yet. The caller draws (primary) or takes
+    /// from the log (backup) a value and finishes with [`complete_random`].
+    NeedsRandom(RandomRequest),
+}
+
+/// A RDRAND/RDSEED waiting for its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RandomRequest {
+    /// Destination register (its size is the operand size).
+    pub dest: Register,
+    /// RDSEED (full-entropy seed) rather than RDRAND.
+    pub seed: bool,
+    /// RIP after the instruction.
+    pub next_rip: u64,
+}
+
+/// Finish a RDRAND/RDSEED with `value`: the destination gets the value cut
+/// to its size, CF=1 ("valid random number") and the other arithmetic flags
+/// clear, as the CPU does.
+pub fn complete_random(
+    cpu: &mut impl GuestCpu,
+    request: RandomRequest,
+    value: u64,
+) -> Result<(), EmulateError> {
+    let mut regs = cpu.regs()?;
+    write_gpr(&mut regs, request.dest, value);
+    regs.rflags = (regs.rflags & !ARITH_FLAGS) | FLAG_CF;
+    regs.rip = request.next_rip;
+    cpu.set_regs(&regs)
 }
 
 /// Why the fallback could not go on.
@@ -168,15 +197,11 @@ pub fn emulate(cpu: &mut impl GuestCpu, bytes: &[u8]) -> Result<Emulated, Emulat
             cpu.set_regs(&regs)?;
             Emulated::Performed
         }
-        Mnemonic::Rdrand | Mnemonic::Rdseed => {
-            // CF=0 is the architected "no random number available now";
-            // guests retry or fall back. Deterministic, so replicas agree.
-            write_gpr(&mut regs, insn.op0_register(), 0);
-            regs.rflags &= !ARITH_FLAGS;
-            regs.rip = next;
-            cpu.set_regs(&regs)?;
-            Emulated::Performed
-        }
+        Mnemonic::Rdrand | Mnemonic::Rdseed => Emulated::NeedsRandom(RandomRequest {
+            dest: insn.op0_register(),
+            seed: insn.mnemonic() == Mnemonic::Rdseed,
+            next_rip: next,
+        }),
         Mnemonic::Ldmxcsr => {
             let addr = memory_address(cpu, &regs, &insn, 0)?;
             let mut buf = [0u8; 4];
@@ -519,12 +544,30 @@ mod tests {
         let mut cpu = TestCpu::new(0x1000);
         emulate(&mut cpu, &[0x9b]).unwrap();
         assert_eq!(cpu.regs.rip, 0x1001);
-        cpu.regs.rax = 7;
-        cpu.regs.rflags = 2 | FLAG_CF;
-        // rdrand eax: no entropy (CF=0), eax=0
-        emulate(&mut cpu, &[0x0f, 0xc7, 0xf0]).unwrap();
-        assert_eq!(cpu.regs.rax, 0);
-        assert_eq!(cpu.regs.rflags & FLAG_CF, 0);
+        cpu.regs.rax = 0xffff_ffff_0000_0007;
+        cpu.regs.rflags = 2 | FLAG_ZF;
+        // rdrand eax: asks for a value and changes nothing yet.
+        let Emulated::NeedsRandom(request) = emulate(&mut cpu, &[0x0f, 0xc7, 0xf0]).unwrap() else {
+            panic!("rdrand must ask for a value");
+        };
+        assert_eq!(request.dest, Register::EAX);
+        assert!(!request.seed);
+        assert_eq!(request.next_rip, 0x1004);
+        assert_eq!(cpu.regs.rip, 0x1001);
+        complete_random(&mut cpu, request, 0x1234_5678_9abc_def0).unwrap();
+        // A 32-bit destination is zero-extended; CF=1, ZF cleared.
+        assert_eq!(cpu.regs.rax, 0x9abc_def0);
+        assert_eq!(cpu.regs.rflags, 2 | FLAG_CF);
+        assert_eq!(cpu.regs.rip, 0x1004);
+        // rdseed cx (66 0f c7 f9): a 16-bit destination keeps the rest.
+        cpu.regs.rcx = 0xaaaa_bbbb_cccc_dddd;
+        let Emulated::NeedsRandom(request) = emulate(&mut cpu, &[0x66, 0x0f, 0xc7, 0xf9]).unwrap()
+        else {
+            panic!("rdseed must ask for a value");
+        };
+        assert!(request.seed);
+        complete_random(&mut cpu, request, 0x1234_5678_9abc_def0).unwrap();
+        assert_eq!(cpu.regs.rcx, 0xaaaa_bbbb_cccc_def0);
     }
 
     #[test]

@@ -7,13 +7,18 @@ use vm_memory::{Bytes, GuestAddress};
 use super::emulate::{EmulateError, GuestCpu};
 use super::vm::Vm;
 
+fn vcpu_err(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> EmulateError {
+    move |e| EmulateError::Vcpu(format!("{what}: {e}"))
+}
+
 /// The vCPU and its memory as the emulation fallback sees them.
 pub struct KvmGuestCpu<'a> {
     pub vm: &'a Vm,
 }
 
 impl KvmGuestCpu<'_> {
-    fn translate(&self, gva: u64) -> Result<u64, EmulateError> {
+    /// KVM's translation of `gva` through the guest's page tables, if mapped.
+    fn translation(&self, gva: u64) -> Result<kvm_bindings::kvm_translation, EmulateError> {
         let t = self
             .vm
             .vcpu
@@ -22,7 +27,11 @@ impl KvmGuestCpu<'_> {
         if t.valid == 0 {
             return Err(EmulateError::Unmapped(gva));
         }
-        Ok(t.physical_address)
+        Ok(t)
+    }
+
+    fn translate(&self, gva: u64) -> Result<u64, EmulateError> {
+        Ok(self.translation(gva)?.physical_address)
     }
 
     /// Visit `len` bytes at `gva` page by page as (guest physical, offset, size).
@@ -46,35 +55,19 @@ impl KvmGuestCpu<'_> {
 
 impl GuestCpu for KvmGuestCpu<'_> {
     fn regs(&mut self) -> Result<kvm_regs, EmulateError> {
-        self.vm
-            .vcpu
-            .get_regs()
-            .map_err(|e| EmulateError::Vcpu(format!("get regs: {e}")))
+        self.vm.vcpu.get_regs().map_err(vcpu_err("get regs"))
     }
     fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), EmulateError> {
-        self.vm
-            .vcpu
-            .set_regs(regs)
-            .map_err(|e| EmulateError::Vcpu(format!("set regs: {e}")))
+        self.vm.vcpu.set_regs(regs).map_err(vcpu_err("set regs"))
     }
     fn fpu(&mut self) -> Result<kvm_fpu, EmulateError> {
-        self.vm
-            .vcpu
-            .get_fpu()
-            .map_err(|e| EmulateError::Vcpu(format!("get FPU: {e}")))
+        self.vm.vcpu.get_fpu().map_err(vcpu_err("get FPU"))
     }
     fn set_fpu(&mut self, fpu: &kvm_fpu) -> Result<(), EmulateError> {
-        self.vm
-            .vcpu
-            .set_fpu(fpu)
-            .map_err(|e| EmulateError::Vcpu(format!("set FPU: {e}")))
+        self.vm.vcpu.set_fpu(fpu).map_err(vcpu_err("set FPU"))
     }
     fn segment_base(&mut self, seg: Register) -> Result<u64, EmulateError> {
-        let sregs = self
-            .vm
-            .vcpu
-            .get_sregs()
-            .map_err(|e| EmulateError::Vcpu(format!("get sregs: {e}")))?;
+        let sregs = self.vm.vcpu.get_sregs().map_err(vcpu_err("get sregs"))?;
         Ok(match seg {
             Register::FS => sregs.fs.base,
             Register::GS => sregs.gs.base,
@@ -89,15 +82,7 @@ impl GuestCpu for KvmGuestCpu<'_> {
         })
     }
     fn is_writable(&mut self, gva: u64) -> Result<bool, EmulateError> {
-        let t = self
-            .vm
-            .vcpu
-            .translate_gva(gva)
-            .map_err(|e| EmulateError::Vcpu(format!("translate {gva:#x}: {e}")))?;
-        if t.valid == 0 {
-            return Err(EmulateError::Unmapped(gva));
-        }
-        Ok(t.writeable != 0)
+        Ok(self.translation(gva)?.writeable != 0)
     }
     fn write_virt(&mut self, gva: u64, data: &[u8]) -> Result<(), EmulateError> {
         let vm = self.vm;

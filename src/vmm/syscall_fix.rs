@@ -30,6 +30,8 @@ use iced_x86::{Decoder, DecoderOptions, Mnemonic};
 use kvm_bindings::{kvm_msr_entry, kvm_segment, Msrs};
 use vm_memory::{Bytes, GuestAddress};
 
+use super::emulate::{EmulateError, GuestCpu};
+use super::guest_cpu::KvmGuestCpu;
 use super::vm::Vm;
 
 pub const MSR_STAR: u32 = 0xc000_0081;
@@ -168,6 +170,10 @@ pub enum SyscallFixError {
     Kvm(&'static str, vmm_sys_util::errno::Error),
     #[error("syscall fix: guest address {0:#x} is not mapped")]
     Unmapped(u64),
+    #[error("syscall fix: saved state of {0} bytes is malformed (from a sync point)")]
+    BadState(usize),
+    #[error("syscall fix: {0}")]
+    Guest(#[from] EmulateError),
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> SyscallFixError {
@@ -175,23 +181,7 @@ fn kvm(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> Syscall
 }
 
 fn read_virt(vm: &Vm, gva: u64, buf: &mut [u8]) -> Result<(), SyscallFixError> {
-    let mut done = 0;
-    while done < buf.len() {
-        let addr = gva + done as u64;
-        let size = ((0x1000 - (addr & 0xfff)) as usize).min(buf.len() - done);
-        let t = vm.vcpu.translate_gva(addr).map_err(kvm("translate"))?;
-        if t.valid == 0 {
-            return Err(SyscallFixError::Unmapped(addr));
-        }
-        vm.mem
-            .read_slice(
-                &mut buf[done..done + size],
-                GuestAddress(t.physical_address),
-            )
-            .map_err(|_| SyscallFixError::Unmapped(addr))?;
-        done += size;
-    }
-    Ok(())
+    Ok(KvmGuestCpu { vm }.read_virt(gva, buf)?)
 }
 
 fn read_msr(vm: &Vm, index: u32) -> Result<u64, SyscallFixError> {
@@ -207,6 +197,43 @@ fn read_msr(vm: &Vm, index: u32) -> Result<u64, SyscallFixError> {
 impl SyscallFix {
     /// Emulation failures between checks of the planted trap once it is in.
     const RECHECK_EVERY: u64 = 256;
+
+    /// Size of [`SyscallFix::save`]'s output.
+    pub const STATE_BYTES: usize = 26;
+
+    /// The state a backup needs when it loads a sync point instead of
+    /// executing to it: the primary may have planted the trap, or counted
+    /// failures, in between. Layout (little-endian): u64 failures seen,
+    /// u8 planted (0/1), u64 trap address, u64 replaced length, u8 clac.
+    pub fn save(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(Self::STATE_BYTES);
+        b.extend_from_slice(&self.failures_seen.to_le_bytes());
+        let trap = self.entry_trap.unwrap_or(EntryTrap {
+            addr: 0,
+            replaced_len: 0,
+            replaced_clac: false,
+        });
+        b.push(u8::from(self.entry_trap.is_some()));
+        b.extend_from_slice(&trap.addr.to_le_bytes());
+        b.extend_from_slice(&trap.replaced_len.to_le_bytes());
+        b.push(u8::from(trap.replaced_clac));
+        b
+    }
+
+    /// Load what [`SyscallFix::save`] wrote.
+    pub fn restore(&mut self, b: &[u8]) -> Result<(), SyscallFixError> {
+        if b.len() != Self::STATE_BYTES || b[8] > 1 || b[25] > 1 {
+            return Err(SyscallFixError::BadState(b.len()));
+        }
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        self.failures_seen = u64_at(0);
+        self.entry_trap = (b[8] == 1).then(|| EntryTrap {
+            addr: u64_at(9),
+            replaced_len: u64_at(17),
+            replaced_clac: b[25] == 1,
+        });
+        Ok(())
+    }
 
     /// Called at every emulation failure: plant the #PF-entry trap if the
     /// guest has a suitable handler and the trap is not (still) there.
@@ -310,6 +337,34 @@ impl SyscallFix {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_for_sync_points_round_trips_and_rejects_garbage() {
+        let mut fix = SyscallFix {
+            entry_trap: Some(EntryTrap {
+                addr: 0xffff_ffff_8160_0a30,
+                replaced_len: 3,
+                replaced_clac: true,
+            }),
+            failures_seen: 513,
+        };
+        let saved = fix.save();
+        assert_eq!(saved.len(), SyscallFix::STATE_BYTES);
+        let mut other = SyscallFix::default();
+        other.restore(&saved).unwrap();
+        assert_eq!(other.save(), saved);
+        // An unplanted fix restores to unplanted.
+        fix.restore(&SyscallFix::default().save()).unwrap();
+        assert!(fix.entry_trap.is_none());
+        assert_eq!(fix.failures_seen, 0);
+        assert!(matches!(
+            other.restore(&saved[..10]),
+            Err(SyscallFixError::BadState(10))
+        ));
+        let mut bad_flag = saved.clone();
+        bad_flag[8] = 7;
+        assert!(other.restore(&bad_flag).is_err());
+    }
 
     #[test]
     fn gate_targets_assemble_all_three_offset_parts() {

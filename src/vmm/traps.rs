@@ -1,41 +1,51 @@
-//! Planted time traps: RDTSC/RDTSCP in the guest kernel rewritten to `int3`.
+//! Planted traps: RDTSC/RDTSCP and RDRAND/RDSEED in the guest kernel
+//! rewritten to `int3`.
 //!
-//! RDTSC cannot be trapped through the KVM API, and a guest that reads the
-//! TSC directly would make the replicas diverge. Before boot, twinvm decodes
-//! the kernel's executable ELF sections (`.text`, `.init.text` and the
-//! alternative-replacement sections, so patched-in variants are covered too),
-//! and replaces every `rdtsc` with `int3; nop` and every `rdtscp` with
-//! `int3; nop; nop`. On these hosts an int3 at CPL0 ends KVM_RUN as an
-//! emulation failure at that RIP (host-notes.md); the vCPU loop recognises its
-//! own sites by RIP, performs the read (a logged value) and makes it a
-//! landmark. An int3 at any other RIP is the guest's own and is reflected.
+//! None of them can be trapped through the KVM API here (RDRAND at CPL0 runs
+//! on the host's CPU without an exit, measured), and a guest that reads the
+//! TSC or the host's entropy directly would make the replicas diverge. Before
+//! boot, twinvm decodes the kernel's executable ELF sections (`.text`,
+//! `.init.text` and the alternative-replacement sections, so patched-in
+//! variants are covered too), and replaces each such instruction with `int3`
+//! followed by `nop`s to its length. On these hosts an int3 at CPL0 ends
+//! KVM_RUN as an emulation failure at that RIP (host-notes.md); the vCPU loop
+//! recognises its own sites by RIP, performs the read (a logged value) and
+//! makes it a landmark. An int3 at any other RIP is the guest's own and is
+//! reflected.
 //!
 //! User-mode code is never patched (an int3 at CPL3 goes straight to the
-//! guest): user-mode RDTSC stays untrappable and is caught by the digests.
+//! guest): user-mode RDTSC/RDRAND stay untrappable and are caught by the digests.
 //! Sans-IO: works on the image bytes.
 
 use std::collections::HashMap;
 
-use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+use iced_x86::{Decoder, DecoderOptions, Mnemonic, Register};
 
-/// Which time instruction a trap stands for.
+/// Which instruction a trap stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TimeTrap {
+pub enum PlantedTrap {
     Rdtsc,
     Rdtscp,
+    /// RDRAND (`seed` false) or RDSEED into `dest`, `len` bytes long.
+    Random {
+        dest: Register,
+        seed: bool,
+        len: u8,
+    },
 }
 
-impl TimeTrap {
+impl PlantedTrap {
     /// Bytes the original instruction occupied (and the trap replaces).
     pub fn instruction_len(self) -> u64 {
         match self {
-            TimeTrap::Rdtsc => 2,
-            TimeTrap::Rdtscp => 3,
+            PlantedTrap::Rdtsc => 2,
+            PlantedTrap::Rdtscp => 3,
+            PlantedTrap::Random { len, .. } => u64::from(len),
         }
     }
 }
 
-/// Sections scanned for time reads: kernel code and the alternatives
+/// Sections scanned for trap sites: kernel code and the alternatives
 /// that may be copied over it at boot.
 pub const SCANNED_SECTIONS: &[&str] = &[
     ".text",
@@ -118,14 +128,22 @@ fn sections(elf: &[u8], wanted: &[&str], code_only: bool) -> Vec<CodeSection> {
     parse().unwrap_or_default()
 }
 
-/// Time reads in `code` (loaded at `addr`), found by linear decoding.
-pub fn find_time_reads(code: &[u8], addr: u64) -> Vec<(u64, TimeTrap)> {
+/// Time and entropy reads in `code` (loaded at `addr`), found by linear decoding.
+pub fn find_trap_sites(code: &[u8], addr: u64) -> Vec<(u64, PlantedTrap)> {
     let mut decoder = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
     let mut found = Vec::new();
     for insn in &mut decoder {
         match insn.mnemonic() {
-            Mnemonic::Rdtsc if insn.len() == 2 => found.push((insn.ip(), TimeTrap::Rdtsc)),
-            Mnemonic::Rdtscp if insn.len() == 3 => found.push((insn.ip(), TimeTrap::Rdtscp)),
+            Mnemonic::Rdtsc if insn.len() == 2 => found.push((insn.ip(), PlantedTrap::Rdtsc)),
+            Mnemonic::Rdtscp if insn.len() == 3 => found.push((insn.ip(), PlantedTrap::Rdtscp)),
+            Mnemonic::Rdrand | Mnemonic::Rdseed => found.push((
+                insn.ip(),
+                PlantedTrap::Random {
+                    dest: insn.op0_register(),
+                    seed: insn.mnemonic() == Mnemonic::Rdseed,
+                    len: insn.len() as u8,
+                },
+            )),
             _ => {}
         }
     }
@@ -141,8 +159,8 @@ pub fn find_time_reads(code: &[u8], addr: u64) -> Vec<(u64, TimeTrap)> {
 /// every entry points into the replacement section is taken.
 pub fn alternative_sites(
     elf: &[u8],
-    replacement_traps: &[(u64, TimeTrap)],
-) -> Vec<(u64, TimeTrap)> {
+    replacement_traps: &[(u64, PlantedTrap)],
+) -> Vec<(u64, PlantedTrap)> {
     let found = sections(elf, &[".altinstructions", ".altinstr_replacement"], false);
     let (Some(table), Some(repl)) = (
         found.iter().find(|s| s.name == ".altinstructions"),
@@ -188,15 +206,15 @@ pub fn alternative_sites(
     sites
 }
 
-/// Rewrite every time read in the image's kernel sections into a trap.
+/// Rewrite every time and entropy read in the image's kernel sections into a trap.
 /// Returns the trap table keyed by guest virtual address; patches `elf` in
 /// place (the caller loads the patched image; the file is untouched).
-pub fn plant_time_traps(elf: &mut [u8]) -> HashMap<u64, TimeTrap> {
+pub fn plant_traps(elf: &mut [u8]) -> HashMap<u64, PlantedTrap> {
     let mut traps = HashMap::new();
     let mut replacement_traps = Vec::new();
     for section in code_sections(elf, SCANNED_SECTIONS) {
         let code = &elf[section.offset..section.offset + section.size];
-        let sites = find_time_reads(code, section.addr);
+        let sites = find_trap_sites(code, section.addr);
         for (addr, trap) in sites {
             let at = section.offset + (addr - section.addr) as usize;
             elf[at] = 0xcc;
@@ -215,7 +233,7 @@ pub fn plant_time_traps(elf: &mut [u8]) -> HashMap<u64, TimeTrap> {
         in_code = traps.len(),
         in_alternatives = replacement_traps.len(),
         copy_sites = copies.len(),
-        "time read sites"
+        "trap sites (time and entropy reads)"
     );
     for (addr, trap) in copies {
         traps.insert(addr, trap);
@@ -233,11 +251,48 @@ mod tests {
         let code = [
             0xb8, 1, 0, 0, 0, 0x0f, 0x31, 0x90, 0x0f, 0x01, 0xf9, 0xc3, 0xb8, 0x0f, 0x31, 0, 0,
         ];
-        let found = find_time_reads(&code, 0x1000);
+        let found = find_trap_sites(&code, 0x1000);
         assert_eq!(
             found,
-            vec![(0x1005, TimeTrap::Rdtsc), (0x1008, TimeTrap::Rdtscp)]
+            vec![(0x1005, PlantedTrap::Rdtsc), (0x1008, PlantedTrap::Rdtscp)]
         );
+    }
+
+    #[test]
+    fn linear_decoding_finds_rdrand_and_rdseed_with_their_destinations() {
+        // rdrand rax (48 0f c7 f0); rdseed cx (66 0f c7 f9); rdrand r9d (41 0f c7 f1)
+        let code = [
+            0x48, 0x0f, 0xc7, 0xf0, 0x66, 0x0f, 0xc7, 0xf9, 0x41, 0x0f, 0xc7, 0xf1,
+        ];
+        let found = find_trap_sites(&code, 0x1000);
+        let random = |dest, seed, len| PlantedTrap::Random { dest, seed, len };
+        assert_eq!(
+            found,
+            vec![
+                (0x1000, random(Register::RAX, false, 4)),
+                (0x1004, random(Register::CX, true, 4)),
+                (0x1008, random(Register::R9D, false, 4)),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_entropy_guest_has_its_kernel_rdrand_and_rdseed_trapped() {
+        let mut image = crate::guests::builtin("entropy")
+            .expect("entropy guest")
+            .to_vec();
+        let traps = plant_traps(&mut image);
+        let random = traps
+            .values()
+            .filter(|t| matches!(t, PlantedTrap::Random { .. }))
+            .count();
+        assert_eq!(random, 4, "{traps:?}");
+        // rdrand rax/eax/ax and rdseed rax: int3 plus nops to each length.
+        let planted = image
+            .windows(3)
+            .filter(|w| w[0] == 0xcc && w[1] == 0x90 && w[2] == 0x90)
+            .count();
+        assert!(planted >= 4, "{planted} trap byte runs");
     }
 
     /// A minimal ELF with `.altinstr_replacement` (one "lfence; rdtsc" at
@@ -284,10 +339,10 @@ mod tests {
     #[test]
     fn traps_in_alternatives_are_also_known_where_they_will_be_copied() {
         let mut elf = elf_with_alternatives();
-        let traps = plant_time_traps(&mut elf);
+        let traps = plant_traps(&mut elf);
         // The rdtsc in the replacement (0x2003) and its copy at 0x1010 + 3.
-        assert_eq!(traps.get(&0x2003), Some(&TimeTrap::Rdtsc));
-        assert_eq!(traps.get(&0x1013), Some(&TimeTrap::Rdtsc));
+        assert_eq!(traps.get(&0x2003), Some(&PlantedTrap::Rdtsc));
+        assert_eq!(traps.get(&0x1013), Some(&PlantedTrap::Rdtsc));
         assert_eq!(traps.len(), 2);
         assert_eq!(&elf[0x103..0x105], &[0xcc, 0x90]);
     }
@@ -297,7 +352,7 @@ mod tests {
         let mut elf = elf_with_alternatives();
         // Point the replacement offset far outside .altinstr_replacement.
         elf[0x184..0x188].copy_from_slice(&0x7fff_0000i32.to_le_bytes());
-        let traps = plant_time_traps(&mut elf);
+        let traps = plant_traps(&mut elf);
         assert_eq!(traps.len(), 1);
         assert!(traps.contains_key(&0x2003));
     }
@@ -305,7 +360,7 @@ mod tests {
     #[test]
     fn images_without_sections_plant_nothing() {
         let mut not_elf = vec![0x0f, 0x31, 0x0f, 0x31];
-        assert!(plant_time_traps(&mut not_elf).is_empty());
+        assert!(plant_traps(&mut not_elf).is_empty());
         assert_eq!(not_elf, vec![0x0f, 0x31, 0x0f, 0x31]);
         // Truncated section table: no panic, nothing found.
         let mut elf = b"\x7fELF".to_vec();
@@ -314,7 +369,7 @@ mod tests {
         elf[0x3a] = 64;
         elf[0x3c] = 3;
         elf[0x3e] = 1;
-        assert!(plant_time_traps(&mut elf).is_empty());
+        assert!(plant_traps(&mut elf).is_empty());
     }
 
     #[test]
@@ -322,10 +377,10 @@ mod tests {
         let mut storm = crate::guests::builtin("storm")
             .expect("storm guest")
             .to_vec();
-        let traps = plant_time_traps(&mut storm);
+        let traps = plant_traps(&mut storm);
         assert!(!traps.is_empty(), "storm has kernel-mode rdtsc");
         for (addr, trap) in &traps {
-            assert_eq!(*trap, TimeTrap::Rdtsc);
+            assert_eq!(*trap, PlantedTrap::Rdtsc);
             assert!(*addr >= 0x10_0000);
         }
         let mut user = crate::guests::builtin("rdtscuser")
@@ -333,7 +388,7 @@ mod tests {
             .to_vec();
         let before = user.clone();
         assert!(
-            plant_time_traps(&mut user).is_empty(),
+            plant_traps(&mut user).is_empty(),
             "user-mode rdtsc must stay as it is"
         );
         assert_eq!(user, before);

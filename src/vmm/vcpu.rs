@@ -34,11 +34,11 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 use zerocopy::FromBytes;
 
-use super::emulate::{self, EmulateError, Emulated, GuestCpu};
+use super::emulate::{self, EmulateError, Emulated, GuestCpu, RandomRequest};
 use super::guest_cpu::KvmGuestCpu;
 use super::sys::{self, Kicker};
 use super::syscall_fix::{SyscallFix, SyscallFixError};
-use super::traps::TimeTrap;
+use super::traps::PlantedTrap;
 use super::vm::{Vm, VmError};
 use crate::devices::platform::port_uses_time;
 use crate::devices::{Nanos, Platform, PlatformEvent};
@@ -103,6 +103,8 @@ pub struct ExitStats {
     /// Log bytes taken by sync points (recording only).
     pub sync_point_bytes: u64,
     pub time_reads: u64,
+    /// RDRAND/RDSEED values the VMM supplied (logged on the primary).
+    pub random_reads: u64,
     /// syscall/sysret privilege switches twinvm completed (syscall_fix.rs).
     pub syscall_fixes: u64,
     pub digests: u64,
@@ -156,6 +158,9 @@ pub enum RunError {
     /// Writing the log failed.
     #[error("writing the log: {0}")]
     LogWrite(std::io::Error),
+    /// The host could not supply a random number for RDRAND/RDSEED.
+    #[error("reading host entropy for the guest's RDRAND/RDSEED: {0}")]
+    HostRandom(std::io::Error),
     /// The log cannot be followed (corrupt, truncated, or the replay passed it).
     #[error(transparent)]
     Schedule(#[from] ScheduleError),
@@ -740,6 +745,7 @@ impl<W: Write> Engine<'_, '_, W> {
             self.log(Record::SyncPoint {
                 landmark: self.landmark,
                 cpu: Box::new(cpu.clone()),
+                vmm_state: self.syscall_fix.save(),
                 pages,
             })?;
             self.stats.sync_point_bytes += self.log_bytes_written() - before;
@@ -754,6 +760,7 @@ impl<W: Write> Engine<'_, '_, W> {
         let Record::SyncPoint {
             landmark,
             cpu,
+            vmm_state,
             pages,
         } = record
         else {
@@ -766,6 +773,7 @@ impl<W: Write> Engine<'_, '_, W> {
                 .map_err(|e| self.diverged(format!("sync point page {gpa:#x}: {e}")))?;
         }
         self.vm.set_cpu_state(&cpu)?;
+        self.syscall_fix.restore(&vmm_state)?;
         self.stats.sync_points += 1;
         self.stats.sync_point_pages += pages.len() as u64;
         self.landmark = landmark;
@@ -774,7 +782,7 @@ impl<W: Write> Engine<'_, '_, W> {
     }
 
     /// Emulation failures twinvm caused itself or finishes itself, before
-    /// the general fallback: a planted time trap (a landmark), the syscall
+    /// the general fallback: a planted time or entropy trap (a landmark), the syscall
     /// fix's #PF-entry trap, and `sysretq`. Returns whether it was one.
     fn own_emulation_failure(&mut self) -> Result<Option<bool>, RunError> {
         self.syscall_fix.ensure_planted(self.vm)?;
@@ -783,9 +791,21 @@ impl<W: Write> Engine<'_, '_, W> {
             .unwrap_or_default();
         if bytes.first() == Some(&0xcc) {
             let rip = self.vm.vcpu.get_regs().map_err(kvm_err("get regs"))?.rip;
-            if let Some(trap) = self.vm.time_traps.get(&rip).copied() {
-                self.time_trap(trap)?;
-                return Ok(Some(true));
+            match self.vm.planted_traps.get(&rip).copied() {
+                Some(PlantedTrap::Random { dest, seed, len }) => {
+                    let next_rip = rip + u64::from(len);
+                    self.random_read(RandomRequest {
+                        dest,
+                        seed,
+                        next_rip,
+                    })?;
+                    return Ok(Some(true));
+                }
+                Some(trap) => {
+                    self.time_trap(trap)?;
+                    return Ok(Some(true));
+                }
+                None => {}
             }
             if self.syscall_fix.on_trap(self.vm, rip)? {
                 self.stats.syscall_fixes += 1;
@@ -798,9 +818,34 @@ impl<W: Write> Engine<'_, '_, W> {
         Ok(None)
     }
 
+    /// A RDRAND/RDSEED at a planted trap or as an emulation failure: a
+    /// landmark. The primary performs it on the host and logs the value; the
+    /// backup takes the logged value.
+    fn random_read(&mut self, request: RandomRequest) -> Result<(), RunError> {
+        self.landmark += 1;
+        self.stats.random_reads += 1;
+        let value = match &mut self.mode {
+            Mode::Replay(schedule) => match schedule.take_at(self.landmark)? {
+                Some(Record::Random { value, .. }) => value,
+                other => {
+                    return Err(self.diverged(format!(
+                        "the guest executed RDRAND/RDSEED but the log holds {other:?}"
+                    )))
+                }
+            },
+            _ => sys::host_random(request.seed).map_err(RunError::HostRandom)?,
+        };
+        self.log(Record::Random {
+            landmark: self.landmark,
+            value,
+        })?;
+        emulate::complete_random(&mut KvmGuestCpu { vm: self.vm }, request, value)?;
+        Ok(())
+    }
+
     /// A planted time trap: a landmark whose value the primary reads from its
     /// clock (a 1 GHz virtual TSC: guest nanoseconds) and logs.
-    fn time_trap(&mut self, trap: TimeTrap) -> Result<(), RunError> {
+    fn time_trap(&mut self, trap: PlantedTrap) -> Result<(), RunError> {
         self.landmark += 1;
         self.stats.time_reads += 1;
         let value = clock_reading(
@@ -813,7 +858,7 @@ impl<W: Write> Engine<'_, '_, W> {
         let mut regs = self.vm.vcpu.get_regs().map_err(kvm_err("get regs"))?;
         regs.rax = value & 0xffff_ffff;
         regs.rdx = value >> 32;
-        if trap == TimeTrap::Rdtscp {
+        if trap == PlantedTrap::Rdtscp {
             regs.rcx = 0; // IA32_TSC_AUX: processor 0
         }
         regs.rip += trap.instruction_len();
@@ -1031,10 +1076,15 @@ impl<W: Write> Engine<'_, '_, W> {
                     Some(false) => continue,
                     None => {
                         self.stats.emulation_fallbacks += 1;
-                        if emulation_fallback(self.vm)? {
-                            self.stats.exceptions_injected += 1;
+                        match emulation_fallback(self.vm)? {
+                            Fallback::Performed => continue,
+                            Fallback::ExceptionInjected => {
+                                self.stats.exceptions_injected += 1;
+                                continue;
+                            }
+                            // Entropy: a landmark, like a time read.
+                            Fallback::NeedsRandom(request) => self.random_read(request)?,
                         }
-                        continue;
                     }
                 },
                 VcpuExit::X86Rdmsr(msr) => {
@@ -1049,7 +1099,6 @@ impl<W: Write> Engine<'_, '_, W> {
                         ClockUse::Tsc,
                     )?;
                 }
-                VcpuExit::IrqWindowOpen => continue,
                 other => return Err(RunError::UnexpectedExit(format!("{other:?}"))),
             }
             at_landmark = true;
@@ -1117,7 +1166,15 @@ pub fn run<W: Write>(
 
 /// Finish an instruction KVM's emulator gave up on. Returns whether an
 /// exception was injected into the guest.
-fn emulation_fallback(vm: &mut Vm) -> Result<bool, RunError> {
+/// What the general fallback did with an emulation failure.
+enum Fallback {
+    Performed,
+    ExceptionInjected,
+    /// RDRAND/RDSEED: the engine supplies the value at a landmark.
+    NeedsRandom(RandomRequest),
+}
+
+fn emulation_fallback(vm: &mut Vm) -> Result<Fallback, RunError> {
     let info = sys::internal_error(&mut vm.vcpu);
     let rip = vm.vcpu.get_regs().map_err(kvm_err("get regs"))?.rip;
     if info.suberror != sys::KVM_INTERNAL_ERROR_EMULATION {
@@ -1138,12 +1195,13 @@ fn emulation_fallback(vm: &mut Vm) -> Result<bool, RunError> {
         }
     };
     match emulate::emulate(&mut cpu, &bytes)? {
-        Emulated::Performed => Ok(false),
+        Emulated::Performed => Ok(Fallback::Performed),
         Emulated::Exception { vector, error_code } => {
             tracing::trace!("reflecting exception {vector} to the guest at RIP {rip:#x}");
             vm.inject_exception(vector, error_code)?;
-            Ok(true)
+            Ok(Fallback::ExceptionInjected)
         }
+        Emulated::NeedsRandom(request) => Ok(Fallback::NeedsRandom(request)),
     }
 }
 
@@ -1166,6 +1224,7 @@ mod tests {
             sregs: vec![],
             fpu: vec![],
             events: events.as_bytes().to_vec(),
+            msrs: vec![],
         }
     }
 

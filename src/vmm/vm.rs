@@ -4,8 +4,8 @@
 use std::cell::RefCell;
 
 use kvm_bindings::{
-    kvm_fpu, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events,
-    KVM_MEM_LOG_DIRTY_PAGES,
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events,
+    Msrs, KVM_MEM_LOG_DIRTY_PAGES,
 };
 use kvm_ioctls::{
     Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
@@ -19,7 +19,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use super::boot::{self, BootError, LoadedKernel};
 use super::cpuid;
 use super::layout::{ram_ranges, MAX_MEM_BYTES, MIN_MEM_BYTES};
-use super::traps::{self, TimeTrap};
+use super::traps::{self, PlantedTrap};
 use crate::replay::digest::DirtyPages;
 use crate::replay::log::CpuStateBytes;
 
@@ -67,6 +67,12 @@ pub enum VmError {
     /// Saved vCPU state of the wrong shape (from a log).
     #[error("vCPU state: {0} has {1} bytes, expected {2}")]
     CpuStateSize(&'static str, usize, usize),
+    /// Saved vCPU state with more MSRs than KVM takes at once.
+    #[error("vCPU state: {0} MSRs is more than KVM accepts in one call")]
+    MsrCount(usize),
+    /// KVM refused one MSR of the saved vCPU state.
+    #[error("vCPU state: KVM could not {0} MSR {1:#x}")]
+    MsrAccess(&'static str, u32),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> VmError {
@@ -105,6 +111,94 @@ fn trap_time_msrs(kvm: &Kvm, vm_fd: &VmFd) -> Result<(), VmError> {
     vm_fd
         .set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
         .map_err(kvm_err("set MSR filter"))
+}
+
+/// Architectural MSRs a guest changes without an exit (SWAPGS, WRMSR that
+/// KVM handles itself): sync points carry them and digests hash them. Time
+/// MSRs are not here: their reads are logged instead.
+pub const STATE_MSRS: [u32; 34] = [
+    0x174,
+    0x175,
+    0x176, // SYSENTER_CS/ESP/EIP
+    0x1a0, // MISC_ENABLE
+    0x277, // PAT
+    0x2ff, // MTRR default type
+    0x200,
+    0x201,
+    0x202,
+    0x203,
+    0x204,
+    0x205,
+    0x206,
+    0x207, // variable MTRRs 0-3
+    0x208,
+    0x209,
+    0x20a,
+    0x20b,
+    0x20c,
+    0x20d,
+    0x20e,
+    0x20f, // variable MTRRs 4-7
+    0x250,
+    0x258,
+    0x259, // fixed MTRRs
+    0x268,
+    0x269,
+    0x26a,
+    0x26b,
+    0x26c,
+    0x26d,
+    0x26e,
+    0x26f,       // fixed MTRRs
+    0xc000_0102, // KERNEL_GS_BASE
+];
+
+/// SYSCALL MSRs: STAR, LSTAR, CSTAR, SFMASK.
+const SYSCALL_MSRS: [u32; 4] = [0xc000_0081, 0xc000_0082, 0xc000_0083, 0xc000_0084];
+
+/// `(index, value)` pairs in the byte layout of [`CpuStateBytes::msrs`]:
+/// u32 index, u64 value, little-endian, 12 bytes per MSR.
+pub fn msrs_to_bytes(entries: &[kvm_msr_entry]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(entries.len() * 12);
+    for e in entries {
+        b.extend_from_slice(&e.index.to_le_bytes());
+        b.extend_from_slice(&e.data.to_le_bytes());
+    }
+    b
+}
+
+/// Inverse of [`msrs_to_bytes`]; None if the length is not a multiple of 12.
+pub fn msrs_from_bytes(b: &[u8]) -> Option<Vec<kvm_msr_entry>> {
+    if b.len() % 12 != 0 {
+        return None;
+    }
+    Some(
+        b.chunks_exact(12)
+            .map(|c| kvm_msr_entry {
+                index: u32::from_le_bytes(c[0..4].try_into().unwrap()),
+                data: u64::from_le_bytes(c[4..12].try_into().unwrap()),
+                ..Default::default()
+            })
+            .collect(),
+    )
+}
+
+/// The MSRs of [`STATE_MSRS`] and [`SYSCALL_MSRS`] this host's KVM can read
+/// for the vCPU, in that order.
+fn readable_state_msrs(vcpu: &VcpuFd) -> Vec<u32> {
+    STATE_MSRS
+        .iter()
+        .chain(SYSCALL_MSRS.iter())
+        .copied()
+        .filter(|&index| {
+            let mut one = Msrs::from_entries(&[kvm_msr_entry {
+                index,
+                ..Default::default()
+            }])
+            .expect("one entry fits");
+            matches!(vcpu.get_msrs(&mut one), Ok(1))
+        })
+        .collect()
 }
 
 /// Size of `kvm_fpu` in its uapi layout.
@@ -164,8 +258,10 @@ pub struct Vm {
     pub mem: GuestMemoryMmap,
     pub kernel: LoadedKernel,
     /// Planted RDTSC/RDTSCP traps in the kernel, by guest virtual address.
-    pub time_traps: std::collections::HashMap<u64, TimeTrap>,
+    pub planted_traps: std::collections::HashMap<u64, PlantedTrap>,
     slots: Vec<kvm_userspace_memory_region>,
+    /// MSRs saved with the vCPU state ([`STATE_MSRS`] that KVM can read here).
+    state_msrs: Vec<u32>,
     /// Guest pages the VMM itself wrote (KVM's dirty log does not see them).
     userspace_dirty: RefCell<DirtyPages>,
 }
@@ -222,9 +318,12 @@ impl Vm {
         // Time reads in the kernel's code become traps (see traps.rs); the
         // file itself is untouched, only the loaded copy differs.
         let mut image = config.kernel.clone();
-        let time_traps = traps::plant_time_traps(&mut image);
-        if !time_traps.is_empty() {
-            tracing::info!(sites = time_traps.len(), "planted time traps in the kernel");
+        let planted_traps = traps::plant_traps(&mut image);
+        if !planted_traps.is_empty() {
+            tracing::info!(
+                sites = planted_traps.len(),
+                "planted time traps in the kernel"
+            );
         }
         let kernel = boot::load_kernel(&mem, &config.kernel_name, &image)?;
         let initrd = match &config.initrd {
@@ -254,13 +353,15 @@ impl Vm {
             .map_err(kvm_err("set regs"))?;
         vcpu.set_fpu(&boot::initial_fpu())
             .map_err(kvm_err("set FPU"))?;
+        let state_msrs = readable_state_msrs(&vcpu);
         Ok(Vm {
+            state_msrs,
             vcpu,
             vm_fd,
             _kvm: kvm,
             mem,
             kernel,
-            time_traps,
+            planted_traps,
             slots,
             userspace_dirty: RefCell::new(DirtyPages::default()),
         })
@@ -311,11 +412,26 @@ impl Vm {
             .vcpu
             .get_vcpu_events()
             .map_err(kvm_err("get vCPU events"))?;
+        let entries: Vec<kvm_msr_entry> = self
+            .state_msrs
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|_| VmError::MsrCount(entries.len()))?;
+        let read = self.vcpu.get_msrs(&mut msrs).map_err(kvm_err("get MSRs"))?;
+        if read != entries.len() {
+            return Err(VmError::MsrAccess("read", entries[read].index));
+        }
         Ok(CpuStateBytes {
             regs: regs.as_bytes().to_vec(),
             sregs: sregs.as_bytes().to_vec(),
             fpu: fpu_to_bytes(&fpu),
             events: events.as_bytes().to_vec(),
+            msrs: msrs_to_bytes(msrs.as_slice()),
         })
     }
 
@@ -333,7 +449,17 @@ impl Vm {
             FPU_BYTES,
         ))?;
         let events: kvm_vcpu_events = parse("vcpu events", &cpu.events)?;
+        let entries = msrs_from_bytes(&cpu.msrs).ok_or(VmError::CpuStateSize(
+            "msrs",
+            cpu.msrs.len(),
+            cpu.msrs.len() / 12 * 12,
+        ))?;
+        let msrs = Msrs::from_entries(&entries).map_err(|_| VmError::MsrCount(entries.len()))?;
         self.vcpu.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
+        let written = self.vcpu.set_msrs(&msrs).map_err(kvm_err("set MSRs"))?;
+        if written != entries.len() {
+            return Err(VmError::MsrAccess("write", entries[written].index));
+        }
         self.vcpu.set_regs(&regs).map_err(kvm_err("set regs"))?;
         self.vcpu.set_fpu(&fpu).map_err(kvm_err("set FPU"))?;
         self.vcpu
