@@ -30,7 +30,13 @@ kmain:
 
 on_timer:
     incq [rip + ticks]
-    jmp rt_pic_eoi
+    call rt_pic_eoi
+    # Read the PIC mask back: an IN is the last landmark before the return
+    # to the user loop, so the next landmark is often a sync point. KVM
+    # completes an IN only at the next KVM_RUN, which the backup must do
+    # before it loads the sync point.
+    in al, 0x21
+    ret
 
 user_exited:
     mov rbx, rdi

@@ -766,6 +766,9 @@ impl<W: Write> Engine<'_, '_, W> {
         else {
             unreachable!("sync point")
         };
+        // Finish the landmark's exit first, or its completion would land on
+        // top of the loaded state.
+        self.vm.complete_pending_exit()?;
         for (gpa, data) in &pages {
             self.vm
                 .mem

@@ -70,6 +70,11 @@ pub enum VmError {
     /// Saved vCPU state with more MSRs than KVM takes at once.
     #[error("vCPU state: {0} MSRs is more than KVM accepts in one call")]
     MsrCount(usize),
+    /// Finishing the last exit (before loading state) produced another exit.
+    #[error(
+        "KVM needed another exit ({0}) to finish the last one before vCPU state could be loaded"
+    )]
+    PendingExit(String),
     /// KVM refused one MSR of the saved vCPU state.
     #[error("vCPU state: KVM could not {0} MSR {1:#x}")]
     MsrAccess(&'static str, u32),
@@ -433,6 +438,27 @@ impl Vm {
             events: events.as_bytes().to_vec(),
             msrs: msrs_to_bytes(msrs.as_slice()),
         })
+    }
+
+    /// Let KVM finish the exit it reported last without running the guest.
+    /// An IN, MMIO read or MSR read exit is completed by the next KVM_RUN
+    /// (the value goes into the register and RIP moves on only then), so
+    /// state loaded before that run would be overwritten by the stale
+    /// completion: a backup loading a sync point right after such a landmark
+    /// re-ran the kernel's code from the old instruction (measured on Linux:
+    /// a console character printed twice, then a digest mismatch).
+    pub fn complete_pending_exit(&mut self) -> Result<(), VmError> {
+        self.vcpu.set_kvm_immediate_exit(1);
+        let outcome = match self.vcpu.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(source) => Err(VmError::Kvm {
+                what: "complete the last exit",
+                source,
+            }),
+            Ok(exit) => Err(VmError::PendingExit(format!("{exit:?}"))),
+        };
+        self.vcpu.set_kvm_immediate_exit(0);
+        outcome
     }
 
     /// Load state captured by [`Vm::cpu_state`] (possibly on another host).
