@@ -121,45 +121,18 @@ fn trap_time_msrs(kvm: &Kvm, vm_fd: &VmFd) -> Result<(), VmError> {
 /// Architectural MSRs a guest changes without an exit (SWAPGS, WRMSR that
 /// KVM handles itself): sync points carry them and digests hash them. Time
 /// MSRs are not here: their reads are logged instead.
-pub const STATE_MSRS: [u32; 34] = [
-    0x174,
-    0x175,
-    0x176, // SYSENTER_CS/ESP/EIP
-    0x1a0, // MISC_ENABLE
-    0x277, // PAT
-    0x2ff, // MTRR default type
-    0x200,
-    0x201,
-    0x202,
-    0x203,
-    0x204,
-    0x205,
-    0x206,
-    0x207, // variable MTRRs 0-3
-    0x208,
-    0x209,
-    0x20a,
-    0x20b,
-    0x20c,
-    0x20d,
-    0x20e,
-    0x20f, // variable MTRRs 4-7
-    0x250,
-    0x258,
-    0x259, // fixed MTRRs
-    0x268,
-    0x269,
-    0x26a,
-    0x26b,
-    0x26c,
-    0x26d,
-    0x26e,
-    0x26f,       // fixed MTRRs
-    0xc000_0102, // KERNEL_GS_BASE
+#[rustfmt::skip]
+pub const STATE_MSRS: &[u32] = &[
+    // SYSENTER_CS/ESP/EIP, MISC_ENABLE, PAT, MTRR default type
+    0x174, 0x175, 0x176, 0x1a0, 0x277, 0x2ff,
+    // variable MTRRs (base, mask) 0-7
+    0x200, 0x201, 0x202, 0x203, 0x204, 0x205, 0x206, 0x207,
+    0x208, 0x209, 0x20a, 0x20b, 0x20c, 0x20d, 0x20e, 0x20f,
+    // fixed MTRRs
+    0x250, 0x258, 0x259, 0x268, 0x269, 0x26a, 0x26b, 0x26c, 0x26d, 0x26e, 0x26f,
+    // STAR, LSTAR, CSTAR, SFMASK, KERNEL_GS_BASE
+    0xc000_0081, 0xc000_0082, 0xc000_0083, 0xc000_0084, 0xc000_0102,
 ];
-
-/// SYSCALL MSRs: STAR, LSTAR, CSTAR, SFMASK.
-const SYSCALL_MSRS: [u32; 4] = [0xc000_0081, 0xc000_0082, 0xc000_0083, 0xc000_0084];
 
 /// `(index, value)` pairs in the byte layout of [`CpuStateBytes::msrs`]:
 /// u32 index, u64 value, little-endian, 12 bytes per MSR.
@@ -188,12 +161,11 @@ pub fn msrs_from_bytes(b: &[u8]) -> Option<Vec<kvm_msr_entry>> {
     )
 }
 
-/// The MSRs of [`STATE_MSRS`] and [`SYSCALL_MSRS`] this host's KVM can read
-/// for the vCPU, in that order.
+/// The MSRs of [`STATE_MSRS`] this host's KVM can read for the vCPU, in
+/// that order.
 fn readable_state_msrs(vcpu: &VcpuFd) -> Vec<u32> {
     STATE_MSRS
         .iter()
-        .chain(SYSCALL_MSRS.iter())
         .copied()
         .filter(|&index| {
             let mut one = Msrs::from_entries(&[kvm_msr_entry {
@@ -262,7 +234,7 @@ pub struct Vm {
     _kvm: Kvm,
     pub mem: GuestMemoryMmap,
     pub kernel: LoadedKernel,
-    /// Planted RDTSC/RDTSCP traps in the kernel, by guest virtual address.
+    /// Planted time and entropy traps in the kernel, by guest virtual address.
     pub planted_traps: std::collections::HashMap<u64, PlantedTrap>,
     slots: Vec<kvm_userspace_memory_region>,
     /// MSRs saved with the vCPU state ([`STATE_MSRS`] that KVM can read here).
@@ -512,6 +484,32 @@ impl Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn msr_bytes_round_trip_and_reject_ragged_lengths() {
+        let entries = [
+            kvm_msr_entry {
+                index: 0xc000_0102,
+                data: 0xffff_8880_1234_5000,
+                ..Default::default()
+            },
+            kvm_msr_entry {
+                index: 0x174,
+                data: 0x10,
+                ..Default::default()
+            },
+        ];
+        let bytes = msrs_to_bytes(&entries);
+        assert_eq!(bytes.len(), 24);
+        assert_eq!(&bytes[0..4], &0xc000_0102u32.to_le_bytes());
+        let back = msrs_from_bytes(&bytes).unwrap();
+        assert_eq!(
+            back.iter().map(|e| (e.index, e.data)).collect::<Vec<_>>(),
+            vec![(0xc000_0102, 0xffff_8880_1234_5000), (0x174, 0x10)]
+        );
+        assert!(msrs_from_bytes(&bytes[..23]).is_none());
+        assert_eq!(msrs_from_bytes(&[]).unwrap().len(), 0);
+    }
 
     #[test]
     fn fpu_bytes_round_trip_in_the_uapi_size() {
