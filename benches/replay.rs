@@ -14,7 +14,7 @@ use twinvm::devices::Platform;
 use twinvm::guests;
 use twinvm::replay::log::{LogHeader, LogReader, LogWriter};
 use twinvm::replay::schedule::Schedule;
-use twinvm::vmm::{self, Kicker, Mode, RecordSettings, Recorder, RunReport, Vm, VmConfig};
+use twinvm::vmm::{self, sys, Kicker, Mode, RecordSettings, Recorder, RunReport, Vm, VmConfig};
 
 fn config(name: &str) -> VmConfig {
     VmConfig {
@@ -44,6 +44,10 @@ fn median(mut v: Vec<Duration>) -> Duration {
 fn main() {
     let dir = std::env::temp_dir().join(format!("twinvm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    // As `twinvm record`/`replay` do: one host CPU for every run (user-mode
+    // CPUID reports it).
+    let host_cpu = sys::current_cpu().unwrap();
+    sys::pin_current_thread(host_cpu).unwrap();
     println!("twinvm record/replay benchmark, median of 3 runs per mode");
     println!(
         "{:<7} {:>9} {:>9} {:>9} {:>8} {:>8} {:>10} {:>8} {:>10} {:>9} {:>10}",
@@ -77,6 +81,7 @@ fn main() {
                 cmdline: String::new(),
                 mem_bytes: cfg.mem_bytes,
                 boot_unix_secs: 1_700_000_000,
+                host_cpu,
             };
             let writer: Box<dyn Write + Send> = Box::new(BufWriter::new(file));
             let mut recorder = Recorder {

@@ -126,6 +126,37 @@ fn kernel_rdrand_and_rdseed_are_performed_logged_and_replayed() {
 }
 
 #[test]
+fn user_mode_cpuid_replays_identically_from_another_host_cpu() {
+    // User-mode CPUID runs natively here and reports the host CPU's APIC ID.
+    // Record started on CPU 1, replay started on CPU 0: the replay must pin
+    // itself to the recording's CPU (named in the log header) to agree.
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("user_mode_cpuid: SKIPPED (needs two host CPUs)");
+        return;
+    }
+    let dir = TempDir::new("rr-cpuid");
+    let log = dir.0.join("cpuid.log");
+    let log = log.to_str().unwrap();
+    let guest = ["--kernel", "builtin:cpuiduser", "--mem", "64M"];
+    let mut args = vec!["record", "--log", log];
+    args.extend(guest);
+    let rec = Running::spawn_on_cpu(1, &args).finish(TIMEOUT);
+    assert!(rec.status.success(), "record: {rec:?}");
+    let mut args = vec!["replay", "--log", log];
+    args.extend(guest);
+    let rep = Running::spawn_on_cpu(0, &args).finish(TIMEOUT);
+    assert_identical(&rec, &rep);
+    // And the guest really saw the CPU it was pinned to, not another one.
+    let mut args = vec!["run"];
+    args.extend(guest);
+    let other = Running::spawn_on_cpu(0, &args).finish(TIMEOUT);
+    assert!(other.status.success(), "run: {other:?}");
+    if other.stdout == rec.stdout {
+        eprintln!("user_mode_cpuid: CPUID here does not differ between host CPUs 0 and 1 (CPUID exits on this host)");
+    }
+}
+
+#[test]
 fn echo_replays_logged_serial_input() {
     let dir = TempDir::new("rr-echo");
     let log = dir.0.join("echo.log");

@@ -13,7 +13,7 @@ use clap::Args;
 use super::run::{RunArgs, VmSession};
 use crate::replay::log::{LogHeader, LogReader, LogWriter};
 use crate::replay::schedule::Schedule;
-use crate::vmm::{self, Ending, RecordSettings, Recorder, RunReport, VmConfig};
+use crate::vmm::{self, sys, Ending, RecordSettings, Recorder, RunReport, VmConfig};
 
 /// Arguments of `twinvm record`.
 #[derive(Debug, Clone, Args)]
@@ -43,19 +43,20 @@ pub struct ReplayArgs {
 }
 
 /// The header describing the guest `config` would boot.
-pub fn header_for(config: &VmConfig, boot_unix_secs: u64) -> LogHeader {
+pub fn header_for(config: &VmConfig, boot_unix_secs: u64, host_cpu: u32) -> LogHeader {
     LogHeader {
         kernel_hash: blake3::hash(&config.kernel).into(),
         initrd_hash: config.initrd.as_ref().map(|i| blake3::hash(i).into()),
         cmdline: config.cmdline.clone(),
         mem_bytes: config.mem_bytes,
         boot_unix_secs,
+        host_cpu,
     }
 }
 
 /// Refuse to replay a log on a different guest, naming what differs.
 pub fn check_header(log: &LogHeader, config: &VmConfig) -> Result<()> {
-    let ours = header_for(config, log.boot_unix_secs);
+    let ours = header_for(config, log.boot_unix_secs, log.host_cpu);
     let mut differences = Vec::new();
     if log.kernel_hash != ours.kernel_hash {
         differences.push("the kernel image differs from the recorded one".to_string());
@@ -124,7 +125,11 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
     let sync_handle = file
         .try_clone()
         .context("duplicating the log file handle")?;
-    let header = header_for(&session.config, session.boot_unix_secs);
+    // Stay on the CPU we are on; the replay pins itself to the same one.
+    let host_cpu = sys::current_cpu().context("finding the host CPU to record on")?;
+    sys::pin_current_thread(host_cpu)
+        .with_context(|| format!("pinning the vCPU thread to host CPU {host_cpu}"))?;
+    let header = header_for(&session.config, session.boot_unix_secs, host_cpu);
     let writer: Box<dyn Write + Send> = Box::new(BufWriter::new(file));
     let log = LogWriter::new(writer, &header)
         .with_context(|| format!("writing log {}", args.log.display()))?;
@@ -159,6 +164,13 @@ pub fn replay(args: &ReplayArgs) -> Result<ExitCode> {
     let session = VmSession::new(&args.run, boot_unix_secs)?;
     check_header(reader.header(), &session.config)
         .with_context(|| format!("replaying {}", args.log.display()))?;
+    let host_cpu = reader.header().host_cpu;
+    sys::pin_current_thread(host_cpu).with_context(|| {
+        format!(
+            "the recording ran on host CPU {host_cpu} (guest user-mode CPUID reports it here), \
+             and the replay must too: pinning to it failed"
+        )
+    })?;
     let mut schedule = Schedule::new(reader);
     let report = match session.run(false, vmm::Mode::Replay(&mut schedule)) {
         Ok(report) => report,
@@ -197,7 +209,7 @@ mod tests {
 
     #[test]
     fn a_different_guest_is_refused_naming_each_difference() {
-        let log = header_for(&config(), 5);
+        let log = header_for(&config(), 5, 0);
         assert!(check_header(&log, &config()).is_ok());
         let other = VmConfig {
             kernel: vec![9],

@@ -43,6 +43,10 @@ pub struct LogHeader {
     pub mem_bytes: u64,
     /// Wall-clock seconds the RTC started from.
     pub boot_unix_secs: u64,
+    /// Host CPU the recording's vCPU thread was pinned to. Guest user-mode
+    /// CPUID runs natively on hosts where KVM emulates kernel code, and
+    /// reports that CPU's APIC ID: the replay must run on the same CPU.
+    pub host_cpu: u32,
 }
 
 /// vCPU state as the raw bytes of KVM's x86-64 uapi structs (`kvm_regs`,
@@ -238,6 +242,7 @@ fn encode_header(h: &LogHeader) -> Vec<u8> {
     }
     e.u64(h.mem_bytes);
     e.u64(h.boot_unix_secs);
+    e.u32(h.host_cpu);
     e.bytes(h.cmdline.as_bytes());
     e.0
 }
@@ -251,6 +256,7 @@ fn decode_header(d: &mut Dec) -> Result<LogHeader, String> {
     };
     let mem_bytes = d.u64()?;
     let boot_unix_secs = d.u64()?;
+    let host_cpu = d.u32()?;
     let cmdline =
         String::from_utf8(d.bytes()?).map_err(|_| "command line is not UTF-8".to_string())?;
     Ok(LogHeader {
@@ -259,6 +265,7 @@ fn decode_header(d: &mut Dec) -> Result<LogHeader, String> {
         cmdline,
         mem_bytes,
         boot_unix_secs,
+        host_cpu,
     })
 }
 
@@ -549,6 +556,7 @@ impl<R: Read> LogReader<R> {
                 cmdline: String::new(),
                 mem_bytes: 0,
                 boot_unix_secs: 0,
+                host_cpu: 0,
             },
             offset: 10,
             index: 0,
@@ -653,6 +661,7 @@ mod tests {
             cmdline: "console=ttyS0".into(),
             mem_bytes: 64 << 20,
             boot_unix_secs: 1_700_000_000,
+            host_cpu: 1,
         }
     }
 

@@ -122,6 +122,7 @@ mod tests {
             cmdline: String::new(),
             mem_bytes: 1 << 24,
             boot_unix_secs: 0,
+            host_cpu: 0,
         };
         let mut w = LogWriter::new(Vec::new(), &h).unwrap();
         for r in records {

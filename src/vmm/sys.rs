@@ -172,9 +172,54 @@ pub fn host_random(seed: bool) -> std::io::Result<u64> {
     Ok(u64::from_le_bytes(bytes))
 }
 
+/// The host CPU the calling thread is running on now.
+pub fn current_cpu() -> std::io::Result<u32> {
+    // SAFETY: sched_getcpu takes no arguments and only returns a value.
+    let cpu = unsafe { libc::sched_getcpu() };
+    u32::try_from(cpu).map_err(|_| std::io::Error::last_os_error())
+}
+
+/// Pin the calling thread (and the threads it starts later) to host CPU `cpu`.
+pub fn pin_current_thread(cpu: u32) -> std::io::Result<()> {
+    let cpu = cpu as usize;
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "CPU {cpu} is beyond the {} CPUs a cpu_set_t holds",
+                libc::CPU_SETSIZE
+            ),
+        ));
+    }
+    // SAFETY: an all-zero cpu_set_t is the empty set (what CPU_ZERO makes);
+    // CPU_SET was given an index below CPU_SETSIZE (checked above); and
+    // sched_setaffinity reads exactly size_of::<cpu_set_t>() bytes from a
+    // live local. Pid 0 is the calling thread.
+    let ret = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pinning_moves_the_thread_and_bad_cpus_are_refused() {
+        std::thread::spawn(|| {
+            pin_current_thread(0).unwrap();
+            assert_eq!(current_cpu().unwrap(), 0);
+            assert!(pin_current_thread(libc::CPU_SETSIZE as u32).is_err());
+        })
+        .join()
+        .unwrap();
+    }
 
     #[test]
     fn host_random_numbers_differ_between_draws() {

@@ -45,8 +45,23 @@ fn collect(
 
 impl Running {
     pub fn spawn(args: &[&str]) -> Running {
-        let mut child = twinvm()
-            .args(args)
+        let mut cmd = twinvm();
+        cmd.args(args);
+        Running::spawn_command(cmd)
+    }
+
+    /// Start twinvm with its CPU affinity limited to host CPU `cpu` (taskset).
+    pub fn spawn_on_cpu(cpu: u32, args: &[&str]) -> Running {
+        let mut cmd = Command::new("taskset");
+        cmd.arg("-c")
+            .arg(cpu.to_string())
+            .arg(env!("CARGO_BIN_EXE_twinvm"))
+            .args(args);
+        Running::spawn_command(cmd)
+    }
+
+    fn spawn_command(mut cmd: Command) -> Running {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
