@@ -26,12 +26,14 @@ fn config(name: &str) -> VmConfig {
     }
 }
 
-fn run(name: &str, mode: Mode<'_>) -> RunReport {
+/// Run `name` in `mode` with the vCPU thread on `host_cpu` (every mode on
+/// the same CPU, as record and replay pin).
+fn run(name: &str, mode: Mode<'_>, host_cpu: u32) -> RunReport {
     let mut vm = Vm::create(&config(name)).expect("create VM");
     let mut platform = Platform::new(std::io::sink(), 1_700_000_000);
     let (_tx, rx) = crossbeam_channel::unbounded();
     let kicker = Kicker::for_current_thread().expect("kicker");
-    let report = vmm::run(&mut vm, &mut platform, &rx, kicker, mode).expect("run");
+    let report = vmm::run(&mut vm, &mut platform, &rx, kicker, mode, Some(host_cpu)).expect("run");
     assert_ne!(report.ending, vmm::Ending::Stopped, "{name} did not finish");
     report
 }
@@ -47,7 +49,6 @@ fn main() {
     // As `twinvm record`/`replay` do: one host CPU for every run (user-mode
     // CPUID reports it).
     let host_cpu = sys::current_cpu().unwrap();
-    sys::pin_current_thread(host_cpu).unwrap();
     println!("twinvm record/replay benchmark, median of 3 runs per mode");
     println!(
         "{:<7} {:>9} {:>9} {:>9} {:>8} {:>8} {:>10} {:>8} {:>10} {:>9} {:>10}",
@@ -69,7 +70,7 @@ fn main() {
         let mut replay = Vec::new();
         let mut last_record = None;
         for i in 0..3 {
-            plain.push(run(name, Mode::Live).wall);
+            plain.push(run(name, Mode::Live, host_cpu).wall);
 
             let path = dir.join(format!("{name}-{i}.log"));
             let file = File::create(&path).unwrap();
@@ -89,14 +90,14 @@ fn main() {
                 settings: RecordSettings::default(),
             };
             let started = Instant::now();
-            let r = run(name, Mode::Record(&mut recorder));
+            let r = run(name, Mode::Record(&mut recorder), host_cpu);
             recorder.log.flush().unwrap();
             sync.sync_all().unwrap();
             record.push(started.elapsed());
 
             let input: Box<dyn Read + Send> = Box::new(BufReader::new(File::open(&path).unwrap()));
             let mut schedule = Schedule::new(LogReader::new(input).unwrap());
-            let rep = run(name, Mode::Replay(&mut schedule));
+            let rep = run(name, Mode::Replay(&mut schedule), host_cpu);
             assert!(
                 rep.log_end_reached,
                 "{name}: replay did not reach the end of the log"

@@ -79,7 +79,7 @@ fn boot(name: &str, marker: &'static str, reply: Option<&'static [u8]>) -> (Dura
             kicker.kick();
         }
     });
-    let report = vmm::run(&mut vm, &mut platform, &rx, kicker, vmm::Mode::Live).expect("run");
+    let report = vmm::run(&mut vm, &mut platform, &rx, kicker, vmm::Mode::Live, None).expect("run");
     drop(done_tx);
     watchdog.join().unwrap();
     assert_ne!(

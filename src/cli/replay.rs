@@ -127,8 +127,6 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
         .context("duplicating the log file handle")?;
     // Stay on the CPU we are on; the replay pins itself to the same one.
     let host_cpu = sys::current_cpu().context("finding the host CPU to record on")?;
-    sys::pin_current_thread(host_cpu)
-        .with_context(|| format!("pinning the vCPU thread to host CPU {host_cpu}"))?;
     let header = header_for(&session.config, session.boot_unix_secs, host_cpu);
     let writer: Box<dyn Write + Send> = Box::new(BufWriter::new(file));
     let log = LogWriter::new(writer, &header)
@@ -140,7 +138,7 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
             sync_bound: Duration::from_micros(args.sync_bound_us),
         },
     };
-    let report = session.run(true, vmm::Mode::Record(&mut recorder))?;
+    let report = session.run(true, vmm::Mode::Record(&mut recorder), Some(host_cpu))?;
     recorder.log.flush().context("flushing the log")?;
     sync_handle
         .sync_all()
@@ -165,14 +163,18 @@ pub fn replay(args: &ReplayArgs) -> Result<ExitCode> {
     check_header(reader.header(), &session.config)
         .with_context(|| format!("replaying {}", args.log.display()))?;
     let host_cpu = reader.header().host_cpu;
-    sys::pin_current_thread(host_cpu).with_context(|| {
-        format!(
-            "the recording ran on host CPU {host_cpu} (guest user-mode CPUID reports it here), \
-             and the replay must too: pinning to it failed"
-        )
-    })?;
+    // Checked up front (on a throwaway thread) for a clear message.
+    std::thread::spawn(move || sys::pin_current_thread(host_cpu))
+        .join()
+        .map_err(|_| anyhow::anyhow!("the CPU check thread panicked"))?
+        .with_context(|| {
+            format!(
+                "the recording ran on host CPU {host_cpu} (guest user-mode CPUID reports it \
+                 here), and the replay must too: pinning to it failed"
+            )
+        })?;
     let mut schedule = Schedule::new(reader);
-    let report = match session.run(false, vmm::Mode::Replay(&mut schedule)) {
+    let report = match session.run(false, vmm::Mode::Replay(&mut schedule), Some(host_cpu)) {
         Ok(report) => report,
         Err(e) => {
             eprintln!("twinvm replay: NOT identical");

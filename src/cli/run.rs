@@ -159,10 +159,15 @@ impl VmSession {
         })
     }
 
-    /// Build the VM and run it on this thread in `mode`. With
-    /// `forward_stdin` (and `--serial stdio`) what is typed goes to the
-    /// guest's serial port.
-    pub fn run(&self, forward_stdin: bool, mode: vmm::Mode<'_>) -> Result<RunReport> {
+    /// Build the VM and run it on this thread in `mode`, pinned to
+    /// `host_cpu` if given. With `forward_stdin` (and `--serial stdio`) what
+    /// is typed goes to the guest's serial port.
+    pub fn run(
+        &self,
+        forward_stdin: bool,
+        mode: vmm::Mode<'_>,
+        host_cpu: Option<u32>,
+    ) -> Result<RunReport> {
         let mut vm = Vm::create(&self.config)
             .with_context(|| format!("building the VM for {}", self.args.kernel))?;
         tracing::info!(entry = format_args!("{:#x}", vm.kernel.entry), kind = ?vm.kernel.kind, "kernel loaded");
@@ -175,7 +180,7 @@ impl VmSession {
         }
         // Keep a sender alive so a closed stdin does not look like "no input ever".
         let _keep = tx;
-        let report = vmm::run(&mut vm, &mut platform, &rx, kicker, mode)?;
+        let report = vmm::run(&mut vm, &mut platform, &rx, kicker, mode, host_cpu)?;
         let _ = std::io::stdout().flush();
         Ok(report)
     }
@@ -187,7 +192,7 @@ pub fn boot_and_run(args: &RunArgs, forward_stdin: bool) -> Result<RunReport> {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    VmSession::new(args, boot_secs)?.run(forward_stdin, vmm::Mode::Live)
+    VmSession::new(args, boot_secs)?.run(forward_stdin, vmm::Mode::Live, None)
 }
 
 pub(super) fn describe(report: &RunReport) -> String {
