@@ -157,6 +157,28 @@ fn user_mode_cpuid_replays_identically_from_another_host_cpu() {
 }
 
 #[test]
+fn avx_state_in_user_mode_survives_sync_points() {
+    // User mode runs natively here with the host's AVX/AVX-512 enabled: the
+    // guest keeps its loop state in YMM upper halves (and ZMM16-17, k1), and
+    // sync points must carry it (KVM_GET_XSAVE) for the replay to agree.
+    let dir = TempDir::new("rr-avx");
+    let (log, rec) = record(&dir, "avxuser", &["--digest-interval", "64"]);
+    let line = rec
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("avxuser: level="))
+        .unwrap_or_else(|| panic!("{}", rec.stdout))
+        .to_string();
+    if line.starts_with("avxuser: level=0 ") {
+        // A host where guest user mode has no AVX (CPUID follows the model).
+        eprintln!("avx_state: guest user mode has no AVX2 on this host; checking replay only");
+    } else {
+        assert!(stat(&rec.stderr, "sync points") >= 20, "{}", rec.stderr);
+    }
+    assert_identical(&rec, &replay(&log, "avxuser", "64M"));
+}
+
+#[test]
 fn echo_replays_logged_serial_input() {
     let dir = TempDir::new("rr-echo");
     let log = dir.0.join("echo.log");

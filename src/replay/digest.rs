@@ -17,8 +17,21 @@ pub fn cpu_hash(cpu: &CpuStateBytes) -> [u8; 32] {
     h.update(&cpu.sregs);
     h.update(&cpu.fpu);
     h.update(&cpu.msrs);
+    // Without the XSAVE header (bytes 512..576): its component bitmap says
+    // which components are in use, which a replica may track differently
+    // for registers that hold their initial values (KVM then exports the
+    // initial values anyway).
+    if cpu.xsave.len() >= XSAVE_HEADER.end {
+        h.update(&cpu.xsave[..XSAVE_HEADER.start]);
+        h.update(&cpu.xsave[XSAVE_HEADER.end..]);
+    } else {
+        h.update(&cpu.xsave);
+    }
     h.finalize().into()
 }
+
+/// Where the XSAVE header sits in a standard-format XSAVE area.
+const XSAVE_HEADER: std::ops::Range<usize> = 512..576;
 
 pub fn page_hash(data: &[u8]) -> [u8; 32] {
     blake3::hash(data).into()
@@ -117,6 +130,7 @@ mod tests {
             fpu: vec![0; 416],
             events: vec![0; 64],
             msrs: vec![0; 12],
+            xsave: vec![0; 4096],
         };
         let mut other = cpu.clone();
         other.fpu[100] = 1;
@@ -124,6 +138,12 @@ mod tests {
         let mut msr = cpu.clone();
         msr.msrs[11] = 1;
         assert_ne!(cpu_hash(&cpu), cpu_hash(&msr));
+        let mut ymm = cpu.clone();
+        ymm.xsave[576] = 1; // first byte of the AVX component
+        assert_ne!(cpu_hash(&cpu), cpu_hash(&ymm));
+        let mut header = cpu.clone();
+        header.xsave[512] = 4; // XSTATE_BV: AVX in use
+        assert_eq!(cpu_hash(&cpu), cpu_hash(&header));
         let mut events = cpu.clone();
         events.events[0] = 1;
         assert_eq!(cpu_hash(&cpu), cpu_hash(&events));

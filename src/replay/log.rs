@@ -60,6 +60,9 @@ pub struct CpuStateBytes {
     pub events: Vec<u8>,
     /// `(u32 index, u64 value)` little-endian pairs, 12 bytes each.
     pub msrs: Vec<u8>,
+    /// `kvm_xsave` (4096 bytes): the extended state (YMM/ZMM upper parts,
+    /// opmasks) guest user mode can use on hosts that leak AVX to it.
+    pub xsave: Vec<u8>,
 }
 
 /// One guest page's hash in a digest.
@@ -191,6 +194,11 @@ impl Enc {
         self.u32(v.len() as u32);
         self.0.extend_from_slice(v);
     }
+    /// u32 unpacked length, then `u32 length + bytes` of one LZ4 block.
+    fn packed(&mut self, v: &[u8]) {
+        self.u32(v.len() as u32);
+        self.bytes(&lz4_flex::block::compress(v));
+    }
 }
 
 /// Little-endian payload reader; errors are plain strings the caller places.
@@ -220,6 +228,24 @@ impl<'a> Dec<'a> {
     fn bytes(&mut self) -> Result<Vec<u8>, String> {
         let n = self.u32()? as usize;
         Ok(self.take(n)?.to_vec())
+    }
+    /// Inverse of `Enc::packed`; the unpacked length is bounded by the frame
+    /// limit before anything is allocated.
+    fn packed(&mut self) -> Result<Vec<u8>, String> {
+        let n = self.u32()? as usize;
+        if n > MAX_FRAME_BYTES as usize {
+            return Err(format!(
+                "{n} bytes unpacked is more than a record may hold ({MAX_FRAME_BYTES})"
+            ));
+        }
+        let block = self.bytes()?;
+        let mut out = vec![0u8; n];
+        let got = lz4_flex::block::decompress_into(&block, &mut out)
+            .map_err(|e| format!("does not decompress: {e}"))?;
+        if got != n {
+            return Err(format!("decompresses to {got} bytes, expected {n}"));
+        }
+        Ok(out)
     }
     fn finish(&self) -> Result<(), String> {
         if self.0.is_empty() {
@@ -314,6 +340,7 @@ fn encode_record(r: &Record) -> (u8, Vec<u8>) {
             e.bytes(&cpu.fpu);
             e.bytes(&cpu.events);
             e.bytes(&cpu.msrs);
+            e.packed(&cpu.xsave);
             e.bytes(vmm_state);
             e.u32(pages.len() as u32);
             let mut contents = Vec::with_capacity(pages.len() * PAGE_SIZE);
@@ -323,7 +350,7 @@ fn encode_record(r: &Record) -> (u8, Vec<u8>) {
             }
             // Page contents compress well (zeroed and sparse pages, page
             // tables); LZ4 is fast enough to stay off the critical path.
-            e.bytes(&lz4_flex::block::compress(&contents));
+            e.packed(&contents);
             KIND_SYNC_POINT
         }
         Record::Digest {
@@ -383,6 +410,7 @@ fn decode_record(kind: u8, d: &mut Dec) -> Result<Record, String> {
                 fpu: d.bytes()?,
                 events: d.bytes()?,
                 msrs: d.bytes()?,
+                xsave: d.packed()?,
             };
             let vmm_state = d.bytes()?;
             let n = d.u32()? as usize;
@@ -399,14 +427,12 @@ fn decode_record(kind: u8, d: &mut Dec) -> Result<Record, String> {
                 }
                 gpas.push(gpa);
             }
-            let packed = d.bytes()?;
-            let mut contents = vec![0u8; n * PAGE_SIZE];
-            let unpacked = lz4_flex::block::decompress_into(&packed, &mut contents)
-                .map_err(|e| format!("page contents do not decompress: {e}"))?;
-            if unpacked != contents.len() {
+            let contents = d.packed().map_err(|e| format!("page contents: {e}"))?;
+            if contents.len() != n * PAGE_SIZE {
                 return Err(format!(
-                    "page contents decompress to {unpacked} bytes, expected {}",
-                    contents.len()
+                    "page contents are {} bytes, expected {} for {n} pages",
+                    contents.len(),
+                    n * PAGE_SIZE
                 ));
             }
             let pages = gpas
@@ -699,6 +725,7 @@ mod tests {
                     fpu: vec![3; 416],
                     events: vec![4; 64],
                     msrs: vec![7; 24],
+                    xsave: vec![0x11; 4096],
                 }),
                 vmm_state: vec![8, 9],
                 pages: vec![
@@ -794,38 +821,53 @@ mod tests {
         assert!(msg.contains("landmark Some(10)"), "{msg}");
     }
 
-    /// A sync point with a valid frame (so the CRC passes) but bad insides.
-    fn sync_point_frame(pages: u32, packed: &[u8]) -> Vec<u8> {
+    /// A sync point with a valid frame (so the CRC passes) but bad insides:
+    /// `pages` page addresses, then contents claiming `unpacked` bytes in `block`.
+    fn sync_point_frame(pages: u32, unpacked: u32, block: &[u8]) -> Vec<u8> {
         let mut out = LogWriter::new(Vec::new(), &header()).unwrap().into_inner();
         let mut e = Enc::default();
         e.u64(5);
-        // regs, sregs, fpu, events, msrs, VMM state
-        for _ in 0..6 {
+        // regs, sregs, fpu, events, msrs
+        for _ in 0..5 {
             e.bytes(&[]);
         }
+        e.packed(&[]); // xsave
+        e.bytes(&[]); // VMM state
         e.u32(pages);
         for i in 0..pages.min(4) {
             e.u64(u64::from(i) * PAGE_SIZE as u64);
         }
-        e.bytes(packed);
+        e.u32(unpacked);
+        e.bytes(block);
         write_frame(&mut out, KIND_SYNC_POINT, &e.0).unwrap();
         out
     }
 
     #[test]
     fn sync_point_contents_are_checked_after_the_checksum() {
-        let packed = lz4_flex::block::compress(&vec![0u8; 2 * PAGE_SIZE]);
-        let ok = sync_point_frame(2, &packed);
-        read_all(&ok).unwrap();
-        // Contents that decompress to less than the pages named.
-        let err = read_all(&sync_point_frame(3, &packed)).unwrap_err();
+        let two = 2 * PAGE_SIZE as u32;
+        let block = lz4_flex::block::compress(&vec![0u8; two as usize]);
+        read_all(&sync_point_frame(2, two, &block)).unwrap();
+        // Contents that are fewer bytes than the pages named.
+        let err = read_all(&sync_point_frame(3, two, &block)).unwrap_err();
+        assert!(
+            err.to_string().contains("expected 12288 for 3 pages"),
+            "{err}"
+        );
+        // A length that does not match what the block holds.
+        let err = read_all(&sync_point_frame(2, two + 1, &block)).unwrap_err();
         assert!(matches!(err, LogError::Malformed { .. }), "{err}");
         // Garbage instead of LZ4.
-        let err = read_all(&sync_point_frame(2, &[0xff; 40])).unwrap_err();
-        assert!(err.to_string().contains("do not decompress"), "{err}");
-        // A page count no frame could back is refused before allocating.
-        let err = read_all(&sync_point_frame(u32::MAX, &packed)).unwrap_err();
+        let err = read_all(&sync_point_frame(2, two, &[0xff; 40])).unwrap_err();
+        assert!(err.to_string().contains("does not decompress"), "{err}");
+        // Counts and lengths no frame could back are refused before allocating.
+        let err = read_all(&sync_point_frame(u32::MAX, two, &block)).unwrap_err();
         assert!(err.to_string().contains("more than a sync point"), "{err}");
+        let err = read_all(&sync_point_frame(2, u32::MAX, &block)).unwrap_err();
+        assert!(
+            err.to_string().contains("more than a record may hold"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1238,6 +1238,7 @@ mod tests {
             fpu: vec![],
             events: events.as_bytes().to_vec(),
             msrs: vec![],
+            xsave: vec![],
         }
     }
 

@@ -5,7 +5,7 @@ use std::cell::RefCell;
 
 use kvm_bindings::{
     kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events,
-    Msrs, KVM_MEM_LOG_DIRTY_PAGES,
+    kvm_xsave, Msrs, KVM_MEM_LOG_DIRTY_PAGES,
 };
 use kvm_ioctls::{
     Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
@@ -403,12 +403,14 @@ impl Vm {
         if read != entries.len() {
             return Err(VmError::MsrAccess("read", entries[read].index));
         }
+        let xsave = self.vcpu.get_xsave().map_err(kvm_err("get XSAVE state"))?;
         Ok(CpuStateBytes {
             regs: regs.as_bytes().to_vec(),
             sregs: sregs.as_bytes().to_vec(),
             fpu: fpu_to_bytes(&fpu),
             events: events.as_bytes().to_vec(),
             msrs: msrs_to_bytes(msrs.as_slice()),
+            xsave: xsave.region.as_bytes().to_vec(),
         })
     }
 
@@ -460,6 +462,22 @@ impl Vm {
         }
         self.vcpu.set_regs(&regs).map_err(kvm_err("set regs"))?;
         self.vcpu.set_fpu(&fpu).map_err(kvm_err("set FPU"))?;
+        // After the FPU: the XSAVE area holds the same legacy state plus the
+        // extended components.
+        let mut xsave = kvm_xsave::default();
+        if cpu.xsave.len() != std::mem::size_of_val(&xsave.region) {
+            return Err(VmError::CpuStateSize(
+                "xsave",
+                cpu.xsave.len(),
+                std::mem::size_of_val(&xsave.region),
+            ));
+        }
+        xsave.region.as_mut_bytes().copy_from_slice(&cpu.xsave);
+        // SAFETY: KVM_SET_XSAVE reads more than the 4096-byte `kvm_xsave` only
+        // for dynamically enabled XSTATE features (AMX), which need
+        // arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM); twinvm never asks for them,
+        // so the state fits the struct (AVX-512 ends at byte 2688).
+        unsafe { self.vcpu.set_xsave(&xsave) }.map_err(kvm_err("set XSAVE state"))?;
         self.vcpu
             .set_vcpu_events(&events)
             .map_err(kvm_err("set vCPU events"))
