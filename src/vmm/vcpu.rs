@@ -1177,8 +1177,6 @@ pub fn run<W: Write>(
     })
 }
 
-/// Finish an instruction KVM's emulator gave up on. Returns whether an
-/// exception was injected into the guest.
 /// What the general fallback did with an emulation failure.
 enum Fallback {
     Performed,
@@ -1187,6 +1185,8 @@ enum Fallback {
     NeedsRandom(RandomRequest),
 }
 
+/// Finish an instruction KVM's emulator gave up on, or reflect the exception
+/// the guest must take.
 fn emulation_fallback(vm: &mut Vm) -> Result<Fallback, RunError> {
     let info = sys::internal_error(&mut vm.vcpu);
     let rip = vm.vcpu.get_regs().map_err(kvm_err("get regs"))?.rip;
