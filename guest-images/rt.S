@@ -343,6 +343,27 @@ rt_put_hex:
     pop rbx
     ret
 
+# ---- periodic timer ------------------------------------------------------
+# rt_timer_start(rdi = IRQ0 handler, rsi = PIT divisor): the handler on vector
+# 0x20, only IRQ0 unmasked, PIT channel 0 in mode 2 (rate generator).
+.global rt_timer_start
+rt_timer_start:
+    push rsi
+    mov rsi, rdi
+    mov edi, 0x20
+    call rt_set_handler
+    mov edi, 0xfe               # only IRQ0
+    mov esi, 0xff
+    call rt_pic_init
+    pop rsi
+    mov al, 0x34                # channel 0, lobyte/hibyte, mode 2, binary
+    out 0x43, al
+    mov eax, esi
+    out 0x40, al
+    mov al, ah
+    out 0x40, al
+    ret
+
 # ---- legacy PIC ----------------------------------------------------------
 # rt_pic_init(rdi = master mask, rsi = slave mask): vectors 0x20-0x2f.
 .global rt_pic_init

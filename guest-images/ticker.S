@@ -12,18 +12,9 @@
 kmain:
     lea rdi, [rip + msg_start]
     call rt_puts
-    mov edi, 0x20
-    lea rsi, [rip + on_timer]
-    call rt_set_handler
-    mov edi, 0xfe               # only IRQ0
-    mov esi, 0xff
-    call rt_pic_init
-    mov al, 0x34                # channel 0, lobyte/hibyte, mode 2, binary
-    out 0x43, al
-    mov al, PIT_DIVISOR & 0xff
-    out 0x40, al
-    mov al, PIT_DIVISOR >> 8
-    out 0x40, al
+    lea rdi, [rip + on_timer]
+    mov esi, PIT_DIVISOR
+    call rt_timer_start
     lea rdi, [rip + user_main]
     mov esi, 0x202
     jmp rt_enter_user
