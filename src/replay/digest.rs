@@ -8,31 +8,57 @@ use std::collections::BTreeSet;
 
 use super::log::{CpuStateBytes, PageHash, PAGE_SIZE};
 
-/// Hash of the architectural vCPU state: general registers, special
-/// registers, FPU/SSE state and the saved MSRs. (`kvm_vcpu_events` is left
-/// out: it holds host-side bookkeeping that legitimately differs between hosts.)
-pub fn cpu_hash(cpu: &CpuStateBytes) -> [u8; 32] {
-    let mut h = blake3::Hasher::new();
-    h.update(&cpu.regs);
-    h.update(&cpu.sregs);
-    h.update(&cpu.fpu);
-    h.update(&cpu.msrs);
+/// The parts of the vCPU state a digest hashes separately, so that a
+/// mismatch names what differs.
+pub const CPU_PARTS: [&str; 5] = [
+    "general registers",
+    "special registers",
+    "FPU/SSE",
+    "MSRs",
+    "XSAVE area",
+];
+
+/// One BLAKE3 hash per entry of [`CPU_PARTS`].
+pub type CpuHashes = [[u8; 32]; 5];
+
+/// Hashes of the architectural vCPU state. (`kvm_vcpu_events` is left out:
+/// it holds host-side bookkeeping that legitimately differs between hosts.)
+pub fn cpu_hashes(cpu: &CpuStateBytes) -> CpuHashes {
     // Without the XSAVE header (bytes 512..576): its component bitmap says
     // which components are in use, which a replica may track differently
     // for registers that hold their initial values (KVM then exports the
     // initial values anyway).
-    if cpu.xsave.len() >= XSAVE_HEADER.end {
+    let xsave = if cpu.xsave.len() >= XSAVE_HEADER.end {
+        let mut h = blake3::Hasher::new();
         h.update(&cpu.xsave[..XSAVE_HEADER.start]);
         h.update(&cpu.xsave[XSAVE_HEADER.end..]);
+        h.finalize().into()
     } else {
-        h.update(&cpu.xsave);
-    }
-    h.finalize().into()
+        page_hash(&cpu.xsave)
+    };
+    [
+        page_hash(&cpu.regs),
+        page_hash(&cpu.sregs),
+        page_hash(&cpu.fpu),
+        page_hash(&cpu.msrs),
+        xsave,
+    ]
+}
+
+/// Names of the parts whose hashes differ.
+pub fn differing_cpu_parts(a: &CpuHashes, b: &CpuHashes) -> Vec<&'static str> {
+    CPU_PARTS
+        .iter()
+        .zip(a.iter().zip(b))
+        .filter(|(_, (x, y))| x != y)
+        .map(|(name, _)| *name)
+        .collect()
 }
 
 /// Where the XSAVE header sits in a standard-format XSAVE area.
 const XSAVE_HEADER: std::ops::Range<usize> = 512..576;
 
+/// BLAKE3 of a page (or any byte string).
 pub fn page_hash(data: &[u8]) -> [u8; 32] {
     blake3::hash(data).into()
 }
@@ -132,21 +158,23 @@ mod tests {
             msrs: vec![0; 12],
             xsave: vec![0; 4096],
         };
+        let parts = |c: &CpuStateBytes| differing_cpu_parts(&cpu_hashes(&cpu), &cpu_hashes(c));
         let mut other = cpu.clone();
         other.fpu[100] = 1;
-        assert_ne!(cpu_hash(&cpu), cpu_hash(&other));
+        assert_eq!(parts(&other), vec!["FPU/SSE"]);
         let mut msr = cpu.clone();
         msr.msrs[11] = 1;
-        assert_ne!(cpu_hash(&cpu), cpu_hash(&msr));
+        msr.sregs[0] = 1;
+        assert_eq!(parts(&msr), vec!["special registers", "MSRs"]);
         let mut ymm = cpu.clone();
         ymm.xsave[576] = 1; // first byte of the AVX component
-        assert_ne!(cpu_hash(&cpu), cpu_hash(&ymm));
+        assert_eq!(parts(&ymm), vec!["XSAVE area"]);
         let mut header = cpu.clone();
         header.xsave[512] = 4; // XSTATE_BV: AVX in use
-        assert_eq!(cpu_hash(&cpu), cpu_hash(&header));
+        assert!(parts(&header).is_empty());
         let mut events = cpu.clone();
         events.events[0] = 1;
-        assert_eq!(cpu_hash(&cpu), cpu_hash(&events));
+        assert!(parts(&events).is_empty());
         let page = vec![0u8; PAGE_SIZE];
         let mut page2 = page.clone();
         page2[4095] = 1;

@@ -104,11 +104,11 @@ pub enum Record {
         vmm_state: Vec<u8>,
         pages: Vec<(u64, Vec<u8>)>,
     },
-    /// State digest at this landmark: vCPU hash and the hashes of pages
-    /// written since the previous digest.
+    /// State digest at this landmark: hashes of the vCPU state's parts
+    /// (`digest::CPU_PARTS`) and of the pages written since the previous digest.
     Digest {
         landmark: u64,
-        cpu_hash: [u8; 32],
+        cpu: [[u8; 32]; 5],
         pages: Vec<PageHash>,
     },
     /// The recording ended here.
@@ -355,11 +355,13 @@ fn encode_record(r: &Record) -> (u8, Vec<u8>) {
         }
         Record::Digest {
             landmark,
-            cpu_hash,
+            cpu,
             pages,
         } => {
             e.u64(*landmark);
-            e.0.extend_from_slice(cpu_hash);
+            for part in cpu {
+                e.0.extend_from_slice(part);
+            }
             e.u32(pages.len() as u32);
             for p in pages {
                 e.u64(p.gpa);
@@ -448,7 +450,7 @@ fn decode_record(kind: u8, d: &mut Dec) -> Result<Record, String> {
             }
         }
         KIND_DIGEST => {
-            let cpu_hash = d.hash()?;
+            let cpu = [d.hash()?, d.hash()?, d.hash()?, d.hash()?, d.hash()?];
             let n = d.u32()? as usize;
             let mut pages = Vec::with_capacity(n.min(1 << 16));
             for _ in 0..n {
@@ -459,7 +461,7 @@ fn decode_record(kind: u8, d: &mut Dec) -> Result<Record, String> {
             }
             Record::Digest {
                 landmark,
-                cpu_hash,
+                cpu,
                 pages,
             }
         }
@@ -735,7 +737,7 @@ mod tests {
             },
             Record::Digest {
                 landmark: 10,
-                cpu_hash: [5; 32],
+                cpu: [[5; 32], [6; 32], [7; 32], [8; 32], [9; 32]],
                 pages: vec![PageHash {
                     gpa: 0x2000,
                     hash: [6; 32],

@@ -42,7 +42,7 @@ use super::traps::PlantedTrap;
 use super::vm::{Vm, VmError};
 use crate::devices::platform::port_uses_time;
 use crate::devices::{Nanos, Platform, PlatformEvent};
-use crate::replay::digest::{self, DirtyPages};
+use crate::replay::digest::{self, CpuHashes, DirtyPages};
 use crate::replay::log::{CpuStateBytes, EndReason, LogWriter, PageHash, Record, PAGE_SIZE};
 use crate::replay::schedule::{Schedule, ScheduleError, Step};
 
@@ -480,10 +480,18 @@ impl<W: Write> Engine<'_, '_, W> {
         }
     }
 
+    /// The replay does not do what the log says: name the landmark, what
+    /// differs, and where the backup's vCPU is (to find it in the guest).
     fn diverged(&self, detail: String) -> RunError {
+        let place = match (self.vm.vcpu.get_regs(), self.vm.vcpu.get_sregs()) {
+            (Ok(regs), Ok(sregs)) => {
+                format!(" (backup at RIP {:#x}, CPL {})", regs.rip, sregs.cs.dpl)
+            }
+            _ => String::new(),
+        };
         RunError::Divergence {
             landmark: self.landmark,
-            detail,
+            detail: format!("{detail}{place}"),
         }
     }
 
@@ -504,7 +512,7 @@ impl<W: Write> Engine<'_, '_, W> {
     }
 
     /// Hash the vCPU and the pages written since the last digest.
-    fn compute_digest(&mut self) -> Result<([u8; 32], Vec<PageHash>), RunError> {
+    fn compute_digest(&mut self) -> Result<(CpuHashes, Vec<PageHash>), RunError> {
         let started = Instant::now();
         self.vm
             .collect_dirty_pages(&mut [&mut self.since_sync, &mut self.since_digest])?;
@@ -518,23 +526,23 @@ impl<W: Write> Engine<'_, '_, W> {
                 });
             }
         }
-        let cpu_hash = digest::cpu_hash(&self.vm.cpu_state()?);
+        let cpu = digest::cpu_hashes(&self.vm.cpu_state()?);
         self.stats.digests += 1;
         self.stats.digest_pages += pages.len() as u64;
         self.stats.digest_time += started.elapsed();
-        Ok((cpu_hash, pages))
+        Ok((cpu, pages))
     }
 
     fn record_digest(&mut self) -> Result<(), RunError> {
-        let (cpu_hash, pages) = self.compute_digest()?;
+        let (cpu, pages) = self.compute_digest()?;
         self.log(Record::Digest {
             landmark: self.landmark,
-            cpu_hash,
+            cpu,
             pages,
         })
     }
 
-    fn verify_digest(&mut self, cpu_hash: [u8; 32], pages: &[PageHash]) -> Result<(), RunError> {
+    fn verify_digest(&mut self, cpu: CpuHashes, pages: &[PageHash]) -> Result<(), RunError> {
         let started = Instant::now();
         let mem = &self.vm.mem;
         let mut buf = vec![0u8; PAGE_SIZE];
@@ -543,11 +551,12 @@ impl<W: Write> Engine<'_, '_, W> {
                 .ok()
                 .map(|_| digest::page_hash(&buf))
         });
-        let cpu_matches = digest::cpu_hash(&self.vm.cpu_state()?) == cpu_hash;
+        let cpu_differs =
+            digest::differing_cpu_parts(&cpu, &digest::cpu_hashes(&self.vm.cpu_state()?));
         self.stats.digests += 1;
         self.stats.digest_pages += pages.len() as u64;
         self.stats.digest_time += started.elapsed();
-        if !mismatched.is_empty() || !cpu_matches {
+        if !mismatched.is_empty() || !cpu_differs.is_empty() {
             let shown: Vec<String> = mismatched
                 .iter()
                 .take(8)
@@ -563,10 +572,10 @@ impl<W: Write> Engine<'_, '_, W> {
                     shown.join(", ")
                 )
             };
-            let cpu_text = if cpu_matches {
-                "vCPU state matches"
+            let cpu_text = if cpu_differs.is_empty() {
+                "vCPU state matches".to_string()
             } else {
-                "vCPU state differs"
+                format!("vCPU state differs ({})", cpu_differs.join(", "))
             };
             return Err(self.diverged(format!("digest mismatch: {cpu_text}; {pages_text}")));
         }
@@ -705,9 +714,7 @@ impl<W: Write> Engine<'_, '_, W> {
                         }
                     }
                 }
-                Record::Digest {
-                    cpu_hash, pages, ..
-                } => self.verify_digest(cpu_hash, &pages)?,
+                Record::Digest { cpu, pages, .. } => self.verify_digest(cpu, &pages)?,
                 Record::End { reason, .. } => {
                     self.log_end_reached = true;
                     return Ok(AtLandmark::End(reason.into()));
