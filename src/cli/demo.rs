@@ -59,6 +59,7 @@ pub fn demo() -> Result<ExitCode> {
         log: log.clone(),
         digest_interval: 256,
         sync_bound_us: 200,
+        trace_landmarks: false,
         run: guest_args("storm", &path_str(&recorded_console)),
     })?;
     if code != ExitCode::SUCCESS {
@@ -89,6 +90,7 @@ pub fn demo() -> Result<ExitCode> {
         log: log.clone(),
         digest_interval: 256,
         sync_bound_us: 200,
+        trace_landmarks: false,
         run: guest_args("rdtscuser", &path_str(&dir.0.join("r1.txt"))),
     })?;
     match replay(&ReplayArgs {

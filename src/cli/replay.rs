@@ -28,6 +28,10 @@ pub struct RecordArgs {
     /// is stopped for a sync point.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub sync_bound_us: u64,
+    /// Log the guest's RIP at every landmark; the replay then names the
+    /// first landmark where its RIP differs (for chasing a divergence).
+    #[arg(long)]
+    pub trace_landmarks: bool,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -136,6 +140,7 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
         settings: RecordSettings {
             digest_interval: args.digest_interval,
             sync_bound: Duration::from_micros(args.sync_bound_us),
+            trace_landmarks: args.trace_landmarks,
         },
     };
     let report = session.run(true, vmm::Mode::Record(&mut recorder), Some(host_cpu))?;

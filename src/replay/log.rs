@@ -28,6 +28,7 @@ const KIND_SERIAL_INPUT: u8 = 0x12;
 const KIND_INTERRUPT: u8 = 0x13;
 const KIND_TIME_READ: u8 = 0x14;
 const KIND_RANDOM: u8 = 0x15;
+const KIND_TRACE: u8 = 0x16;
 const KIND_SYNC_POINT: u8 = 0x20;
 const KIND_DIGEST: u8 = 0x21;
 const KIND_END: u8 = 0x30;
@@ -95,6 +96,8 @@ pub enum Record {
     TimeRead { landmark: u64, value: u64 },
     /// A RDRAND/RDSEED that reached the VMM returned `value` (CF=1).
     Random { landmark: u64, value: u64 },
+    /// The guest's RIP at this landmark (recorded with `--trace-landmarks`).
+    Trace { landmark: u64, rip: u64 },
     /// The primary stopped the guest at an arbitrary point, which became this
     /// landmark: full vCPU state, the VMM's own state that can change between
     /// landmarks (opaque here), and the pages written since the previous sync point.
@@ -124,6 +127,7 @@ impl Record {
             | Record::Interrupt { landmark, .. }
             | Record::TimeRead { landmark, .. }
             | Record::Random { landmark, .. }
+            | Record::Trace { landmark, .. }
             | Record::SyncPoint { landmark, .. }
             | Record::Digest { landmark, .. }
             | Record::End { landmark, .. } => *landmark,
@@ -139,6 +143,7 @@ impl Record {
             Record::Interrupt { .. } => "interrupt",
             Record::TimeRead { .. } => "time-read",
             Record::Random { .. } => "random",
+            Record::Trace { .. } => "trace",
             Record::SyncPoint { .. } => "sync-point",
             Record::Digest { .. } => "digest",
             Record::End { .. } => "end",
@@ -328,6 +333,11 @@ fn encode_record(r: &Record) -> (u8, Vec<u8>) {
             e.u64(*value);
             KIND_RANDOM
         }
+        Record::Trace { landmark, rip } => {
+            e.u64(*landmark);
+            e.u64(*rip);
+            KIND_TRACE
+        }
         Record::SyncPoint {
             landmark,
             cpu,
@@ -404,6 +414,10 @@ fn decode_record(kind: u8, d: &mut Dec) -> Result<Record, String> {
         KIND_RANDOM => Record::Random {
             landmark,
             value: d.u64()?,
+        },
+        KIND_TRACE => Record::Trace {
+            landmark,
+            rip: d.u64()?,
         },
         KIND_SYNC_POINT => {
             let cpu = CpuStateBytes {
@@ -719,6 +733,10 @@ mod tests {
                 landmark: 9,
                 value: 0x1234_5678_9abc_def0,
             },
+            Record::Trace {
+                landmark: 9,
+                rip: 0xffff_ffff_8100_0000,
+            },
             Record::SyncPoint {
                 landmark: 10,
                 cpu: Box::new(CpuStateBytes {
@@ -758,7 +776,7 @@ mod tests {
         let (bytes, records) = w.written();
         let out = w.into_inner();
         assert_eq!(bytes, out.len() as u64);
-        assert_eq!(records, 9);
+        assert_eq!(records, 10);
         out
     }
 
@@ -819,7 +837,7 @@ mod tests {
         let full = encoded();
         let err = read_all(&full[..full.len() - 3]).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("truncated in record 8"), "{msg}");
+        assert!(msg.contains("truncated in record 9"), "{msg}");
         assert!(msg.contains("landmark Some(10)"), "{msg}");
     }
 

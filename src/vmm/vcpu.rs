@@ -193,6 +193,8 @@ pub struct RecordSettings {
     /// How long past a timer deadline the guest may go without a landmark
     /// before it is kicked (and, when recording, a sync point is made).
     pub sync_bound: Duration,
+    /// Log the guest's RIP at every landmark (`Record::Trace`).
+    pub trace_landmarks: bool,
 }
 
 impl Default for RecordSettings {
@@ -200,6 +202,7 @@ impl Default for RecordSettings {
         RecordSettings {
             digest_interval: 256,
             sync_bound: Duration::from_micros(200),
+            trace_landmarks: false,
         }
     }
 }
@@ -625,6 +628,15 @@ impl<W: Write> Engine<'_, '_, W> {
         if stop {
             return self.end_live(Ending::Stopped);
         }
+        if let Mode::Record(rec) = &self.mode {
+            if rec.settings.trace_landmarks {
+                let rip = self.vm.vcpu.get_regs().map_err(kvm_err("get regs"))?.rip;
+                self.log(Record::Trace {
+                    landmark: self.landmark,
+                    rip,
+                })?;
+            }
+        }
         let accepted = self.input.feed(self.platform);
         if !accepted.is_empty() {
             self.log(Record::SerialInput {
@@ -685,6 +697,14 @@ impl<W: Write> Engine<'_, '_, W> {
                 break;
             };
             match record {
+                Record::Trace { rip, .. } => {
+                    let ours = self.vm.vcpu.get_regs().map_err(kvm_err("get regs"))?.rip;
+                    if ours != rip {
+                        return Err(self.diverged(format!(
+                            "the primary was at RIP {rip:#x} at this landmark"
+                        )));
+                    }
+                }
                 Record::Poll { now, .. } => {
                     self.clock = now;
                     self.platform.poll(now);
