@@ -123,11 +123,11 @@ fn tail(s: &str) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
-/// The kernel's boot up to the start of user space: `init=` and `rdinit=`
-/// name a program that does not exist, so the kernel panics ("Requested
-/// init ... failed") and, with `panic=-1`, resets at once. User space is
-/// left out because its replay still diverges (docs/architecture.md, Known
-/// limits).
+/// The kernel's boot up to the start of user space: `rdinit=` and `init=`
+/// name a program that does not exist, so the kernel looks for a root file
+/// system, finds none, panics and, with `panic=-1`, resets at once. User
+/// space is left out because its replay still diverges (docs/architecture.md,
+/// "Linux: what replays and what does not").
 #[test]
 fn debian_cloud_kernel_boot_records_and_replays_identically() {
     if !enabled("linux_record_replay") {
@@ -156,7 +156,8 @@ fn debian_cloud_kernel_boot_records_and_replays_identically() {
     );
     assert!(rec.status.success(), "record failed: {}", rec.stderr);
     assert!(
-        rec.stdout.contains("Requested init /twinvm-none failed"),
+        rec.stdout
+            .contains("Kernel panic - not syncing: VFS: Unable to mount root fs"),
         "the recorded boot did not reach the start of user space; console tail: {}",
         tail(&rec.stdout)
     );
