@@ -179,6 +179,39 @@ pub fn current_cpu() -> std::io::Result<u32> {
     u32::try_from(cpu).map_err(|_| std::io::Error::last_os_error())
 }
 
+/// The calling thread pinned to one host CPU; dropping it restores the
+/// CPUs the thread was allowed before, so threads it starts later (and
+/// later runs on the same thread) are not confined with it.
+pub struct PinnedThread {
+    previous: libc::cpu_set_t,
+}
+
+impl PinnedThread {
+    pub fn new(cpu: u32) -> std::io::Result<PinnedThread> {
+        // SAFETY: sched_getaffinity writes at most size_of::<cpu_set_t>()
+        // bytes into a live, zero-initialised local. Pid 0 is this thread.
+        let previous = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            set
+        };
+        pin_current_thread(cpu)?;
+        Ok(PinnedThread { previous })
+    }
+}
+
+impl Drop for PinnedThread {
+    fn drop(&mut self) {
+        // SAFETY: sched_setaffinity reads exactly size_of::<cpu_set_t>()
+        // bytes from `previous`, a set the kernel itself filled in.
+        let _ = unsafe {
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.previous)
+        };
+    }
+}
+
 /// Pin the calling thread (and the threads it starts later) to host CPU `cpu`.
 pub fn pin_current_thread(cpu: u32) -> std::io::Result<()> {
     let cpu = cpu as usize;
@@ -213,8 +246,23 @@ mod tests {
     #[test]
     fn pinning_moves_the_thread_and_bad_cpus_are_refused() {
         std::thread::spawn(|| {
-            pin_current_thread(0).unwrap();
-            assert_eq!(current_cpu().unwrap(), 0);
+            let allowed = || {
+                let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+                let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:"));
+                format!("{}\n", line.unwrap())
+            };
+            let before = allowed();
+            {
+                let _pinned = PinnedThread::new(0).unwrap();
+                assert_eq!(current_cpu().unwrap(), 0);
+                assert!(
+                    allowed().contains("Cpus_allowed_list:\t0\n"),
+                    "{}",
+                    allowed()
+                );
+            }
+            // Dropping the guard gives the thread its CPUs back.
+            assert_eq!(allowed(), before);
             assert!(pin_current_thread(libc::CPU_SETSIZE as u32).is_err());
         })
         .join()

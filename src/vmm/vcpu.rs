@@ -1164,9 +1164,9 @@ pub fn run<W: Write>(
     // Only this thread: a timer thread sharing its CPU would wait for the
     // scheduler to preempt a busy vCPU before it could kick (measured: ~100
     // instead of ~1000 timer interrupts/s into a user-mode loop).
-    if let Some(cpu) = host_cpu {
-        sys::pin_current_thread(cpu).map_err(|source| RunError::Pin { cpu, source })?;
-    }
+    let _pinned = host_cpu
+        .map(|cpu| sys::PinnedThread::new(cpu).map_err(|source| RunError::Pin { cpu, source }))
+        .transpose()?;
     let mut engine = Engine {
         vm,
         platform,
