@@ -187,6 +187,6 @@ fn debian_cloud_kernel_boot_records_and_replays_identically() {
     assert!(
         console == rec.stdout,
         "the replayed console differs; replay tail: {}",
-        tail(&console)
+        tail(console)
     );
 }
