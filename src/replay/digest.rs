@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 
+pub use super::log::CpuHashes;
 use super::log::{CpuStateBytes, PageHash, PAGE_SIZE};
 
 /// The parts of the vCPU state a digest hashes separately, so that a
@@ -17,9 +18,6 @@ pub const CPU_PARTS: [&str; 5] = [
     "MSRs",
     "XSAVE area",
 ];
-
-/// One BLAKE3 hash per entry of [`CPU_PARTS`].
-pub type CpuHashes = [[u8; 32]; 5];
 
 /// Hashes of the architectural vCPU state. (`kvm_vcpu_events` is left out:
 /// it holds host-side bookkeeping that legitimately differs between hosts.)

@@ -66,6 +66,9 @@ pub struct CpuStateBytes {
     pub xsave: Vec<u8>,
 }
 
+/// One BLAKE3 hash per part of the vCPU state (`digest::CPU_PARTS`).
+pub type CpuHashes = [[u8; 32]; 5];
+
 /// One guest page's hash in a digest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageHash {
@@ -111,7 +114,7 @@ pub enum Record {
     /// (`digest::CPU_PARTS`) and of the pages written since the previous digest.
     Digest {
         landmark: u64,
-        cpu: [[u8; 32]; 5],
+        cpu: CpuHashes,
         pages: Vec<PageHash>,
     },
     /// The recording ended here.

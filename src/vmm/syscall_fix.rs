@@ -27,7 +27,7 @@
 //! [`SyscallFix`] applies them to the vCPU.
 
 use iced_x86::{Decoder, DecoderOptions, Mnemonic};
-use kvm_bindings::{kvm_msr_entry, kvm_segment, Msrs};
+use kvm_bindings::kvm_segment;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::emulate::{EmulateError, GuestCpu};
@@ -170,6 +170,8 @@ pub enum SyscallFixError {
     Kvm(&'static str, vmm_sys_util::errno::Error),
     #[error("syscall fix: guest address {0:#x} is not mapped")]
     Unmapped(u64),
+    #[error("syscall fix: KVM does not let MSR {0:#x} be read")]
+    UnreadableMsr(u32),
     #[error("syscall fix: saved state of {0} bytes is malformed (from a sync point)")]
     BadState(usize),
     #[error("syscall fix: {0}")]
@@ -185,13 +187,9 @@ fn read_virt(vm: &Vm, gva: u64, buf: &mut [u8]) -> Result<(), SyscallFixError> {
 }
 
 fn read_msr(vm: &Vm, index: u32) -> Result<u64, SyscallFixError> {
-    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
-        index,
-        ..Default::default()
-    }])
-    .expect("one entry fits");
-    vm.vcpu.get_msrs(&mut msrs).map_err(kvm("get MSR"))?;
-    Ok(msrs.as_slice()[0].data)
+    super::vm::read_msr(&vm.vcpu, index)
+        .map_err(kvm("get MSR"))?
+        .ok_or(SyscallFixError::UnreadableMsr(index))
 }
 
 impl SyscallFix {

@@ -229,14 +229,19 @@ pub fn plant_traps(elf: &mut [u8]) -> HashMap<u64, PlantedTrap> {
     }
     // The same traps where the kernel will copy its alternatives.
     let copies = alternative_sites(elf, &replacement_traps);
-    tracing::info!(
-        in_code = traps.len(),
-        in_alternatives = replacement_traps.len(),
-        copy_sites = copies.len(),
-        "trap sites (time and entropy reads)"
-    );
+    let in_code = traps.len();
+    let copy_sites = copies.len();
     for (addr, trap) in copies {
         traps.insert(addr, trap);
+    }
+    if !traps.is_empty() {
+        tracing::info!(
+            in_code,
+            in_alternatives = replacement_traps.len(),
+            copy_sites,
+            planted = traps.len(),
+            "trap sites (time and entropy reads) planted in the kernel"
+        );
     }
     traps
 }

@@ -161,20 +161,24 @@ pub fn msrs_from_bytes(b: &[u8]) -> Option<Vec<kvm_msr_entry>> {
     )
 }
 
+/// One MSR of the vCPU; None if KVM does not let it be read.
+pub fn read_msr(vcpu: &VcpuFd, index: u32) -> Result<Option<u64>, vmm_sys_util::errno::Error> {
+    let mut one = Msrs::from_entries(&[kvm_msr_entry {
+        index,
+        ..Default::default()
+    }])
+    .expect("one entry fits");
+    let read = vcpu.get_msrs(&mut one)?;
+    Ok((read == 1).then(|| one.as_slice()[0].data))
+}
+
 /// The MSRs of [`STATE_MSRS`] this host's KVM can read for the vCPU, in
 /// that order.
 fn readable_state_msrs(vcpu: &VcpuFd) -> Vec<u32> {
     STATE_MSRS
         .iter()
         .copied()
-        .filter(|&index| {
-            let mut one = Msrs::from_entries(&[kvm_msr_entry {
-                index,
-                ..Default::default()
-            }])
-            .expect("one entry fits");
-            matches!(vcpu.get_msrs(&mut one), Ok(1))
-        })
+        .filter(|&index| matches!(read_msr(vcpu, index), Ok(Some(_))))
         .collect()
 }
 
@@ -296,12 +300,6 @@ impl Vm {
         // file itself is untouched, only the loaded copy differs.
         let mut image = config.kernel.clone();
         let planted_traps = traps::plant_traps(&mut image);
-        if !planted_traps.is_empty() {
-            tracing::info!(
-                sites = planted_traps.len(),
-                "planted time traps in the kernel"
-            );
-        }
         let kernel = boot::load_kernel(&mem, &config.kernel_name, &image)?;
         let initrd = match &config.initrd {
             Some(image) => Some((
