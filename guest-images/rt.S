@@ -32,6 +32,8 @@
 .set SYS_EXIT, 0
 .set SYS_WRITE, 1
 .set SYS_SETGS, 2               # IA32_KERNEL_GS_BASE = rdi (a WRMSR, no exit)
+.set SYS_INVLPG, 3              # invlpg [rdi]: flush one TLB entry after a PTE change
+.set SYS_INB, 4                 # rax = byte read from I/O port rdi (a landmark)
 .set MSR_KERNEL_GS_BASE, 0xc0000102
 
 # Frame built by isr_common: 15 saved registers, then vector, error code and
@@ -232,6 +234,10 @@ rt_breakpoint:
     je 2f
     cmp rax, SYS_SETGS
     je 4f
+    cmp rax, SYS_INVLPG
+    je 5f
+    cmp rax, SYS_INB
+    je 6f
     cmp rax, SYS_WRITE
     jne 3f
     push rsi
@@ -248,6 +254,15 @@ rt_breakpoint:
     mov edx, [rsi + FRAME_RDI + 4]
     wrmsr
     mov qword ptr [rsi + FRAME_RAX], 0
+    ret
+5:  mov rdi, [rsi + FRAME_RDI]
+    invlpg [rdi]
+    mov qword ptr [rsi + FRAME_RAX], 0
+    ret
+6:  mov edx, [rsi + FRAME_RDI]
+    in al, dx
+    movzx eax, al
+    mov [rsi + FRAME_RAX], rax
     ret
 2:  # The user program finished: back on the kernel stack, interrupts off.
     mov rdi, [rsi + FRAME_RDI]

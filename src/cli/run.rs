@@ -208,7 +208,7 @@ pub(super) fn print_stats(report: &RunReport) {
     let s = &report.stats;
     let secs = report.wall.as_secs_f64().max(1e-9);
     eprintln!(
-        "twinvm: exits={} ({:.0}/s) io={} mmio={} hlt={} kicks={} landmarks={} interrupts={} emulation-fallbacks={} exceptions-injected={} time-reads={} random-reads={} syscall-fixes={}",
+        "twinvm: exits={} ({:.0}/s) io={} mmio={} hlt={} kicks={} landmarks={} interrupts={} emulation-fallbacks={} exceptions-injected={} time-reads={} random-reads={} syscall-fixes={} shadow-mmu-flushes={}",
         s.total,
         s.total as f64 / secs,
         s.io,
@@ -221,7 +221,8 @@ pub(super) fn print_stats(report: &RunReport) {
         s.exceptions_injected,
         s.time_reads,
         s.random_reads,
-        s.syscall_fixes
+        s.syscall_fixes,
+        s.shadow_mmu_flushes
     );
 }
 

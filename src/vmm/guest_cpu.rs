@@ -87,11 +87,7 @@ impl GuestCpu for KvmGuestCpu<'_> {
     fn write_virt(&mut self, gva: u64, data: &[u8]) -> Result<(), EmulateError> {
         let vm = self.vm;
         self.for_each_page(gva, data.len(), |gpa, off, size| {
-            // KVM's dirty log does not see the VMM's writes; sync points and
-            // digests must.
-            vm.note_userspace_write(gpa, size as u64);
-            vm.mem
-                .write_slice(&data[off..off + size], GuestAddress(gpa))
+            vm.write_guest(gpa, &data[off..off + size], true)
                 .map_err(|_| EmulateError::Unmapped(gva))
         })
     }

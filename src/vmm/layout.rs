@@ -31,6 +31,12 @@ pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 pub const MMIO_HOLE_START: u64 = 0xC000_0000;
 pub const FOUR_GIB: u64 = 1 << 32;
 
+/// Guest-physical page of the scratch memslot that
+/// [`Vm::invalidate_shadow_mmu`](super::vm::Vm::invalidate_shadow_mmu) adds
+/// and deletes at once; it is never guest-visible (the vCPU does not run
+/// meanwhile), so it may sit in the MMIO hole.
+pub const SHADOW_FLUSH_SLOT_GPA: u64 = FOUR_GIB - 0x1000;
+
 /// Smallest and largest guest memory twinvm accepts.
 pub const MIN_MEM_BYTES: u64 = 16 << 20;
 pub const MAX_MEM_BYTES: u64 = 64 << 30;

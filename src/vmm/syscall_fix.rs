@@ -28,7 +28,6 @@
 
 use iced_x86::{Decoder, DecoderOptions, Mnemonic};
 use kvm_bindings::kvm_segment;
-use vm_memory::{Bytes, GuestAddress};
 
 use super::emulate::{EmulateError, GuestCpu};
 use super::guest_cpu::KvmGuestCpu;
@@ -262,10 +261,8 @@ impl SyscallFix {
             return Ok(());
         };
         let t = vm.vcpu.translate_gva(entry).map_err(kvm("translate"))?;
-        vm.mem
-            .write_obj(0xccu8, GuestAddress(t.physical_address))
+        vm.write_guest(t.physical_address, &[0xcc], true)
             .map_err(|_| SyscallFixError::Unmapped(entry))?;
-        vm.note_userspace_write(t.physical_address, 1);
         tracing::info!(
             entry = format_args!("{entry:#x}"),
             "syscall fix: trap planted on the #PF entry"

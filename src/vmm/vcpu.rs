@@ -107,6 +107,9 @@ pub struct ExitStats {
     pub random_reads: u64,
     /// syscall/sysret privilege switches twinvm completed (syscall_fix.rs).
     pub syscall_fixes: u64,
+    /// Times KVM's shadow page tables were dropped after the VMM changed
+    /// guest memory (Vm::refresh_shadow_mmu).
+    pub shadow_mmu_flushes: u64,
     pub digests: u64,
     pub digest_pages: u64,
     pub digest_time: Duration,
@@ -236,6 +239,15 @@ impl DeadlineTimer {
         let thread = thread::Builder::new()
             .name("twinvm-timer".into())
             .spawn(move || {
+                // A kick is due when the vCPU has been busy too long, so the
+                // timer must not wait for a time slice behind busy threads
+                // (measured: with both host CPUs running vCPUs, kicks fell
+                // about tenfold, to a handful per second for some guests).
+                // It sleeps nearly all the time, so a real-time priority
+                // costs the rest nothing.
+                if let Err(e) = sys::make_current_thread_realtime(1) {
+                    tracing::debug!("timer thread stays at normal priority: {e}");
+                }
                 let mut deadline: Option<Instant> = None;
                 loop {
                     let msg = match deadline {
@@ -800,10 +812,11 @@ impl<W: Write> Engine<'_, '_, W> {
         // top of the loaded state.
         self.vm.complete_pending_exit()?;
         for (gpa, data) in &pages {
+            // Not noted as the VMM's own writes: on the primary these were
+            // the guest's.
             self.vm
-                .mem
-                .write_slice(data, GuestAddress(*gpa))
-                .map_err(|e| self.diverged(format!("sync point page {gpa:#x}: {e}")))?;
+                .write_guest(*gpa, data, false)
+                .map_err(|e| self.diverged(format!("sync point page: {e}")))?;
         }
         self.vm.set_cpu_state(&cpu)?;
         self.syscall_fix.restore(&vmm_state)?;
@@ -1004,6 +1017,9 @@ impl<W: Write> Engine<'_, '_, W> {
             };
             self.progress
                 .tick(what, self.landmark, &self.stats, self.start);
+            if self.vm.refresh_shadow_mmu()? {
+                self.stats.shadow_mmu_flushes += 1;
+            }
             let exit = match self.vm.vcpu.run() {
                 Ok(exit) => exit,
                 Err(e) if e.errno() == libc::EINTR => {

@@ -1,7 +1,7 @@
 //! Creating a KVM VM with no in-kernel irqchip, PIT or LAPIC, its memory and
 //! its one vCPU, and putting a kernel in it.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use kvm_bindings::{
     kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events,
@@ -12,13 +12,14 @@ use kvm_ioctls::{
 };
 use thiserror::Error;
 use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
 };
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::boot::{self, BootError, LoadedKernel};
 use super::cpuid;
-use super::layout::{ram_ranges, MAX_MEM_BYTES, MIN_MEM_BYTES};
+use super::layout::{ram_ranges, MAX_MEM_BYTES, MIN_MEM_BYTES, SHADOW_FLUSH_SLOT_GPA};
 use super::traps::{self, PlantedTrap};
 use crate::replay::digest::DirtyPages;
 use crate::replay::log::CpuStateBytes;
@@ -78,6 +79,9 @@ pub enum VmError {
     /// KVM refused one MSR of the saved vCPU state.
     #[error("vCPU state: KVM could not {0} MSR {1:#x}")]
     MsrAccess(&'static str, u32),
+    /// The VMM's own write fell outside guest RAM.
+    #[error("writing {len} bytes of guest memory at {gpa:#x}: outside guest RAM")]
+    GuestWrite { gpa: u64, len: usize },
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> VmError {
@@ -245,6 +249,11 @@ pub struct Vm {
     state_msrs: Vec<u32>,
     /// Guest pages the VMM itself wrote (KVM's dirty log does not see them).
     userspace_dirty: RefCell<DirtyPages>,
+    /// The one page behind the scratch memslot of [`Vm::invalidate_shadow_mmu`].
+    shadow_flush_page: GuestMemoryMmap,
+    /// The VMM changed guest memory since KVM last dropped its shadow page
+    /// tables ([`Vm::refresh_shadow_mmu`]).
+    shadow_stale: Cell<bool>,
 }
 
 impl Vm {
@@ -329,7 +338,15 @@ impl Vm {
         vcpu.set_fpu(&boot::initial_fpu())
             .map_err(kvm_err("set FPU"))?;
         let state_msrs = readable_state_msrs(&vcpu);
+        let shadow_flush_page =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(SHADOW_FLUSH_SLOT_GPA), 0x1000)])
+                .map_err(|source| VmError::Memory {
+                    bytes: 0x1000,
+                    source,
+                })?;
         Ok(Vm {
+            shadow_flush_page,
+            shadow_stale: Cell::new(false),
             state_msrs,
             vcpu,
             vm_fd,
@@ -354,9 +371,88 @@ impl Vm {
         Ok(())
     }
 
-    /// Note a write by the VMM into guest memory, for sync points and digests.
-    pub fn note_userspace_write(&self, gpa: u64, len: u64) {
-        self.userspace_dirty.borrow_mut().add_range(gpa, len);
+    /// Make KVM drop its shadow copies of the guest's page tables.
+    ///
+    /// On hosts without EPT/NPT (the development machines: shadow paging),
+    /// KVM keeps its own copy of every guest page table and learns of
+    /// changes by trapping the guest's own writes. Pages the VMM writes
+    /// itself -- a sync point's -- are invisible to it, so a backup would go
+    /// on translating through the mapping the guest had before (measured with
+    /// the `remap` test guest). Deleting a memslot makes KVM zap every shadow
+    /// page (KVM_X86_QUIRK_SLOT_ZAP_ALL, on by default), so twinvm adds and
+    /// deletes a scratch slot; the shadow is rebuilt from guest memory as the
+    /// guest touches it. On EPT/NPT hosts this only costs the two ioctls.
+    fn invalidate_shadow_mmu(&self) -> Result<(), VmError> {
+        let region = self
+            .shadow_flush_page
+            .iter()
+            .next()
+            .expect("the scratch page has one region");
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|_| VmError::Kvm {
+                what: "map the scratch page",
+                source: vmm_sys_util::errno::Error::new(libc::EFAULT),
+            })?;
+        let mut scratch = kvm_userspace_memory_region {
+            slot: self.slots.len() as u32,
+            flags: 0,
+            guest_phys_addr: SHADOW_FLUSH_SLOT_GPA,
+            memory_size: 0x1000,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the host page is a live mapping owned by the Vm
+        // (`shadow_flush_page`), the slot number is unused and its range
+        // overlaps no RAM slot (it sits in the MMIO hole, above all RAM
+        // below 4 GiB); the slot is deleted again just below.
+        unsafe { self.vm_fd.set_user_memory_region(scratch) }
+            .map_err(kvm_err("add the shadow-flush memslot"))?;
+        scratch.memory_size = 0;
+        // SAFETY: deleting the slot added above; a zero size removes it.
+        unsafe { self.vm_fd.set_user_memory_region(scratch) }
+            .map_err(kvm_err("delete the shadow-flush memslot"))?;
+        Ok(())
+    }
+
+    /// Before the vCPU runs: if the VMM changed guest memory since the last
+    /// time, make KVM drop its shadow page tables (see
+    /// [`Vm::invalidate_shadow_mmu`]). Returns whether it did.
+    pub fn refresh_shadow_mmu(&self) -> Result<bool, VmError> {
+        if !self.shadow_stale.replace(false) {
+            return Ok(false);
+        }
+        self.invalidate_shadow_mmu()?;
+        Ok(true)
+    }
+
+    /// Write guest memory on the VMM's behalf. Bytes already there are left
+    /// alone; a change is noted for sync points and digests (`note`: KVM's
+    /// dirty log does not see it) and makes KVM's shadow page tables stale.
+    pub fn write_guest(&self, gpa: u64, data: &[u8], note: bool) -> Result<(), VmError> {
+        let mut current = [0u8; 4096];
+        let unchanged = data.chunks(current.len()).enumerate().all(|(i, chunk)| {
+            let here = &mut current[..chunk.len()];
+            self.mem
+                .read_slice(here, GuestAddress(gpa + (i * 4096) as u64))
+                .is_ok()
+                && here == chunk
+        });
+        if unchanged {
+            return Ok(());
+        }
+        self.mem
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|_| VmError::GuestWrite {
+                gpa,
+                len: data.len(),
+            })?;
+        if note {
+            self.userspace_dirty
+                .borrow_mut()
+                .add_range(gpa, data.len() as u64);
+        }
+        self.shadow_stale.set(true);
+        Ok(())
     }
 
     /// Fetch-and-reset KVM's dirty log (and the VMM's own writes) into every set in `into`.
