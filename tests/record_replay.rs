@@ -209,14 +209,47 @@ fn page_table_changes_in_sync_points_reach_kvm_shadow_paging() {
     // dropping its shadow page tables the backup reads the old page and
     // diverges (measured: digest mismatch at landmark 512).
     let dir = TempDir::new("rr-remap");
-    let (log, rec) = record(&dir, "remap", &["--digest-interval", "64"]);
+    let (log, rec) = record(&dir, "remap", &["--digest-interval", "64", "--stats"]);
     assert!(
         rec.stdout.contains(&format!(" hash={:#x}\n", remap_hash())),
         "{}",
         rec.stdout
     );
-    assert!(stat(&rec.stderr, "sync points") >= 20, "{}", rec.stderr);
-    assert_identical(&rec, &replay(&log, "remap", "64M"));
+    let sync_points = stat(&rec.stderr, "sync points");
+    assert!(sync_points >= 20, "{}", rec.stderr);
+    // The primary's VMM writes no guest memory here; the backup flushes
+    // after every sync point that changed a page.
+    assert_eq!(flushes(&rec.stderr), 0, "{}", rec.stderr);
+    let rep = run_to_end(
+        &[
+            "replay",
+            "--log",
+            &log,
+            "--kernel",
+            "builtin:remap",
+            "--mem",
+            "64M",
+            "--stats",
+        ],
+        TIMEOUT,
+    );
+    assert_identical(&rec, &rep);
+    let backup_flushes = flushes(&rep.stderr);
+    assert!(
+        (1..=sync_points).contains(&backup_flushes),
+        "{backup_flushes} flushes for {sync_points} sync points: {}",
+        rep.stderr
+    );
+}
+
+/// `shadow-mmu-flushes=N` from `--stats`.
+fn flushes(stderr: &str) -> u64 {
+    stderr
+        .split("shadow-mmu-flushes=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no shadow-mmu-flushes in {stderr}"))
 }
 
 #[test]

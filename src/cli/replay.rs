@@ -150,6 +150,9 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
         .with_context(|| format!("syncing log {}", args.log.display()))?;
     eprintln!("twinvm record: {}", super::run::describe(&report));
     eprintln!("twinvm record: {}", summary(&report));
+    if args.run.stats {
+        super::run::print_stats(&report);
+    }
     Ok(match report.ending {
         Ending::Stopped => ExitCode::from(130),
         _ => ExitCode::SUCCESS,
@@ -193,6 +196,9 @@ pub fn replay(args: &ReplayArgs) -> Result<ExitCode> {
     }
     eprintln!("twinvm replay: {}", super::run::describe(&report));
     eprintln!("twinvm replay: {}", summary(&report));
+    if args.run.stats {
+        super::run::print_stats(&report);
+    }
     println!(
         "replay: final state identical to the recording ({} landmarks, {} digests verified)",
         report.stats.landmarks, report.stats.digests
