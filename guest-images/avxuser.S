@@ -32,9 +32,8 @@ user_exited:
     mov rdi, [rip + level]
     call rt_put_dec
     lea rdi, [rip + msg_hash]
-    call rt_puts
-    mov rdi, rbx
-    call rt_put_hex
+    mov rsi, rbx
+    call rt_put_label_hex
     lea rdi, [rip + msg_ticks]
     call rt_puts
     mov rdi, [rip + ticks]

@@ -13,13 +13,11 @@ kmain:
 
 user_exited:
     lea rdi, [rip + msg_leaf1]
-    call rt_puts
-    mov rdi, [rip + leaf1_ebx]
-    call rt_put_hex
+    mov rsi, [rip + leaf1_ebx]
+    call rt_put_label_hex
     lea rdi, [rip + msg_leafb]
-    call rt_puts
-    mov rdi, [rip + leafb_edx]
-    call rt_put_hex
+    mov rsi, [rip + leafb_edx]
+    call rt_put_label_hex
     mov dil, 10
     call rt_putc
     lea rdi, [rip + msg_done]

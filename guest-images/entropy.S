@@ -23,21 +23,17 @@ kmain:
     mov [rip + vseed], rax
 
     lea rdi, [rip + msg_64]
-    call rt_puts
-    mov rdi, [rip + v64]
-    call rt_put_hex
+    mov rsi, [rip + v64]
+    call rt_put_label_hex
     lea rdi, [rip + msg_32]
-    call rt_puts
-    mov rdi, [rip + v32]
-    call rt_put_hex
+    mov rsi, [rip + v32]
+    call rt_put_label_hex
     lea rdi, [rip + msg_16]
-    call rt_puts
-    mov rdi, [rip + v16]
-    call rt_put_hex
+    mov rsi, [rip + v16]
+    call rt_put_label_hex
     lea rdi, [rip + msg_seed]
-    call rt_puts
-    mov rdi, [rip + vseed]
-    call rt_put_hex
+    mov rsi, [rip + vseed]
+    call rt_put_label_hex
     lea rdi, [rip + msg_ok]
     call rt_puts
     mov rdi, r12

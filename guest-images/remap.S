@@ -47,9 +47,8 @@ user_exited:
     mov rdi, [rip + ticks]
     call rt_put_dec
     lea rdi, [rip + msg_hash]
-    call rt_puts
-    mov rdi, rbx
-    call rt_put_hex
+    mov rsi, rbx
+    call rt_put_label_hex
     mov dil, 10
     call rt_putc
     lea rdi, [rip + msg_done]

@@ -206,13 +206,11 @@ rt_unexpected:
     mov r12, rdi
     mov r13, [rsi + FRAME_RIP]
     lea rdi, [rip + msg_unexpected]
-    call rt_puts
-    mov rdi, r12
-    call rt_put_hex
+    mov rsi, r12
+    call rt_put_label_hex
     lea rdi, [rip + msg_at]
-    call rt_puts
-    mov rdi, r13
-    call rt_put_hex
+    mov rsi, r13
+    call rt_put_label_hex
     mov dil, 10
     call rt_putc
     jmp rt_triple_fault
@@ -298,6 +296,15 @@ rt_write:
 2:  pop r12
     pop rbx
     ret
+
+# rt_put_label_hex(rdi = NUL-terminated label, rsi = value): the label, then
+# the value in hex.
+.global rt_put_label_hex
+rt_put_label_hex:
+    push rsi
+    call rt_puts
+    pop rdi
+    jmp rt_put_hex
 
 # rt_puts(rdi = NUL-terminated string)
 .global rt_puts

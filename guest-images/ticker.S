@@ -39,9 +39,8 @@ user_exited:
     mov rdi, [rip + ticks]
     call rt_put_dec
     lea rdi, [rip + msg_work]
-    call rt_puts
-    mov rdi, rbx
-    call rt_put_hex
+    mov rsi, rbx
+    call rt_put_label_hex
     lea rdi, [rip + msg_gs]
     call rt_puts
     mov ecx, MSR_KERNEL_GS_BASE

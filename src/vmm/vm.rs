@@ -245,8 +245,10 @@ pub struct Vm {
     /// Planted time and entropy traps in the kernel, by guest virtual address.
     pub planted_traps: std::collections::HashMap<u64, PlantedTrap>,
     slots: Vec<kvm_userspace_memory_region>,
-    /// MSRs saved with the vCPU state ([`STATE_MSRS`] that KVM can read here).
-    state_msrs: Vec<u32>,
+    /// The KVM_GET_MSRS request for the MSRs saved with the vCPU state
+    /// ([`STATE_MSRS`] that KVM can read here), built once and reused (KVM
+    /// overwrites only the values).
+    state_msrs: RefCell<Msrs>,
     /// Guest pages the VMM itself wrote (KVM's dirty log does not see them).
     userspace_dirty: RefCell<DirtyPages>,
     /// The one page behind the scratch memslot of [`Vm::invalidate_shadow_mmu`].
@@ -337,7 +339,17 @@ impl Vm {
             .map_err(kvm_err("set regs"))?;
         vcpu.set_fpu(&boot::initial_fpu())
             .map_err(kvm_err("set FPU"))?;
-        let state_msrs = readable_state_msrs(&vcpu);
+        let state_msr_entries: Vec<kvm_msr_entry> = readable_state_msrs(&vcpu)
+            .into_iter()
+            .map(|index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let state_msrs = RefCell::new(
+            Msrs::from_entries(&state_msr_entries)
+                .map_err(|_| VmError::MsrCount(state_msr_entries.len()))?,
+        );
         let shadow_flush_page =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(SHADOW_FLUSH_SLOT_GPA), 0x1000)])
                 .map_err(|source| VmError::Memory {
@@ -483,19 +495,10 @@ impl Vm {
             .vcpu
             .get_vcpu_events()
             .map_err(kvm_err("get vCPU events"))?;
-        let entries: Vec<kvm_msr_entry> = self
-            .state_msrs
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs =
-            Msrs::from_entries(&entries).map_err(|_| VmError::MsrCount(entries.len()))?;
+        let mut msrs = self.state_msrs.borrow_mut();
         let read = self.vcpu.get_msrs(&mut msrs).map_err(kvm_err("get MSRs"))?;
-        if read != entries.len() {
-            return Err(VmError::MsrAccess("read", entries[read].index));
+        if read != msrs.as_slice().len() {
+            return Err(VmError::MsrAccess("read", msrs.as_slice()[read].index));
         }
         let xsave = self.vcpu.get_xsave().map_err(kvm_err("get XSAVE state"))?;
         Ok(CpuStateBytes {
