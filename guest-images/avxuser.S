@@ -14,10 +14,8 @@
 kmain:
     lea rdi, [rip + on_timer]
     mov esi, PIT_DIVISOR
-    call rt_timer_start
-    lea rdi, [rip + user_main]
-    mov esi, 0x202
-    jmp rt_enter_user
+    lea rdx, [rip + user_main]
+    jmp rt_enter_user_with_timer
 
 on_timer:
     incq [rip + ticks]
@@ -25,8 +23,7 @@ on_timer:
 
 user_exited:
     mov rbx, rdi
-    mov al, 0xff                # timer off
-    out 0x21, al
+    call rt_timer_stop
     lea rdi, [rip + msg_level]
     call rt_puts
     mov rdi, [rip + level]

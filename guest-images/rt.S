@@ -386,6 +386,24 @@ rt_timer_start:
     out 0x40, al
     ret
 
+# rt_timer_stop: mask every line of the master PIC (the timer's run is over).
+.global rt_timer_stop
+rt_timer_stop:
+    mov al, 0xff
+    out 0x21, al
+    ret
+
+# rt_enter_user_with_timer(rdi = IRQ0 handler, rsi = PIT divisor,
+# rdx = user entry): start the timer, then enter user mode with interrupts
+# on; never returns (see rt_enter_user).
+.global rt_enter_user_with_timer
+rt_enter_user_with_timer:
+    push rdx
+    call rt_timer_start
+    pop rdi
+    mov esi, 0x202
+    jmp rt_enter_user
+
 # ---- legacy PIC ----------------------------------------------------------
 # rt_pic_init(rdi = master mask, rsi = slave mask): vectors 0x20-0x2f.
 .global rt_pic_init

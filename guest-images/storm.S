@@ -129,8 +129,7 @@ on_serial:
 
 user_exited:
     mov rbx, rdi
-    mov al, 0xff                # mask everything: the run is over
-    out 0x21, al
+    call rt_timer_stop          # the run is over
     lea rdi, [rip + msg_ticks]
     call rt_puts
     mov rdi, [rip + ticks]

@@ -14,10 +14,8 @@ kmain:
     call rt_puts
     lea rdi, [rip + on_timer]
     mov esi, PIT_DIVISOR
-    call rt_timer_start
-    lea rdi, [rip + user_main]
-    mov esi, 0x202
-    jmp rt_enter_user
+    lea rdx, [rip + user_main]
+    jmp rt_enter_user_with_timer
 
 on_timer:
     incq [rip + ticks]
@@ -31,9 +29,7 @@ on_timer:
 
 user_exited:
     mov rbx, rdi
-    # Stop the timer: mask IRQ0.
-    mov al, 0xff
-    out 0x21, al
+    call rt_timer_stop
     lea rdi, [rip + msg_ticks]
     call rt_puts
     mov rdi, [rip + ticks]
