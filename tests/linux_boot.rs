@@ -109,6 +109,24 @@ fn debian_cloud_kernel_boots_to_userspace_and_powers_off() {
         "workload did not run; console tail: {}",
         tail(&out.stdout)
     );
+    // A pipeline of applets: each started through /proc/self/exe.
+    let bin: u32 = out
+        .stdout
+        .split("TWINVM-WORKLOAD bin=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no bin count; console tail: {}", tail(&out.stdout)));
+    assert!(
+        bin > 100,
+        "ls /bin | wc -l gave {bin}: {}",
+        tail(&out.stdout)
+    );
+    assert!(
+        !out.stdout.contains("segfault"),
+        "a user process crashed: {}",
+        tail(&out.stdout)
+    );
     assert!(
         out.stdout.contains("TWINVM-POWEROFF"),
         "{}",
