@@ -25,21 +25,16 @@ user_exited:
     mov rbx, rdi
     call rt_timer_stop
     lea rdi, [rip + msg_level]
-    call rt_puts
-    mov rdi, [rip + level]
-    call rt_put_dec
+    mov rsi, [rip + level]
+    call rt_put_label_dec
     lea rdi, [rip + msg_hash]
     mov rsi, rbx
     call rt_put_label_hex
     lea rdi, [rip + msg_ticks]
-    call rt_puts
-    mov rdi, [rip + ticks]
-    call rt_put_dec
-    mov dil, 10
-    call rt_putc
+    mov rsi, [rip + ticks]
+    call rt_put_label_dec
     lea rdi, [rip + msg_done]
-    call rt_puts
-    jmp rt_poweroff
+    jmp rt_end_line_and_finish
 
 # level: 0 no AVX2 in user mode, 2 AVX2, 512 AVX2 + AVX-512F.
 user_main:

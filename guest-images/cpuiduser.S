@@ -18,11 +18,8 @@ user_exited:
     lea rdi, [rip + msg_leafb]
     mov rsi, [rip + leafb_edx]
     call rt_put_label_hex
-    mov dil, 10
-    call rt_putc
     lea rdi, [rip + msg_done]
-    call rt_puts
-    jmp rt_poweroff
+    jmp rt_end_line_and_finish
 
 user_main:
     mov eax, 1

@@ -27,14 +27,10 @@ kmain:
     cmpq [rip + quit], 0
     je 1b
     lea rdi, [rip + msg_count]
-    call rt_puts
-    mov rdi, [rip + received]
-    call rt_put_dec
-    mov dil, 10
-    call rt_putc
+    mov rsi, [rip + received]
+    call rt_put_label_dec
     lea rdi, [rip + msg_bye]
-    call rt_puts
-    jmp rt_poweroff
+    jmp rt_end_line_and_finish
 
 # echo runs no user program; the runtime still needs the symbol.
 user_exited:

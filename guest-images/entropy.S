@@ -35,14 +35,10 @@ kmain:
     mov rsi, [rip + vseed]
     call rt_put_label_hex
     lea rdi, [rip + msg_ok]
-    call rt_puts
-    mov rdi, r12
-    call rt_put_dec
-    mov dil, 10
-    call rt_putc
+    mov rsi, r12
+    call rt_put_label_dec
     lea rdi, [rip + msg_done]
-    call rt_puts
-    jmp rt_poweroff
+    jmp rt_end_line_and_finish
 
 user_exited:
     jmp rt_poweroff

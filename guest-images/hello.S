@@ -10,18 +10,16 @@ kmain:
     # int3 at CPL0: the guest's own #BP handler must run once.
     int3
     lea rdi, [rip + msg_bp]
-    call rt_puts
-    mov rdi, [rip + rt_kernel_breakpoints]
-    call rt_put_dec
+    mov rsi, [rip + rt_kernel_breakpoints]
+    call rt_put_label_dec
     mov dil, 10
     call rt_putc
     # popcnt at CPL0.
     mov rax, 0xf00f000000000ff1
     popcnt rcx, rax
     lea rdi, [rip + msg_popcnt]
-    call rt_puts
-    mov rdi, rcx
-    call rt_put_dec
+    mov rsi, rcx
+    call rt_put_label_dec
     mov dil, 10
     call rt_putc
     # A short program in user mode.
@@ -33,14 +31,10 @@ kmain:
 user_exited:
     mov rbx, rdi
     lea rdi, [rip + msg_exit]
-    call rt_puts
-    mov rdi, rbx
-    call rt_put_dec
-    mov dil, 10
-    call rt_putc
+    mov rsi, rbx
+    call rt_put_label_dec
     lea rdi, [rip + msg_done]
-    call rt_puts
-    jmp rt_poweroff
+    jmp rt_end_line_and_finish
 
 user_main:
     # Sum 1..1_000_000 in user mode (native speed).

@@ -15,9 +15,8 @@ kmain:
     dec ecx
     jnz 1b
     lea rdi, [rip + msg_done]
-    call rt_puts
-    mov edi, EXITS
-    call rt_put_dec
+    mov rsi, EXITS
+    call rt_put_label_dec
     mov dil, 10
     call rt_putc
     jmp rt_poweroff

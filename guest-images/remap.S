@@ -40,17 +40,13 @@ user_exited:
     mov rbx, rdi
     call rt_timer_stop
     lea rdi, [rip + msg_ticks]
-    call rt_puts
-    mov rdi, [rip + ticks]
-    call rt_put_dec
+    mov rsi, [rip + ticks]
+    call rt_put_label_dec
     lea rdi, [rip + msg_hash]
     mov rsi, rbx
     call rt_put_label_hex
-    mov dil, 10
-    call rt_putc
     lea rdi, [rip + msg_done]
-    call rt_puts
-    jmp rt_poweroff
+    jmp rt_end_line_and_finish
 
 user_main:
     # Page A holds i * K1, page B holds i * K2 (qword i), through their

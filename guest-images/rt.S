@@ -306,6 +306,26 @@ rt_put_label_hex:
     pop rdi
     jmp rt_put_hex
 
+# rt_put_label_dec(rdi = NUL-terminated label, rsi = value): the label, then
+# the value in decimal.
+.global rt_put_label_dec
+rt_put_label_dec:
+    push rsi
+    call rt_puts
+    pop rdi
+    jmp rt_put_dec
+
+# rt_end_line_and_finish(rdi = NUL-terminated final line): end the current
+# line, print the final one and power off; never returns.
+.global rt_end_line_and_finish
+rt_end_line_and_finish:
+    push rdi
+    mov dil, 10
+    call rt_putc
+    pop rdi
+    call rt_puts
+    jmp rt_poweroff
+
 # rt_puts(rdi = NUL-terminated string)
 .global rt_puts
 rt_puts:

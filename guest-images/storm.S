@@ -131,28 +131,22 @@ user_exited:
     mov rbx, rdi
     call rt_timer_stop          # the run is over
     lea rdi, [rip + msg_ticks]
-    call rt_puts
-    mov rdi, [rip + ticks]
-    call rt_put_dec
+    mov rsi, [rip + ticks]
+    call rt_put_label_dec
     lea rdi, [rip + msg_rx]
-    call rt_puts
-    mov rdi, [rip + received]
-    call rt_put_dec
+    mov rsi, [rip + received]
+    call rt_put_label_dec
     lea rdi, [rip + msg_obs]
-    call rt_puts
-    mov rdi, [rip + observations]
-    call rt_put_dec
+    mov rsi, [rip + observations]
+    call rt_put_label_dec
     lea rdi, [rip + msg_hash]
     mov rsi, [rip + hash]
     call rt_put_label_hex
     lea rdi, [rip + msg_work]
     mov rsi, rbx
     call rt_put_label_hex
-    mov dil, 10
-    call rt_putc
     lea rdi, [rip + msg_done]
-    call rt_puts
-    jmp rt_poweroff
+    jmp rt_end_line_and_finish
 
 .section .usertext, "ax"
 # PHASES compute loops with the counter in r12 (what the interrupts see),

@@ -31,9 +31,8 @@ user_exited:
     mov rbx, rdi
     call rt_timer_stop
     lea rdi, [rip + msg_ticks]
-    call rt_puts
-    mov rdi, [rip + ticks]
-    call rt_put_dec
+    mov rsi, [rip + ticks]
+    call rt_put_label_dec
     lea rdi, [rip + msg_work]
     mov rsi, rbx
     call rt_put_label_hex
@@ -45,11 +44,8 @@ user_exited:
     or rax, rdx
     mov rdi, rax
     call rt_put_hex
-    mov dil, 10
-    call rt_putc
     lea rdi, [rip + msg_done]
-    call rt_puts
-    jmp rt_poweroff
+    jmp rt_end_line_and_finish
 
 # xorshift64 for WORK_ITERATIONS rounds; exit code = final state.
 user_main:
