@@ -88,6 +88,26 @@ fn kvm_err(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> VmE
     move |source| VmError::Kvm { what, source }
 }
 
+/// KVM's description of memslot `slot` backed by `region`'s host mapping.
+fn memslot<R: GuestMemoryRegion>(
+    slot: u32,
+    region: &R,
+) -> Result<kvm_userspace_memory_region, VmError> {
+    let host = region
+        .get_host_address(MemoryRegionAddress(0))
+        .map_err(|_| VmError::Kvm {
+            what: "map guest memory",
+            source: vmm_sys_util::errno::Error::new(libc::EFAULT),
+        })?;
+    Ok(kvm_userspace_memory_region {
+        slot,
+        flags: 0,
+        guest_phys_addr: region.start_addr().0,
+        memory_size: region.len(),
+        userspace_addr: host as u64,
+    })
+}
+
 /// MSRs whose reads return time (IA32_TSC, MPERF, APERF): they exit to
 /// userspace through KVM's MSR filter and become logged time reads.
 pub const TIME_MSRS: [u32; 3] = [0x10, 0xe7, 0xe8];
@@ -251,8 +271,10 @@ pub struct Vm {
     state_msrs: RefCell<Msrs>,
     /// Guest pages the VMM itself wrote (KVM's dirty log does not see them).
     userspace_dirty: RefCell<DirtyPages>,
-    /// The one page behind the scratch memslot of [`Vm::invalidate_shadow_mmu`].
-    shadow_flush_page: GuestMemoryMmap,
+    /// The scratch memslot of [`Vm::invalidate_shadow_mmu`] and the one
+    /// page behind it (kept alive while the Vm is).
+    shadow_flush_slot: kvm_userspace_memory_region,
+    _shadow_flush_page: GuestMemoryMmap,
     /// The VMM changed guest memory since KVM last dropped its shadow page
     /// tables ([`Vm::refresh_shadow_mmu`]).
     shadow_stale: Cell<bool>,
@@ -286,19 +308,7 @@ impl Vm {
             source,
         })?;
         for (slot, region) in mem.iter().enumerate() {
-            let host = region
-                .get_host_address(MemoryRegionAddress(0))
-                .map_err(|_| VmError::Kvm {
-                    what: "map guest memory",
-                    source: vmm_sys_util::errno::Error::new(libc::EFAULT),
-                })?;
-            let region_desc = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
+            let region_desc = memslot(slot as u32, region)?;
             // SAFETY: the host range is a live anonymous mapping owned by
             // `mem`, which the returned Vm keeps and drops after `vm_fd`; the
             // slots do not overlap (ram_ranges yields disjoint ranges).
@@ -356,8 +366,16 @@ impl Vm {
                     bytes: 0x1000,
                     source,
                 })?;
+        let shadow_flush_slot = memslot(
+            slots.len() as u32,
+            shadow_flush_page
+                .iter()
+                .next()
+                .expect("the scratch page has one region"),
+        )?;
         Ok(Vm {
-            shadow_flush_page,
+            shadow_flush_slot,
+            _shadow_flush_page: shadow_flush_page,
             shadow_stale: Cell::new(false),
             state_msrs,
             vcpu,
@@ -395,26 +413,9 @@ impl Vm {
     /// deletes a scratch slot; the shadow is rebuilt from guest memory as the
     /// guest touches it. On EPT/NPT hosts this only costs the two ioctls.
     fn invalidate_shadow_mmu(&self) -> Result<(), VmError> {
-        let region = self
-            .shadow_flush_page
-            .iter()
-            .next()
-            .expect("the scratch page has one region");
-        let host = region
-            .get_host_address(MemoryRegionAddress(0))
-            .map_err(|_| VmError::Kvm {
-                what: "map the scratch page",
-                source: vmm_sys_util::errno::Error::new(libc::EFAULT),
-            })?;
-        let mut scratch = kvm_userspace_memory_region {
-            slot: self.slots.len() as u32,
-            flags: 0,
-            guest_phys_addr: SHADOW_FLUSH_SLOT_GPA,
-            memory_size: 0x1000,
-            userspace_addr: host as u64,
-        };
+        let mut scratch = self.shadow_flush_slot;
         // SAFETY: the host page is a live mapping owned by the Vm
-        // (`shadow_flush_page`), the slot number is unused and its range
+        // (`_shadow_flush_page`), the slot number is unused and its range
         // overlaps no RAM slot (it sits in the MMIO hole, above all RAM
         // below 4 GiB); the slot is deleted again just below.
         unsafe { self.vm_fd.set_user_memory_region(scratch) }
