@@ -3,10 +3,12 @@
 //! The tree follows the architecture:
 //! - [`devices`]: the emulated PC platform (PIC, PIT, UART, RTC, i8042, PCI), sans-IO;
 //! - [`vmm`]: the edge that owns KVM (memory, vCPU loop, CPUID, boot, emulation fallback);
+//! - [`net`]: the host side of the guest NIC: TAP devices, network namespaces, test clients;
 //! - [`cli`]: the `twinvm` command line.
 
 pub mod cli;
 pub mod devices;
 pub mod guests;
+pub mod net;
 pub mod replay;
 pub mod vmm;
