@@ -167,6 +167,19 @@ fn counter_reads_its_command_line_and_powers_off_without_a_device() {
 }
 
 #[test]
+fn guests_lists_every_builtin_guest_with_its_description() {
+    let out = run_to_end(&["guests"], TIMEOUT);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout.lines().count(), twinvm::guests::names().len());
+    assert!(
+        out.stdout.lines().any(|l| l.starts_with("builtin:counter ")
+            && l.ends_with("  virtio-net guest answering ARP, ICMP echo and a UDP counter")),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
 fn serial_output_can_go_to_a_file() {
     let dir = TempDir::new("serial");
     let path = dir.0.join("console.log");
