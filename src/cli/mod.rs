@@ -77,7 +77,7 @@ pub fn main() -> ExitCode {
         Command::Demo => demo::demo(),
         Command::Guests => {
             for name in crate::guests::names() {
-                println!("builtin:{name}");
+                println!("builtin:{name:<12}  {}", crate::guests::describe(name));
             }
             Ok(ExitCode::SUCCESS)
         }
