@@ -20,6 +20,8 @@ pub mod queue;
 pub mod transport;
 
 #[cfg(test)]
+mod misbehaviour_tests;
+#[cfg(test)]
 mod net_tests;
 #[cfg(test)]
 mod test_driver;

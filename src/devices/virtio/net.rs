@@ -166,10 +166,13 @@ impl VirtioNet {
         self.transport.bar0()
     }
 
-    /// A guest read of `data.len()` bytes at `offset` inside BAR0. Reading
-    /// the ISR clears it (and deasserts INTx).
+    /// A guest read of `data.len()` bytes (1, 2, 4 or 8) at `offset` inside
+    /// BAR0. Reading the ISR clears it (and deasserts INTx).
     pub fn mmio_read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
+        if !matches!(data.len(), 1 | 2 | 4 | 8) {
+            return self.bad_access(offset, data.len(), "read");
+        }
         match self.transport.region(offset, data.len()) {
             Some(Region::Common(off)) => self.transport.common_read(off, data),
             Some(Region::Isr(0)) => data[0] = self.transport.isr_read(),
@@ -183,8 +186,9 @@ impl VirtioNet {
         }
     }
 
-    /// A guest write of `data` at `offset` inside BAR0. A notify of the
-    /// transmit queue processes it here, writing through `mem`.
+    /// A guest write of `data` (1, 2, 4 or 8 bytes) at `offset` inside
+    /// BAR0. A notify of the transmit queue processes it here, writing
+    /// through `mem`.
     pub fn mmio_write(&mut self, offset: u64, data: &[u8], mem: &mut dyn GuestRam) {
         // Notifications the PCI_CFG window deferred came first.
         self.flush_pending_notify(mem);
@@ -218,8 +222,9 @@ impl VirtioNet {
         std::mem::take(&mut self.tx_pending)
     }
 
-    /// The driver is ready to receive: DRIVER_OK, the receive queue
-    /// enabled, the device not in DEVICE_NEEDS_RESET.
+    /// The driver is ready to receive: FEATURES_OK and DRIVER_OK, the
+    /// receive queue enabled, bus mastering on, the device neither in
+    /// DEVICE_NEEDS_RESET nor FAILED.
     pub fn can_receive(&self) -> bool {
         self.transport.live() && self.transport.queue(RX_QUEUE).ready()
     }
@@ -359,6 +364,10 @@ impl VirtioNet {
     /// A BAR0 write that needs no guest memory; what it asks for is
     /// returned.
     fn bar_write(&mut self, offset: u64, data: &[u8]) -> Option<Event> {
+        if !matches!(data.len(), 1 | 2 | 4 | 8) {
+            self.bad_access(offset, data.len(), "write");
+            return None;
+        }
         match self.transport.region(offset, data.len()) {
             Some(Region::Common(off)) => self.transport.common_write(off, data),
             Some(Region::Notify(off)) => self.transport.notify_write(off),
@@ -400,18 +409,22 @@ impl VirtioNet {
                 Ok(None) => break,
                 Err(e) => return self.transport.fail(e),
             };
-            match self.read_tx_frame(&chain, mem) {
-                Ok(Some(frame)) => {
-                    self.tx_pending.push(frame);
-                    self.stats.tx_frames += 1;
-                }
-                Ok(None) => self.stats.tx_dropped += 1,
+            let frame = match self.read_tx_frame(&chain, mem) {
+                Ok(frame) => frame,
                 Err(e) => return self.transport.fail(e),
-            }
+            };
+            // A frame leaves only once its chain is back with the driver.
             if let Err(e) = self.complete(TX_QUEUE, &chain, 0, mem) {
                 return self.transport.fail(e);
             }
             used = true;
+            match frame {
+                Some(frame) => {
+                    self.tx_pending.push(frame);
+                    self.stats.tx_frames += 1;
+                }
+                None => self.stats.tx_dropped += 1,
+            }
         }
         if used {
             if let Err(e) = self.notify_used(TX_QUEUE, mem) {

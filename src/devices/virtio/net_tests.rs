@@ -266,6 +266,29 @@ fn intx_disable_and_pci_interrupt_status() {
 }
 
 #[test]
+fn no_dma_without_bus_mastering() {
+    let mut d = Driver::ready(8);
+    d.post_rx(1);
+    let cmd = d.cfg_read32(0x04);
+    d.cfg_write32(0x04, cmd & !0x4);
+    assert!(!d.dev.can_receive());
+    assert_eq!(
+        d.dev.receive(&frame(60, 0), &mut d.ram),
+        RxOutcome::NotReady
+    );
+    d.transmit(&frame(60, 1));
+    assert!(d.dev.take_tx().is_empty());
+    // Bus mastering back on: the next notify sends what was queued.
+    d.cfg_write32(0x04, cmd);
+    d.notify(TX_QUEUE);
+    assert_eq!(d.dev.take_tx(), vec![frame(60, 1)]);
+    assert_eq!(
+        d.dev.receive(&frame(60, 0), &mut d.ram),
+        RxOutcome::Delivered
+    );
+}
+
+#[test]
 fn reset_clears_the_device() {
     let mut d = Driver::ready(8);
     d.post_rx(2);

@@ -53,8 +53,10 @@ const CAP_ISR_CFG: u8 = 3;
 const CAP_DEVICE_CFG: u8 = 4;
 const CAP_PCI_CFG: u8 = 5;
 
-/// PCI command register: memory decoding and INTx disable.
+/// PCI command register: memory decoding, bus mastering (DMA) and INTx
+/// disable.
 const PCI_COMMAND_MEMORY: u16 = 0x0002;
+const PCI_COMMAND_MASTER: u16 = 0x0004;
 const PCI_COMMAND_INTX_DISABLE: u16 = 0x0400;
 /// PCI status register (upper half of dword 1): interrupt status.
 const PCI_STATUS_INTERRUPT: u32 = 0x0008 << 16;
@@ -206,11 +208,14 @@ impl Transport {
         self.st.status
     }
 
-    /// The driver finished initialisation and the device has not failed:
-    /// the device may use the queues.
+    /// The driver finished initialisation, the device has not failed and
+    /// bus mastering is on (Linux clears it on shutdown to stop DMA): the
+    /// device may use the queues.
     pub fn live(&self) -> bool {
         let need = STATUS_FEATURES_OK | STATUS_DRIVER_OK;
-        self.st.status & need == need && self.st.status & (STATUS_NEEDS_RESET | STATUS_FAILED) == 0
+        self.st.status & need == need
+            && self.st.status & (STATUS_NEEDS_RESET | STATUS_FAILED) == 0
+            && self.st.pci.command() & PCI_COMMAND_MASTER != 0
     }
 
     /// The device is in DEVICE_NEEDS_RESET.
