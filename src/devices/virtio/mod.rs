@@ -29,7 +29,10 @@ mod test_driver;
 use std::collections::BTreeMap;
 use std::fmt::Display;
 
-pub use net::{RxOutcome, VirtioNet, VirtioNetConfig, VirtioNetState, VirtioNetStats};
+pub use net::{
+    RxOutcome, VirtioNet, VirtioNetConfig, VirtioNetState, VirtioNetStats, MAX_RX_FRAME,
+    MAX_TX_FRAME, TX_PENDING_LIMIT,
+};
 pub use queue::{RingError, SplitQueue, MAX_QUEUE_SIZE};
 pub use transport::TransportState;
 

@@ -232,13 +232,18 @@ impl VirtioNet {
     /// Puts one received Ethernet frame into the next available receive
     /// chain, behind a zeroed header with num_buffers = 1, completes the
     /// chain and raises the queue interrupt unless the driver suppressed
-    /// it.
+    /// it. A frame over [`MAX_RX_FRAME`] is dropped untouched; a chain too
+    /// small for the frame, or malformed, is returned with length 0 and the
+    /// frame dropped; a broken ring stops the device (DEVICE_NEEDS_RESET)
+    /// and drops the frame.
     pub fn receive(&mut self, frame: &[u8], mem: &mut dyn GuestRam) -> RxOutcome {
         if !self.can_receive() {
             return RxOutcome::NotReady;
         }
         if frame.len() > MAX_RX_FRAME {
             self.stats.rx_dropped_too_big += 1;
+            let detail = format_args!("received frame of {} bytes dropped", frame.len());
+            self.transport.warn("received frame too big", &detail);
             return RxOutcome::Dropped("frame larger than the largest virtio-net frame");
         }
         let chain = match self
@@ -264,8 +269,9 @@ impl VirtioNet {
                 chain.head,
                 chain.total_len()
             );
-            self.transport
-                .guest_error("receive chain too small", &detail);
+            // Not necessarily the guest's fault: the frame may exceed the
+            // MTU the driver sized its buffers for.
+            self.transport.warn("receive chain too small", &detail);
             (
                 0,
                 RxOutcome::Dropped("receive buffer chain too small for the frame"),

@@ -198,16 +198,6 @@ impl Transport {
         self.id.features | VIRTIO_F_VERSION_1
     }
 
-    /// Feature bits the driver accepted (meaningful once FEATURES_OK).
-    pub fn driver_features(&self) -> u64 {
-        self.st.driver_features
-    }
-
-    /// Device status register.
-    pub fn status(&self) -> u8 {
-        self.st.status
-    }
-
     /// The driver finished initialisation, the device has not failed and
     /// bus mastering is on (Linux clears it on shutdown to stop DMA): the
     /// device may use the queues.
@@ -233,11 +223,6 @@ impl Transport {
         &mut self.st.queues[usize::from(n)]
     }
 
-    /// ISR status bits.
-    pub fn isr(&self) -> u8 {
-        self.st.isr
-    }
-
     /// The INTx line: ISR non-zero and INTx not disabled in PCI command.
     pub fn irq_level(&self) -> bool {
         self.st.isr != 0 && self.st.pci.command() & PCI_COMMAND_INTX_DISABLE == 0
@@ -259,6 +244,11 @@ impl Transport {
     /// Counts and logs (rate limited) a guest mistake.
     pub fn guest_error(&mut self, kind: &'static str, detail: &dyn std::fmt::Display) {
         self.guest_errors += 1;
+        self.warn(kind, detail);
+    }
+
+    /// Logs (rate limited) a problem that is not the guest's fault.
+    pub fn warn(&mut self, kind: &'static str, detail: &dyn std::fmt::Display) {
         self.warn.warn(self.id.name, kind, detail);
     }
 
