@@ -7,14 +7,18 @@
 //! Run: `cargo bench --bench replay` (as root; needs /dev/kvm).
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Read};
 use std::time::{Duration, Instant};
 
 use twinvm::devices::Platform;
 use twinvm::guests;
+use twinvm::replay::engine::{
+    Connections, ConsoleAndNet, Ending, Engine, Inputs, LogSink, RecordSettings, Recorder, Role,
+    RunReport, Stop,
+};
 use twinvm::replay::log::{LogHeader, LogReader, LogWriter};
 use twinvm::replay::schedule::Schedule;
-use twinvm::vmm::{self, sys, Kicker, Mode, RecordSettings, Recorder, RunReport, Vm, VmConfig};
+use twinvm::vmm::{sys, Kicker, Vm, VmConfig};
 
 fn config(name: &str) -> VmConfig {
     VmConfig {
@@ -26,16 +30,41 @@ fn config(name: &str) -> VmConfig {
     }
 }
 
-/// Run `name` in `mode` with the vCPU thread on `host_cpu` (every mode on
-/// the same CPU, as record and replay pin).
-fn run(name: &str, mode: Mode<'_>, host_cpu: u32) -> RunReport {
-    let mut vm = Vm::create(&config(name)).expect("create VM");
-    let mut platform = Platform::new(std::io::sink(), 1_700_000_000);
-    let (_tx, rx) = crossbeam_channel::unbounded();
-    let kicker = Kicker::for_current_thread().expect("kicker");
-    let report = vmm::run(&mut vm, &mut platform, &rx, kicker, mode, Some(host_cpu)).expect("run");
-    assert_ne!(report.ending, vmm::Ending::Stopped, "{name} did not finish");
-    report
+/// Run `name` in `role` with the vCPU thread on `host_cpu` (every role on
+/// the same CPU, as record and replay pin); returns the engine too (its log).
+fn run(name: &str, role: Role, host_cpu: u32) -> (RunReport, Engine) {
+    let vm = Vm::create(&config(name)).expect("create VM");
+    let platform = Platform::new(Vec::new(), 1_700_000_000);
+    let (_tx, rx) = crossbeam_channel::bounded(1);
+    let inputs = Inputs {
+        control: rx,
+        serial: None,
+        net: None,
+    };
+    let outputs = Box::new(ConsoleAndNet {
+        console: Box::new(std::io::sink()),
+        net: None,
+    });
+    let mut engine = Engine::new(
+        vm,
+        platform,
+        Connections {
+            inputs,
+            outputs,
+            kicker: Kicker::new(),
+        },
+        role,
+        RecordSettings::default(),
+        Some(host_cpu),
+    )
+    .expect("engine");
+    let report = engine.run().expect("run");
+    assert_ne!(
+        report.ending(),
+        Some(Ending::Stopped),
+        "{name} did not finish"
+    );
+    (report, engine)
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -70,7 +99,7 @@ fn main() {
         let mut replay = Vec::new();
         let mut last_record = None;
         for i in 0..3 {
-            plain.push(run(name, Mode::Live, host_cpu).wall);
+            plain.push(run(name, Role::Live, host_cpu).0.wall);
 
             let path = dir.join(format!("{name}-{i}.log"));
             let file = File::create(&path).unwrap();
@@ -83,23 +112,23 @@ fn main() {
                 mem_bytes: cfg.mem_bytes,
                 boot_unix_secs: 1_700_000_000,
                 host_cpu,
+                net_mac: None,
             };
-            let writer: Box<dyn Write + Send> = Box::new(BufWriter::new(file));
-            let mut recorder = Recorder {
+            let writer: Box<dyn LogSink> = Box::new(BufWriter::new(file));
+            let recorder = Recorder {
                 log: LogWriter::new(writer, &header).unwrap(),
-                settings: RecordSettings::default(),
             };
             let started = Instant::now();
-            let r = run(name, Mode::Record(&mut recorder), host_cpu);
-            recorder.log.flush().unwrap();
+            let (r, mut engine) = run(name, Role::Record(recorder), host_cpu);
+            engine.recorder_mut().unwrap().log.flush().unwrap();
             sync.sync_all().unwrap();
             record.push(started.elapsed());
 
             let input: Box<dyn Read + Send> = Box::new(BufReader::new(File::open(&path).unwrap()));
-            let mut schedule = Schedule::new(LogReader::new(input).unwrap());
-            let rep = run(name, Mode::Replay(&mut schedule), host_cpu);
+            let schedule = Schedule::from_log(LogReader::new(input).unwrap());
+            let (rep, _) = run(name, Role::Replay(schedule), host_cpu);
             assert!(
-                rep.log_end_reached,
+                matches!(rep.stop, Stop::Ended { log_end: true, .. }),
                 "{name}: replay did not reach the end of the log"
             );
             replay.push(rep.wall);

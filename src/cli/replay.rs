@@ -2,7 +2,7 @@
 //! inputs to a log file, and re-execute the guest from that log.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,9 +11,10 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::run::{RunArgs, VmSession};
+use crate::replay::engine::{Ending, LogSink, RecordSettings, Recorder, Role, RunReport, Stop};
 use crate::replay::log::{LogHeader, LogReader, LogWriter};
 use crate::replay::schedule::Schedule;
-use crate::vmm::{self, sys, Ending, RecordSettings, Recorder, RunReport, VmConfig};
+use crate::vmm::{sys, VmConfig};
 
 /// Arguments of `twinvm record`.
 #[derive(Debug, Clone, Args)]
@@ -47,7 +48,12 @@ pub struct ReplayArgs {
 }
 
 /// The header describing the guest `config` would boot.
-pub fn header_for(config: &VmConfig, boot_unix_secs: u64, host_cpu: u32) -> LogHeader {
+pub fn header_for(
+    config: &VmConfig,
+    boot_unix_secs: u64,
+    host_cpu: u32,
+    net_mac: Option<[u8; 6]>,
+) -> LogHeader {
     LogHeader {
         kernel_hash: blake3::hash(&config.kernel).into(),
         initrd_hash: config.initrd.as_ref().map(|i| blake3::hash(i).into()),
@@ -55,12 +61,13 @@ pub fn header_for(config: &VmConfig, boot_unix_secs: u64, host_cpu: u32) -> LogH
         mem_bytes: config.mem_bytes,
         boot_unix_secs,
         host_cpu,
+        net_mac,
     }
 }
 
 /// Refuse to replay a log on a different guest, naming what differs.
-pub fn check_header(log: &LogHeader, config: &VmConfig) -> Result<()> {
-    let ours = header_for(config, log.boot_unix_secs, log.host_cpu);
+pub fn check_header(log: &LogHeader, config: &VmConfig, net_mac: Option<[u8; 6]>) -> Result<()> {
+    let ours = header_for(config, log.boot_unix_secs, log.host_cpu, net_mac);
     let mut differences = Vec::new();
     if log.kernel_hash != ours.kernel_hash {
         differences.push("the kernel image differs from the recorded one".to_string());
@@ -84,6 +91,13 @@ pub fn check_header(log: &LogHeader, config: &VmConfig) -> Result<()> {
             log.mem_bytes >> 20,
             ours.mem_bytes >> 20
         ));
+    }
+    if log.net_mac != ours.net_mac {
+        differences.push(match (log.net_mac, ours.net_mac) {
+            (Some(_), None) => "the recording had a NIC (--net) and this run has none".to_string(),
+            (None, Some(_)) => "this run has a NIC (--net) and the recording had none".to_string(),
+            _ => "the NIC's MAC address differs from the recorded one".to_string(),
+        });
     }
     if !differences.is_empty() {
         bail!(
@@ -131,20 +145,29 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
         .context("duplicating the log file handle")?;
     // Stay on the CPU we are on; the replay pins itself to the same one.
     let host_cpu = sys::current_cpu().context("finding the host CPU to record on")?;
-    let header = header_for(&session.config, session.boot_unix_secs, host_cpu);
-    let writer: Box<dyn Write + Send> = Box::new(BufWriter::new(file));
+    let header = header_for(
+        &session.config,
+        session.boot_unix_secs,
+        host_cpu,
+        session.net_mac(),
+    );
+    let writer: Box<dyn LogSink> = Box::new(BufWriter::new(file));
     let log = LogWriter::new(writer, &header)
         .with_context(|| format!("writing log {}", args.log.display()))?;
-    let mut recorder = Recorder {
-        log,
-        settings: RecordSettings {
-            digest_interval: args.digest_interval,
-            sync_bound: Duration::from_micros(args.sync_bound_us),
-            trace_landmarks: args.trace_landmarks,
-        },
+    let settings = RecordSettings {
+        digest_interval: args.digest_interval,
+        sync_bound: Duration::from_micros(args.sync_bound_us),
+        trace_landmarks: args.trace_landmarks,
     };
-    let report = session.run(true, vmm::Mode::Record(&mut recorder), Some(host_cpu))?;
-    recorder.log.flush().context("flushing the log")?;
+    let (report, mut engine) = session.run(
+        true,
+        Role::Record(Recorder { log }),
+        settings,
+        Some(host_cpu),
+    )?;
+    if let Some(recorder) = engine.recorder_mut() {
+        recorder.log.flush().context("flushing the log")?;
+    }
     sync_handle
         .sync_all()
         .with_context(|| format!("syncing log {}", args.log.display()))?;
@@ -153,8 +176,8 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
     if args.run.stats {
         super::run::print_stats(&report);
     }
-    Ok(match report.ending {
-        Ending::Stopped => ExitCode::from(130),
+    Ok(match report.ending() {
+        Some(Ending::Stopped) => ExitCode::from(130),
         _ => ExitCode::SUCCESS,
     })
 }
@@ -168,7 +191,7 @@ pub fn replay(args: &ReplayArgs) -> Result<ExitCode> {
         LogReader::new(input).with_context(|| format!("reading log {}", args.log.display()))?;
     let boot_unix_secs = reader.header().boot_unix_secs;
     let session = VmSession::new(&args.run, boot_unix_secs)?;
-    check_header(reader.header(), &session.config)
+    check_header(reader.header(), &session.config, session.net_mac())
         .with_context(|| format!("replaying {}", args.log.display()))?;
     let host_cpu = reader.header().host_cpu;
     // Checked up front (on a throwaway thread) for a clear message.
@@ -181,15 +204,20 @@ pub fn replay(args: &ReplayArgs) -> Result<ExitCode> {
                  here), and the replay must too: pinning to it failed"
             )
         })?;
-    let mut schedule = Schedule::new(reader);
-    let report = match session.run(false, vmm::Mode::Replay(&mut schedule), Some(host_cpu)) {
-        Ok(report) => report,
+    let schedule = Schedule::from_log(reader);
+    let report = match session.run(
+        false,
+        Role::Replay(schedule),
+        RecordSettings::default(),
+        Some(host_cpu),
+    ) {
+        Ok((report, _)) => report,
         Err(e) => {
             eprintln!("twinvm replay: NOT identical");
             return Err(e.context(format!("replaying {}", args.log.display())));
         }
     };
-    if !report.log_end_reached {
+    if !matches!(report.stop, Stop::Ended { log_end: true, .. }) {
         // Stopped by Ctrl-C before the log's end: nothing to conclude.
         eprintln!("twinvm replay: stopped before the end of the log");
         return Ok(ExitCode::from(130));
@@ -222,8 +250,8 @@ mod tests {
 
     #[test]
     fn a_different_guest_is_refused_naming_each_difference() {
-        let log = header_for(&config(), 5, 0);
-        assert!(check_header(&log, &config()).is_ok());
+        let log = header_for(&config(), 5, 0, None);
+        assert!(check_header(&log, &config(), None).is_ok());
         let other = VmConfig {
             kernel: vec![9],
             initrd: Some(vec![1]),
@@ -231,10 +259,13 @@ mod tests {
             mem_bytes: 128 << 20,
             ..config()
         };
-        let err = check_header(&log, &other).unwrap_err().to_string();
+        let err = check_header(&log, &other, Some([2; 6]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("kernel image differs"), "{err}");
         assert!(err.contains("this run has an initrd"), "{err}");
         assert!(err.contains("\"console=ttyS0\", now \"quiet\""), "{err}");
         assert!(err.contains("memory was 64 MiB, now 128 MiB"), "{err}");
+        assert!(err.contains("this run has a NIC"), "{err}");
     }
 }
