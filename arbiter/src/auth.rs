@@ -76,8 +76,8 @@ pub enum AuthError {
     Exhausted,
     #[error("invalid key: {0}")]
     KeyFormat(String),
-    #[error("key file {}: {source}", path.display())]
-    KeyFileIo { path: PathBuf, source: io::Error },
+    #[error("key file {}: {error}", path.display())]
+    KeyFileIo { path: PathBuf, error: io::Error },
     #[error("key file {}: {reason}", path.display())]
     KeyFileInvalid { path: PathBuf, reason: String },
 }
@@ -127,9 +127,9 @@ impl Key {
     /// accessible by group or others (like ssh private keys), since anyone who can
     /// read it can win or reset any VM's slot.
     pub fn from_file(path: &Path) -> Result<Key, AuthError> {
-        let io_err = |source| AuthError::KeyFileIo {
+        let io_err = |error| AuthError::KeyFileIo {
             path: path.to_owned(),
-            source,
+            error,
         };
         let invalid = |reason: String| AuthError::KeyFileInvalid {
             path: path.to_owned(),
@@ -183,9 +183,16 @@ impl Key {
     /// Writes the key to a new file (hex and a newline), mode 0600 from the
     /// start; an existing file is never overwritten (that could lock a cluster out).
     pub fn save_new(&self, path: &Path) -> Result<(), AuthError> {
-        let io_err = |source| AuthError::KeyFileIo {
+        let io_err = |error: io::Error| AuthError::KeyFileIo {
             path: path.to_owned(),
-            source,
+            error: if error.kind() == io::ErrorKind::AlreadyExists {
+                io::Error::new(
+                    error.kind(),
+                    "already exists; refusing to overwrite a key (remove it first if you mean to replace it)",
+                )
+            } else {
+                error
+            },
         };
         let mut opts = std::fs::OpenOptions::new();
         opts.write(true).create_new(true);
