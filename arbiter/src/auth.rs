@@ -516,6 +516,56 @@ mod tests {
         assert_eq!(r.opener.open(&sealed).unwrap(), b"");
     }
 
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// The wire format of docs/arbiter.md, checked against values computed
+    /// independently (Python's hmac/hashlib) from the documented formulas.
+    #[test]
+    fn known_answers_match_the_documented_format() {
+        let key = Key(std::array::from_fn(|i| i as u8));
+        let label = "twinvm-arbiter/1";
+        let (nonce_i, nonce_r) = ([0x11u8; NONCE_LEN], [0x22u8; NONCE_LEN]);
+        let responder_mac =
+            unhex("afae96a8c8a97cb0000e94b3d24cc186c0ade50d80a0133e0eaf456fb40d9e59");
+        let initiator_mac =
+            unhex("35658b361f2cfb87c979f8944f3f94e42dee4d51c6469d390d98eb39ce3b84e7");
+
+        let initiator = Initiator {
+            key: key.clone(),
+            label: label.into(),
+            nonce_i,
+        };
+        let message2 = [&nonce_r[..], &responder_mac].concat();
+        let (message3, mut si) = initiator.finish(&message2).unwrap();
+        assert_eq!(message3, initiator_mac);
+        let sealed = si.sealer.seal(b"hello");
+        assert_eq!(&sealed[..5], b"hello");
+        assert_eq!(
+            sealed[5..],
+            unhex("a0a9222272e684c399029476330467395a49bdd0665488ce333194b6ce512668")
+        );
+
+        let responder = Responder {
+            key,
+            label: label.into(),
+            nonce_i,
+            nonce_r,
+        };
+        let mut sr = responder.finish(&message3).unwrap();
+        assert_eq!(sr.opener.open(&sealed).unwrap(), b"hello");
+        sr.sealer.seal(b"x");
+        let second = sr.sealer.seal(b"world");
+        assert_eq!(
+            second[5..],
+            unhex("f3ef469b31faa02567932a6ea01e2272fb8b86da2c88e8b0c997f19b28d3564e")
+        );
+    }
+
     #[test]
     fn wrong_key_fails_on_both_sides() {
         let (a, b) = (Key::generate(), Key::generate());

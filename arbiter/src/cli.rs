@@ -347,9 +347,13 @@ pub fn run_with_launcher(cmd: ArbiterCommand, launcher: Launcher) -> anyhow::Res
                         "{addr} node {} {} term {} leader {:?} commit {} applied {} snapshot {} last {} voters {:?}",
                         s.node_id, s.role, s.term, s.leader_id, s.commit, s.applied, s.snapshot_index, s.last_index, s.voters
                     ),
-                    Err(e) => {
+                    Err(e @ crate::client::ClientError::NoQuorum { .. }) => {
                         all_ok = false;
                         println!("{addr} unreachable: {e}");
+                    }
+                    Err(e) => {
+                        all_ok = false;
+                        println!("{addr} error: {e}");
                     }
                 }
             }
