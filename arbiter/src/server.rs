@@ -247,7 +247,14 @@ impl Connection {
         );
         let hello_bytes = match first {
             Some(bytes) => bytes,
-            None => reader.read(MAX_CLIENT_FRAME)?,
+            None => match reader.read(MAX_CLIENT_FRAME) {
+                Ok(bytes) => bytes,
+                Err(StreamError::Auth(e)) => {
+                    tracing::warn!("connection from {peer_addr}: {e}; closing the connection");
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            },
         };
         let hello: Hello = match serde_json::from_slice(&hello_bytes) {
             Ok(h) => h,
