@@ -32,9 +32,13 @@
 //! 1. Accept; `BackupLink::new(config, key, expected, now)`.
 //! 2. `HelloReceived` → compare the log header → `accept_hello` (then
 //!    `Failover::backup`) or `refuse_hello(reason naming the field)`.
-//! 3. `Records{log_bytes, watermark, released}` → queue the bytes for the
-//!    replay engine, let it run through `watermark`,
-//!    `ShadowOutputs::on_released(released)`, then `ack_through(watermark)`.
+//! 3. `Records{log_bytes, watermark}` → queue the bytes for the replay
+//!    engine, let it run through `watermark`, then `ack_through(watermark)`.
+//!    The queue is bounded (`window_bytes`; hold the event, unacked, while
+//!    full) but never refuses while the engine waits at its watermark (what
+//!    it holds is then one record split across frames: refusing would wedge
+//!    the pair). `Released{released}` → `ShadowOutputs::on_released` at once,
+//!    never behind held records.
 //! 4. The engine: outputs → `ShadowOutputs::push`; each landmark → `set_replayed`;
 //!    a divergence → `send_diverged` and failover `Diverged`.
 //! 5. `PeerSuspected` / `Closed` / `Bye` → the failover machine; `FinishLog`

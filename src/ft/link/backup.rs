@@ -28,14 +28,14 @@ pub enum BackupEvent {
         log_header: Vec<u8>,
         start_landmark: u64,
     },
-    /// Queue `log_bytes` for replay (may be empty: a watermark or released
-    /// advance), allow replay through `watermark`, drop shadow outputs
-    /// through `released`, then call `ack_through(watermark)`.
-    Records {
-        log_bytes: Vec<u8>,
-        watermark: u64,
-        released: u64,
-    },
+    /// Queue `log_bytes` for replay (may be empty: a watermark advance),
+    /// allow replay through `watermark`, then call `ack_through(watermark)`.
+    /// When the replay queue is full, hold the event (unacked) until it has room.
+    Records { log_bytes: Vec<u8>, watermark: u64 },
+    /// The primary let out every output of landmarks <= `released`: apply it
+    /// at once (`ShadowOutputs::on_released`), never behind queued records:
+    /// a replay waiting on a full shadow needs it to go on.
+    Released { released: u64 },
     /// Orderly end: finish the log and end (the link is closed).
     Bye { reason: String },
     /// Nothing valid from the primary for `peer_timeout` (the link is closed).
@@ -471,9 +471,6 @@ impl BackupLink {
             ));
         }
         let advanced = watermark > self.watermark;
-        if !advanced && len == 0 && released == self.released {
-            return;
-        }
         self.received_bytes += len;
         self.chan.stats.log_bytes += len;
         if len > 0 {
@@ -492,12 +489,16 @@ impl BackupLink {
             });
         }
         self.watermark = watermark;
-        self.released = released;
-        self.events.push_back(BackupEvent::Records {
-            log_bytes,
-            watermark,
-            released,
-        });
+        if advanced || len > 0 {
+            self.events.push_back(BackupEvent::Records {
+                log_bytes,
+                watermark,
+            });
+        }
+        if released > self.released {
+            self.released = released;
+            self.events.push_back(BackupEvent::Released { released });
+        }
     }
 }
 

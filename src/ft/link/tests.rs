@@ -102,25 +102,26 @@ impl Pair {
         pair
     }
 
-    /// Backup side: takes every Records event, acks each after "queueing" it.
-    pub(super) fn take_records(&mut self) -> (Vec<u8>, Vec<(u64, u64)>) {
-        let mut bytes = Vec::new();
-        let mut marks = Vec::new();
+    /// Backup side: takes every Records event, acking each after "queueing"
+    /// it, and every Released event. Returns the bytes, the watermarks, the
+    /// released markers.
+    pub(super) fn take_records(&mut self) -> (Vec<u8>, Vec<u64>, Vec<u64>) {
+        let (mut bytes, mut watermarks, mut released) = (Vec::new(), Vec::new(), Vec::new());
         for event in std::mem::take(&mut self.be) {
             match event {
                 BackupEvent::Records {
                     log_bytes,
                     watermark,
-                    released,
                 } => {
                     bytes.extend_from_slice(&log_bytes);
-                    marks.push((watermark, released));
+                    watermarks.push(watermark);
                     self.b.ack_through(watermark).unwrap();
                 }
+                BackupEvent::Released { released: r } => released.push(r),
                 other => panic!("unexpected {other:?}"),
             }
         }
-        (bytes, marks)
+        (bytes, watermarks, released)
     }
 }
 
@@ -182,13 +183,13 @@ fn records_are_chunked_under_the_frame_limit_and_reassembled_from_single_bytes()
     }
     assert!(frames >= 5, "{frames} frames");
     pair.be.extend(std::iter::from_fn(|| pair.b.poll_event()));
-    let (bytes, marks) = pair.take_records();
+    let (bytes, marks, _) = pair.take_records();
     assert_eq!(bytes, log);
     // Only the frame that completes the push carries its watermark.
-    assert_eq!(marks.first(), Some(&(1, 0)));
-    assert_eq!(marks.last(), Some(&(2, 0)));
+    assert_eq!(marks.first(), Some(&1));
+    assert_eq!(marks.last(), Some(&2));
     assert!(
-        marks[1..marks.len() - 1].iter().all(|&(w, _)| w == 1),
+        marks[1..marks.len() - 1].iter().all(|&w| w == 1),
         "{marks:?}"
     );
     pair.pump();
@@ -207,9 +208,9 @@ fn a_watermark_alone_is_sent_at_once_and_released_rides_along() {
     let mut pair = Pair::established(config());
     pair.p.push_log(&[], 5).unwrap();
     pair.pump();
-    let (bytes, marks) = pair.take_records();
-    assert!(bytes.is_empty());
-    assert_eq!(marks, vec![(5, 0)]);
+    let (bytes, marks, released) = pair.take_records();
+    assert!(bytes.is_empty() && released.is_empty());
+    assert_eq!(marks, vec![5]);
     pair.pump();
     assert_eq!(
         pair.pe,
@@ -231,8 +232,8 @@ fn a_watermark_alone_is_sent_at_once_and_released_rides_along() {
     assert!(pair.be.is_empty());
     pair.now += ms(20);
     pair.pump();
-    let (_, marks) = pair.take_records();
-    assert_eq!(marks, vec![(5, 5)]);
+    let (_, marks, released) = pair.take_records();
+    assert_eq!((marks, released), (vec![], vec![5]));
     assert_eq!(pair.b.released(), 5);
     assert_eq!(
         pair.p.set_released(4),
@@ -366,7 +367,7 @@ fn the_window_bounds_unacknowledged_log() {
     pair.p.push_log(&[3; 20_000], 2).unwrap();
     assert!(!pair.p.can_accept(1));
     pair.pump();
-    let (bytes, _) = pair.take_records();
+    let (bytes, _, _) = pair.take_records();
     assert_eq!(bytes.len(), 20_000);
     assert!(
         pair.b.is_established(),
@@ -438,11 +439,7 @@ fn bye_carries_the_rest_of_the_log_and_the_final_released() {
     assert_eq!(
         pair.be,
         vec![
-            BackupEvent::Records {
-                log_bytes: vec![],
-                watermark: 9,
-                released: 9
-            },
+            BackupEvent::Released { released: 9 },
             BackupEvent::Bye {
                 reason: "powered off".into()
             }

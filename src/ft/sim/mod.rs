@@ -84,6 +84,11 @@ pub struct Outcome {
     /// From the primary's crash to the first output of the promoted backup.
     pub failover_gap: Option<Duration>,
     pub arbiter_requests: u64,
+    /// Times the primary's vCPU waited: log window full, held outputs full.
+    pub window_waits: u64,
+    pub held_waits: u64,
+    /// Times the replay waited for the released marker (shadow full).
+    pub shadow_waits: u64,
 }
 
 struct Sim {
@@ -105,9 +110,12 @@ struct Sim {
 
 impl Sim {
     fn new(seed: u64, faults: Vec<(Duration, Fault)>) -> Sim {
+        // Small bounds, so that chunking, the window and both output bounds
+        // are exercised (the shadow's is even below the held one on purpose:
+        // the replay waiting for the released marker must not deadlock).
         let config = LinkConfig {
             max_frame_bytes: 1024,
-            window_bytes: 16 << 10,
+            window_bytes: 2048,
             max_push_bytes: 8 << 10,
             ..LinkConfig::default()
         };
@@ -116,8 +124,8 @@ impl Sim {
             max_items: 64,
         };
         let shadow_bounds = OutputBounds {
-            max_bytes: 4096,
-            max_items: 128,
+            max_bytes: 1024,
+            max_items: 32,
         };
         let mut q = Queue::default();
         for (i, (at, _)) in faults.iter().enumerate() {
@@ -319,7 +327,7 @@ impl Sim {
         if ps.in_flight_bytes > bound
             || bs.unacked_bytes > bound
             || b.backlog_bytes as u64 > bound
-            || b.replica.queued_bytes as u64 > bound.max(chunk)
+            || b.replica.queued_bytes as u64 > bound + chunk
         {
             return Err(format!(
                 "a log bound broke: in flight {}, unacked {}, backlog {}, queued {}",
@@ -336,6 +344,32 @@ impl Sim {
             return Err("shadow outputs over their bound".into());
         }
         Ok(())
+    }
+
+    /// Both sides' state in a few lines, for failure reports.
+    fn summary(&self) -> String {
+        let p = &self.primary;
+        let b = &self.backup;
+        format!(
+            "primary: alive {} mode {:?} landmark {} held {} ({} B) link {:?}\n\
+             backup: alive {} mode {:?} replica {}/{} queued {} B backlog {} B shadow {} \
+             (released {}) link {:?}",
+            p.alive,
+            p.mode,
+            p.guest.landmark,
+            p.held.len(),
+            p.held.bytes(),
+            p.link.status(),
+            b.alive,
+            b.mode,
+            b.replica.guest.landmark,
+            b.replica.gate,
+            b.replica.queued_bytes,
+            b.backlog_bytes,
+            b.shadow.len(),
+            b.shadow.released(),
+            b.link.status(self.now),
+        )
     }
 
     /// The end-of-run checks; returns what happened.
@@ -425,6 +459,9 @@ impl Sim {
             duplicates,
             failover_gap,
             arbiter_requests: self.arbiter.requests,
+            window_waits: p.window_waits,
+            held_waits: p.held_waits,
+            shadow_waits: b.shadow_waits,
         })
     }
 }
@@ -450,7 +487,8 @@ fn run_seed(seed: u64, faults: Option<Vec<(Duration, Fault)>>) -> Result<Outcome
     result.map_err(|e| {
         let trace: Vec<_> = sim.trace.iter().rev().take(40).rev().cloned().collect();
         format!(
-            "seed {seed}: {e}\nfaults: {faults:?}\nlast events:\n  {}",
+            "seed {seed}: {e}\nfaults: {faults:?}\n{}\nlast events:\n  {}",
+            sim.summary(),
             trace.join("\n  ")
         )
     })
@@ -471,6 +509,7 @@ fn the_pair_survives_random_faults_over_many_seeds() {
     let (mut promoted, mut alone, mut ended, mut dup_runs) = (0, 0, 0, 0);
     let mut gaps = Vec::new();
     let mut outputs = 0;
+    let mut waits = [0u64; 3];
     for seed in 0..n {
         match run_seed(seed, None) {
             Ok(o) => {
@@ -479,6 +518,9 @@ fn the_pair_survives_random_faults_over_many_seeds() {
                 ended += u32::from(o.both_ended_cleanly);
                 dup_runs += u32::from(o.duplicates > 0);
                 outputs += o.outputs_seen;
+                waits[0] += o.window_waits;
+                waits[1] += o.held_waits;
+                waits[2] += o.shadow_waits;
                 gaps.extend(o.failover_gap);
             }
             Err(e) => failures.push(e),
@@ -487,8 +529,12 @@ fn the_pair_survives_random_faults_over_many_seeds() {
     gaps.sort();
     eprintln!(
         "{n} seeds: {promoted} backup promotions, {alone} primaries alone, {ended} clean \
-         power-offs, {dup_runs} runs with duplicates, {outputs} outputs checked; \
-         crash-to-first-output of the new primary: median {:?}, max {:?}",
+         power-offs, {dup_runs} runs with duplicates, {outputs} outputs checked; waits: \
+         window {}, held outputs {}, shadow {}; crash-to-first-output of the new primary \
+         (any faults): median {:?}, max {:?}",
+        waits[0],
+        waits[1],
+        waits[2],
         gaps.get(gaps.len() / 2),
         gaps.last()
     );
@@ -506,6 +552,11 @@ fn the_pair_survives_random_faults_over_many_seeds() {
         promoted > 0 && alone > 0 && ended > 0,
         "coverage: {promoted}/{alone}/{ended}"
     );
+    // And every bound must have been reached (the waits it causes are checked too).
+    assert!(
+        waits.iter().all(|&w| w > 0),
+        "a bound was never reached: {waits:?}"
+    );
 }
 
 #[test]
@@ -521,12 +572,19 @@ fn a_quiet_pair_never_asks_the_arbiter_and_outputs_flow() {
 
 #[test]
 fn a_crashed_primary_is_replaced_within_300_ms() {
+    let mut gaps = Vec::new();
     for seed in 0..20 {
         let o = run_seed(seed, Some(vec![(ms(300), Fault::Crash(Side::Primary))])).unwrap();
         assert!(o.promoted, "seed {seed}");
         let gap = o.failover_gap.expect("the new primary emitted");
         assert!(gap <= ms(300), "seed {seed}: {gap:?}");
+        gaps.push(gap);
     }
+    gaps.sort();
+    eprintln!(
+        "crash to first output of the new primary: {:?} .. {:?}",
+        gaps[0], gaps[19]
+    );
 }
 
 #[test]

@@ -100,6 +100,8 @@ pub struct PrimaryNode {
     pub truth: Vec<u64>,
     pub produced: Vec<Out>,
     pub exit: Option<(i32, String)>,
+    pub window_waits: u64,
+    pub held_waits: u64,
 }
 
 impl PrimaryNode {
@@ -129,6 +131,8 @@ impl PrimaryNode {
             truth: vec![0],
             produced: Vec::new(),
             exit: None,
+            window_waits: 0,
+            held_waits: 0,
         }
     }
 
@@ -230,6 +234,7 @@ impl PrimaryNode {
                     Ok(()) => {}
                     Err(refused) if matches!(refused.error, OutputError::Full { .. }) => {
                         step.outputs.push_front(refused.output);
+                        self.held_waits += 1;
                         self.next_step_at = now + RETRY;
                         return Ok(());
                     }
@@ -240,6 +245,7 @@ impl PrimaryNode {
         if let Some(log) = &step.log {
             if self.mode == PrimaryMode::Paired && !self.link.is_closed() {
                 if !self.link.can_accept(log.len() as u64) {
+                    self.window_waits += 1;
                     self.next_step_at = now + RETRY;
                     return Ok(());
                 }
@@ -390,7 +396,7 @@ pub struct BackupNode {
     pub failover: Option<Failover>,
     pub shadow: ShadowOutputs<Out>,
     pub replica: Replica,
-    backlog: VecDeque<(Vec<u8>, u64, u64)>,
+    backlog: VecDeque<(Vec<u8>, u64)>,
     pub backlog_bytes: usize,
     window: usize,
     pub mode: BackupMode,
@@ -405,6 +411,7 @@ pub struct BackupNode {
     pub promoted: Option<(u64, u64)>,
     pub live_produced: Vec<Out>,
     pub exit: Option<(i32, String)>,
+    pub shadow_waits: u64,
 }
 
 impl BackupNode {
@@ -433,6 +440,7 @@ impl BackupNode {
             promoted: None,
             live_produced: Vec::new(),
             exit: None,
+            shadow_waits: 0,
         }
     }
 
@@ -474,7 +482,10 @@ impl BackupNode {
         loop {
             let mut progressed = false;
             while let Some(event) = self.link.poll_event() {
-                if !matches!(event, BackupEvent::Records { .. }) {
+                if !matches!(
+                    event,
+                    BackupEvent::Records { .. } | BackupEvent::Released { .. }
+                ) {
                     env.note(format!("backup link: {event:?}"));
                 }
                 self.on_link_event(env, event)?;
@@ -498,18 +509,20 @@ impl BackupNode {
         }
     }
 
-    /// Moves received records into the replay queue while it has room, acking them.
+    /// Moves received records into the replay queue while it has room, acking
+    /// them. A replay waiting at its gate gets the bytes whatever the bound:
+    /// what it holds is then all beyond the watermark (a record split across
+    /// frames), and refusing would wedge the pair.
     fn feed(&mut self) -> Result<bool, String> {
         let mut fed = false;
-        while let Some((bytes, _, _)) = self.backlog.front() {
+        while let Some((bytes, _)) = self.backlog.front() {
             let queued = self.replica.queued_bytes;
-            if queued > 0 && queued + bytes.len() > self.window {
+            if queued + bytes.len() > self.window && self.replica.can_step() {
                 break;
             }
-            let (bytes, watermark, released) = self.backlog.pop_front().expect("front exists");
+            let (bytes, watermark) = self.backlog.pop_front().expect("front exists");
             self.backlog_bytes -= bytes.len();
             self.replica.push(&bytes, watermark);
-            self.shadow.on_released(released);
             // After the link ended acks go nowhere; the replay still gets the bytes.
             if let Err(e) = self.link.ack_through(watermark) {
                 return Err(format!("ack_through({watermark}): {e}"));
@@ -534,10 +547,14 @@ impl BackupNode {
             BackupEvent::Records {
                 log_bytes,
                 watermark,
-                released,
             } => {
                 self.backlog_bytes += log_bytes.len();
-                self.backlog.push_back((log_bytes, watermark, released));
+                self.backlog.push_back((log_bytes, watermark));
+                return Ok(());
+            }
+            BackupEvent::Released { released } => {
+                self.shadow.on_released(released);
+                self.next_replay_at = self.next_replay_at.min(now);
                 return Ok(());
             }
             BackupEvent::Bye { reason } => FailoverEvent::Bye { reason },
@@ -636,6 +653,7 @@ impl BackupNode {
                     return Err(format!("shadow outputs: {}", refused.error));
                 }
                 self.pending_outs.push_front(refused.output);
+                self.shadow_waits += 1;
                 self.next_replay_at = now + RETRY;
                 return Ok(());
             }
