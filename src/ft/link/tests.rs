@@ -514,3 +514,43 @@ fn config_is_validated() {
     };
     assert!(PrimaryLink::new(config(), &key(KEY), long, ms(0)).is_err());
 }
+
+#[test]
+fn the_output_rule_end_to_end_ack_release_marker_and_go_live() {
+    use crate::ft::output::{HeldOutputs, OutputBounds, ShadowOutputs};
+    let mut pair = Pair::established(config());
+    let mut held = HeldOutputs::new(OutputBounds::default());
+    let mut shadow = ShadowOutputs::new(OutputBounds::default());
+    // Landmarks 1..=4, one output each, on both sides.
+    for l in 1..=4u64 {
+        held.push(l, vec![l as u8], pair.now).unwrap();
+        shadow.push(l, vec![l as u8], pair.now).unwrap();
+        if l <= 3 {
+            pair.p.push_log(&[l as u8], l).unwrap();
+        }
+    }
+    pair.pump();
+    let (_, marks, _) = pair.take_records();
+    assert_eq!(marks.last(), Some(&3));
+    pair.now += ms(2);
+    pair.pump();
+    let acked = match pair.pe.pop() {
+        Some(PrimaryEvent::Acked { watermark, .. }) => watermark,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(acked, 3);
+    // Exactly the outputs at or below the ack leave, after 2 ms held.
+    assert_eq!(
+        held.release_through(acked, pair.now),
+        vec![vec![1], vec![2], vec![3]]
+    );
+    assert_eq!(held.hold_times().max, ms(2));
+    pair.p.set_released(acked).unwrap();
+    pair.now += ms(20);
+    pair.pump();
+    let (_, _, released) = pair.take_records();
+    assert_eq!(released, vec![3]);
+    shadow.on_released(3);
+    // The primary dies here: the backup goes live with exactly landmark 4's output.
+    assert_eq!(shadow.take_for_go_live(), vec![vec![4]]);
+}
