@@ -254,8 +254,8 @@ impl BackupLink {
             });
         }
         if landmark < self.replayed {
-            return Err(LinkError::WatermarkBackwards {
-                watermark: landmark,
+            return Err(LinkError::ReplayedBackwards {
+                landmark,
                 last: self.replayed,
             });
         }

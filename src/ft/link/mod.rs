@@ -165,6 +165,8 @@ pub enum LinkError {
     AckBeyondReceived { watermark: u64, received: u64 },
     #[error("ack through {watermark} is below the previous ack {last}")]
     AckBackwards { watermark: u64, last: u64 },
+    #[error("replayed landmark {landmark} is below the previous {last}")]
+    ReplayedBackwards { landmark: u64, last: u64 },
     #[error("replayed landmark {landmark} is beyond the received watermark {watermark}")]
     ReplayedBeyondWatermark { landmark: u64, watermark: u64 },
     #[error(

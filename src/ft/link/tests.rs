@@ -285,6 +285,13 @@ fn heartbeats_go_out_every_interval_and_the_backup_sends_its_own_while_acking() 
     pair.b.set_replayed(1).unwrap();
     assert_eq!(pair.b.status(pair.now).lag_ns, 0);
     assert_eq!(
+        pair.b.set_replayed(0),
+        Err(LinkError::ReplayedBackwards {
+            landmark: 0,
+            last: 1
+        })
+    );
+    assert_eq!(
         pair.b.set_replayed(2),
         Err(LinkError::ReplayedBeyondWatermark {
             landmark: 2,
