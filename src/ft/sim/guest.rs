@@ -133,6 +133,7 @@ pub fn log_header() -> LogHeader {
         mem_bytes: 64 << 20,
         boot_unix_secs: 1_700_000_000,
         host_cpu: 0,
+        net_mac: None,
     }
 }
 
