@@ -13,6 +13,7 @@ use clap::Args;
 use super::run::{RunArgs, VmSession};
 use crate::replay::engine::{Ending, LogSink, RecordSettings, Recorder, Role, RunReport, Stop};
 use crate::replay::log::{LogHeader, LogReader, LogWriter};
+pub use crate::replay::machine::header_for;
 use crate::replay::schedule::Schedule;
 use crate::vmm::{sys, VmConfig};
 
@@ -47,58 +48,10 @@ pub struct ReplayArgs {
     pub run: RunArgs,
 }
 
-/// The header describing the guest `config` would boot.
-pub fn header_for(
-    config: &VmConfig,
-    boot_unix_secs: u64,
-    host_cpu: u32,
-    net_mac: Option<[u8; 6]>,
-) -> LogHeader {
-    LogHeader {
-        kernel_hash: blake3::hash(&config.kernel).into(),
-        initrd_hash: config.initrd.as_ref().map(|i| blake3::hash(i).into()),
-        cmdline: config.cmdline.clone(),
-        mem_bytes: config.mem_bytes,
-        boot_unix_secs,
-        host_cpu,
-        net_mac,
-    }
-}
-
 /// Refuse to replay a log on a different guest, naming what differs.
 pub fn check_header(log: &LogHeader, config: &VmConfig, net_mac: Option<[u8; 6]>) -> Result<()> {
     let ours = header_for(config, log.boot_unix_secs, log.host_cpu, net_mac);
-    let mut differences = Vec::new();
-    if log.kernel_hash != ours.kernel_hash {
-        differences.push("the kernel image differs from the recorded one".to_string());
-    }
-    if log.initrd_hash != ours.initrd_hash {
-        differences.push(match (log.initrd_hash, ours.initrd_hash) {
-            (Some(_), None) => "the recording had an initrd and this run has none".to_string(),
-            (None, Some(_)) => "this run has an initrd and the recording had none".to_string(),
-            _ => "the initrd differs from the recorded one".to_string(),
-        });
-    }
-    if log.cmdline != ours.cmdline {
-        differences.push(format!(
-            "the command line was {:?}, now {:?}",
-            log.cmdline, ours.cmdline
-        ));
-    }
-    if log.mem_bytes != ours.mem_bytes {
-        differences.push(format!(
-            "memory was {} MiB, now {} MiB",
-            log.mem_bytes >> 20,
-            ours.mem_bytes >> 20
-        ));
-    }
-    if log.net_mac != ours.net_mac {
-        differences.push(match (log.net_mac, ours.net_mac) {
-            (Some(_), None) => "the recording had a NIC (--net) and this run has none".to_string(),
-            (None, Some(_)) => "this run has a NIC (--net) and the recording had none".to_string(),
-            _ => "the NIC's MAC address differs from the recorded one".to_string(),
-        });
-    }
+    let differences = log.differences_from(&ours);
     if !differences.is_empty() {
         bail!(
             "this log was recorded from a different guest: {}",

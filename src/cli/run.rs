@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 
 use super::size::parse_size;
 use crate::devices::Platform;
@@ -18,9 +18,10 @@ use crate::guests::{self, BUILTIN_PREFIX};
 use crate::net::tap::{Tap, TapBackend};
 use crate::net::NetSpec;
 use crate::replay::engine::{
-    Connections, ConsoleAndNet, Control, Ending, Engine, FrameSender, Inputs, RecordSettings, Role,
-    RunReport,
+    Connections, ConsoleAndNet, Ending, Engine, FrameSender, Inputs, RecordSettings, Role,
+    RunReport, StopOnSignal,
 };
+use crate::replay::machine;
 use crate::vmm::{Kicker, Vm, VmConfig};
 
 /// Arguments of `twinvm run` (shared by later subcommands that boot a guest).
@@ -84,7 +85,7 @@ impl RunArgs {
         })
     }
 
-    fn serial_sink(&self) -> Result<Box<dyn Write + Send>> {
+    pub fn serial_sink(&self) -> Result<Box<dyn Write + Send>> {
         if self.serial == "stdio" {
             return Ok(Box::new(std::io::stdout()));
         }
@@ -122,42 +123,6 @@ fn spawn_stdin_reader(kicker: Kicker) -> Receiver<Vec<u8>> {
     rx
 }
 
-/// Stop the VM cleanly on SIGINT/SIGTERM.
-pub struct StopOnSignal {
-    handle: signal_hook::iterator::Handle,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl StopOnSignal {
-    pub fn install(tx: Sender<Control>, kicker: Kicker) -> Result<Self> {
-        let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
-            .context("installing signal handlers")?;
-        let handle = signals.handle();
-        let thread = thread::Builder::new()
-            .name("twinvm-signals".into())
-            .spawn(move || {
-                if signals.forever().next().is_some() {
-                    let _ = tx.try_send(Control::Stop);
-                    kicker.kick();
-                }
-            })
-            .context("spawning the signal thread")?;
-        Ok(StopOnSignal {
-            handle,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for StopOnSignal {
-    fn drop(&mut self) {
-        self.handle.close();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// A guest ready to boot: its configuration and where its console goes.
 pub struct VmSession {
     pub config: VmConfig,
@@ -183,14 +148,8 @@ impl VmSession {
 
     /// Build the VM and its devices.
     pub fn build(&self) -> Result<(Vm, Platform<Vec<u8>>)> {
-        let vm = Vm::create(&self.config)
-            .with_context(|| format!("building the VM for {}", self.args.kernel))?;
-        tracing::info!(entry = format_args!("{:#x}", vm.kernel.entry), kind = ?vm.kernel.kind, "kernel loaded");
-        let mut platform = Platform::new(Vec::new(), self.boot_unix_secs);
-        if let Some(mac) = self.net_mac() {
-            platform.add_net(mac);
-        }
-        Ok((vm, platform))
+        machine::build(&self.config, self.boot_unix_secs, self.net_mac())
+            .with_context(|| format!("building the VM for {}", self.args.kernel))
     }
 
     /// Open the TAP device of `--net` and start moving frames; received
@@ -225,7 +184,8 @@ impl VmSession {
         let (vm, platform) = self.build()?;
         let kicker = Kicker::new();
         let (control_tx, control_rx) = crossbeam_channel::bounded(16);
-        let _signals = StopOnSignal::install(control_tx.clone(), kicker.clone())?;
+        let _signals = StopOnSignal::install(control_tx.clone(), kicker.clone())
+            .context("installing signal handlers")?;
         let serial = (live && forward_stdin && self.args.serial == "stdio")
             .then(|| spawn_stdin_reader(kicker.clone()));
         let tap = if live { self.open_tap(&kicker)? } else { None };

@@ -50,6 +50,7 @@
 pub mod failover;
 pub mod histogram;
 pub mod link;
+pub mod node;
 pub mod output;
 pub mod wire;
 

@@ -10,4 +10,5 @@
 pub mod digest;
 pub mod engine;
 pub mod log;
+pub mod machine;
 pub mod schedule;

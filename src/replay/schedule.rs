@@ -14,6 +14,8 @@
 //! boundary, and the backup may go live from there.
 
 use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -94,22 +96,28 @@ pub enum LiveItem {
     Watermark(u64),
 }
 
-/// Records arriving from a primary through a (bounded) channel; the
-/// channel closing is the end of the stream.
+/// Records arriving from a primary through a channel; the channel closing
+/// is the end of the stream. `queued` counts what the channel holds
+/// (`log::record_cost`), so the receiver can bound it.
 pub struct LiveSource {
     rx: Receiver<LiveItem>,
+    queued: Arc<AtomicU64>,
 }
 
 impl LiveSource {
-    pub fn new(rx: Receiver<LiveItem>) -> Self {
-        LiveSource { rx }
+    pub fn new(rx: Receiver<LiveItem>, queued: Arc<AtomicU64>) -> Self {
+        LiveSource { rx, queued }
     }
 }
 
 impl RecordSource for LiveSource {
     fn fetch(&mut self, wait: Duration) -> Result<Fetched, ScheduleError> {
         Ok(match self.rx.recv_timeout(wait) {
-            Ok(LiveItem::Record(r)) => Fetched::Record(r),
+            Ok(LiveItem::Record(r)) => {
+                self.queued
+                    .fetch_sub(super::log::record_cost(&r), Ordering::Relaxed);
+                Fetched::Record(r)
+            }
             Ok(LiveItem::Watermark(w)) => Fetched::Watermark(w),
             Err(RecvTimeoutError::Timeout) => Fetched::Pending,
             Err(RecvTimeoutError::Disconnected) => Fetched::Ended,
@@ -414,7 +422,10 @@ mod tests {
 
     fn live() -> (crossbeam_channel::Sender<LiveItem>, Schedule) {
         let (tx, rx) = crossbeam_channel::bounded(16);
-        (tx, Schedule::new(Box::new(LiveSource::new(rx))))
+        (
+            tx,
+            Schedule::new(Box::new(LiveSource::new(rx, Default::default()))),
+        )
     }
 
     #[test]

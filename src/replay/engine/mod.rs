@@ -25,10 +25,13 @@
 
 mod landmark;
 mod outputs;
+mod stop_signal;
 mod sync;
 mod traps;
 
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
@@ -36,6 +39,7 @@ use thiserror::Error;
 
 use self::landmark::AfterKick;
 pub use self::outputs::{ConsoleAndNet, FrameSender, Output, OutputSink};
+pub use self::stop_signal::StopOnSignal;
 use super::digest::{DirtyPages, LandmarkKind, LandmarkSignature, MemoryHash};
 use super::log::{CpuStateBytes, EndReason, LogWriter, Record};
 use super::schedule::{Schedule, ScheduleError, Step, Wait};
@@ -414,6 +418,8 @@ pub struct Engine {
     memory: MemoryHash,
     /// When the current `run` began (for the report's wall time).
     run_started: Instant,
+    /// The current landmark, for other threads (status, lag).
+    published_landmark: Arc<AtomicU64>,
 }
 
 impl Engine {
@@ -466,6 +472,7 @@ impl Engine {
             signature: LandmarkSignature::default(),
             memory,
             run_started: now,
+            published_landmark: Arc::default(),
         };
         engine.set_role(role)?;
         Ok(engine)
@@ -483,6 +490,12 @@ impl Engine {
     /// Where the guest is.
     pub fn landmark(&self) -> u64 {
         self.landmark
+    }
+
+    /// The current landmark as other threads see it (updated before every
+    /// entry into the guest).
+    pub fn landmark_counter(&self) -> Arc<AtomicU64> {
+        self.published_landmark.clone()
     }
 
     pub fn stats(&self) -> ExitStats {
@@ -721,6 +734,8 @@ impl Engine {
                 self.sync_state = None;
             }
             self.before_run()?;
+            self.published_landmark
+                .store(self.landmark, Ordering::Relaxed);
             at_landmark = false;
             self.stats.total += 1;
             let what = self.role.name();

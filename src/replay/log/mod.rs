@@ -73,6 +73,90 @@ pub struct LogHeader {
     pub net_mac: Option<[u8; 6]>,
 }
 
+impl LogHeader {
+    /// The header's bytes as a log stores them (the logging channel's Hello
+    /// carries them, so the backup can refuse another guest).
+    pub fn encode(&self) -> Result<Vec<u8>, LogError> {
+        encode_header(self).map_err(|what| LogError::Malformed {
+            index: 0,
+            offset: 0,
+            what,
+            last_landmark: None,
+        })
+    }
+
+    /// Inverse of [`LogHeader::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<LogHeader, LogError> {
+        let mut d = Dec(bytes);
+        decode_header(&mut d)
+            .and_then(|h| d.finish().map(|()| h))
+            .map_err(|what| LogError::Malformed {
+                index: 0,
+                offset: 0,
+                what,
+                last_landmark: None,
+            })
+    }
+}
+
+impl LogHeader {
+    /// What differs between a log's header (`self`) and the guest another
+    /// replica would run (`ours`), one sentence each; empty if they match.
+    /// The boot time and host CPU are the log's to dictate, not compared.
+    pub fn differences_from(&self, ours: &LogHeader) -> Vec<String> {
+        let mut differences = Vec::new();
+        if self.kernel_hash != ours.kernel_hash {
+            differences.push("the kernel image differs from the recorded one".to_string());
+        }
+        if self.initrd_hash != ours.initrd_hash {
+            differences.push(match (self.initrd_hash, ours.initrd_hash) {
+                (Some(_), None) => "the recording had an initrd and this run has none".to_string(),
+                (None, Some(_)) => "this run has an initrd and the recording had none".to_string(),
+                _ => "the initrd differs from the recorded one".to_string(),
+            });
+        }
+        if self.cmdline != ours.cmdline {
+            differences.push(format!(
+                "the command line was {:?}, now {:?}",
+                self.cmdline, ours.cmdline
+            ));
+        }
+        if self.mem_bytes != ours.mem_bytes {
+            differences.push(format!(
+                "memory was {} MiB, now {} MiB",
+                self.mem_bytes >> 20,
+                ours.mem_bytes >> 20
+            ));
+        }
+        if self.net_mac != ours.net_mac {
+            differences.push(match (self.net_mac, ours.net_mac) {
+                (Some(_), None) => {
+                    "the recording had a NIC (--net) and this run has none".to_string()
+                }
+                (None, Some(_)) => {
+                    "this run has a NIC (--net) and the recording had none".to_string()
+                }
+                _ => "the NIC's MAC address differs from the recorded one".to_string(),
+            });
+        }
+        differences
+    }
+}
+
+/// About how many bytes of memory a decoded record holds (to bound a queue
+/// of them).
+pub fn record_cost(record: &Record) -> u64 {
+    let bytes = match record {
+        Record::SyncPoint { pages, cpu, .. } => pages.len() * PAGE_SIZE + cpu.xsave.len() + 1024,
+        Record::SyncPages { pages, .. } => pages.len() * PAGE_SIZE,
+        Record::NetRx { frame, .. } => frame.len(),
+        Record::SerialInput { bytes, .. } => bytes.len(),
+        Record::Digest { digest, .. } => digest.pages.len() * 40 + 256,
+        _ => 0,
+    };
+    bytes as u64 + 64
+}
+
 /// vCPU state as the raw bytes of KVM's x86-64 uapi structs (`kvm_regs`,
 /// `kvm_sregs`, `kvm_fpu`, `kvm_vcpu_events`) and the MSRs a guest changes
 /// without exits; the codec does not interpret them.
@@ -277,6 +361,16 @@ impl<W: Write> LogWriter<W> {
             bytes,
             records: 0,
         })
+    }
+
+    /// A writer of records only, for a stream whose magic and header travel
+    /// elsewhere (the logging channel's Hello carries the header).
+    pub fn stream(out: W) -> Self {
+        LogWriter {
+            out,
+            bytes: 0,
+            records: 0,
+        }
     }
 
     pub fn append(&mut self, record: &Record) -> io::Result<()> {
