@@ -25,6 +25,7 @@
 
 mod landmark;
 mod outputs;
+mod perturb;
 mod sync;
 mod traps;
 
@@ -36,6 +37,7 @@ use thiserror::Error;
 
 use self::landmark::AfterKick;
 pub use self::outputs::{ConsoleAndNet, FrameSender, Output, OutputSink};
+pub use self::perturb::{PerturbKind, PerturbParseError, TestPerturbation, PERTURBED_CMOS_INDEX};
 use super::digest::{DirtyPages, LandmarkKind, LandmarkSignature, MemoryHash};
 use super::log::{CpuStateBytes, EndReason, LogWriter, Record};
 use super::schedule::{Schedule, ScheduleError, Step, Wait};
@@ -412,6 +414,8 @@ pub struct Engine {
     syscall_fix: SyscallFix,
     signature: LandmarkSignature,
     memory: MemoryHash,
+    /// A replay made wrong on purpose at one landmark (tests only).
+    test_perturbation: Option<TestPerturbation>,
     /// When the current `run` began (for the report's wall time).
     run_started: Instant,
 }
@@ -465,6 +469,7 @@ impl Engine {
             syscall_fix: SyscallFix::default(),
             signature: LandmarkSignature::default(),
             memory,
+            test_perturbation: None,
             run_started: now,
         };
         engine.set_role(role)?;
