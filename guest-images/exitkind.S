@@ -1,4 +1,4 @@
-# exitkind: one exit is an IN or an OUT on port 0x80 as a user-mode TSC bit says; nothing else differs
+# exitkind: one exit is IN or OUT by a user-mode TSC bit; nothing else differs
 #
 # In user mode the guest reads the TSC (native on these hosts, not trapped,
 # so it differs from run to run), keeps one bit of it and wipes the value
