@@ -386,6 +386,114 @@ fn a_poll_the_backup_would_not_make_is_caught() {
 }
 
 #[test]
+fn a_logged_value_the_backup_does_not_ask_for_or_cannot_take_is_caught() {
+    let dir = TempDir::new("dv-values");
+    let (_, header, records) = ticker_log(&dir);
+
+    // A clock-port access (the PIT programmed at start) without its IoTime.
+    let mut no_time = records.clone();
+    let i = no_time
+        .iter()
+        .position(|r| matches!(r, Record::IoTime { .. }))
+        .expect("no IoTime record");
+    let landmark = no_time.remove(i).landmark();
+    let edited = path_in(&dir, "no-time.log");
+    write_log(&edited, &header, &no_time);
+    let out = replay(&edited, "ticker", &[]);
+    let at = assert_diverged(&out, "the guest read a clock device but the log holds");
+    assert_eq!(at, landmark, "{}", out.stderr);
+
+    // An interrupt of another vector than the backup's PIC holds.
+    let mut other_vector = records.clone();
+    let i = nth_without_digest(&other_vector, 5, |i| {
+        matches!(other_vector[i], Record::Interrupt { .. })
+    });
+    let Record::Interrupt { landmark, vector } = other_vector[i] else {
+        unreachable!()
+    };
+    other_vector[i] = Record::Interrupt {
+        landmark,
+        vector: vector + 1,
+    };
+    let edited = path_in(&dir, "other-vector.log");
+    write_log(&edited, &header, &other_vector);
+    let out = replay(&edited, "ticker", &[]);
+    let at = assert_diverged(
+        &out,
+        &format!(
+            "the log injects vector {:#x}, the platform has Some({vector:x})",
+            vector + 1
+        ),
+    );
+    assert_eq!(at, landmark, "{}", out.stderr);
+
+    // An interrupt at the next landmark, inside the timer handler (IF=0).
+    let mut in_handler = records.clone();
+    let i = nth_without_digest(&in_handler, 5, |i| {
+        matches!(in_handler[i], Record::Interrupt { .. })
+            && in_handler
+                .get(i + 1)
+                .is_none_or(|next| next.landmark() > in_handler[i].landmark() + 1)
+    });
+    let Record::Interrupt { landmark, vector } = in_handler[i] else {
+        unreachable!()
+    };
+    in_handler.insert(
+        i + 1,
+        Record::Interrupt {
+            landmark: landmark + 1,
+            vector,
+        },
+    );
+    let edited = path_in(&dir, "in-handler.log");
+    write_log(&edited, &header, &in_handler);
+    let out = replay(&edited, "ticker", &[]);
+    let at = assert_diverged(
+        &out,
+        &format!("the log injects vector {vector:#x} but the guest cannot take interrupts here"),
+    );
+    assert_eq!(at, landmark + 1, "{}", out.stderr);
+
+    // More serial input than the UART's FIFO can take at one landmark.
+    let dir2 = TempDir::new("dv-values-hello");
+    let log = record(&dir2, "hello.log", "hello", &["--digest-interval", "16"]);
+    let (header, mut records) = read_log(&log);
+    let after = records
+        .iter()
+        .position(|r| matches!(r, Record::Digest { landmark: 32, .. }))
+        .unwrap();
+    records.insert(
+        after + 1,
+        Record::SerialInput {
+            landmark: 40,
+            bytes: vec![b'x'; 100],
+        },
+    );
+    let edited = path_in(&dir2, "flood.log");
+    write_log(&edited, &header, &records);
+    let out = replay(&edited, "hello", &[]);
+    let at = assert_diverged(&out, "the UART took 64 of 100 logged input bytes");
+    assert_eq!(at, 40, "{}", out.stderr);
+}
+
+#[test]
+fn a_missing_random_record_is_caught() {
+    let dir = TempDir::new("dv-random");
+    let log = record(&dir, "entropy.log", "entropy", &[]);
+    let (header, mut records) = read_log(&log);
+    let i = records
+        .iter()
+        .position(|r| matches!(r, Record::Random { .. }))
+        .expect("no Random record");
+    let landmark = records.remove(i).landmark();
+    let edited = path_in(&dir, "edited.log");
+    write_log(&edited, &header, &records);
+    let out = replay(&edited, "entropy", &[]);
+    let at = assert_diverged(&out, "the guest executed RDRAND/RDSEED but the log holds");
+    assert_eq!(at, landmark, "{}", out.stderr);
+}
+
+#[test]
 fn an_end_record_that_does_not_match_the_backup_is_caught() {
     let dir = TempDir::new("dv-end");
     let log = record(&dir, "hello.log", "hello", &["--digest-interval", "16"]);

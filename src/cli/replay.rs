@@ -31,8 +31,9 @@ pub struct RecordArgs {
     /// is stopped for a sync point.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub sync_bound_us: u64,
-    /// Log the guest's RIP at every landmark; the replay then names the
-    /// first landmark where its RIP differs (for chasing a divergence).
+    /// Log the guest's RIP and the landmark's own signature at every
+    /// landmark; the replay then names the first landmark whose exit or
+    /// RIP differs (for chasing a divergence).
     #[arg(long)]
     pub trace_landmarks: bool,
     #[command(flatten)]
