@@ -245,6 +245,19 @@ fn a_device_state_difference_is_caught() {
 }
 
 #[test]
+fn a_vcpu_state_difference_is_caught_and_named() {
+    let dir = TempDir::new("dv-vcpu");
+    let log = record(&dir, "hello.log", "hello", &["--digest-interval", "16"]);
+    // IA32_KERNEL_GS_BASE: hello never executes SWAPGS.
+    let out = replay(&log, "hello", &["--test-perturb", "msr:0xc0000102@10"]);
+    let at = assert_diverged(&out, "digest mismatch: vCPU state differs (MSRs)");
+    assert_eq!(at, 16, "{}", out.stderr);
+    for other in ["device state differs", "memory differs", "landmarks since"] {
+        assert!(!out.stderr.contains(other), "{}", out.stderr);
+    }
+}
+
+#[test]
 fn the_test_hook_is_hidden_and_refuses_what_it_cannot_do() {
     let dir = TempDir::new("dv-hook");
     let log = record(&dir, "hello.log", "hello", &[]);

@@ -47,7 +47,7 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub log: PathBuf,
     /// Test hook: make this replay wrong on purpose at one landmark
-    /// (`write-page:GPA@L`, `device:rtc@L`), to prove the divergence
+    /// (`write-page:GPA@L`, `device:rtc@L`, `msr:INDEX@L`), to prove the divergence
     /// detectors fire (docs/operations.md).
     #[arg(long, hide = true, value_name = "KIND@LANDMARK")]
     pub test_perturb: Option<TestPerturbation>,

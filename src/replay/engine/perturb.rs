@@ -9,12 +9,15 @@ use std::str::FromStr;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{Engine, RunError};
-use crate::vmm::vm::GuestWrite;
+use super::{kvm_err, Engine, RunError};
+use crate::vmm::vm::{read_msr, GuestWrite, VmError};
 
 /// The CMOS RAM byte `device:rtc` flips: general-purpose RAM no test guest
 /// reads, so only the devices' saved state differs.
 pub const PERTURBED_CMOS_INDEX: u8 = 0x7f;
+
+/// The bit `msr:INDEX` flips (bit 12 keeps an address canonical).
+const MSR_FLIP: u64 = 1 << 12;
 
 /// What the backup does that the primary did not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +27,10 @@ pub enum PerturbKind {
     WritePage { gpa: u64 },
     /// Flip CMOS RAM byte [`PERTURBED_CMOS_INDEX`] of the RTC.
     DeviceRtc,
+    /// Flip bit 12 of this MSR of the vCPU (one the digests cover, which the
+    /// guest does not use, e.g. IA32_KERNEL_GS_BASE 0xc0000102 for guests
+    /// that never SWAPGS).
+    Msr { index: u32 },
 }
 
 /// A perturbation and the landmark where the backup applies it.
@@ -36,9 +43,9 @@ pub struct TestPerturbation {
 /// A `--test-perturb` value that cannot be parsed.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum PerturbParseError {
-    #[error("expected KIND@LANDMARK (KIND is write-page:GPA or device:rtc), got {0:?}")]
+    #[error("expected KIND@LANDMARK (KIND is write-page:GPA, device:rtc or msr:INDEX), got {0:?}")]
     Shape(String),
-    #[error("unknown perturbation {0:?} (known: write-page:GPA, device:rtc)")]
+    #[error("unknown perturbation {0:?} (known: write-page:GPA, device:rtc, msr:INDEX)")]
     UnknownKind(String),
     #[error("unknown device {0:?} to perturb (known: rtc)")]
     UnknownDevice(String),
@@ -71,6 +78,14 @@ impl FromStr for TestPerturbation {
             },
             Some(("device", "rtc")) => PerturbKind::DeviceRtc,
             Some(("device", other)) => return Err(PerturbParseError::UnknownDevice(other.into())),
+            Some(("msr", index)) => PerturbKind::Msr {
+                index: u32::try_from(number("MSR index", index)?).map_err(|_| {
+                    PerturbParseError::Number {
+                        what: "MSR index",
+                        text: index.to_string(),
+                    }
+                })?,
+            },
             _ => return Err(PerturbParseError::UnknownKind(kind.to_string())),
         };
         Ok(TestPerturbation { kind, landmark })
@@ -82,6 +97,7 @@ impl fmt::Display for TestPerturbation {
         match self.kind {
             PerturbKind::WritePage { gpa } => write!(f, "write-page:{gpa:#x}")?,
             PerturbKind::DeviceRtc => write!(f, "device:rtc")?,
+            PerturbKind::Msr { index } => write!(f, "msr:{index:#x}")?,
         }
         write!(f, "@{}", self.landmark)
     }
@@ -118,6 +134,20 @@ impl Engine {
                 let old = self.platform.rtc.save().cmos[usize::from(PERTURBED_CMOS_INDEX)];
                 self.platform.rtc.set_ram(PERTURBED_CMOS_INDEX, !old);
             }
+            PerturbKind::Msr { index } => {
+                let value = read_msr(&self.vm.vcpu, index)
+                    .map_err(kvm_err("get MSR"))?
+                    .ok_or(VmError::MsrAccess("read", index))?;
+                let one = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+                    index,
+                    data: value ^ MSR_FLIP,
+                    ..Default::default()
+                }])
+                .expect("one entry fits");
+                if self.vm.vcpu.set_msrs(&one).map_err(kvm_err("set MSR"))? != 1 {
+                    return Err(VmError::MsrAccess("write", index).into());
+                }
+            }
         }
         tracing::warn!(%p, "test perturbation applied: this replay is wrong on purpose");
         Ok(())
@@ -142,6 +172,11 @@ mod tests {
                 32,
             ),
             ("device:rtc@7", PerturbKind::DeviceRtc, 7),
+            (
+                "msr:0xc0000102@5",
+                PerturbKind::Msr { index: 0xc000_0102 },
+                5,
+            ),
         ] {
             let p: TestPerturbation = text.parse().unwrap();
             assert_eq!(p, TestPerturbation { kind, landmark });
@@ -158,5 +193,6 @@ mod tests {
         assert!(err("device:pit@3").contains("unknown device \"pit\""));
         assert!(err("device:rtc@-1").contains("landmark \"-1\" is not a number"));
         assert!(err("device:rtc@").contains("landmark \"\" is not a number"));
+        assert!(err("msr:0x100000000@1").contains("MSR index \"0x100000000\" is not a number"));
     }
 }
