@@ -72,6 +72,7 @@ pub fn demo() -> Result<ExitCode> {
     eprintln!("\n== twinvm demo: replaying it from the log");
     replay(&ReplayArgs {
         log: log.clone(),
+        test_perturb: None,
         run: guest_args("storm", &path_str(&replayed_console)),
     })?;
     let replayed =
@@ -96,6 +97,7 @@ pub fn demo() -> Result<ExitCode> {
     })?;
     match replay(&ReplayArgs {
         log,
+        test_perturb: None,
         run: guest_args("rdtscuser", &path_str(&dir.0.join("r2.txt"))),
     }) {
         Ok(_) => println!("demo: UNEXPECTED: the user-mode TSC guest replayed as identical"),

@@ -11,11 +11,13 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::run::{RunArgs, VmSession};
-use crate::replay::engine::{Ending, LogSink, RecordSettings, Recorder, Role, RunReport, Stop};
+use crate::replay::engine::{
+    Ending, LogSink, PerturbKind, RecordSettings, Recorder, Role, RunReport, Stop, TestPerturbation,
+};
 use crate::replay::log::{LogHeader, LogReader, LogWriter};
 pub use crate::replay::machine::header_for;
 use crate::replay::schedule::Schedule;
-use crate::vmm::{sys, VmConfig};
+use crate::vmm::{layout, sys, VmConfig};
 
 /// Arguments of `twinvm record`.
 #[derive(Debug, Clone, Args)]
@@ -30,8 +32,9 @@ pub struct RecordArgs {
     /// is stopped for a sync point.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub sync_bound_us: u64,
-    /// Log the guest's RIP at every landmark; the replay then names the
-    /// first landmark where its RIP differs (for chasing a divergence).
+    /// Log the guest's RIP and the landmark's own signature at every
+    /// landmark; the replay then names the first landmark whose exit or
+    /// RIP differs (for chasing a divergence).
     #[arg(long)]
     pub trace_landmarks: bool,
     #[command(flatten)]
@@ -44,6 +47,11 @@ pub struct ReplayArgs {
     /// The log file to follow.
     #[arg(long)]
     pub log: PathBuf,
+    /// Test hook: make this replay wrong on purpose at one landmark
+    /// (`write-page:GPA@L`, `device:rtc@L`, `msr:INDEX@L`), to prove the divergence
+    /// detectors fire (docs/operations.md).
+    #[arg(long, hide = true, value_name = "KIND@LANDMARK")]
+    pub test_perturb: Option<TestPerturbation>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -143,9 +151,21 @@ pub fn replay(args: &ReplayArgs) -> Result<ExitCode> {
     let reader =
         LogReader::new(input).with_context(|| format!("reading log {}", args.log.display()))?;
     let boot_unix_secs = reader.header().boot_unix_secs;
-    let session = VmSession::new(&args.run, boot_unix_secs)?;
+    let mut session = VmSession::new(&args.run, boot_unix_secs)?;
     check_header(reader.header(), &session.config, session.net_mac())
         .with_context(|| format!("replaying {}", args.log.display()))?;
+    if let Some(p) = args.test_perturb {
+        if let PerturbKind::WritePage { gpa } = p.kind {
+            if layout::ram_page_index(session.config.mem_bytes, gpa).is_none() {
+                bail!(
+                    "--test-perturb {p}: {gpa:#x} is not in the guest's RAM ({} MiB)",
+                    session.config.mem_bytes >> 20
+                );
+            }
+        }
+        eprintln!("twinvm replay: --test-perturb {p}: this replay is made wrong on purpose");
+        session.test_perturbation = Some(p);
+    }
     let host_cpu = reader.header().host_cpu;
     // Checked up front (on a throwaway thread) for a clear message.
     std::thread::spawn(move || sys::pin_current_thread(host_cpu))
@@ -164,7 +184,16 @@ pub fn replay(args: &ReplayArgs) -> Result<ExitCode> {
         RecordSettings::default(),
         Some(host_cpu),
     ) {
-        Ok((report, _)) => report,
+        Ok((report, engine)) => {
+            if let Some(p) = engine.test_perturbation_pending() {
+                bail!(
+                    "--test-perturb {p}: the replay ended at landmark {} without reaching landmark {}, so nothing was perturbed",
+                    report.stats.landmarks,
+                    p.landmark
+                );
+            }
+            report
+        }
         Err(e) => {
             eprintln!("twinvm replay: NOT identical");
             return Err(e.context(format!("replaying {}", args.log.display())));

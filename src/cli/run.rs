@@ -19,7 +19,7 @@ use crate::net::tap::{Tap, TapBackend};
 use crate::net::NetSpec;
 use crate::replay::engine::{
     Connections, ConsoleAndNet, Ending, Engine, FrameSender, Inputs, RecordSettings, Role,
-    RunReport, StopOnSignal,
+    RunReport, StopOnSignal, TestPerturbation,
 };
 use crate::replay::machine;
 use crate::vmm::{Kicker, Vm, VmConfig};
@@ -128,6 +128,8 @@ pub struct VmSession {
     pub config: VmConfig,
     /// Wall-clock time the guest's RTC starts from.
     pub boot_unix_secs: u64,
+    /// `replay --test-perturb`: a replay made wrong on purpose (tests only).
+    pub test_perturbation: Option<TestPerturbation>,
     args: RunArgs,
 }
 
@@ -137,6 +139,7 @@ impl VmSession {
         Ok(VmSession {
             config: args.vm_config()?,
             boot_unix_secs,
+            test_perturbation: None,
             args: args.clone(),
         })
     }
@@ -217,6 +220,7 @@ impl VmSession {
             settings,
             host_cpu,
         )?;
+        engine.set_test_perturbation(self.test_perturbation);
         // Keep a sender alive so a closed stdin does not look like "no input ever".
         let _keep = control_tx;
         let report = engine.run()?;

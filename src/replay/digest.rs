@@ -124,6 +124,20 @@ impl DirtyPages {
     }
 }
 
+/// Whether every byte is zero. Word by word without an early exit, which
+/// the compiler vectorises: a byte loop that stops at the first non-zero
+/// byte was about 10x slower here, and a fresh VM's memory hash checks
+/// every page of guest RAM (measured: 90-120 ms for 64 MiB on a loaded
+/// development machine).
+fn all_zero(data: &[u8]) -> bool {
+    let words = data.chunks_exact(8);
+    let tail = words.remainder();
+    words.fold(0u64, |acc, w| {
+        acc | u64::from_ne_bytes(w.try_into().unwrap())
+    }) == 0
+        && tail.iter().all(|&b| b == 0)
+}
+
 /// A hash of all of guest memory that is cheap to keep current: one hash per
 /// page, one per group of pages, and a root over the groups. Only pages
 /// reported written are rehashed, so each side keeps it from its own dirty
@@ -150,7 +164,7 @@ impl MemoryHash {
             .map(|i| {
                 buf.fill(0);
                 read(i, &mut buf);
-                if buf.iter().all(|&b| b == 0) {
+                if all_zero(&buf) {
                     zero_page
                 } else {
                     page_hash(&buf)
@@ -169,7 +183,7 @@ impl MemoryHash {
     /// Page `index` now holds `data` (ignored past the end of memory);
     /// returns its hash.
     pub fn update(&mut self, index: usize, data: &[u8]) -> [u8; 32] {
-        let h = if data.iter().all(|&b| b == 0) {
+        let h = if all_zero(data) {
             self.zero_page
         } else {
             page_hash(data)
@@ -380,6 +394,18 @@ mod tests {
             _ => None,
         };
         assert_eq!(mismatched_pages(&primary, backup), vec![0x2000, 0x3000]);
+    }
+
+    #[test]
+    fn zero_pages_are_recognised_whatever_byte_is_set() {
+        let mut page = vec![0u8; PAGE_SIZE + 3];
+        assert!(all_zero(&page));
+        for i in [0, 7, 8, 4095, PAGE_SIZE + 2] {
+            page[i] = 0x80;
+            assert!(!all_zero(&page), "byte {i}");
+            page[i] = 0;
+        }
+        assert!(all_zero(&[]));
     }
 
     #[test]

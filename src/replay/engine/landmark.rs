@@ -337,6 +337,7 @@ impl Engine {
         if self.stop_asked() {
             return Ok(AtLandmark::End(ended(Ending::Stopped)));
         }
+        self.apply_test_perturbation()?;
         let mut injected = false;
         loop {
             let record = match self.take_here() {
@@ -352,16 +353,19 @@ impl Engine {
                         .get_regs()
                         .map_err(super::kvm_err("get regs"))?
                         .rip;
+                    // A different exit first: it explains a different RIP
+                    // (KVM leaves RIP on an IN until it completes, past an
+                    // OUT at once), not the other way round.
+                    if signature != self.signature.last() {
+                        return Err(self.diverged(format!(
+                            "this landmark's exit differs from the primary's (signature {} here, {} there; the primary was at RIP {rip:#x})",
+                            hex(&self.signature.last()),
+                            hex(&signature)
+                        )));
+                    }
                     if ours != rip {
                         return Err(self.diverged(format!(
                             "the primary was at RIP {rip:#x} at this landmark"
-                        )));
-                    }
-                    if signature != self.signature.last() {
-                        return Err(self.diverged(format!(
-                            "this landmark's exit differs from the primary's (signature {} here, {} there)",
-                            hex(&self.signature.last()),
-                            hex(&signature)
                         )));
                     }
                 }
@@ -458,6 +462,16 @@ impl Engine {
                 }
             }
             EndReason::HaltedForGood => {
+                // The primary ends so only at a HLT exit (not a loaded sync
+                // point, whose kvm_run still shows the exit before it).
+                let halted = self.sync_state.is_none()
+                    && self.vm.vcpu.get_kvm_run().exit_reason == kvm_bindings::KVM_EXIT_HLT;
+                if !halted {
+                    return Err(self.diverged(
+                        "the log ends with the guest halted, but this landmark is not a HLT here"
+                            .into(),
+                    ));
+                }
                 if self.vm.vcpu.get_kvm_run().if_flag != 0 {
                     return Err(self.diverged(
                         "the log ends with the guest halted with interrupts off, but they are on here".into(),

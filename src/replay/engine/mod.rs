@@ -25,6 +25,7 @@
 
 mod landmark;
 mod outputs;
+mod perturb;
 mod stop_signal;
 mod sync;
 mod traps;
@@ -39,6 +40,7 @@ use thiserror::Error;
 
 use self::landmark::AfterKick;
 pub use self::outputs::{ConsoleAndNet, FrameSender, Output, OutputSink};
+pub use self::perturb::{PerturbKind, PerturbParseError, TestPerturbation, PERTURBED_CMOS_INDEX};
 pub use self::stop_signal::StopOnSignal;
 use super::digest::{DirtyPages, LandmarkKind, LandmarkSignature, MemoryHash};
 use super::log::{CpuStateBytes, EndReason, LogWriter, Record};
@@ -416,6 +418,8 @@ pub struct Engine {
     syscall_fix: SyscallFix,
     signature: LandmarkSignature,
     memory: MemoryHash,
+    /// A replay made wrong on purpose at one landmark (tests only).
+    test_perturbation: Option<TestPerturbation>,
     /// When the current `run` began (for the report's wall time).
     run_started: Instant,
     /// The current landmark, for other threads (status, lag).
@@ -471,6 +475,7 @@ impl Engine {
             syscall_fix: SyscallFix::default(),
             signature: LandmarkSignature::default(),
             memory,
+            test_perturbation: None,
             run_started: now,
             published_landmark: Arc::default(),
         };
