@@ -417,7 +417,9 @@ pub struct Engine {
     progress: Progress,
     syscall_fix: SyscallFix,
     signature: LandmarkSignature,
-    memory: MemoryHash,
+    /// All of guest memory, hashed (roles that track dirty pages only:
+    /// computed when such a role begins, so a plain run pays nothing).
+    memory: Option<MemoryHash>,
     /// A replay made wrong on purpose at one landmark (tests only).
     test_perturbation: Option<TestPerturbation>,
     /// When the current `run` began (for the report's wall time).
@@ -446,7 +448,6 @@ impl Engine {
             what: "deadline timer",
             source,
         })?;
-        let memory = sync::memory_hash_of(&vm);
         let now = Instant::now();
         let mut engine = Engine {
             vm,
@@ -474,7 +475,7 @@ impl Engine {
             progress: Progress::new(),
             syscall_fix: SyscallFix::default(),
             signature: LandmarkSignature::default(),
-            memory,
+            memory: None,
             test_perturbation: None,
             run_started: now,
             published_landmark: Arc::default(),
@@ -487,7 +488,12 @@ impl Engine {
     /// points and digests, the backup for its whole-memory hash (so pages
     /// only the backup wrote are caught).
     fn set_role(&mut self, role: Role) -> Result<(), RunError> {
-        self.vm.set_dirty_logging(!matches!(role, Role::Live))?;
+        let tracking = !matches!(role, Role::Live);
+        self.vm.set_dirty_logging(tracking)?;
+        // After dirty logging is on: whatever changes from here is noted.
+        if tracking && self.memory.is_none() {
+            self.memory = Some(sync::memory_hash_of(&self.vm));
+        }
         self.role = role;
         Ok(())
     }

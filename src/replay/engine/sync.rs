@@ -93,6 +93,12 @@ impl Engine {
         Ok(())
     }
 
+    /// The whole-memory hash (made when a tracking role began).
+    fn memory_hash(&mut self) -> &mut MemoryHash {
+        let vm = &self.vm;
+        self.memory.get_or_insert_with(|| memory_hash_of(vm))
+    }
+
     /// Bring the whole-memory hash up to date with every page written since
     /// the last digest; returns those pages' addresses and hashes.
     fn hash_written_pages(&mut self) -> Result<Vec<PageHash>, RunError> {
@@ -105,7 +111,7 @@ impl Engine {
                 continue;
             };
             self.vm.read_ram_page(index, &mut page)?;
-            let hash = self.memory.update(index, &page);
+            let hash = self.memory_hash().update(index, &page);
             hashes.push(PageHash { gpa, hash });
         }
         Ok(hashes)
@@ -118,7 +124,7 @@ impl Engine {
             cpu: digest::cpu_hashes(&self.vm.cpu_state()?),
             devices: digest::state_hash(&self.platform.save()),
             signature: self.signature.running(),
-            memory: self.memory.root(),
+            memory: self.memory_hash().root(),
             pages,
         })
     }
@@ -171,7 +177,8 @@ impl Engine {
     /// here, or else the pages only this replica wrote.
     fn describe_memory_difference(&self, theirs: &StateDigest, ours: &StateDigest) -> String {
         let mismatched = digest::mismatched_pages(&theirs.pages, |gpa| {
-            layout::ram_page_index(self.vm.mem_bytes, gpa).and_then(|i| self.memory.page(i))
+            layout::ram_page_index(self.vm.mem_bytes, gpa)
+                .and_then(|i| self.memory.as_ref().and_then(|m| m.page(i)))
         });
         if !mismatched.is_empty() {
             let shown: Vec<String> = mismatched
