@@ -291,6 +291,10 @@ pub struct Vm {
     /// shadow page tables may differ from the primary's (see
     /// [`GuestWrite::Device`]).
     shadow_asymmetric: Cell<bool>,
+    /// A device changed guest memory since the last symmetric flush (both
+    /// replicas then share whatever stale entry it left; a sync point would
+    /// make them differ).
+    device_unflushed: Cell<bool>,
 }
 
 /// Whether a flush happens at the same point on primary and backup.
@@ -314,14 +318,18 @@ pub enum GuestWrite {
     SyncPoint,
     /// A device's DMA (a received frame, a used-ring update) into buffers
     /// the guest handed the device. Noted like `Vmm`, but KVM's shadow page
-    /// tables are dropped only while they may differ between the replicas
-    /// (a sync point since the last symmetric flush). Replay needs the
-    /// replicas to agree, not the shadow to be fresh: both start from the
-    /// same (empty) shadow and build it from the same accesses, so only a
-    /// backup's sync-point flush makes them differ, and from the first
-    /// device write after it both flush together and agree again. A guest
-    /// that hands a live page table to the NIC then sees the same (possibly
-    /// stale) translation on both replicas. The `dmaremap` guest proves it.
+    /// tables are dropped (on both replicas, at the same point) only when a
+    /// sync point and a memory-changing device write have both happened
+    /// since the last flush both made, at whichever of the two comes
+    /// second. Replay needs the replicas to agree, not the shadow to be
+    /// fresh: both start from the same (empty) shadow and build it from the
+    /// same accesses; a device write alone leaves both with the same
+    /// (possibly stale) entry, a sync point alone only makes the backup
+    /// rebuild from memory the primary's shadow still agrees with; only the
+    /// two together let the primary keep a stale entry the backup dropped.
+    /// A guest that hands a live page table to the NIC then sees the same
+    /// translation on both replicas; the `dmaremap` guest proves both
+    /// orders (docs/architecture.md, "The NIC and KVM's shadow page tables").
     Device,
 }
 
@@ -423,6 +431,7 @@ impl Vm {
             _shadow_flush_page: shadow_flush_page,
             shadow_stale: Cell::new(None),
             shadow_asymmetric: Cell::new(false),
+            device_unflushed: Cell::new(false),
             dirty_tracking: false,
             state_msrs,
             vcpu,
@@ -490,15 +499,21 @@ impl Vm {
         self.invalidate_shadow_mmu()?;
         if symmetry == Symmetry::Both {
             self.shadow_asymmetric.set(false);
+            self.device_unflushed.set(false);
         }
         Ok(true)
     }
 
     /// A sync point was made (primary) or loaded (backup): from here until
     /// the next flush both replicas make, their shadow page tables may
-    /// differ (the primary executed the stretch, the backup did not).
+    /// differ (the primary executed the stretch, the backup did not). If a
+    /// device wrote guest memory since that flush, both flush now (see
+    /// [`GuestWrite::Device`]).
     pub fn note_sync_point(&self) {
         self.shadow_asymmetric.set(true);
+        if self.device_unflushed.get() {
+            self.mark_shadow_stale(Symmetry::Both);
+        }
     }
 
     fn mark_shadow_stale(&self, symmetry: Symmetry) {
@@ -542,6 +557,8 @@ impl Vm {
             GuestWrite::Device => {
                 if self.shadow_asymmetric.get() {
                     self.mark_shadow_stale(Symmetry::Both);
+                } else {
+                    self.device_unflushed.set(true);
                 }
             }
         }
