@@ -1,18 +1,22 @@
 //! Test clients for tests, drills and benchmarks: an ICMP echo probe (raw socket,
-//! needs root; no `ping` binary required) and the client of the `counter` test
-//! guest's UDP protocol. Both create their sockets in the calling thread's
-//! network namespace (see [`super::NetNs::enter_on_thread`]).
+//! needs root; no `ping` binary required), the client of the `counter` test
+//! guest's UDP protocol, and a sender of one raw Ethernet frame (packet socket,
+//! needs root). All create their sockets in the calling thread's network
+//! namespace (see [`super::NetNs::enter_on_thread`]).
 //!
 //! The counter protocol, all integers little-endian:
 //! request `"TWCQ"` + u64 request id (12 bytes);
 //! reply `"TWCR"` + u64 request id + u64 counter value (20 bytes).
 
+use std::ffi::CString;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
+
+use super::{check_interface_name, InterfaceNameError, ETHERNET_HEADER_LEN};
 
 /// Why a probe failed (a reply that does not come in time is not an error).
 #[derive(Debug, Error)]
@@ -21,7 +25,25 @@ pub enum ProbeError {
     Io { op: &'static str, source: io::Error },
     #[error("opening a raw ICMP socket needs root or CAP_NET_RAW ({0})")]
     RawSocketDenied(io::Error),
+    #[error("opening a packet socket needs root or CAP_NET_RAW ({0})")]
+    PacketSocketDenied(io::Error),
+    #[error(transparent)]
+    InterfaceName(#[from] InterfaceNameError),
+    #[error("no network interface named {0:?} in this network namespace")]
+    NoSuchInterface(String),
+    #[error("a raw frame must be {ETHERNET_HEADER_LEN} to {MAX_RAW_FRAME} bytes (an Ethernet header, no FCS); this one has {0}")]
+    FrameLength(usize),
+    #[error("sending a raw frame on {ifname}: the kernel took {sent} of its {len} bytes")]
+    ShortSend {
+        ifname: String,
+        sent: usize,
+        len: usize,
+    },
 }
+
+/// The longest frame [`send_raw_frame`] sends: a 1500-byte payload behind an
+/// Ethernet header (no FCS), what an interface with the default MTU takes.
+pub const MAX_RAW_FRAME: usize = 1514;
 
 fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> ProbeError {
     move |source| ProbeError::Io { op, source }
@@ -250,6 +272,83 @@ pub fn icmp_ping(
         }
     }
     Ok(None)
+}
+
+/// Send `frame` (a whole Ethernet frame: destination, source, EtherType, payload;
+/// no FCS) out of interface `ifname` exactly as given, through an `AF_PACKET`
+/// raw socket in the calling thread's network namespace. On a TAP the frame
+/// goes to whoever holds the TAP open (the guest's NIC). The interface must be
+/// up. Needs root or CAP_NET_RAW.
+pub fn send_raw_frame(ifname: &str, frame: &[u8]) -> Result<(), ProbeError> {
+    check_interface_name(ifname)?;
+    if !(ETHERNET_HEADER_LEN..=MAX_RAW_FRAME).contains(&frame.len()) {
+        return Err(ProbeError::FrameLength(frame.len()));
+    }
+    let name = CString::new(ifname).map_err(|_| ProbeError::NoSuchInterface(ifname.into()))?;
+    // SAFETY: if_nametoindex reads the NUL-terminated string `name` owns and
+    // keeps no pointer to it.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(ProbeError::NoSuchInterface(ifname.into()));
+    }
+    // Protocol 0: the socket sends only and is handed no received frame.
+    // SAFETY: socket(2) takes no pointers; the result is checked below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EPERM | libc::EACCES) => ProbeError::PacketSocketDenied(e),
+            _ => ProbeError::Io {
+                op: "opening a packet socket",
+                source: e,
+            },
+        });
+    }
+    // SAFETY: `fd` is a new socket nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut addr = packet_address(index);
+    addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+    // SAFETY: sendto reads `frame.len()` bytes from `frame` and
+    // `size_of::<sockaddr_ll>()` bytes from `addr`, both alive for the call;
+    // `socket` is an open descriptor.
+    let sent = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            std::ptr::from_ref(&addr).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(ProbeError::Io {
+            op: "sending a raw frame",
+            source: io::Error::last_os_error(),
+        });
+    }
+    if sent as usize != frame.len() {
+        return Err(ProbeError::ShortSend {
+            ifname: ifname.into(),
+            sent: sent as usize,
+            len: frame.len(),
+        });
+    }
+    Ok(())
+}
+
+/// A link-layer address for sending on interface `index` (`sll_addr` is
+/// filled in by the caller).
+fn packet_address(index: libc::c_uint) -> libc::sockaddr_ll {
+    libc::sockaddr_ll {
+        sll_family: libc::AF_PACKET as libc::c_ushort,
+        sll_protocol: 0,
+        sll_ifindex: index as libc::c_int,
+        sll_hatype: 0,
+        sll_pkttype: 0,
+        sll_halen: 6,
+        sll_addr: [0; 8],
+    }
 }
 
 #[cfg(test)]
