@@ -1,0 +1,3 @@
+//! Fault tolerance: the primary/backup pair and its failover drills.
+
+pub mod drill;
