@@ -44,6 +44,9 @@ pub struct ClusterOptions {
     /// Generate a key into the temp dir and run every node with `--key-file`
     /// (the default: the path deployments use); `false` runs the unprotected mode.
     pub authenticate: bool,
+    /// Where each node listens (`host:port`, one per node); empty: a free
+    /// loopback port each. Drills use it to put the nodes on a namespace's LAN.
+    pub listen_addrs: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -55,6 +58,7 @@ impl Default for ClusterOptions {
             allow_fault_injection: true,
             cluster_id: "twinvm-local".into(),
             authenticate: true,
+            listen_addrs: Vec::new(),
         }
     }
 }
@@ -108,8 +112,20 @@ impl LocalCluster {
             key.save_new(&path).context("writing the cluster key")?;
             cluster.key = Some((key, path));
         }
+        if !cluster.opts.listen_addrs.is_empty()
+            && cluster.opts.listen_addrs.len() as u64 != cluster.opts.nodes
+        {
+            bail!(
+                "{} listen addresses for {} nodes",
+                cluster.opts.listen_addrs.len(),
+                cluster.opts.nodes
+            );
+        }
         for id in 1..=cluster.opts.nodes {
-            let addr = free_port_addr()?;
+            let addr = match cluster.opts.listen_addrs.get((id - 1) as usize) {
+                Some(addr) => addr.clone(),
+                None => free_port_addr()?,
+            };
             cluster.peers.insert(id, addr.clone());
             cluster.add_proc(id, addr, false);
         }

@@ -1,6 +1,7 @@
 //! The `twinvm` command line.
 
 mod demo;
+mod drill;
 pub mod pair;
 mod replay;
 mod run;
@@ -10,6 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub use drill::DrillArgs;
 pub use pair::{BackupArgs, PrimaryArgs, StatusArgs};
 pub use replay::{RecordArgs, ReplayArgs};
 pub use run::RunArgs;
@@ -42,6 +44,9 @@ pub enum Command {
     /// The arbiter: a Raft-replicated test-and-set service (serve, tas, reset, get, status, selftest, ...).
     #[command(subcommand)]
     Arbiter(arbiter::cli::ArbiterCommand),
+    /// Failover drills: kill the primary or backup, cut the logging link, or kill the arbiter's
+    /// leader, and report who went live, the failover time, lost requests and split-brain.
+    Drill(DrillArgs),
     /// Boot the embedded test guests, then record the `storm` guest and replay it to an identical state.
     Demo,
     /// List the test guests embedded in this binary (use them as `--kernel builtin:NAME`).
@@ -85,6 +90,7 @@ pub fn main() -> ExitCode {
                 };
                 arbiter::cli::run_with_launcher(cmd, launcher)
             }),
+        Command::Drill(args) => drill::drill(&args),
         Command::Demo => demo::demo(),
         Command::Guests => {
             for name in crate::guests::names() {

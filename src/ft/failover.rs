@@ -18,6 +18,8 @@
 //! ("<node>/primary", "<node>/backup"), so two nodes configured with the
 //! same name (network namespaces share a host name) still cannot both win.
 
+#![forbid(unsafe_code)]
+
 use std::collections::VecDeque;
 use std::fmt;
 use std::time::Duration;

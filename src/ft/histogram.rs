@@ -5,6 +5,8 @@
 //! the maximum is exact. Memory is constant (504 counters) however many
 //! values are recorded.
 
+#![forbid(unsafe_code)]
+
 use std::time::Duration;
 
 use serde::Serialize;

@@ -9,6 +9,9 @@
 //! - [`output`]: the output rule: [`HeldOutputs`] (primary) and [`ShadowOutputs`] (backup).
 //! - [`failover`]: [`Failover`], the per-side state machine that asks the
 //!   arbiter and decides who goes on.
+//! - [`node`]: the I/O edge (`twinvm primary`, `twinvm backup`, `twinvm status`).
+//! - [`drill`]: failover drills (`twinvm drill`): the local topology, the
+//!   client, the verdict.
 //!
 //! How the I/O edge drives them (the order matters):
 //!
@@ -45,8 +48,7 @@
 //!    → the engine reports `LogExhausted{landmark}` at the end of what it
 //!    has; `Promote` → `take_for_go_live`, write them, unmute, run live.
 
-#![forbid(unsafe_code)]
-
+pub mod drill;
 pub mod failover;
 pub mod histogram;
 pub mod link;

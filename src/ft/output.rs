@@ -18,6 +18,8 @@
 //! the world can see twice are those of landmarks in (released seen by the
 //! backup, released by the primary].
 
+#![forbid(unsafe_code)]
+
 use std::collections::VecDeque;
 use std::time::Duration;
 

@@ -10,6 +10,8 @@
 //! primary 0x81..0x85), so a message can never be mistaken for one of the
 //! other direction.
 
+#![forbid(unsafe_code)]
+
 use thiserror::Error;
 
 /// Version of this protocol; a backup refuses a Hello with another one.

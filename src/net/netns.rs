@@ -284,24 +284,40 @@ fn namespace_names(listing: &str) -> Vec<&str> {
         .collect()
 }
 
+/// Namespaces made by [`NetNs::create`] with `prefix` whose creating process
+/// no longer runs (killed before it could drop them).
+pub fn stale_names(prefix: &str) -> Result<Vec<String>, NetNsError> {
+    check_prefix(prefix)?;
+    let listing = ip(["netns", "list"])?;
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    Ok(namespace_names(&listing)
+        .into_iter()
+        .filter(|name| {
+            creator_pid(name, prefix)
+                .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+        })
+        .map(str::to_owned)
+        .collect())
+}
+
+/// The processes inside namespace `name` (`ip netns pids`).
+pub fn pids_in(name: &str) -> Result<Vec<u32>, NetNsError> {
+    let out = ip(["netns", "pids", name])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect())
+}
+
 /// Delete namespaces made by [`NetNs::create`] with `prefix` whose creating
 /// process no longer runs (killed before it could drop them). Namespaces of
 /// running processes, this one included, are left alone. Returns the names deleted.
 pub fn cleanup_stale(prefix: &str) -> Result<Vec<String>, NetNsError> {
-    check_prefix(prefix)?;
-    let listing = ip(["netns", "list"])?;
-    let listing = String::from_utf8_lossy(&listing.stdout);
     let mut deleted = Vec::new();
-    for name in namespace_names(&listing) {
-        let Some(pid) = creator_pid(name, prefix) else {
-            continue;
-        };
-        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            continue;
-        }
-        ip(["netns", "delete", name])?;
-        debug!(netns = name, pid, "deleted stale network namespace");
-        deleted.push(name.to_owned());
+    for name in stale_names(prefix)? {
+        ip(["netns", "delete", &name])?;
+        debug!(netns = %name, "deleted stale network namespace");
+        deleted.push(name);
     }
     Ok(deleted)
 }

@@ -19,6 +19,8 @@
 //! `poll_transmit` (a refusal, Bye or Diverged may still be queued), then
 //! close the socket.
 
+#![forbid(unsafe_code)]
+
 mod backup;
 mod channel;
 mod primary;

@@ -8,6 +8,8 @@
 //! the failover machine), a socket reader, an arbiter client, the control
 //! socket server, and the TAP and timer threads of the engine.
 
+#![forbid(unsafe_code)]
+
 mod backup;
 mod feed;
 mod primary;
