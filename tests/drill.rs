@@ -505,27 +505,24 @@ fn drill_pair(kind: DrillKind, n: usize) -> Vec<DrillReport> {
 }
 
 #[test]
-#[ignore = "needs `twinvm primary`/`twinvm backup` (the pair CLI): remove on merge"]
 fn kill_primary_drill() {
-    let reports = drill_pair(DrillKind::KillPrimary, repeats("TWINVM_DRILL_REPEAT", 1));
+    let reports = drill_pair(DrillKind::KillPrimary, repeats("TWINVM_DRILL_REPEAT", 5));
     for r in reports {
         assert_eq!(r.verdict.went_live.as_deref(), Some("hostB"));
     }
 }
 
 #[test]
-#[ignore = "needs `twinvm primary`/`twinvm backup` (the pair CLI): remove on merge"]
 fn kill_backup_drill() {
-    let reports = drill_pair(DrillKind::KillBackup, repeats("TWINVM_DRILL_REPEAT", 1));
+    let reports = drill_pair(DrillKind::KillBackup, repeats("TWINVM_DRILL_REPEAT", 5));
     for r in reports {
         assert_eq!(r.verdict.went_live.as_deref(), Some("hostA"));
     }
 }
 
 #[test]
-#[ignore = "needs `twinvm primary`/`twinvm backup` (the pair CLI): remove on merge"]
 fn partition_drill() {
-    for r in drill_pair(DrillKind::Partition, repeats("TWINVM_DRILL_REPEAT", 1)) {
+    for r in drill_pair(DrillKind::Partition, repeats("TWINVM_DRILL_REPEAT", 5)) {
         // Exactly one side goes on; the other stopped on losing the arbitration.
         let losers: Vec<_> = r.pair.sides.iter().filter(|s| !s.serving()).collect();
         assert_eq!(losers.len(), 1, "{}", r.to_text());
@@ -534,16 +531,14 @@ fn partition_drill() {
 }
 
 #[test]
-#[ignore = "needs `twinvm primary`/`twinvm backup` (the pair CLI): remove on merge"]
 fn arbiter_leader_drill() {
-    let reports = drill_pair(DrillKind::ArbiterLeader, repeats("TWINVM_DRILL_REPEAT", 1));
+    let reports = drill_pair(DrillKind::ArbiterLeader, repeats("TWINVM_DRILL_REPEAT", 5));
     for r in reports {
         assert_eq!(r.verdict.went_live.as_deref(), Some("hostB"));
     }
 }
 
 #[test]
-#[ignore = "needs `twinvm primary`/`twinvm backup` (the pair CLI): remove on merge"]
 fn kill_primary_against_an_existing_pair() {
     // A pair started by the library's local set-up, drilled through its
     // control sockets as an operator would.

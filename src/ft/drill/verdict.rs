@@ -66,6 +66,12 @@ pub struct SideOutcome {
 }
 
 impl SideOutcome {
+    /// How the arbiter records this side when it wins: "node/role"
+    /// (`FailoverConfig::requester`).
+    pub fn arbiter_name(&self) -> String {
+        format!("{}/{}", self.node, self.role)
+    }
+
     /// Serving the guest alone at the end of the drill.
     pub fn serving(&self) -> bool {
         self.running
@@ -328,9 +334,9 @@ fn split_brain(pair: &PairOutcome) -> Check {
         }
     }
     match (&pair.arbiter_holder, serving.as_slice()) {
-        (Some(Some(holder)), [one]) if holder != &one.node => problems.push(format!(
+        (Some(Some(holder)), [one]) if holder != &one.arbiter_name() => problems.push(format!(
             "the arbiter names {holder} as the holder, but {} serves",
-            one.node
+            one.arbiter_name()
         )),
         (Some(None), [one]) => problems.push(format!(
             "{} serves but the arbiter records no holder",
@@ -484,7 +490,7 @@ mod tests {
                 killed("hostA", "primary"),
                 serving("hostB", "backup", "live"),
             ],
-            Some("hostB"),
+            Some("hostB/backup"),
         );
         let expect = Expectation::for_drill(DrillKind::KillPrimary, "hostA", "hostB");
         let v = judge(&a, &p, &expect, Limits::default());
@@ -511,7 +517,7 @@ mod tests {
                 killed("hostA", "primary"),
                 serving("hostB", "backup", "live"),
             ],
-            Some("hostB"),
+            Some("hostB/backup"),
         );
         let expect = Expectation::Survivor("hostB".into());
         let v = judge(&a, &p, &expect, Limits::default());
@@ -533,7 +539,7 @@ mod tests {
                 serving("hostA", "primary", "alone"),
                 lost_arbitration("hostB", "backup"),
             ],
-            Some("hostA"),
+            Some("hostA/primary"),
         );
         let v = judge(
             &a,
@@ -560,7 +566,7 @@ mod tests {
                 serving("hostA", "primary", "alone"),
                 serving("hostB", "backup", "live"),
             ],
-            Some("hostB"),
+            Some("hostB/backup"),
         );
         let v = judge(&a, &p, &Expectation::EitherSide, Limits::default());
         assert_eq!(failed(&v), ["no split-brain", "who went live"]);
@@ -584,7 +590,7 @@ mod tests {
         loser.exit_code = Some(1);
         let p = pair(
             vec![loser, serving("hostB", "backup", "live")],
-            Some("hostB"),
+            Some("hostB/backup"),
         );
         let v = judge(&a, &p, &Expectation::EitherSide, Limits::default());
         assert_eq!(failed(&v), ["no split-brain"]);
@@ -602,7 +608,7 @@ mod tests {
         };
         let p = pair(
             vec![stuck, serving("hostB", "backup", "live")],
-            Some("hostB"),
+            Some("hostB/backup"),
         );
         let v = judge(&a, &p, &Expectation::EitherSide, Limits::default());
         assert_eq!(failed(&v), ["no split-brain"]);
@@ -622,7 +628,7 @@ mod tests {
         ];
         let v = judge(
             &a,
-            &pair(sides.clone(), Some("hostA")),
+            &pair(sides.clone(), Some("hostA/primary")),
             &Expectation::EitherSide,
             Limits::default(),
         );
@@ -691,7 +697,7 @@ mod tests {
                 killed("hostA", "primary"),
                 serving("hostB", "backup", "live"),
             ],
-            Some("hostB"),
+            Some("hostB/backup"),
         );
         let expect = Expectation::Survivor("hostB".into());
         let tight = Limits {

@@ -241,7 +241,13 @@ pub fn run_backup(cfg: PairConfig, guest: GuestSetup, listen: &str) -> Result<i3
             Err(RunError::Divergence { landmark, detail }) => {
                 MainNews::Diverged { landmark, detail }
             }
-            Err(e) => break Err(anyhow!(e).context("replaying the primary's log")),
+            Err(e) => {
+                let _ = main_tx.send(MainNews::Ended {
+                    code: EXIT_ERROR,
+                    message: format!("the replica failed: {e}"),
+                });
+                break Err(anyhow!(e).context("replaying the primary's log"));
+            }
         };
         let exhausted = matches!(news, MainNews::LogExhausted { .. });
         let _ = main_tx.send(news);
@@ -292,7 +298,16 @@ pub fn run_backup(cfg: PairConfig, guest: GuestSetup, listen: &str) -> Result<i3
     };
     stopping.store(true, Ordering::Relaxed);
     let _ = link_thread.join();
-    outcome?;
+    match outcome {
+        // The link thread decided first (lost the arbitration): the
+        // engine's error came from being stopped.
+        Err(e) if code != EXIT_ERROR => tracing::debug!("the engine stopped with: {e:#}"),
+        Err(e) => return Err(e),
+        Ok(()) => {}
+    }
+    if code == EXIT_ERROR {
+        bail!("{message}");
+    }
     eprintln!("twinvm backup: {message}");
     Ok(code)
 }

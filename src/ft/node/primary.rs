@@ -237,8 +237,17 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
     };
     stopping.store(true, Ordering::Relaxed);
     let _ = link_thread.join();
-    if let Err(e) = outcome {
-        return Err(anyhow!(e).context("running the guest"));
+    match outcome {
+        // The link thread decided (lost the arbitration, the pair ended):
+        // an engine cut off from its log meanwhile is part of that stop.
+        Err(e) if code != EXIT_ERROR => {
+            tracing::debug!("the engine stopped with: {e}");
+        }
+        Err(e) => return Err(anyhow!(e).context("running the guest")),
+        Ok(_) => {}
+    }
+    if code == EXIT_ERROR {
+        bail!("{message}");
     }
     eprintln!("twinvm primary: {message}");
     Ok(code)
