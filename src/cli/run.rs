@@ -14,6 +14,7 @@ use crossbeam_channel::Sender;
 use super::size::parse_size;
 use crate::devices::Platform;
 use crate::guests::{self, BUILTIN_PREFIX};
+use crate::vmm::boot::{self, PreparedKernel};
 use crate::vmm::{self, Control, Ending, Kicker, RunReport, Vm, VmConfig};
 
 /// Arguments of `twinvm run` (shared by later subcommands that boot a guest).
@@ -144,19 +145,36 @@ impl Drop for StopOnSignal {
 /// A guest ready to boot: its configuration and where its console goes.
 pub struct VmSession {
     pub config: VmConfig,
+    /// The kernel as it is loaded (a bzImage's kernel taken out, traps planted).
+    pub kernel: PreparedKernel,
     /// Wall-clock time the guest's RTC starts from.
     pub boot_unix_secs: u64,
     args: RunArgs,
 }
 
 impl VmSession {
-    /// Read the kernel and initrd named in `args`.
+    /// Read the kernel and initrd named in `args`, and prepare the kernel.
     pub fn new(args: &RunArgs, boot_unix_secs: u64) -> Result<Self> {
+        let config = args.vm_config()?;
+        let kernel = boot::prepare_kernel(&config.kernel_name, &config.kernel)?;
         Ok(VmSession {
-            config: args.vm_config()?,
+            config,
+            kernel,
             boot_unix_secs,
             args: args.clone(),
         })
+    }
+
+    /// Refuse a kernel whose recording could not be replayed (`record` and
+    /// `replay` call this before anything else).
+    pub fn require_replayable(&self) -> Result<()> {
+        match &self.kernel.not_replayable {
+            Some(why) => bail!(
+                "{}: cannot be recorded and replayed: {why}",
+                self.args.kernel
+            ),
+            None => Ok(()),
+        }
     }
 
     /// Build the VM and run it on this thread in `mode`, pinned to
@@ -168,7 +186,13 @@ impl VmSession {
         mode: vmm::Mode<'_>,
         host_cpu: Option<u32>,
     ) -> Result<RunReport> {
-        let mut vm = Vm::create(&self.config)
+        if let (vmm::Mode::Live, Some(why)) = (&mode, &self.kernel.not_replayable) {
+            tracing::warn!(
+                "{}: {why} (`run` boots it; `record` refuses it)",
+                self.args.kernel
+            );
+        }
+        let mut vm = Vm::create_with_kernel(&self.config, &self.kernel)
             .with_context(|| format!("building the VM for {}", self.args.kernel))?;
         tracing::info!(entry = format_args!("{:#x}", vm.kernel.entry), kind = ?vm.kernel.kind, "kernel loaded");
         let mut platform = Platform::new(self.args.serial_sink()?, self.boot_unix_secs);

@@ -1,6 +1,7 @@
 //! The KVM edge: guest memory, the vCPU loop, CPUID, boot and the emulation fallback.
 
 pub mod boot;
+pub mod bzimage;
 pub mod cpuid;
 pub mod emulate;
 pub mod guest_cpu;
