@@ -1,5 +1,6 @@
 //! Builds the test guests in guest-images/ with GNU as and ld, and embeds
-//! them in the twinvm binary (`--kernel builtin:NAME`).
+//! them in the twinvm binary (`--kernel builtin:NAME`) with the one-line
+//! description each guest's first line gives (`# NAME: description`).
 
 use std::env;
 use std::fmt::Write as _;
@@ -11,6 +12,24 @@ fn run(cmd: &mut Command, what: &str) {
         .status()
         .unwrap_or_else(|e| panic!("cannot run {what} ({cmd:?}): {e}; install binutils"));
     assert!(status.success(), "{what} failed: {cmd:?}");
+}
+
+/// The guest's one-line description: its first line must read
+/// `# NAME: description`.
+fn description(path: &Path, name: &str) -> String {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let first = text.lines().next().unwrap_or("");
+    let description = first
+        .strip_prefix(&format!("# {name}: "))
+        .map(str::trim)
+        .unwrap_or("");
+    assert!(
+        !description.is_empty(),
+        "{}: the first line must be `# {name}: one-line description`, found {first:?}",
+        path.display()
+    );
+    description.to_string()
 }
 
 fn main() {
@@ -28,9 +47,12 @@ fn main() {
         .map(|n| n.trim_end_matches(".S").to_string())
         .collect();
     names.sort();
-    let mut table = String::from("/// Test guests built from guest-images/ (name, ELF image).\npub const GUESTS: &[(&str, &[u8])] = &[\n");
+    let mut table = String::from(
+        "/// Test guests built from guest-images/.\npub const GUESTS: &[Guest] = &[\n",
+    );
     for name in &names {
         println!("cargo:rerun-if-changed=guest-images/{name}.S");
+        let description = description(&src.join(format!("{name}.S")), name);
         let obj = out.join(format!("{name}.o"));
         let elf = out.join(format!("{name}.elf"));
         run(
@@ -63,7 +85,7 @@ fn main() {
         );
         writeln!(
             table,
-            "    ({name:?}, include_bytes!({:?})),",
+            "    Guest {{ name: {name:?}, description: {description:?}, image: include_bytes!({:?}) }},",
             elf.display().to_string()
         )
         .unwrap();

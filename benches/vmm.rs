@@ -14,7 +14,13 @@ use crossbeam_channel::Sender;
 
 use twinvm::devices::Platform;
 use twinvm::guests;
-use twinvm::vmm::{self, Kicker, RunReport, Vm, VmConfig};
+use twinvm::replay::engine::{
+    Connections, ConsoleAndNet, Control, Ending, Engine, Inputs, RecordSettings, Role, RunReport,
+};
+use twinvm::vmm::{Kicker, Vm, VmConfig};
+
+/// What to type once the marker is seen, where to type it, and whom to wake.
+type Reply = (&'static [u8], Sender<Vec<u8>>, Kicker);
 
 /// Serial sink that notes when a marker first appears in the output, and
 /// types `reply` at the console once the marker is seen (as a user would,
@@ -23,7 +29,7 @@ struct MarkerWatch {
     marker: &'static [u8],
     seen: Vec<u8>,
     at: Arc<Mutex<Option<Instant>>>,
-    reply: Option<(&'static [u8], Sender<vmm::Control>, Kicker)>,
+    reply: Option<Reply>,
 }
 
 impl Write for MarkerWatch {
@@ -38,7 +44,7 @@ impl Write for MarkerWatch {
         {
             *at = Some(Instant::now());
             if let Some((bytes, tx, kicker)) = self.reply.take() {
-                let _ = tx.send(vmm::Control::SerialInput(bytes.to_vec()));
+                let _ = tx.send(bytes.to_vec());
                 kicker.kick();
             }
         }
@@ -62,29 +68,52 @@ fn boot(name: &str, marker: &'static str, reply: Option<&'static [u8]>) -> (Dura
     };
     let at = Arc::new(Mutex::new(None));
     let start = Instant::now();
-    let mut vm = Vm::create(&config).expect("create VM");
-    let kicker = Kicker::for_current_thread().expect("kicker");
-    let (tx, rx) = crossbeam_channel::unbounded();
+    let vm = Vm::create(&config).expect("create VM");
+    let kicker = Kicker::new();
+    let (tx, rx) = crossbeam_channel::bounded(4);
+    let (serial_tx, serial_rx) = crossbeam_channel::bounded(4);
     let sink = MarkerWatch {
         marker: marker.as_bytes(),
         seen: Vec::new(),
         at: at.clone(),
-        reply: reply.map(|r| (r, tx.clone(), kicker)),
+        reply: reply.map(|r| (r, serial_tx, kicker.clone())),
     };
-    let mut platform = Platform::new(sink, 0);
+    let platform = Platform::new(Vec::new(), 0);
+    let inputs = Inputs {
+        control: rx,
+        serial: Some(serial_rx),
+        net: None,
+    };
+    let outputs = Box::new(ConsoleAndNet {
+        console: Box::new(sink),
+        net: None,
+    });
+    let mut engine = Engine::new(
+        vm,
+        platform,
+        Connections {
+            inputs,
+            outputs,
+            kicker: kicker.clone(),
+        },
+        Role::Live,
+        RecordSettings::default(),
+        None,
+    )
+    .expect("engine");
     let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
     let watchdog = std::thread::spawn(move || {
         if done_rx.recv_timeout(WATCHDOG).is_err() {
-            let _ = tx.send(vmm::Control::Stop);
+            let _ = tx.send(Control::Stop);
             kicker.kick();
         }
     });
-    let report = vmm::run(&mut vm, &mut platform, &rx, kicker, vmm::Mode::Live, None).expect("run");
+    let report = engine.run().expect("run");
     drop(done_tx);
     watchdog.join().unwrap();
     assert_ne!(
-        report.ending,
-        vmm::Ending::Stopped,
+        report.ending(),
+        Some(Ending::Stopped),
         "{name} did not finish within {WATCHDOG:?}"
     );
     let marker_at = at.lock().unwrap().expect("marker seen");

@@ -1,4 +1,6 @@
-# avxuser: a user-mode loop that keeps its state in YMM upper halves (AVX2)
+# avxuser: user-mode loop with live AVX/AVX-512 state under a 1 kHz timer
+#
+# A user-mode loop that keeps its state in YMM upper halves (AVX2)
 # and, where available, ZMM16-17 and opmask k1 (AVX-512), under a 1 kHz
 # timer, so sync points land while that state is live. On hosts where KVM
 # emulates only guest kernel code, user mode runs natively with the host's

@@ -1,4 +1,6 @@
-# badinsn: executes, in kernel mode, an AVX instruction that KVM's emulator
+# badinsn: an AVX instruction at CPL0, which the emulation fallback refuses
+#
+# Executes, in kernel mode, an AVX instruction that KVM's emulator
 # does not implement on the development hosts and twinvm's fallback refuses
 # (the VM's CPU model has no AVX). twinvm must stop with RIP, bytes and
 # disassembly.

@@ -1,4 +1,6 @@
-# cpuiduser: CPUID leaves 1 and 0xB from user mode, stored in memory and
+# cpuiduser: CPUID leaves 1 and 0xB from user mode, stored and printed
+#
+# CPUID leaves 1 and 0xB from user mode, stored in memory and
 # printed. On hosts where KVM emulates only guest kernel code, user-mode
 # CPUID runs natively and reports the APIC ID of the host CPU the vCPU
 # thread is on (leaf 1 EBX[31:24], leaf 0xB EDX); record and replay pin the

@@ -1,4 +1,6 @@
-# echo: echoes UART input back using receive interrupts (IRQ4); a 'q' ends
+# echo: echoes serial input using receive interrupts; 'q' ends
+#
+# Echoes UART input back using receive interrupts (IRQ4); a 'q' ends
 # the session.
 .include "rt.S"
 

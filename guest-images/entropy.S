@@ -1,4 +1,6 @@
-# entropy: RDRAND and RDSEED in kernel mode, which reach the VMM on hosts
+# entropy: RDRAND and RDSEED at CPL0, performed and logged by twinvm
+#
+# RDRAND and RDSEED in kernel mode, which reach the VMM on hosts
 # where KVM emulates guest kernel code. twinvm performs them on the host and
 # logs the value, so a replay gets the same numbers. Prints the four values
 # and how many reported success (CF=1), then powers off.

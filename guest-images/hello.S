@@ -1,4 +1,6 @@
-# hello: prints from kernel and user mode, exercises the emulation fallback
+# hello: prints from kernel and user mode; int3 and popcnt at CPL0
+#
+# Prints from kernel and user mode, exercises the emulation fallback
 # (int3 and popcnt at CPL0 fail in KVM's emulator on the development hosts
 # and are finished by twinvm), then powers off.
 .include "rt.S"

@@ -1,4 +1,6 @@
-# portio: a port-I/O-heavy guest for the exit-rate benchmark: writes the POST
+# portio: port writes from kernel mode, one exit each (exit-rate benchmark)
+#
+# A port-I/O-heavy guest for the exit-rate benchmark: writes the POST
 # port 0x80 EXITS times from kernel mode, one exit to the VMM each. (User
 # mode with IOPL 3 would be faster but takes #GP on the development hosts.)
 .include "rt.S"

@@ -1,4 +1,6 @@
-# rdtscuser: reads the TSC in user mode, where it cannot be trapped on these
+# rdtscuser: TSC reads in user mode, which replay must report as divergence
+#
+# Reads the TSC in user mode, where it cannot be trapped on these
 # hosts, and stores the values in memory. Record and replay see different
 # values, so replay must report divergence through the digests: this guest
 # proves the detector works and must never replay as identical.

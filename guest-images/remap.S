@@ -1,4 +1,6 @@
-# remap: a user-mode (CPL3) loop that moves one 2 MiB virtual window between
+# remap: user mode moves a 2 MiB window by rewriting its page-directory entry
+#
+# A user-mode (CPL3) loop that moves one 2 MiB virtual window between
 # two physical pages by rewriting its page-directory entry (the identity
 # map's tables are user-writable), flushes the TLB entry through a system
 # call, and folds what it reads through the window into a hash, under a

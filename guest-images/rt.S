@@ -18,6 +18,8 @@
 #
 # Guest contract: define `kmain` (kernel mode, IF=0, called once).
 # Calling convention: System V (rdi, rsi, rdx, rcx; rax returns).
+# The VMM's Linux boot_params pointer (RSI at entry) is kept in
+# rt_boot_params; rt_cmdline returns the kernel command line.
 
 .intel_syntax noprefix
 .code64
@@ -34,6 +36,7 @@
 .set SYS_SETGS, 2               # IA32_KERNEL_GS_BASE = rdi (a WRMSR, no exit)
 .set SYS_INVLPG, 3              # invlpg [rdi]: flush one TLB entry after a PTE change
 .set SYS_INB, 4                 # rax = byte read from I/O port rdi (a landmark)
+.set SYS_WAIT, 5                # halt until an interrupt unless the u64 at [rdi] != rsi
 .set MSR_KERNEL_GS_BASE, 0xc0000102
 
 # Frame built by isr_common: 15 saved registers, then vector, error code and
@@ -49,6 +52,7 @@
 .global _start
 _start:
     cli
+    mov [rip + rt_boot_params], rsi
     lea rsp, [rip + kstack_top]
     call rt_init
     call kmain
@@ -236,6 +240,8 @@ rt_breakpoint:
     je 5f
     cmp rax, SYS_INB
     je 6f
+    cmp rax, SYS_WAIT
+    je 7f
     cmp rax, SYS_WRITE
     jne 3f
     push rsi
@@ -262,10 +268,32 @@ rt_breakpoint:
     movzx eax, al
     mov [rsi + FRAME_RAX], rax
     ret
+7:  # Wait: the caller read the counter at [rdi] (which its interrupt
+    # handler bumps) as rsi before finding nothing to do. Interrupts are
+    # off here, so comparing now and then `sti; hlt` (the interrupt shadow
+    # holds any pending interrupt until hlt) loses no wake-up.
+    mov rdi, [rsi + FRAME_RDI]
+    mov rax, [rsi + FRAME_RSI]
+    cmp [rdi], rax
+    jne 8f
+    sti
+    hlt
+    cli
+8:  mov qword ptr [rsi + FRAME_RAX], 0
+    ret
 2:  # The user program finished: back on the kernel stack, interrupts off.
     mov rdi, [rsi + FRAME_RDI]
     lea rsp, [rip + kstack_top]
     jmp user_exited
+
+# rt_cmdline: rax = the kernel command line (NUL-terminated), 0 if none.
+.global rt_cmdline
+rt_cmdline:
+    mov rax, [rip + rt_boot_params]
+    test rax, rax
+    jz 1f
+    mov eax, [rax + 0x228]          # boot_params.hdr.cmd_line_ptr
+1:  ret
 
 # ---- serial output (COM1, polled) --------------------------------------
 .global rt_putc
@@ -503,6 +531,8 @@ null_idtr:
     .quad 0
 .global rt_kernel_breakpoints
 rt_kernel_breakpoints: .quad 0
+.global rt_boot_params
+rt_boot_params: .quad 0
 
 .bss
 .balign 4096

@@ -1,4 +1,6 @@
-# storm: makes exact replay hard. User mode runs long compute loops with no
+# storm: long user-mode loops under timer and serial interrupts (hard replay)
+#
+# Makes exact replay hard. User mode runs long compute loops with no
 # exits (hundreds of ms each) while the PIT interrupts at 1 kHz and serial
 # input arrives whenever it is typed. Every interrupt records the user loop's
 # counter (from the interrupted register frame) and folds it into a hash, so

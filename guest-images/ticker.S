@@ -1,4 +1,6 @@
-# ticker: programs PIT channel 0 at 1 kHz and counts timer interrupts while a
+# ticker: 1 kHz PIT interrupts over a user-mode compute loop
+#
+# Programs PIT channel 0 at 1 kHz and counts timer interrupts while a
 # user-mode (CPL3) loop computes with no exits; prints both counts. Every
 # 2^18 rounds the loop has the kernel put its state (made canonical) in
 # IA32_KERNEL_GS_BASE:

@@ -1,4 +1,6 @@
-# triplefault: says so, then loads an empty IDT and raises #UD, which
+# triplefault: triple-faults on purpose; twinvm must exit non-zero
+#
+# Says so, then loads an empty IDT and raises #UD, which
 # escalates to a triple fault. twinvm must report it and exit non-zero.
 .include "rt.S"
 

@@ -10,6 +10,8 @@ command -v as >/dev/null 2>&1 || missing+=(binutils)
 command -v cc >/dev/null 2>&1 || missing+=(gcc)
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+# `ip` (network namespaces, TAP and veth devices in the network tests).
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 # Unicorn's -sys crate generates its bindings with bindgen, which needs libclang.
 dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
 if ((${#missing[@]})); then

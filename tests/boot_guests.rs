@@ -131,6 +131,55 @@ fn echo_returns_serial_input_through_rx_interrupts() {
 }
 
 #[test]
+fn counter_reads_its_command_line_and_powers_off_without_a_device() {
+    // twinvm has no virtio-net device unless asked for one: the guest names
+    // the configuration it parsed, then powers off instead of waiting.
+    let counter = |cmdline: Option<&str>| {
+        let mut args = vec!["run", "--kernel", "builtin:counter", "--mem", "32M"];
+        if let Some(c) = cmdline {
+            args.extend(["--cmdline", c]);
+        }
+        let out = run_to_end(&args, TIMEOUT);
+        assert!(out.status.success(), "{out:?}");
+        assert!(out.stderr.contains("guest powered off"), "{}", out.stderr);
+        out.stdout
+    };
+    assert_eq!(
+        counter(Some("console=ttyS0 ip=10.1.2.3 port=99 max=5 myip=1.1.1.1")),
+        "counter: no virtio-net device (ip=10.1.2.3 port=99 max=5)\n"
+    );
+    assert_eq!(
+        counter(None),
+        "counter: no virtio-net device (ip=10.77.0.2 port=7777 max=0)\n"
+    );
+    for bad in [
+        "ip=10.1.2.256",
+        "ip=10.1.2",
+        "port=0",
+        "port=65536",
+        "max=12x",
+    ] {
+        assert_eq!(
+            counter(Some(&format!("ip=10.1.2.3 {bad} port=99"))),
+            format!("counter: bad command line argument: {bad}\n")
+        );
+    }
+}
+
+#[test]
+fn guests_lists_every_builtin_guest_with_its_description() {
+    let out = run_to_end(&["guests"], TIMEOUT);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout.lines().count(), twinvm::guests::names().len());
+    assert!(
+        out.stdout.lines().any(|l| l.starts_with("builtin:counter ")
+            && l.ends_with("  virtio-net guest answering ARP, ICMP echo and a UDP counter")),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
 fn serial_output_can_go_to_a_file() {
     let dir = TempDir::new("serial");
     let path = dir.0.join("console.log");

@@ -572,5 +572,9 @@ fn kernels_whose_reads_cannot_be_trapped_are_refused_by_record() {
         TIMEOUT,
     );
     assert!(out.status.success(), "{out:?}");
-    assert!(out.stderr.contains("`record` refuses it"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("`record` and `replay` refuse it"),
+        "{}",
+        out.stderr
+    );
 }

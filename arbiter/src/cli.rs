@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 
+use crate::auth::Key;
 use crate::client::{ArbiterClient, ClientConfig};
 use crate::engine::{Engine, EtcdEngine};
 use crate::local_cluster::Launcher;
@@ -48,6 +49,17 @@ pub struct ClientArgs {
     /// Give up with "no quorum" after this many seconds.
     #[arg(long, default_value_t = 5.0)]
     pub deadline_secs: f64,
+    /// The cluster's pre-shared key file (64 hex digits, mode 0600; see `keygen`).
+    #[arg(long, env = KEY_FILE_ENV)]
+    pub key_file: Option<PathBuf>,
+}
+
+/// Environment variable standing in for `--key-file`.
+pub const KEY_FILE_ENV: &str = "TWINVM_ARBITER_KEY_FILE";
+
+fn load_key(path: Option<&PathBuf>) -> anyhow::Result<Option<Key>> {
+    path.map(|p| Key::from_file(p).context("loading the arbiter key"))
+        .transpose()
 }
 
 impl ClientArgs {
@@ -68,6 +80,7 @@ impl ClientArgs {
             cluster_id: self.cluster_id.clone(),
             addrs: self.arbiters.clone(),
             deadline: self.deadline()?,
+            key: load_key(self.key_file.as_ref())?,
         }))
     }
 
@@ -76,6 +89,11 @@ impl ClientArgs {
         if self.etcd.is_empty() {
             Ok(Box::new(self.client()?))
         } else {
+            if self.key_file.is_some() {
+                tracing::warn!(
+                    "--key-file ({KEY_FILE_ENV}) applies to twinvm arbiters; not used with --etcd"
+                );
+            }
             Ok(Box::new(EtcdEngine::new(
                 self.etcd.clone(),
                 &self.etcd_prefix,
@@ -113,6 +131,16 @@ pub enum ArbiterCommand {
         /// Accept `drop-traffic` requests (partition tests only).
         #[arg(long)]
         allow_fault_injection: bool,
+        /// Pre-shared key file (see `keygen`): clients and peers must prove they hold
+        /// the same key. Without it, anyone who can connect can win or reset any slot.
+        #[arg(long, env = KEY_FILE_ENV)]
+        key_file: Option<PathBuf>,
+    },
+    /// Write a new random 256-bit key file (mode 0600) for `--key-file`.
+    Keygen {
+        /// Where to write it; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Test-and-set: exit 0 if REQUESTER holds VM for GENERATION, 1 if someone else does, 2 on error.
     Tas {
@@ -225,10 +253,12 @@ pub fn run_with_launcher(cmd: ArbiterCommand, launcher: Launcher) -> anyhow::Res
             tick_ms,
             snapshot_every,
             allow_fault_injection,
+            key_file,
         } => {
             if !(5..=10_000).contains(&tick_ms) {
                 bail!("--tick-ms must be within 5..=10000");
             }
+            let key = load_key(key_file.as_ref())?;
             serve(ServerConfig {
                 node_id: id,
                 cluster_id,
@@ -238,7 +268,18 @@ pub fn run_with_launcher(cmd: ArbiterCommand, launcher: Launcher) -> anyhow::Res
                 tick: Duration::from_millis(tick_ms),
                 snapshot_every: snapshot_every.max(1),
                 allow_fault_injection,
+                key,
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        ArbiterCommand::Keygen { out } => {
+            Key::generate()
+                .save_new(&out)
+                .context("writing the new key")?;
+            println!(
+                "wrote a new key to {} (mode 0600); copy it to every arbiter node and VMM host over a secure channel",
+                out.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         ArbiterCommand::Tas {
@@ -306,9 +347,13 @@ pub fn run_with_launcher(cmd: ArbiterCommand, launcher: Launcher) -> anyhow::Res
                         "{addr} node {} {} term {} leader {:?} commit {} applied {} snapshot {} last {} voters {:?}",
                         s.node_id, s.role, s.term, s.leader_id, s.commit, s.applied, s.snapshot_index, s.last_index, s.voters
                     ),
-                    Err(e) => {
+                    Err(e @ crate::client::ClientError::NoQuorum { .. }) => {
                         all_ok = false;
                         println!("{addr} unreachable: {e}");
+                    }
+                    Err(e) => {
+                        all_ok = false;
+                        println!("{addr} error: {e}");
                     }
                 }
             }

@@ -3,12 +3,14 @@
 //! the cluster applies them once) and gives up with [`ClientError::NoQuorum`]
 //! when no answer comes within the deadline.
 
-use std::collections::HashMap;
-use std::io::{BufReader, BufWriter, Write};
+use std::collections::{HashMap, HashSet};
+use std::io::{BufReader, BufWriter};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use crate::frame::{read_frame, write_frame, MAX_CLIENT_FRAME};
+use crate::auth::{handshake_initiator, AuthError, Key, StreamError};
+use crate::channel::{self, FrameReader, FrameWriter, ARBITER_LABEL};
+use crate::frame::MAX_CLIENT_FRAME;
 use crate::proto::{Hello, HelloReply, NodeStatus, Request, Response};
 use crate::state_machine::{ResetOutcome, Slot, TasOutcome};
 
@@ -23,6 +25,35 @@ pub enum ClientError {
     Invalid(String),
     #[error("unexpected response: {0}")]
     Protocol(String),
+    /// The arbiter wants a key we do not have, or has another one.
+    #[error("the arbiter refused authentication: wrong or missing key ({addr}: {detail})")]
+    AuthRefused { addr: String, detail: String },
+    /// We have a key but the other side did not run the handshake.
+    #[error(
+        "arbiter at {addr} did not authenticate ({detail}); is it running without --key-file?"
+    )]
+    ServerUnauthenticated { addr: String, detail: String },
+}
+
+/// Why one attempt at one address failed.
+enum Failure {
+    /// Connection or protocol trouble: another node or a retry may do better.
+    Transport(String),
+    /// Authentication failed: every node with the same key answers the same way.
+    Auth(ClientError),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Transport(e) => f.write_str(e),
+            Failure::Auth(e) => e.fmt(f),
+        }
+    }
+}
+
+fn transport(e: impl std::fmt::Display) -> Failure {
+    Failure::Transport(e.to_string())
 }
 
 #[derive(Debug, Clone)]
@@ -32,11 +63,13 @@ pub struct ClientConfig {
     pub addrs: Vec<String>,
     /// Overall time budget of one operation, retries included.
     pub deadline: Duration,
+    /// The cluster's pre-shared key (`--key-file`); `None` for a cluster without one.
+    pub key: Option<Key>,
 }
 
 struct Conn {
-    reader: BufReader<TcpStream>,
-    writer: BufWriter<TcpStream>,
+    reader: FrameReader<BufReader<TcpStream>>,
+    writer: FrameWriter<BufWriter<TcpStream>>,
 }
 
 pub struct ArbiterClient {
@@ -132,6 +165,7 @@ impl ArbiterClient {
         match self.call_once(addr, &Request::Status) {
             Ok(Response::Status(s)) => Ok(s),
             Ok(other) => Err(ClientError::Protocol(format!("{other:?}"))),
+            Err(Failure::Auth(e)) => Err(e),
             Err(e) => Err(ClientError::NoQuorum {
                 deadline: self.cfg.deadline,
                 last_error: format!("{addr}: {e}"),
@@ -145,6 +179,7 @@ impl ArbiterClient {
             Ok(Response::Done) => Ok(()),
             Ok(Response::Invalid { reason }) => Err(ClientError::Invalid(reason)),
             Ok(other) => Err(ClientError::Protocol(format!("{other:?}"))),
+            Err(Failure::Auth(e)) => Err(e),
             Err(e) => Err(ClientError::Protocol(format!("{addr}: {e}"))),
         }
     }
@@ -155,6 +190,9 @@ impl ArbiterClient {
         let mut backoff = Duration::from_millis(10);
         let mut last_error;
         let mut redirects_in_a_row = 0;
+        // Addresses that failed authentication in this call, and that failure if it was the last.
+        let mut auth_refused: HashSet<String> = HashSet::new();
+        let mut last_auth_failure: Option<ClientError> = None;
         loop {
             let addr = match self.leader.clone() {
                 Some(a) => a,
@@ -168,7 +206,11 @@ impl ArbiterClient {
                 }
             };
             let mut wait = true;
-            match self.call_once(&addr, req) {
+            let result = self.call_once(&addr, req);
+            if result.is_ok() {
+                last_auth_failure = None;
+            }
+            match result {
                 Ok(Response::NotLeader {
                     leader_addr,
                     leader_id,
@@ -188,13 +230,27 @@ impl ArbiterClient {
                     self.leader = Some(addr);
                     return Ok(resp);
                 }
-                Err(e) => {
+                Err(Failure::Transport(e)) => {
                     last_error = format!("{addr}: {e}");
+                    last_auth_failure = None;
                     self.leader = None;
+                }
+                Err(Failure::Auth(e)) => {
+                    last_error = e.to_string();
+                    self.leader = None;
+                    auth_refused.insert(addr);
+                    // Every configured node refused: more retries only repeat the refusal.
+                    if self.cfg.addrs.iter().all(|a| auth_refused.contains(a)) {
+                        return Err(e);
+                    }
+                    last_auth_failure = Some(e);
                 }
             }
             let elapsed = start.elapsed();
             if elapsed >= self.cfg.deadline {
+                if let Some(e) = last_auth_failure {
+                    return Err(e);
+                }
                 return Err(ClientError::NoQuorum {
                     deadline: self.cfg.deadline,
                     last_error,
@@ -208,7 +264,7 @@ impl ArbiterClient {
         }
     }
 
-    fn call_once(&mut self, addr: &str, req: &Request) -> std::io::Result<Response> {
+    fn call_once(&mut self, addr: &str, req: &Request) -> Result<Response, Failure> {
         let result = self.exchange(addr, req);
         if result.is_err() {
             self.conns.remove(addr);
@@ -216,51 +272,73 @@ impl ArbiterClient {
         result
     }
 
-    fn exchange(&mut self, addr: &str, req: &Request) -> std::io::Result<Response> {
+    fn exchange(&mut self, addr: &str, req: &Request) -> Result<Response, Failure> {
         if !self.conns.contains_key(addr) {
-            let conn = connect(addr, &self.cfg.cluster_id)?;
+            let conn = connect(addr, &self.cfg.cluster_id, self.cfg.key.as_ref())?;
             self.conns.insert(addr.to_owned(), conn);
         }
         let conn = self.conns.get_mut(addr).expect("inserted above");
-        write_frame(
-            &mut conn.writer,
-            &serde_json::to_vec(req).expect("request serializes"),
-        )?;
-        conn.writer.flush()?;
-        let bytes = read_frame(&mut conn.reader, MAX_CLIENT_FRAME)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| std::io::Error::other(format!("bad response: {e}")))
+        conn.writer
+            .write(&serde_json::to_vec(req).expect("request serializes"))
+            .and_then(|()| conn.writer.flush())
+            .map_err(transport)?;
+        let bytes = conn.reader.read(MAX_CLIENT_FRAME).map_err(transport)?;
+        serde_json::from_slice(&bytes).map_err(|e| transport(format!("bad response: {e}")))
     }
 }
 
-fn connect(addr: &str, cluster_id: &str) -> std::io::Result<Conn> {
+fn connect(addr: &str, cluster_id: &str, key: Option<&Key>) -> Result<Conn, Failure> {
     let sock = addr
-        .to_socket_addrs()?
+        .to_socket_addrs()
+        .map_err(transport)?
         .next()
-        .ok_or_else(|| std::io::Error::other(format!("{addr} resolves to nothing")))?;
-    let stream = TcpStream::connect_timeout(&sock, Duration::from_millis(500))?;
-    stream.set_nodelay(true)?;
+        .ok_or_else(|| transport(format!("{addr} resolves to nothing")))?;
+    let stream =
+        TcpStream::connect_timeout(&sock, Duration::from_millis(500)).map_err(transport)?;
+    stream.set_nodelay(true).map_err(transport)?;
     // Longer than the server's commit timeout, so a slow answer is not mistaken for a dead node.
-    stream.set_read_timeout(Some(Duration::from_secs(4)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(4)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut writer = BufWriter::new(stream);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(4)))
+        .map_err(transport)?;
+    stream
+        .set_write_timeout(Some(Duration::from_secs(4)))
+        .map_err(transport)?;
+    let session = match key {
+        Some(key) => Some(
+            handshake_initiator(&mut &stream, key, ARBITER_LABEL).map_err(|e| match e {
+                StreamError::Auth(AuthError::WrongKey) => Failure::Auth(ClientError::AuthRefused {
+                    addr: addr.into(),
+                    detail: e.to_string(),
+                }),
+                StreamError::Auth(e) => Failure::Auth(ClientError::ServerUnauthenticated {
+                    addr: addr.into(),
+                    detail: e.to_string(),
+                }),
+                StreamError::Frame(e) => transport(e),
+            })?,
+        ),
+        None => None,
+    };
+    let (mut reader, mut writer) = channel::split(
+        BufReader::new(stream.try_clone().map_err(transport)?),
+        BufWriter::new(stream),
+        session,
+    );
     let hello = Hello::Client {
         cluster_id: cluster_id.into(),
     };
-    write_frame(
-        &mut writer,
-        &serde_json::to_vec(&hello).expect("hello serializes"),
-    )?;
-    writer.flush()?;
-    let reply = read_frame(&mut reader, MAX_CLIENT_FRAME)
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    writer
+        .write(&serde_json::to_vec(&hello).expect("hello serializes"))
+        .and_then(|()| writer.flush())
+        .map_err(transport)?;
+    let reply = reader.read(MAX_CLIENT_FRAME).map_err(transport)?;
     match serde_json::from_slice::<HelloReply>(&reply) {
         Ok(HelloReply::Accepted { .. }) => Ok(Conn { reader, writer }),
-        Ok(HelloReply::Refused { reason }) => {
-            Err(std::io::Error::other(format!("refused: {reason}")))
-        }
-        Err(e) => Err(std::io::Error::other(format!("bad hello reply: {e}"))),
+        Ok(HelloReply::Refused { reason }) => Err(transport(format!("refused: {reason}"))),
+        Ok(HelloReply::AuthenticationRequired) => Err(Failure::Auth(ClientError::AuthRefused {
+            addr: addr.into(),
+            detail: "it requires a key (--key-file) and this client has none".into(),
+        })),
+        Err(e) => Err(transport(format!("bad hello reply: {e}"))),
     }
 }

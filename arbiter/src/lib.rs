@@ -2,7 +2,9 @@
 //! replica of a VM may go live. See docs/arbiter.md.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod bench;
+pub mod channel;
 pub mod cli;
 pub mod client;
 pub mod engine;

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
+use crate::auth::Key;
+use crate::cli::KEY_FILE_ENV;
 use crate::client::{ArbiterClient, ClientConfig};
 use crate::proto::NodeStatus;
 
@@ -39,6 +41,9 @@ pub struct ClusterOptions {
     pub snapshot_every: u64,
     pub allow_fault_injection: bool,
     pub cluster_id: String,
+    /// Generate a key into the temp dir and run every node with `--key-file`
+    /// (the default: the path deployments use); `false` runs the unprotected mode.
+    pub authenticate: bool,
 }
 
 impl Default for ClusterOptions {
@@ -49,6 +54,7 @@ impl Default for ClusterOptions {
             snapshot_every: 1000,
             allow_fault_injection: true,
             cluster_id: "twinvm-local".into(),
+            authenticate: true,
         }
     }
 }
@@ -68,7 +74,12 @@ pub struct LocalCluster {
     nodes: BTreeMap<u64, NodeProc>,
     /// Initial members, passed to every process as `--peers`.
     peers: BTreeMap<u64, String>,
+    /// The cluster key and its file (mode 0600 in the temp dir), if authenticating.
+    key: Option<(Key, PathBuf)>,
 }
+
+/// Name of the key file in the cluster's temp dir.
+pub const KEY_FILE_NAME: &str = "cluster.key";
 
 /// A loopback port that was free a moment ago.
 pub fn free_port_addr() -> anyhow::Result<String> {
@@ -89,7 +100,14 @@ impl LocalCluster {
             root,
             nodes: BTreeMap::new(),
             peers: BTreeMap::new(),
+            key: None,
         };
+        if cluster.opts.authenticate {
+            let key = Key::generate();
+            let path = cluster.root.path().join(KEY_FILE_NAME);
+            key.save_new(&path).context("writing the cluster key")?;
+            cluster.key = Some((key, path));
+        }
         for id in 1..=cluster.opts.nodes {
             let addr = free_port_addr()?;
             cluster.peers.insert(id, addr.clone());
@@ -123,6 +141,16 @@ impl LocalCluster {
 
     pub fn cluster_id(&self) -> &str {
         &self.opts.cluster_id
+    }
+
+    /// The cluster's key, if it authenticates.
+    pub fn key(&self) -> Option<&Key> {
+        self.key.as_ref().map(|(k, _)| k)
+    }
+
+    /// The key file every node was started with, if it authenticates.
+    pub fn key_path(&self) -> Option<&Path> {
+        self.key.as_ref().map(|(_, p)| p.as_path())
     }
 
     pub fn ids(&self) -> Vec<u64> {
@@ -175,6 +203,11 @@ impl LocalCluster {
         if node.join {
             cmd.arg("--join");
         }
+        if let Some(path) = self.key_path() {
+            cmd.arg("--key-file").arg(path);
+        }
+        // The caller's environment must not add a key the options did not ask for.
+        cmd.env_remove(KEY_FILE_ENV);
         cmd
     }
 
@@ -256,6 +289,7 @@ impl LocalCluster {
             cluster_id: self.opts.cluster_id.clone(),
             addrs: self.addrs(),
             deadline,
+            key: self.key().cloned(),
         })
     }
 

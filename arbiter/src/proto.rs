@@ -1,4 +1,5 @@
-//! Wire messages on the arbiter port. Every connection starts with a
+//! Wire messages on the arbiter port. Every connection starts with the
+//! authentication handshake when the cluster has a key (see `auth`), then a
 //! [`Hello`] frame; peers then exchange protobuf Raft messages, clients
 //! exchange JSON [`Request`]/[`Response`] frames (see docs/arbiter.md).
 
@@ -18,8 +19,15 @@ pub enum Hello {
 /// Answer to [`Hello`] (JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HelloReply {
-    Accepted { node_id: u64 },
-    Refused { reason: String },
+    Accepted {
+        node_id: u64,
+    },
+    Refused {
+        reason: String,
+    },
+    /// Sent in the clear to a party that sent a plain `Hello` to a node that
+    /// requires authentication; the connection is then closed.
+    AuthenticationRequired,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,6 +12,8 @@ use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
 use protobuf::Message as _;
 use raft::eraftpb::Message;
 
+use crate::auth::{handshake_responder_after, Key, Session, StreamError, NONCE_LEN};
+use crate::channel::{self, FrameReader, FrameWriter, ARBITER_LABEL};
 use crate::frame::{read_frame, write_frame, FrameError, MAX_CLIENT_FRAME, MAX_PEER_FRAME};
 use crate::node::{raft_logger, Node, NodeConfig};
 use crate::proto::{Hello, HelloReply, Request, Response};
@@ -30,6 +32,9 @@ pub struct ServerConfig {
     pub tick: Duration,
     pub snapshot_every: u64,
     pub allow_fault_injection: bool,
+    /// Pre-shared key: every connection (client and peer) must authenticate
+    /// with it. `None` leaves the slot table open to anyone who can connect.
+    pub key: Option<Key>,
 }
 
 enum Event {
@@ -58,7 +63,12 @@ pub fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     let bootstrap = (!cfg.join).then(|| cfg.peers.clone());
     let mut node = Node::new(node_cfg, storage, bootstrap, &raft_logger(cfg.node_id))?;
 
-    tracing::info!(node = cfg.node_id, %listen, cluster = %cfg.cluster_id, "arbiter node listening");
+    tracing::info!(node = cfg.node_id, %listen, cluster = %cfg.cluster_id, authenticated = cfg.key.is_some(), "arbiter node listening");
+    if cfg.key.is_none() {
+        tracing::warn!(
+            "no --key-file: the slot table is unprotected; anyone who can reach {listen} can win or reset any VM's slot"
+        );
+    }
 
     let (events_tx, events_rx) = unbounded::<Event>();
     let (fail_tx, fail_rx) = bounded::<SendFailure>(1024);
@@ -66,6 +76,7 @@ pub fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     let mut transport = Transport::new(
         cfg.node_id,
         cfg.cluster_id.clone(),
+        cfg.key.clone(),
         fail_tx,
         drop_filter.clone(),
     );
@@ -79,6 +90,7 @@ pub fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         events: events_tx,
         drop_filter,
         allow_fault_injection: cfg.allow_fault_injection,
+        key: cfg.key.clone(),
     };
     std::thread::Builder::new()
         .name("accept".into())
@@ -149,6 +161,7 @@ struct Acceptor {
     events: Sender<Event>,
     drop_filter: DropFilter,
     allow_fault_injection: bool,
+    key: Option<Key>,
 }
 
 impl Acceptor {
@@ -168,6 +181,7 @@ impl Acceptor {
                 events: self.events.clone(),
                 drop_filter: self.drop_filter.clone(),
                 allow_fault_injection: self.allow_fault_injection,
+                key: self.key.clone(),
             };
             let _ = std::thread::Builder::new()
                 .name("conn".into())
@@ -190,9 +204,19 @@ struct Connection {
     events: Sender<Event>,
     drop_filter: DropFilter,
     allow_fault_injection: bool,
+    key: Option<Key>,
 }
 
-fn send_json<T: serde::Serialize>(w: &mut impl Write, value: &T) -> std::io::Result<()> {
+fn send_json<T: serde::Serialize, W: Write>(
+    w: &mut FrameWriter<W>,
+    value: &T,
+) -> std::io::Result<()> {
+    w.write(&serde_json::to_vec(value).expect("reply serializes"))?;
+    w.flush()
+}
+
+/// A JSON frame outside any session (refusals to parties that did not authenticate).
+fn send_plain_json<T: serde::Serialize>(w: &mut impl Write, value: &T) -> std::io::Result<()> {
     write_frame(w, &serde_json::to_vec(value).expect("reply serializes"))?;
     w.flush()
 }
@@ -203,11 +227,47 @@ impl Connection {
         // A silent connection must not hold a thread forever before saying hello.
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         let peer_addr = stream.peer_addr()?;
-        let mut reader = BufReader::new(stream.try_clone()?);
-        let mut writer = BufWriter::new(stream);
-        let hello_bytes = read_frame(&mut reader, MAX_CLIENT_FRAME)?;
+        // Unbuffered until the handshake is over: no byte of what follows may sit in a buffer
+        // that is then dropped.
+        let first = read_frame(&mut &stream, MAX_CLIENT_FRAME)?;
+        let (session, first) = match &self.key {
+            Some(key) => match authenticate(&stream, key, &first) {
+                Ok(session) => (Some(session), None),
+                Err(reason) => {
+                    tracing::warn!("connection from {peer_addr} failed authentication: {reason}");
+                    return Ok(());
+                }
+            },
+            None => (None, Some(first)),
+        };
+        let (mut reader, mut writer) = channel::split(
+            BufReader::new(stream.try_clone()?),
+            BufWriter::new(stream),
+            session,
+        );
+        let hello_bytes = match first {
+            Some(bytes) => bytes,
+            None => match reader.read(MAX_CLIENT_FRAME) {
+                Ok(bytes) => bytes,
+                Err(StreamError::Auth(e)) => {
+                    tracing::warn!("connection from {peer_addr}: {e}; closing the connection");
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
         let hello: Hello = match serde_json::from_slice(&hello_bytes) {
             Ok(h) => h,
+            Err(_) if self.key.is_none() && hello_bytes.len() == NONCE_LEN => {
+                tracing::warn!("connection from {peer_addr} tried to authenticate, but this node runs without --key-file; refused");
+                send_json(
+                    &mut writer,
+                    &HelloReply::Refused {
+                        reason: "this arbiter runs without authentication (no --key-file)".into(),
+                    },
+                )?;
+                return Ok(());
+            }
             Err(e) => {
                 tracing::warn!(%peer_addr, error = %e, "malformed hello; closing");
                 send_json(
@@ -243,14 +303,25 @@ impl Connection {
         )?;
         match hello {
             Hello::Peer { node_id, .. } => self.peer_loop(node_id, reader),
-            Hello::Client { .. } => self.client_loop(reader, writer),
+            Hello::Client { .. } => self.client_loop(reader, writer, peer_addr),
         }
     }
 
-    fn peer_loop(&self, from: u64, mut reader: BufReader<TcpStream>) -> anyhow::Result<()> {
-        reader.get_ref().set_read_timeout(None)?;
+    fn peer_loop(
+        &self,
+        from: u64,
+        mut reader: FrameReader<BufReader<TcpStream>>,
+    ) -> anyhow::Result<()> {
+        reader.get_ref().get_ref().set_read_timeout(None)?;
         loop {
-            let bytes = read_frame(&mut reader, MAX_PEER_FRAME)?;
+            let bytes = match reader.read(MAX_PEER_FRAME) {
+                Ok(b) => b,
+                Err(StreamError::Auth(e)) => {
+                    tracing::warn!(from, "peer connection closed: {e}");
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            };
             let msg = match Message::parse_from_bytes(&bytes) {
                 Ok(m) => m,
                 Err(e) => {
@@ -281,17 +352,24 @@ impl Connection {
 
     fn client_loop(
         &self,
-        mut reader: BufReader<TcpStream>,
-        mut writer: BufWriter<TcpStream>,
+        mut reader: FrameReader<BufReader<TcpStream>>,
+        mut writer: FrameWriter<BufWriter<TcpStream>>,
+        peer_addr: std::net::SocketAddr,
     ) -> anyhow::Result<()> {
         // Idle clients are dropped after a while; the client library reconnects.
         reader
             .get_ref()
+            .get_ref()
             .set_read_timeout(Some(Duration::from_secs(300)))?;
         loop {
-            let bytes = match read_frame(&mut reader, MAX_CLIENT_FRAME) {
+            let bytes = match reader.read(MAX_CLIENT_FRAME) {
                 Ok(b) => b,
-                Err(FrameError::TooLarge { len, limit }) => {
+                Err(StreamError::Auth(e)) => {
+                    // Nothing of it was acted on; the stream cannot be trusted any more.
+                    tracing::warn!("client {peer_addr}: {e}; closing the connection");
+                    return Ok(());
+                }
+                Err(StreamError::Frame(FrameError::TooLarge { len, limit })) => {
                     // The stream cannot be resynchronised after an unread body: answer and close.
                     send_json(
                         &mut writer,
@@ -301,7 +379,7 @@ impl Connection {
                     )?;
                     return Ok(());
                 }
-                Err(FrameError::Closed) => return Ok(()),
+                Err(StreamError::Frame(FrameError::Closed)) => return Ok(()),
                 Err(e) => return Err(e.into()),
             };
             let response = match serde_json::from_slice::<Request>(&bytes) {
@@ -333,4 +411,15 @@ impl Connection {
             send_json(&mut writer, &response)?;
         }
     }
+}
+
+/// The responder's side of the handshake on a fresh connection whose first
+/// frame was `first`; `Err` is the reason for the log. A party that sent a
+/// plain `Hello` (no key) is told, in the clear, that a key is needed.
+fn authenticate(stream: &TcpStream, key: &Key, first: &[u8]) -> Result<Session, String> {
+    if serde_json::from_slice::<Hello>(first).is_ok() {
+        let _ = send_plain_json(&mut &*stream, &HelloReply::AuthenticationRequired);
+        return Err("no key (it sent a plain hello)".into());
+    }
+    handshake_responder_after(&mut &*stream, key, ARBITER_LABEL, first).map_err(|e| e.to_string())
 }

@@ -3,7 +3,7 @@
 //! queued without bound when a peer is away — Raft retransmits.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufWriter, Write};
+use std::io::BufWriter;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,7 +12,9 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendErro
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 
-use crate::frame::{read_frame, write_frame, MAX_CLIENT_FRAME};
+use crate::auth::{handshake_initiator, Key, StreamError};
+use crate::channel::{self, FrameWriter, ARBITER_LABEL};
+use crate::frame::{FrameError, MAX_CLIENT_FRAME};
 use crate::proto::{Hello, HelloReply};
 
 const PEER_QUEUE: usize = 4096;
@@ -52,6 +54,7 @@ struct Peer {
 pub struct Transport {
     node_id: u64,
     cluster_id: String,
+    key: Option<Key>,
     peers: HashMap<u64, Peer>,
     failures: Sender<SendFailure>,
     pub drop_filter: DropFilter,
@@ -61,12 +64,14 @@ impl Transport {
     pub fn new(
         node_id: u64,
         cluster_id: String,
+        key: Option<Key>,
         failures: Sender<SendFailure>,
         drop_filter: DropFilter,
     ) -> Self {
         Transport {
             node_id,
             cluster_id,
+            key,
             peers: HashMap::new(),
             failures,
             drop_filter,
@@ -123,9 +128,11 @@ impl Transport {
         let sender = PeerSender {
             node_id: self.node_id,
             cluster_id: self.cluster_id.clone(),
+            key: self.key.clone(),
             peer_id,
             addr: addr.clone(),
             failures: self.failures.clone(),
+            last_warning: None,
         };
         std::thread::Builder::new()
             .name(format!("raft-send-{peer_id}"))
@@ -138,14 +145,26 @@ impl Transport {
 struct PeerSender {
     node_id: u64,
     cluster_id: String,
+    key: Option<Key>,
     peer_id: u64,
     addr: Arc<Mutex<String>>,
     failures: Sender<SendFailure>,
+    /// The last refusal logged, so a peer that keeps refusing us (another key,
+    /// another cluster) is reported once per change, not once per reconnect.
+    last_warning: Option<String>,
+}
+
+/// Why a connection to a peer could not be set up.
+enum ConnectError {
+    /// Not reachable now (down, restarting): retried quietly.
+    Unreachable(std::io::Error),
+    /// It answered but refused us or failed authentication: a misconfiguration an operator must see.
+    Refused(String),
 }
 
 impl PeerSender {
-    fn run(self, rx: Receiver<Message>) {
-        let mut conn: Option<BufWriter<TcpStream>> = None;
+    fn run(mut self, rx: Receiver<Message>) {
+        let mut conn: Option<FrameWriter<BufWriter<TcpStream>>> = None;
         let mut backoff = Duration::from_millis(50);
         let mut retry_at = Instant::now();
         loop {
@@ -159,11 +178,24 @@ impl PeerSender {
                 match self.connect() {
                     Ok(c) => {
                         tracing::debug!(peer = self.peer_id, "connected to peer");
+                        if self.last_warning.take().is_some() {
+                            tracing::info!(peer = self.peer_id, "peer accepted our connection");
+                        }
                         conn = Some(c);
                         backoff = Duration::from_millis(50);
                     }
                     Err(e) => {
-                        tracing::debug!(peer = self.peer_id, error = %e, "cannot reach peer");
+                        match e {
+                            ConnectError::Unreachable(e) => {
+                                tracing::debug!(peer = self.peer_id, error = %e, "cannot reach peer");
+                            }
+                            ConnectError::Refused(warning) => {
+                                if self.last_warning.as_ref() != Some(&warning) {
+                                    tracing::error!(peer = self.peer_id, "{warning}");
+                                    self.last_warning = Some(warning);
+                                }
+                            }
+                        }
                         retry_at = Instant::now() + backoff;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                     }
@@ -179,7 +211,7 @@ impl PeerSender {
             let sent = msg
                 .write_to_bytes()
                 .map_err(|e| std::io::Error::other(e.to_string()))
-                .and_then(|bytes| write_frame(w, &bytes))
+                .and_then(|bytes| w.write(&bytes))
                 // Flush when the queue is drained so bursts share one syscall.
                 .and_then(|()| if rx.is_empty() { w.flush() } else { Ok(()) });
             if let Err(e) = sent {
@@ -193,39 +225,82 @@ impl PeerSender {
         }
     }
 
-    fn connect(&self) -> std::io::Result<BufWriter<TcpStream>> {
+    fn connect(&self) -> Result<FrameWriter<BufWriter<TcpStream>>, ConnectError> {
+        use ConnectError::{Refused, Unreachable};
         let addr_str = self.addr.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let addr = addr_str
-            .to_socket_addrs()?
+            .to_socket_addrs()
+            .map_err(Unreachable)?
             .next()
-            .ok_or_else(|| std::io::Error::other(format!("{addr_str} resolves to nothing")))?;
-        let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+            .ok_or_else(|| {
+                Unreachable(std::io::Error::other(format!(
+                    "{addr_str} resolves to nothing"
+                )))
+            })?;
+        let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(Unreachable)?;
+        stream.set_nodelay(true).map_err(Unreachable)?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(Unreachable)?;
+        let session = match &self.key {
+            Some(key) => Some(
+                handshake_initiator(&mut stream, key, ARBITER_LABEL).map_err(|e| match e {
+                    StreamError::Auth(_) | StreamError::Frame(FrameError::TooLarge { .. }) => {
+                        Refused(format!(
+                            "peer at {addr_str} failed authentication: {e} (do all nodes use the same --key-file?)"
+                        ))
+                    }
+                    // Down, restarting, or killed mid-handshake.
+                    StreamError::Frame(e) => Unreachable(std::io::Error::other(e.to_string())),
+                })?,
+            ),
+            None => None,
+        };
+        let (mut reader, mut writer) = channel::split(
+            &stream,
+            BufWriter::with_capacity(64 * 1024, stream.try_clone().map_err(Unreachable)?),
+            session,
+        );
         let hello = Hello::Peer {
             cluster_id: self.cluster_id.clone(),
             node_id: self.node_id,
         };
-        write_frame(
-            &mut stream,
-            &serde_json::to_vec(&hello).expect("hello serializes"),
-        )?;
-        let reply = read_frame(&mut stream, MAX_CLIENT_FRAME)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        writer
+            .write(&serde_json::to_vec(&hello).expect("hello serializes"))
+            .and_then(|()| writer.flush())
+            .map_err(Unreachable)?;
+        let reply = reader.read(MAX_CLIENT_FRAME).map_err(|e| match e {
+            StreamError::Auth(e) => Refused(format!(
+                "peer at {addr_str} sent an unauthentic hello reply: {e}"
+            )),
+            e => Unreachable(std::io::Error::other(e.to_string())),
+        })?;
         match serde_json::from_slice::<HelloReply>(&reply) {
             Ok(HelloReply::Accepted { node_id }) if node_id == self.peer_id => {}
             Ok(HelloReply::Accepted { node_id }) => {
-                tracing::error!(peer = self.peer_id, addr = %addr_str, found = node_id, "address answers as another node id");
-                return Err(std::io::Error::other("wrong node at address"));
+                return Err(Refused(format!(
+                    "address {addr_str} answers as node {node_id}, not {}",
+                    self.peer_id
+                )));
             }
             Ok(HelloReply::Refused { reason }) => {
-                tracing::error!(peer = self.peer_id, addr = %addr_str, %reason, "peer refused our connection");
-                return Err(std::io::Error::other(reason));
+                return Err(Refused(format!("peer refused our connection: {reason}")));
             }
-            Err(e) => return Err(std::io::Error::other(format!("bad hello reply: {e}"))),
+            Ok(HelloReply::AuthenticationRequired) => {
+                return Err(Refused(format!(
+                    "peer at {addr_str} requires authentication and this node has no --key-file"
+                )));
+            }
+            Err(e) => {
+                return Err(Unreachable(std::io::Error::other(format!(
+                    "bad hello reply: {e}"
+                ))))
+            }
         }
-        stream.set_read_timeout(None)?;
-        stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-        Ok(BufWriter::with_capacity(64 * 1024, stream))
+        stream.set_read_timeout(None).map_err(Unreachable)?;
+        stream
+            .set_write_timeout(Some(Duration::from_secs(5)))
+            .map_err(Unreachable)?;
+        Ok(writer)
     }
 }

@@ -6,28 +6,41 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
-use arbiter::frame::{read_frame, write_frame, MAX_CLIENT_FRAME};
+use arbiter::auth::{handshake_initiator, read_opened, write_sealed, Key, Session, TAG_LEN};
+use arbiter::channel::ARBITER_LABEL;
+use arbiter::frame::MAX_CLIENT_FRAME;
 use arbiter::local_cluster::ClusterOptions;
 use arbiter::proto::{Hello, HelloReply, Request, Response};
 use arbiter::TasOutcome;
-use common::{cluster, wait_until};
+use common::{cluster, serve_command, wait_until, KillOnDrop};
 
-fn raw_client(addr: &str, cluster_id: &str) -> (TcpStream, HelloReply) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+/// An authenticated connection that sends whatever bytes the test wants inside sealed frames.
+struct RawClient {
+    stream: TcpStream,
+    session: Session,
+}
+
+fn raw_client(addr: &str, cluster_id: &str, key: &Key) -> (RawClient, HelloReply) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let session = handshake_initiator(&mut stream, key, ARBITER_LABEL).unwrap();
+    let mut c = RawClient { stream, session };
     let hello = serde_json::to_vec(&Hello::Client {
         cluster_id: cluster_id.into(),
     })
     .unwrap();
-    write_frame(&mut s, &hello).unwrap();
-    let reply = serde_json::from_slice(&read_frame(&mut s, MAX_CLIENT_FRAME).unwrap()).unwrap();
-    (s, reply)
+    write_sealed(&mut c.stream, &mut c.session.sealer, &hello).unwrap();
+    let reply = read_opened(&mut c.stream, &mut c.session.opener, MAX_CLIENT_FRAME).unwrap();
+    (c, serde_json::from_slice(&reply).unwrap())
 }
 
-fn ask_raw(s: &mut TcpStream, payload: &[u8]) -> Response {
-    write_frame(s, payload).unwrap();
-    s.flush().unwrap();
-    serde_json::from_slice(&read_frame(s, MAX_CLIENT_FRAME).unwrap()).unwrap()
+fn ask_raw(c: &mut RawClient, payload: &[u8]) -> Response {
+    write_sealed(&mut c.stream, &mut c.session.sealer, payload).unwrap();
+    c.stream.flush().unwrap();
+    let reply = read_opened(&mut c.stream, &mut c.session.opener, MAX_CLIENT_FRAME).unwrap();
+    serde_json::from_slice(&reply).unwrap()
 }
 
 #[test]
@@ -40,7 +53,8 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
     let addr = c.addr(leader).to_string();
     let before = c.status(leader).unwrap();
 
-    let (mut s, reply) = raw_client(&addr, c.cluster_id());
+    let key = c.key().unwrap().clone();
+    let (mut s, reply) = raw_client(&addr, c.cluster_id(), &key);
     assert!(matches!(reply, HelloReply::Accepted { .. }));
     let invalid = |r: Response| match r {
         Response::Invalid { reason } => reason,
@@ -75,13 +89,15 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
     ));
 
     // Oversize frame: refused from the length prefix alone, then the connection is closed.
-    s.write_all(&(MAX_CLIENT_FRAME + 1).to_le_bytes()).unwrap();
-    let reason =
-        invalid(serde_json::from_slice(&read_frame(&mut s, MAX_CLIENT_FRAME).unwrap()).unwrap());
+    s.stream
+        .write_all(&(MAX_CLIENT_FRAME + 1 + TAG_LEN as u32).to_le_bytes())
+        .unwrap();
+    let reply = read_opened(&mut s.stream, &mut s.session.opener, MAX_CLIENT_FRAME).unwrap();
+    let reason = invalid(serde_json::from_slice(&reply).unwrap());
     assert!(reason.contains("exceeds the limit"), "{reason}");
 
     // Wrong cluster id: refused at hello.
-    let (_s, reply) = raw_client(&addr, "some-other-cluster");
+    let (_s, reply) = raw_client(&addr, "some-other-cluster", &key);
     match reply {
         HelloReply::Refused { reason } => assert!(reason.contains("wrong cluster id"), "{reason}"),
         other => panic!("expected refusal, got {other:?}"),
@@ -106,7 +122,7 @@ fn node_of_another_cluster_is_refused_and_logged() {
     // Restart node 1 believing it is in another cluster: its data dir must be refused.
     let victim = c.ids()[0];
     c.kill(victim);
-    let out = serve_command(&c, victim, "intruder", c.data_dir(victim))
+    let out = serve_command(&c, victim, "intruder", c.data_dir(victim), c.key_path())
         .output()
         .expect("run server");
     assert!(!out.status.success());
@@ -118,7 +134,13 @@ fn node_of_another_cluster_is_refused_and_logged() {
 
     // A process of another cluster with a fresh data dir: peers refuse its traffic with a log line.
     let dir = tempfile::tempdir().unwrap();
-    let mut intruder = serve_command(&c, victim, "intruder", &dir.path().join("data"));
+    let mut intruder = serve_command(
+        &c,
+        victim,
+        "intruder",
+        &dir.path().join("data"),
+        c.key_path(),
+    );
     let log = std::fs::File::create(dir.path().join("out.log")).unwrap();
     let mut child = intruder
         .stdout(log.try_clone().unwrap())
@@ -138,7 +160,7 @@ fn node_of_another_cluster_is_refused_and_logged() {
 fn second_process_for_a_running_node_is_refused() {
     let c = cluster(ClusterOptions::default());
     let id = c.ids()[0];
-    let out = serve_command(&c, id, c.cluster_id(), c.data_dir(id))
+    let out = serve_command(&c, id, c.cluster_id(), c.data_dir(id), c.key_path())
         .output()
         .expect("run server");
     assert!(!out.status.success());
@@ -148,40 +170,4 @@ fn second_process_for_a_running_node_is_refused() {
         c.status(id).is_some(),
         "the running node must be unaffected"
     );
-}
-
-fn serve_command(
-    c: &arbiter::local_cluster::LocalCluster,
-    id: u64,
-    cluster_id: &str,
-    data_dir: &std::path::Path,
-) -> std::process::Command {
-    let launcher = common::launcher();
-    let peers: Vec<String> = c
-        .ids()
-        .iter()
-        .map(|&i| format!("{i}={}", c.addr(i)))
-        .collect();
-    let mut cmd = std::process::Command::new(launcher.exe);
-    cmd.args(launcher.prefix_args)
-        .args([
-            "--id",
-            &id.to_string(),
-            "--peers",
-            &peers.join(","),
-            "--cluster-id",
-            cluster_id,
-        ])
-        .arg("--data-dir")
-        .arg(data_dir);
-    cmd
-}
-
-struct KillOnDrop<'a>(&'a mut std::process::Child);
-
-impl Drop for KillOnDrop<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

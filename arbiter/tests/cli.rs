@@ -33,6 +33,8 @@ fn client_cmd(c: &arbiter::local_cluster::LocalCluster, args: &[&str]) -> (i32, 
         .arg("--arbiters")
         .arg(c.addrs().join(","))
         .args(["--cluster-id", c.cluster_id(), "--deadline-secs", "2"])
+        .arg("--key-file")
+        .arg(c.key_path().expect("test clusters authenticate"))
         .output()
         .expect("run client command");
     (

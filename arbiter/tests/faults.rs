@@ -106,6 +106,7 @@ fn partitioned_leader_cannot_decide_and_majority_goes_on() {
         cluster_id: c.cluster_id().into(),
         addrs: vec![c.addr(old).into()],
         deadline: Duration::from_secs(3),
+        key: c.key().cloned(),
     });
     assert!(isolated.test_and_set("during", 1, "isolated-side").is_err());
     wait_until(
@@ -118,6 +119,7 @@ fn partitioned_leader_cannot_decide_and_majority_goes_on() {
         cluster_id: c.cluster_id().into(),
         addrs: others.iter().map(|&id| c.addr(id).to_string()).collect(),
         deadline: DEADLINE,
+        key: c.key().cloned(),
     });
     assert_eq!(
         majority.test_and_set("during", 1, "majority-side").unwrap(),

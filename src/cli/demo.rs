@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use super::replay::{record, replay, RecordArgs, ReplayArgs};
 use super::run::{boot_and_run, describe, print_stats, RunArgs};
 use crate::guests::BUILTIN_PREFIX;
-use crate::vmm::Ending;
+use crate::replay::engine::Ending;
 
 fn guest_args(name: &str, serial: &str) -> RunArgs {
     RunArgs {
@@ -21,6 +21,7 @@ fn guest_args(name: &str, serial: &str) -> RunArgs {
         mem: 64 << 20,
         serial: serial.into(),
         stats: false,
+        net: None,
     }
 }
 
@@ -43,7 +44,7 @@ pub fn demo() -> Result<ExitCode> {
         let report = boot_and_run(&guest_args(name, "stdio"), false)?;
         eprintln!("twinvm demo: builtin:{name}: {}", describe(&report));
         print_stats(&report);
-        if report.ending == Ending::Stopped {
+        if report.ending() == Some(Ending::Stopped) {
             return Ok(ExitCode::from(130));
         }
     }
@@ -71,6 +72,7 @@ pub fn demo() -> Result<ExitCode> {
     eprintln!("\n== twinvm demo: replaying it from the log");
     replay(&ReplayArgs {
         log: log.clone(),
+        test_perturb: None,
         run: guest_args("storm", &path_str(&replayed_console)),
     })?;
     let replayed =
@@ -95,6 +97,7 @@ pub fn demo() -> Result<ExitCode> {
     })?;
     match replay(&ReplayArgs {
         log,
+        test_perturb: None,
         run: guest_args("rdtscuser", &path_str(&dir.0.join("r2.txt"))),
     }) {
         Ok(_) => println!("demo: UNEXPECTED: the user-mode TSC guest replayed as identical"),

@@ -1,6 +1,7 @@
 //! The `twinvm` command line.
 
 mod demo;
+pub mod pair;
 mod replay;
 mod run;
 pub mod size;
@@ -9,6 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub use pair::{BackupArgs, PrimaryArgs, StatusArgs};
 pub use replay::{RecordArgs, ReplayArgs};
 pub use run::RunArgs;
 
@@ -31,6 +33,12 @@ pub enum Command {
     Record(RecordArgs),
     /// Re-execute a guest from a recorded log and check it ends in the identical state.
     Replay(ReplayArgs),
+    /// Run the primary replica of a fault-tolerant VM: stream the log to the backup, hold outputs until acknowledged.
+    Primary(PrimaryArgs),
+    /// Run the backup replica: replay the primary's log one epoch behind, go live if the primary is lost.
+    Backup(BackupArgs),
+    /// Show a running replica's role, state, lag, log rate and held outputs.
+    Status(StatusArgs),
     /// The arbiter: a Raft-replicated test-and-set service (serve, tas, reset, get, status, selftest, ...).
     #[command(subcommand)]
     Arbiter(arbiter::cli::ArbiterCommand),
@@ -64,6 +72,9 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(&args),
         Command::Record(args) => replay::record(&args),
         Command::Replay(args) => replay::replay(&args),
+        Command::Primary(args) => pair::primary(&args),
+        Command::Backup(args) => pair::backup(&args),
+        Command::Status(args) => pair::status(&args),
         Command::Arbiter(cmd) => std::env::current_exe()
             .map_err(anyhow::Error::from)
             .and_then(|exe| {
@@ -77,7 +88,7 @@ pub fn main() -> ExitCode {
         Command::Demo => demo::demo(),
         Command::Guests => {
             for name in crate::guests::names() {
-                println!("builtin:{name}");
+                println!("builtin:{name:<12}  {}", crate::guests::describe(name));
             }
             Ok(ExitCode::SUCCESS)
         }

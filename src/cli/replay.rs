@@ -2,7 +2,7 @@
 //! inputs to a log file, and re-execute the guest from that log.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,9 +11,13 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::run::{RunArgs, VmSession};
+use crate::replay::engine::{
+    Ending, LogSink, PerturbKind, RecordSettings, Recorder, Role, RunReport, Stop, TestPerturbation,
+};
 use crate::replay::log::{LogHeader, LogReader, LogWriter};
+pub use crate::replay::machine::header_for;
 use crate::replay::schedule::Schedule;
-use crate::vmm::{self, sys, Ending, RecordSettings, Recorder, RunReport, VmConfig};
+use crate::vmm::{layout, sys, VmConfig};
 
 /// Arguments of `twinvm record`.
 #[derive(Debug, Clone, Args)]
@@ -28,8 +32,9 @@ pub struct RecordArgs {
     /// is stopped for a sync point.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub sync_bound_us: u64,
-    /// Log the guest's RIP at every landmark; the replay then names the
-    /// first landmark where its RIP differs (for chasing a divergence).
+    /// Log the guest's RIP and the landmark's own signature at every
+    /// landmark; the replay then names the first landmark whose exit or
+    /// RIP differs (for chasing a divergence).
     #[arg(long)]
     pub trace_landmarks: bool,
     #[command(flatten)]
@@ -42,49 +47,19 @@ pub struct ReplayArgs {
     /// The log file to follow.
     #[arg(long)]
     pub log: PathBuf,
+    /// Test hook: make this replay wrong on purpose at one landmark
+    /// (`write-page:GPA@L`, `device:rtc@L`, `msr:INDEX@L`), to prove the divergence
+    /// detectors fire (docs/operations.md).
+    #[arg(long, hide = true, value_name = "KIND@LANDMARK")]
+    pub test_perturb: Option<TestPerturbation>,
     #[command(flatten)]
     pub run: RunArgs,
 }
 
-/// The header describing the guest `config` would boot.
-pub fn header_for(config: &VmConfig, boot_unix_secs: u64, host_cpu: u32) -> LogHeader {
-    LogHeader {
-        kernel_hash: blake3::hash(&config.kernel).into(),
-        initrd_hash: config.initrd.as_ref().map(|i| blake3::hash(i).into()),
-        cmdline: config.cmdline.clone(),
-        mem_bytes: config.mem_bytes,
-        boot_unix_secs,
-        host_cpu,
-    }
-}
-
 /// Refuse to replay a log on a different guest, naming what differs.
-pub fn check_header(log: &LogHeader, config: &VmConfig) -> Result<()> {
-    let ours = header_for(config, log.boot_unix_secs, log.host_cpu);
-    let mut differences = Vec::new();
-    if log.kernel_hash != ours.kernel_hash {
-        differences.push("the kernel image differs from the recorded one".to_string());
-    }
-    if log.initrd_hash != ours.initrd_hash {
-        differences.push(match (log.initrd_hash, ours.initrd_hash) {
-            (Some(_), None) => "the recording had an initrd and this run has none".to_string(),
-            (None, Some(_)) => "this run has an initrd and the recording had none".to_string(),
-            _ => "the initrd differs from the recorded one".to_string(),
-        });
-    }
-    if log.cmdline != ours.cmdline {
-        differences.push(format!(
-            "the command line was {:?}, now {:?}",
-            log.cmdline, ours.cmdline
-        ));
-    }
-    if log.mem_bytes != ours.mem_bytes {
-        differences.push(format!(
-            "memory was {} MiB, now {} MiB",
-            log.mem_bytes >> 20,
-            ours.mem_bytes >> 20
-        ));
-    }
+pub fn check_header(log: &LogHeader, config: &VmConfig, net_mac: Option<[u8; 6]>) -> Result<()> {
+    let ours = header_for(config, log.boot_unix_secs, log.host_cpu, net_mac);
+    let differences = log.differences_from(&ours);
     if !differences.is_empty() {
         bail!(
             "this log was recorded from a different guest: {}",
@@ -133,20 +108,29 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
         .context("duplicating the log file handle")?;
     // Stay on the CPU we are on; the replay pins itself to the same one.
     let host_cpu = sys::current_cpu().context("finding the host CPU to record on")?;
-    let header = header_for(&session.config, session.boot_unix_secs, host_cpu);
-    let writer: Box<dyn Write + Send> = Box::new(BufWriter::new(file));
+    let header = header_for(
+        &session.config,
+        session.boot_unix_secs,
+        host_cpu,
+        session.net_mac(),
+    );
+    let writer: Box<dyn LogSink> = Box::new(BufWriter::new(file));
     let log = LogWriter::new(writer, &header)
         .with_context(|| format!("writing log {}", args.log.display()))?;
-    let mut recorder = Recorder {
-        log,
-        settings: RecordSettings {
-            digest_interval: args.digest_interval,
-            sync_bound: Duration::from_micros(args.sync_bound_us),
-            trace_landmarks: args.trace_landmarks,
-        },
+    let settings = RecordSettings {
+        digest_interval: args.digest_interval,
+        sync_bound: Duration::from_micros(args.sync_bound_us),
+        trace_landmarks: args.trace_landmarks,
     };
-    let report = session.run(true, vmm::Mode::Record(&mut recorder), Some(host_cpu))?;
-    recorder.log.flush().context("flushing the log")?;
+    let (report, mut engine) = session.run(
+        true,
+        Role::Record(Recorder { log }),
+        settings,
+        Some(host_cpu),
+    )?;
+    if let Some(recorder) = engine.recorder_mut() {
+        recorder.log.flush().context("flushing the log")?;
+    }
     sync_handle
         .sync_all()
         .with_context(|| format!("syncing log {}", args.log.display()))?;
@@ -155,8 +139,8 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
     if args.run.stats {
         super::run::print_stats(&report);
     }
-    Ok(match report.ending {
-        Ending::Stopped => ExitCode::from(130),
+    Ok(match report.ending() {
+        Some(Ending::Stopped) => ExitCode::from(130),
         _ => ExitCode::SUCCESS,
     })
 }
@@ -169,10 +153,22 @@ pub fn replay(args: &ReplayArgs) -> Result<ExitCode> {
     let reader =
         LogReader::new(input).with_context(|| format!("reading log {}", args.log.display()))?;
     let boot_unix_secs = reader.header().boot_unix_secs;
-    let session = VmSession::new(&args.run, boot_unix_secs)?;
+    let mut session = VmSession::new(&args.run, boot_unix_secs)?;
     session.require_replayable()?;
-    check_header(reader.header(), &session.config)
+    check_header(reader.header(), &session.config, session.net_mac())
         .with_context(|| format!("replaying {}", args.log.display()))?;
+    if let Some(p) = args.test_perturb {
+        if let PerturbKind::WritePage { gpa } = p.kind {
+            if layout::ram_page_index(session.config.mem_bytes, gpa).is_none() {
+                bail!(
+                    "--test-perturb {p}: {gpa:#x} is not in the guest's RAM ({} MiB)",
+                    session.config.mem_bytes >> 20
+                );
+            }
+        }
+        eprintln!("twinvm replay: --test-perturb {p}: this replay is made wrong on purpose");
+        session.test_perturbation = Some(p);
+    }
     let host_cpu = reader.header().host_cpu;
     // Checked up front (on a throwaway thread) for a clear message.
     std::thread::spawn(move || sys::pin_current_thread(host_cpu))
@@ -184,15 +180,29 @@ pub fn replay(args: &ReplayArgs) -> Result<ExitCode> {
                  here), and the replay must too: pinning to it failed"
             )
         })?;
-    let mut schedule = Schedule::new(reader);
-    let report = match session.run(false, vmm::Mode::Replay(&mut schedule), Some(host_cpu)) {
-        Ok(report) => report,
+    let schedule = Schedule::from_log(reader);
+    let report = match session.run(
+        false,
+        Role::Replay(schedule),
+        RecordSettings::default(),
+        Some(host_cpu),
+    ) {
+        Ok((report, engine)) => {
+            if let Some(p) = engine.test_perturbation_pending() {
+                bail!(
+                    "--test-perturb {p}: the replay ended at landmark {} without reaching landmark {}, so nothing was perturbed",
+                    report.stats.landmarks,
+                    p.landmark
+                );
+            }
+            report
+        }
         Err(e) => {
             eprintln!("twinvm replay: NOT identical");
             return Err(e.context(format!("replaying {}", args.log.display())));
         }
     };
-    if !report.log_end_reached {
+    if !matches!(report.stop, Stop::Ended { log_end: true, .. }) {
         // Stopped by Ctrl-C before the log's end: nothing to conclude.
         eprintln!("twinvm replay: stopped before the end of the log");
         return Ok(ExitCode::from(130));
@@ -225,8 +235,8 @@ mod tests {
 
     #[test]
     fn a_different_guest_is_refused_naming_each_difference() {
-        let log = header_for(&config(), 5, 0);
-        assert!(check_header(&log, &config()).is_ok());
+        let log = header_for(&config(), 5, 0, None);
+        assert!(check_header(&log, &config(), None).is_ok());
         let other = VmConfig {
             kernel: vec![9],
             initrd: Some(vec![1]),
@@ -234,10 +244,13 @@ mod tests {
             mem_bytes: 128 << 20,
             ..config()
         };
-        let err = check_header(&log, &other).unwrap_err().to_string();
+        let err = check_header(&log, &other, Some([2; 6]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("kernel image differs"), "{err}");
         assert!(err.contains("this run has an initrd"), "{err}");
         assert!(err.contains("\"console=ttyS0\", now \"quiet\""), "{err}");
         assert!(err.contains("memory was 64 MiB, now 128 MiB"), "{err}");
+        assert!(err.contains("this run has a NIC"), "{err}");
     }
 }

@@ -4,18 +4,25 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::thread;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use crossbeam_channel::Sender;
+use crossbeam_channel::Receiver;
 
 use super::size::parse_size;
 use crate::devices::Platform;
 use crate::guests::{self, BUILTIN_PREFIX};
-use crate::vmm::boot::{self, PreparedKernel};
-use crate::vmm::{self, Control, Ending, Kicker, RunReport, Vm, VmConfig};
+use crate::net::tap::{Tap, TapBackend};
+use crate::net::NetSpec;
+use crate::replay::engine::{
+    Connections, ConsoleAndNet, Ending, Engine, FrameSender, Inputs, RecordSettings, Role,
+    RunReport, StopOnSignal, TestPerturbation,
+};
+use crate::replay::machine;
+use crate::vmm::{boot, Kicker, Vm, VmConfig};
 
 /// Arguments of `twinvm run` (shared by later subcommands that boot a guest).
 #[derive(Debug, Clone, Args)]
@@ -38,6 +45,10 @@ pub struct RunArgs {
     /// Print exit statistics on stderr when the guest ends.
     #[arg(long)]
     pub stats: bool,
+    /// Give the guest a virtio-net NIC backed by a TAP device:
+    /// `tap=NAME[,mac=52:54:00:12:34:56]` (the TAP is created if missing).
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    pub net: Option<NetSpec>,
 }
 
 /// Read the kernel named on the command line (a file or an embedded guest).
@@ -74,7 +85,7 @@ impl RunArgs {
         })
     }
 
-    fn serial_sink(&self) -> Result<Box<dyn Write + Send>> {
+    pub fn serial_sink(&self) -> Result<Box<dyn Write + Send>> {
         if self.serial == "stdio" {
             return Ok(Box::new(std::io::stdout()));
         }
@@ -84,9 +95,14 @@ impl RunArgs {
     }
 }
 
+/// How many chunks of typed input may wait for the guest; beyond that the
+/// stdin reader blocks (the guest takes input only as fast as its UART).
+const SERIAL_QUEUE: usize = 64;
+
 /// Forward stdin to the guest's serial port. The thread is left to end with
 /// the process: a blocking read cannot be interrupted portably.
-fn spawn_stdin_reader(tx: Sender<Control>, kicker: Kicker) {
+fn spawn_stdin_reader(kicker: Kicker) -> Receiver<Vec<u8>> {
+    let (tx, rx) = crossbeam_channel::bounded(SERIAL_QUEUE);
     let _ = thread::Builder::new()
         .name("twinvm-stdin".into())
         .spawn(move || {
@@ -96,7 +112,7 @@ fn spawn_stdin_reader(tx: Sender<Control>, kicker: Kicker) {
                 match stdin.read(&mut buf) {
                     Ok(0) | Err(_) => return,
                     Ok(n) => {
-                        if tx.send(Control::SerialInput(buf[..n].to_vec())).is_err() {
+                        if tx.send(buf[..n].to_vec()).is_err() {
                             return;
                         }
                         kicker.kick();
@@ -104,109 +120,131 @@ fn spawn_stdin_reader(tx: Sender<Control>, kicker: Kicker) {
                 }
             }
         });
+    rx
 }
 
-/// Stop the VM cleanly on SIGINT/SIGTERM.
-struct StopOnSignal {
-    handle: signal_hook::iterator::Handle,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl StopOnSignal {
-    fn install(tx: Sender<Control>, kicker: Kicker) -> Result<Self> {
-        let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
-            .context("installing signal handlers")?;
-        let handle = signals.handle();
-        let thread = thread::Builder::new()
-            .name("twinvm-signals".into())
-            .spawn(move || {
-                if signals.forever().next().is_some() {
-                    let _ = tx.send(Control::Stop);
-                    kicker.kick();
-                }
-            })
-            .context("spawning the signal thread")?;
-        Ok(StopOnSignal {
-            handle,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for StopOnSignal {
-    fn drop(&mut self) {
-        self.handle.close();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+/// Refuse a kernel whose recording could not be replayed, naming why
+/// (time or entropy reads that cannot be trapped: a bzImage whose payload
+/// twinvm does not decompress, an ELF without readable code sections).
+/// Whatever records or replays calls this before creating anything.
+pub fn require_replayable(config: &VmConfig) -> Result<()> {
+    let kernel = boot::prepare_kernel(&config.kernel_name, &config.kernel)?;
+    match kernel.not_replayable {
+        Some(why) => bail!(
+            "{}: cannot be recorded and replayed: {why}",
+            config.kernel_name
+        ),
+        None => Ok(()),
     }
 }
 
 /// A guest ready to boot: its configuration and where its console goes.
 pub struct VmSession {
     pub config: VmConfig,
-    /// The kernel as it is loaded (a bzImage's kernel taken out, traps planted).
-    pub kernel: PreparedKernel,
     /// Wall-clock time the guest's RTC starts from.
     pub boot_unix_secs: u64,
+    /// `replay --test-perturb`: a replay made wrong on purpose (tests only).
+    pub test_perturbation: Option<TestPerturbation>,
     args: RunArgs,
 }
 
 impl VmSession {
-    /// Read the kernel and initrd named in `args`, and prepare the kernel.
+    /// Read the kernel and initrd named in `args`.
     pub fn new(args: &RunArgs, boot_unix_secs: u64) -> Result<Self> {
-        let config = args.vm_config()?;
-        let kernel = boot::prepare_kernel(&config.kernel_name, &config.kernel)?;
         Ok(VmSession {
-            config,
-            kernel,
+            config: args.vm_config()?,
             boot_unix_secs,
+            test_perturbation: None,
             args: args.clone(),
         })
     }
 
-    /// Refuse a kernel whose recording could not be replayed (`record` and
-    /// `replay` call this before anything else).
+    /// [`require_replayable`] for this session's kernel.
     pub fn require_replayable(&self) -> Result<()> {
-        match &self.kernel.not_replayable {
-            Some(why) => bail!(
-                "{}: cannot be recorded and replayed: {why}",
-                self.args.kernel
-            ),
-            None => Ok(()),
-        }
+        require_replayable(&self.config)
     }
 
-    /// Build the VM and run it on this thread in `mode`, pinned to
-    /// `host_cpu` if given. With `forward_stdin` (and `--serial stdio`) what
-    /// is typed goes to the guest's serial port.
+    /// The NIC's MAC, if the guest has one.
+    pub fn net_mac(&self) -> Option<[u8; 6]> {
+        self.args.net.as_ref().map(|n| n.mac)
+    }
+
+    /// Build the VM and its devices.
+    pub fn build(&self) -> Result<(Vm, Platform<Vec<u8>>)> {
+        machine::build(&self.config, self.boot_unix_secs, self.net_mac())
+            .with_context(|| format!("building the VM for {}", self.args.kernel))
+    }
+
+    /// Open the TAP device of `--net` and start moving frames; received
+    /// frames wake the vCPU through `kicker`.
+    pub fn open_tap(&self, kicker: &Kicker) -> Result<Option<Arc<TapBackend>>> {
+        let Some(spec) = &self.args.net else {
+            return Ok(None);
+        };
+        let tap = Tap::open(&spec.tap)
+            .with_context(|| format!("opening TAP device {} (--net)", spec.tap))?;
+        let wake = kicker.clone();
+        let backend = TapBackend::start(tap, move || wake.kick())
+            .with_context(|| format!("starting the TAP backend for {}", spec.tap))?;
+        Ok(Some(Arc::new(backend)))
+    }
+
+    /// Build the VM and run it on this thread in `role`, pinned to
+    /// `host_cpu` if given. A live role (not a replay) gets its input:
+    /// with `forward_stdin` and `--serial stdio` what is typed goes to the
+    /// guest's serial port,
+    /// and `--net` opens the TAP device; a replay takes both from its log and
+    /// sends no frame. Returns the engine too, for the caller to finish the
+    /// role's log.
     pub fn run(
         &self,
         forward_stdin: bool,
-        mode: vmm::Mode<'_>,
+        role: Role,
+        settings: RecordSettings,
         host_cpu: Option<u32>,
-    ) -> Result<RunReport> {
-        if let (vmm::Mode::Live, Some(why)) = (&mode, &self.kernel.not_replayable) {
-            tracing::warn!(
-                "{}: {why} (`run` boots it; `record` refuses it)",
-                self.args.kernel
-            );
-        }
-        let mut vm = Vm::create_with_kernel(&self.config, &self.kernel)
-            .with_context(|| format!("building the VM for {}", self.args.kernel))?;
-        tracing::info!(entry = format_args!("{:#x}", vm.kernel.entry), kind = ?vm.kernel.kind, "kernel loaded");
-        let mut platform = Platform::new(self.args.serial_sink()?, self.boot_unix_secs);
-        let kicker = Kicker::for_current_thread().context("installing the vCPU kick handler")?;
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let _signals = StopOnSignal::install(tx.clone(), kicker)?;
-        if forward_stdin && self.args.serial == "stdio" {
-            spawn_stdin_reader(tx.clone(), kicker);
-        }
+    ) -> Result<(RunReport, Engine)> {
+        let live = !matches!(role, Role::Replay(_));
+        let (vm, platform) = self.build()?;
+        let kicker = Kicker::new();
+        let (control_tx, control_rx) = crossbeam_channel::bounded(16);
+        let _signals = StopOnSignal::install(control_tx.clone(), kicker.clone())
+            .context("installing signal handlers")?;
+        let serial = (live && forward_stdin && self.args.serial == "stdio")
+            .then(|| spawn_stdin_reader(kicker.clone()));
+        let tap = if live { self.open_tap(&kicker)? } else { None };
+        let net_sender: Option<FrameSender> = tap.clone().map(|tap| {
+            Box::new(move |frame: &[u8]| {
+                if let Err(e) = tap.send(frame) {
+                    tracing::warn!("sending a frame on {}: {e}", tap.name());
+                }
+            }) as FrameSender
+        });
+        let outputs = Box::new(ConsoleAndNet {
+            console: self.args.serial_sink()?,
+            net: net_sender,
+        });
+        let inputs = Inputs {
+            control: control_rx,
+            serial,
+            net: tap.as_ref().map(|t| t.rx().clone()),
+        };
+        let mut engine = Engine::new(
+            vm,
+            platform,
+            Connections {
+                inputs,
+                outputs,
+                kicker,
+            },
+            role,
+            settings,
+            host_cpu,
+        )?;
+        engine.set_test_perturbation(self.test_perturbation);
         // Keep a sender alive so a closed stdin does not look like "no input ever".
-        let _keep = tx;
-        let report = vmm::run(&mut vm, &mut platform, &rx, kicker, mode, host_cpu)?;
-        let _ = std::io::stdout().flush();
-        Ok(report)
+        let _keep = control_tx;
+        let report = engine.run()?;
+        Ok((report, engine))
     }
 }
 
@@ -216,14 +254,21 @@ pub fn boot_and_run(args: &RunArgs, forward_stdin: bool) -> Result<RunReport> {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    VmSession::new(args, boot_secs)?.run(forward_stdin, vmm::Mode::Live, None)
+    let (report, _) = VmSession::new(args, boot_secs)?.run(
+        forward_stdin,
+        Role::Live,
+        RecordSettings::default(),
+        None,
+    )?;
+    Ok(report)
 }
 
 pub(super) fn describe(report: &RunReport) -> String {
-    let how = match report.ending {
-        Ending::ResetRequested => "guest powered off (reset line pulsed via the i8042)",
-        Ending::HaltedForGood => "guest powered off (halted with interrupts disabled)",
-        Ending::Stopped => "stopped",
+    let how = match report.ending() {
+        Some(Ending::ResetRequested) => "guest powered off (reset line pulsed via the i8042)",
+        Some(Ending::HaltedForGood) => "guest powered off (halted with interrupts disabled)",
+        Some(Ending::Stopped) => "stopped",
+        None => "the primary's log ended",
     };
     format!("{how} after {:.3} s", report.wall.as_secs_f64())
 }
@@ -232,7 +277,7 @@ pub(super) fn print_stats(report: &RunReport) {
     let s = &report.stats;
     let secs = report.wall.as_secs_f64().max(1e-9);
     eprintln!(
-        "twinvm: exits={} ({:.0}/s) io={} mmio={} hlt={} kicks={} landmarks={} interrupts={} emulation-fallbacks={} exceptions-injected={} time-reads={} random-reads={} syscall-fixes={} shadow-mmu-flushes={}",
+        "twinvm: exits={} ({:.0}/s) io={} mmio={} hlt={} kicks={} landmarks={} interrupts={} emulation-fallbacks={} exceptions-injected={} time-reads={} random-reads={} syscall-fixes={} shadow-mmu-flushes={} net-rx={} net-tx={}",
         s.total,
         s.total as f64 / secs,
         s.io,
@@ -246,7 +291,9 @@ pub(super) fn print_stats(report: &RunReport) {
         s.time_reads,
         s.random_reads,
         s.syscall_fixes,
-        s.shadow_mmu_flushes
+        s.shadow_mmu_flushes,
+        s.net_rx_frames,
+        s.net_tx_frames
     );
 }
 
@@ -257,8 +304,8 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     if args.stats {
         print_stats(&report);
     }
-    Ok(match report.ending {
-        Ending::Stopped => ExitCode::from(130),
+    Ok(match report.ending() {
+        Some(Ending::Stopped) => ExitCode::from(130),
         _ => ExitCode::SUCCESS,
     })
 }

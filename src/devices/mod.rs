@@ -14,6 +14,7 @@ pub mod pit;
 pub mod platform;
 pub mod rtc;
 pub mod uart;
+pub mod virtio;
 
 pub use i8042::{I8042State, I8042};
 pub use pci::{PciConfigSpace, PciDevice, PciError, PciRoot, PciRootState};
@@ -22,6 +23,10 @@ pub use pit::{Pit, PitState, PIT_HZ};
 pub use platform::{Platform, PlatformEvent, PlatformState};
 pub use rtc::{Rtc, RtcState};
 pub use uart::{Uart, UartState};
+pub use virtio::{
+    GuestRam, GuestRamError, RxOutcome, VecRam, VirtioNet, VirtioNetConfig, VirtioNetState,
+    VirtioNetStats,
+};
 
 /// Guest-visible time: nanoseconds since the VM was created.
 pub type Nanos = u64;

@@ -342,8 +342,13 @@ impl PciRoot {
     }
 
     /// The device the address register selects, with the dword index, if
-    /// config access is enabled and the target exists.
-    fn target(&mut self) -> Option<(&mut dyn PciDevice, usize)> {
+    /// config access is enabled and the target exists. `external` is a
+    /// device the caller owns (the platform keeps its NIC itself, to reach
+    /// its registers and state), plugged into the given slot.
+    fn target<'s: 'r, 'o: 'r, 'r>(
+        &'s mut self,
+        external: Option<(u8, &'r mut (dyn PciDevice + 'o))>,
+    ) -> Option<(&'r mut (dyn PciDevice + 'r), usize)> {
         let a = self.config_address;
         let enabled = a & 0x8000_0000 != 0;
         let bus = (a >> 16) & 0xff;
@@ -356,12 +361,32 @@ impl PciRoot {
         if slot == 0 {
             return Some((&mut self.host_bridge, reg));
         }
+        if let Some((ext_slot, dev)) = external {
+            if usize::from(ext_slot) == slot {
+                return Some((dev, reg));
+            }
+        }
         let dev = self.slots[slot].as_deref_mut()?;
         Some((dev, reg))
     }
 
     /// Port read in 0xCF8..=0xCFF of `data.len()` bytes (1, 2 or 4).
     pub fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+        self.pio_read_with(port, data, None)
+    }
+
+    /// Port write in 0xCF8..=0xCFF of `data.len()` bytes (1, 2 or 4).
+    pub fn pio_write(&mut self, port: u16, data: &[u8]) {
+        self.pio_write_with(port, data, None)
+    }
+
+    /// [`PciRoot::pio_read`] with a caller-owned device in a slot.
+    pub fn pio_read_with(
+        &mut self,
+        port: u16,
+        data: &mut [u8],
+        external: Option<(u8, &mut dyn PciDevice)>,
+    ) {
         data.fill(0xff);
         match port {
             0xcf8 if data.len() == 4 => data.copy_from_slice(&self.config_address.to_le_bytes()),
@@ -371,7 +396,7 @@ impl PciRoot {
                     self.unsupported_accesses += 1;
                     return;
                 }
-                if let Some((dev, reg)) = self.target() {
+                if let Some((dev, reg)) = self.target(external) {
                     let v = dev.config_read(reg).to_le_bytes();
                     data.copy_from_slice(&v[offset..offset + data.len()]);
                 }
@@ -382,8 +407,13 @@ impl PciRoot {
         }
     }
 
-    /// Port write in 0xCF8..=0xCFF of `data.len()` bytes (1, 2 or 4).
-    pub fn pio_write(&mut self, port: u16, data: &[u8]) {
+    /// [`PciRoot::pio_write`] with a caller-owned device in a slot.
+    pub fn pio_write_with(
+        &mut self,
+        port: u16,
+        data: &[u8],
+        external: Option<(u8, &mut dyn PciDevice)>,
+    ) {
         match port {
             0xcf8 if data.len() == 4 => {
                 let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
@@ -396,7 +426,7 @@ impl PciRoot {
                     self.unsupported_accesses += 1;
                     return;
                 }
-                if let Some((dev, reg)) = self.target() {
+                if let Some((dev, reg)) = self.target(external) {
                     dev.config_write(reg, offset as u8, data);
                 }
             }

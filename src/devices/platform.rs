@@ -12,15 +12,24 @@ use std::io::Write;
 use serde::{Deserialize, Serialize};
 
 use super::i8042::{I8042State, I8042};
-use super::pci::{PciRoot, PciRootState};
+use super::pci::{PciDevice, PciRoot, PciRootState};
 use super::pic::{Pic, PicState};
 use super::pit::{Pit, PitState};
 use super::rtc::{Rtc, RtcState};
 use super::uart::{Uart, UartState};
+use super::virtio::{GuestRam, RxOutcome, VirtioNet, VirtioNetConfig, VirtioNetState};
 use super::{check_version, Nanos, StateError};
 
 /// Version of [`PlatformState`] this build writes.
-const PLATFORM_STATE_VERSION: u32 = 1;
+const PLATFORM_STATE_VERSION: u32 = 2;
+
+/// Where the virtio-net NIC sits: PCI slot, INTx line (level-triggered,
+/// as firmware sets a PCI line in the ELCR), and the 32-bit memory BAR the
+/// VMM assigns it (in the hole below 4 GiB, clear of the RAM and the
+/// shadow-flush page).
+pub const NET_PCI_SLOT: u8 = 1;
+pub const NET_IRQ: u8 = 11;
+pub const NET_BAR0: u64 = 0xE000_0000;
 
 /// COM1's base port and IRQ.
 const COM1_BASE: u16 = 0x3f8;
@@ -56,6 +65,8 @@ pub struct PlatformState {
     pub pci: PciRootState,
     /// A reset request not yet taken with [`Platform::take_event`].
     pub reset_pending: bool,
+    /// The NIC, if the VM has one.
+    pub net: Option<VirtioNetState>,
 }
 
 /// Which device answers a byte-wide port.
@@ -107,6 +118,8 @@ pub struct Platform<W: Write> {
     pub i8042: I8042,
     /// PCI configuration mechanism #1.
     pub pci: PciRoot,
+    /// The virtio-net NIC in [`NET_PCI_SLOT`], if the VM has one.
+    pub net: Option<VirtioNet>,
     events: VecDeque<PlatformEvent>,
     unhandled: u64,
     /// PIT channel-0 edges that fell into one poll with another and so
@@ -125,21 +138,105 @@ impl<W: Write> Platform<W> {
             rtc: Rtc::new(boot_unix_secs),
             i8042: I8042::new(),
             pci: PciRoot::new(),
+            net: None,
             events: VecDeque::new(),
             unhandled: 0,
             pit_ticks_coalesced: 0,
         }
     }
 
+    /// Plug a virtio-net NIC with MAC `mac` into [`NET_PCI_SLOT`], its
+    /// line [`NET_IRQ`] set level-triggered in the ELCR as firmware would.
+    pub fn add_net(&mut self, mac: [u8; 6]) {
+        self.net = Some(VirtioNet::new(VirtioNetConfig {
+            mac,
+            bar0: NET_BAR0,
+            irq_line: NET_IRQ,
+        }));
+        let (port, bit) = if NET_IRQ < 8 {
+            (0x4d0, NET_IRQ)
+        } else {
+            (0x4d1, NET_IRQ - 8)
+        };
+        let elcr = self.pic.read(port);
+        self.pic.write(port, elcr | 1 << bit);
+    }
+
     fn is_pci(port: u16) -> bool {
         (0xcf8..=0xcff).contains(&port)
+    }
+
+    /// The NIC as a PCI device plugged into its slot, for config cycles.
+    fn external_pci(net: &mut Option<VirtioNet>) -> Option<(u8, &mut dyn PciDevice)> {
+        net.as_mut()
+            .map(|n| (NET_PCI_SLOT, n as &mut dyn PciDevice))
+    }
+
+    /// A guest MMIO read at `addr`; false if no device decodes it.
+    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) -> bool {
+        let Some(net) = &mut self.net else {
+            return false;
+        };
+        match net.bar0() {
+            Some(base) if (base..base + VirtioNet::BAR0_SIZE).contains(&addr) => {
+                net.mmio_read(addr - base, data);
+                self.sync_irq_lines();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A guest MMIO write at `addr` (a NIC notify transmits, reading and
+    /// writing guest memory through `mem`); false if no device decodes it.
+    pub fn mmio_write(&mut self, addr: u64, data: &[u8], mem: &mut dyn GuestRam) -> bool {
+        let Some(net) = &mut self.net else {
+            return false;
+        };
+        match net.bar0() {
+            Some(base) if (base..base + VirtioNet::BAR0_SIZE).contains(&addr) => {
+                net.mmio_write(addr - base, data, mem);
+                self.sync_irq_lines();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A config-space write may have notified a queue (through the NIC's
+    /// PCI-configuration access window), which needs guest memory: run it.
+    pub fn flush_pci_notify(&mut self, mem: &mut dyn GuestRam) {
+        if let Some(net) = &mut self.net {
+            if net.has_pending_notify() {
+                net.flush_pending_notify(mem);
+                self.sync_irq_lines();
+            }
+        }
+    }
+
+    /// Put a received frame into the NIC's receive ring; None without a NIC.
+    pub fn net_receive(&mut self, frame: &[u8], mem: &mut dyn GuestRam) -> Option<RxOutcome> {
+        let outcome = self.net.as_mut().map(|n| n.receive(frame, mem));
+        self.sync_irq_lines();
+        outcome
+    }
+
+    /// Whether the NIC's driver is up to take frames.
+    pub fn net_can_receive(&self) -> bool {
+        self.net.as_ref().is_some_and(|n| n.can_receive())
+    }
+
+    /// Frames the guest transmitted since the last call.
+    pub fn take_net_tx(&mut self) -> Vec<Vec<u8>> {
+        self.net.as_mut().map(|n| n.take_tx()).unwrap_or_default()
     }
 
     /// A guest `in` of `data.len()` bytes (1, 2 or 4) from `port`.
     /// Multi-byte accesses to byte-wide devices read consecutive ports.
     pub fn pio_read(&mut self, port: u16, data: &mut [u8], now: Nanos) {
         if Self::is_pci(port) {
-            self.pci.pio_read(port, data);
+            self.pci
+                .pio_read_with(port, data, Self::external_pci(&mut self.net));
         } else {
             let mut unhandled = false;
             for (i, b) in data.iter_mut().enumerate() {
@@ -167,7 +264,8 @@ impl<W: Write> Platform<W> {
     /// A guest `out` of `data` (1, 2 or 4 bytes) to `port`.
     pub fn pio_write(&mut self, port: u16, data: &[u8], now: Nanos) {
         if Self::is_pci(port) {
-            self.pci.pio_write(port, data);
+            self.pci
+                .pio_write_with(port, data, Self::external_pci(&mut self.net));
         } else {
             let mut unhandled = false;
             for (i, &b) in data.iter().enumerate() {
@@ -222,6 +320,9 @@ impl<W: Write> Platform<W> {
         }
         self.pic.set_irq_level(KBD_IRQ, self.i8042.kbd_irq_level());
         self.pic.set_irq_level(AUX_IRQ, self.i8042.aux_irq_level());
+        if let Some(net) = &self.net {
+            self.pic.set_irq_level(NET_IRQ, net.irq_level());
+        }
     }
 
     /// Advances the timers to `now`: PIT channel-0 edges since the last
@@ -267,6 +368,11 @@ impl<W: Write> Platform<W> {
         self.uart.rx_space()
     }
 
+    /// Whether the guest asked for a reset (not yet taken).
+    pub fn reset_requested(&self) -> bool {
+        self.events.contains(&PlatformEvent::Reset)
+    }
+
     /// The next event for the VMM, if any.
     pub fn take_event(&mut self) -> Option<PlatformEvent> {
         self.events.pop_front()
@@ -285,6 +391,7 @@ impl<W: Write> Platform<W> {
             + self.rtc.unsupported_accesses
             + self.i8042.unsupported_accesses
             + self.pci.unsupported_accesses
+            + self.net.as_ref().map_or(0, |n| n.stats().guest_errors)
     }
 
     /// Snapshot of every device's guest-visible state.
@@ -298,6 +405,7 @@ impl<W: Write> Platform<W> {
             i8042: self.i8042.save(),
             pci: self.pci.save(),
             reset_pending: self.events.contains(&PlatformEvent::Reset),
+            net: self.net.as_ref().map(|n| n.save()),
         }
     }
 
@@ -314,12 +422,38 @@ impl<W: Write> Platform<W> {
         Rtc::new(0).restore(&state.rtc)?;
         I8042::new().restore(&state.i8042)?;
         PciRoot::new().restore(&state.pci)?;
+        match (&self.net, &state.net) {
+            (Some(net), Some(saved)) => {
+                let mut scratch = VirtioNet::new(VirtioNetConfig {
+                    mac: net.mac(),
+                    bar0: NET_BAR0,
+                    irq_line: NET_IRQ,
+                });
+                scratch.restore(saved)?;
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(StateError::Invalid {
+                    device: "platform",
+                    reason: "the saved state has no NIC, this VM has one",
+                })
+            }
+            (None, Some(_)) => {
+                return Err(StateError::Invalid {
+                    device: "platform",
+                    reason: "the saved state has a NIC, this VM has none",
+                })
+            }
+        }
         self.pic.restore(&state.pic)?;
         self.pit.restore(&state.pit)?;
         self.uart.restore(&state.uart)?;
         self.rtc.restore(&state.rtc)?;
         self.i8042.restore(&state.i8042)?;
         self.pci.restore(&state.pci)?;
+        if let (Some(net), Some(saved)) = (&mut self.net, &state.net) {
+            net.restore(saved)?;
+        }
         self.events.clear();
         if state.reset_pending {
             self.events.push_back(PlatformEvent::Reset);

@@ -1,25 +1,132 @@
 //! The replay scheduler: decides, from the log alone, what the backup does at
-//! each landmark. Sans-IO: it reads records and answers; the vCPU loop acts.
+//! each landmark. Sans-IO: it pulls records from a [`RecordSource`] and
+//! answers; the engine acts.
 //!
 //! The backup runs one epoch behind: it may run the guest from landmark k to
-//! the next exit only when the log already holds a record beyond k, which
-//! proves the primary got past k; and never when the next event is a sync
-//! point at k+1 (the primary stopped the guest between k and k+1, and the
-//! backup must load that state instead of executing).
+//! the next exit only when it knows every record of landmark k+1 is in hand
+//! — a later record has arrived, or the primary's watermark says it finished
+//! k+1 — and never when k+1 is a sync point (the primary stopped the guest
+//! between k and k+1, and the backup loads that state instead of executing).
+//!
+//! Two kinds of source feed it. A log file is complete: its end without an
+//! End record is an error. A live stream from a primary may simply stop (the
+//! primary died); then the schedule reports [`Step::Exhausted`] at a landmark
+//! boundary, and the backup may go live from there.
 
 use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use thiserror::Error;
 
 use super::log::{LogError, LogReader, Record};
 
-/// What the vCPU loop must do next.
+/// What the engine must do next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
     /// Run the guest to its next landmark exit.
     Run,
     /// Load this sync point (the next landmark) instead of running.
     Sync(Record),
+    /// A live stream ended here: every record the primary sent has been
+    /// applied, and nothing is known about the next landmark.
+    Exhausted,
+}
+
+/// An answer, or "nothing decisive arrived yet" (live streams only): the
+/// engine then handles its control messages and asks again.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Wait<T> {
+    Ready(T),
+    Pending,
+}
+
+/// One item from a record source.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fetched {
+    Record(Record),
+    /// Every record of every landmark up to this one has been delivered.
+    Watermark(u64),
+    /// No more items will come.
+    Ended,
+    /// Nothing arrived within the wait.
+    Pending,
+}
+
+/// Where a backup's records come from.
+pub trait RecordSource: Send {
+    /// The next item, waiting at most `wait` for one.
+    fn fetch(&mut self, wait: Duration) -> Result<Fetched, ScheduleError>;
+    /// Whether the end of the source means the log is complete (a file,
+    /// which must then hold an End record) rather than cut off (a live
+    /// stream whose primary stopped sending).
+    fn complete_at_end(&self) -> bool;
+}
+
+/// A recorded log file: every record is there, no watermarks needed.
+pub struct FileSource<R: Read> {
+    reader: LogReader<R>,
+}
+
+impl<R: Read> FileSource<R> {
+    pub fn new(reader: LogReader<R>) -> Self {
+        FileSource { reader }
+    }
+}
+
+impl<R: Read + Send> RecordSource for FileSource<R> {
+    fn fetch(&mut self, _wait: Duration) -> Result<Fetched, ScheduleError> {
+        Ok(match self.reader.next_record()? {
+            Some(r) => Fetched::Record(r),
+            None => Fetched::Ended,
+        })
+    }
+
+    fn complete_at_end(&self) -> bool {
+        true
+    }
+}
+
+/// What a live backup's receiver thread hands the engine, in stream order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LiveItem {
+    Record(Record),
+    Watermark(u64),
+}
+
+/// Records arriving from a primary through a channel; the channel closing
+/// is the end of the stream. `queued` counts what the channel holds
+/// (`log::record_cost`), so the receiver can bound it.
+pub struct LiveSource {
+    rx: Receiver<LiveItem>,
+    queued: Arc<AtomicU64>,
+}
+
+impl LiveSource {
+    pub fn new(rx: Receiver<LiveItem>, queued: Arc<AtomicU64>) -> Self {
+        LiveSource { rx, queued }
+    }
+}
+
+impl RecordSource for LiveSource {
+    fn fetch(&mut self, wait: Duration) -> Result<Fetched, ScheduleError> {
+        Ok(match self.rx.recv_timeout(wait) {
+            Ok(LiveItem::Record(r)) => {
+                self.queued
+                    .fetch_sub(super::log::record_cost(&r), Ordering::Relaxed);
+                Fetched::Record(r)
+            }
+            Ok(LiveItem::Watermark(w)) => Fetched::Watermark(w),
+            Err(RecvTimeoutError::Timeout) => Fetched::Pending,
+            Err(RecvTimeoutError::Disconnected) => Fetched::Ended,
+        })
+    }
+
+    fn complete_at_end(&self) -> bool {
+        false
+    }
 }
 
 /// Replay cannot go on.
@@ -37,43 +144,100 @@ pub enum ScheduleError {
         expected: u64,
         kind: &'static str,
     },
+    /// A live stream's records or watermarks went backwards.
+    #[error("the primary's stream went backwards: {0}")]
+    OutOfOrder(String),
 }
 
-/// Pulls records from a log in landmark order.
-pub struct Schedule<R: Read> {
-    reader: LogReader<R>,
-    peeked: Option<Record>,
+/// How long one fetch may wait before the engine gets control back.
+const FETCH_WAIT: Duration = Duration::from_millis(20);
+
+/// Pulls records in landmark order.
+pub struct Schedule {
+    source: Box<dyn RecordSource>,
+    head: Option<Record>,
+    /// Every record of every landmark below this one has arrived.
+    complete_below: u64,
+    ended: bool,
+    last_landmark: u64,
+    last_watermark: u64,
     records_read: u64,
 }
 
-impl<R: Read> Schedule<R> {
-    pub fn new(reader: LogReader<R>) -> Self {
+impl Schedule {
+    pub fn new(source: Box<dyn RecordSource>) -> Self {
         Schedule {
-            reader,
-            peeked: None,
+            source,
+            head: None,
+            complete_below: 0,
+            ended: false,
+            last_landmark: 0,
+            last_watermark: 0,
             records_read: 0,
         }
+    }
+
+    /// A schedule over a complete log.
+    pub fn from_log<R: Read + Send + 'static>(reader: LogReader<R>) -> Self {
+        Schedule::new(Box::new(FileSource::new(reader)))
     }
 
     pub fn records_read(&self) -> u64 {
         self.records_read
     }
 
-    fn peek(&mut self) -> Result<Option<&Record>, ScheduleError> {
-        if self.peeked.is_none() {
-            self.peeked = self.reader.next_record()?;
-            if self.peeked.is_some() {
-                self.records_read += 1;
-            }
-        }
-        Ok(self.peeked.as_ref())
+    /// Every record of every landmark below this one is known to be here.
+    pub fn complete_below(&self) -> u64 {
+        self.complete_below
     }
 
-    /// The next record if it belongs to `landmark`. A record for an earlier
-    /// landmark means the replay went past it: divergence.
-    pub fn take_at(&mut self, landmark: u64) -> Result<Option<Record>, ScheduleError> {
-        let Some(next) = self.peek()? else {
-            return Ok(None);
+    /// Pull items until the head record is known or every record up to
+    /// `landmark` is known to be here. False when the source had nothing yet.
+    fn fill(&mut self, landmark: u64) -> Result<bool, ScheduleError> {
+        while self.head.is_none() && self.complete_below <= landmark && !self.ended {
+            match self.source.fetch(FETCH_WAIT)? {
+                Fetched::Record(r) => {
+                    if r.landmark() < self.last_landmark {
+                        return Err(ScheduleError::OutOfOrder(format!(
+                            "a {} record for landmark {} after landmark {}",
+                            r.kind_name(),
+                            r.landmark(),
+                            self.last_landmark
+                        )));
+                    }
+                    self.last_landmark = r.landmark();
+                    // A record for landmark L proves every earlier landmark
+                    // complete (records come in landmark order).
+                    self.complete_below = self.complete_below.max(r.landmark());
+                    self.records_read += 1;
+                    self.head = Some(r);
+                }
+                Fetched::Watermark(w) => {
+                    if w < self.last_watermark {
+                        return Err(ScheduleError::OutOfOrder(format!(
+                            "watermark {w} after watermark {}",
+                            self.last_watermark
+                        )));
+                    }
+                    self.last_watermark = w;
+                    self.complete_below = self.complete_below.max(w.saturating_add(1));
+                }
+                Fetched::Ended => self.ended = true,
+                Fetched::Pending => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    /// The next record if it belongs to `landmark`; None once every record
+    /// of `landmark` has been taken. A record for an earlier landmark means
+    /// the replay went past it: divergence.
+    pub fn take_at(&mut self, landmark: u64) -> Result<Wait<Option<Record>>, ScheduleError> {
+        if !self.fill(landmark)? {
+            return Ok(Wait::Pending);
+        }
+        let Some(next) = &self.head else {
+            return Ok(Wait::Ready(None));
         };
         let at = next.landmark();
         if at < landmark {
@@ -84,16 +248,27 @@ impl<R: Read> Schedule<R> {
             });
         }
         if at == landmark {
-            return Ok(self.peeked.take());
+            return Ok(Wait::Ready(self.head.take()));
         }
-        Ok(None)
+        Ok(Wait::Ready(None))
     }
 
-    /// Called after every record for `landmark` was consumed: run on, or
-    /// load the sync point that is the next landmark.
-    pub fn step_after(&mut self, landmark: u64) -> Result<Step, ScheduleError> {
-        let Some(next) = self.peek()? else {
-            return Err(ScheduleError::NoEnd(landmark));
+    /// Called after every record for `landmark` was consumed: run on, load
+    /// the sync point that is the next landmark, or report the end of a live
+    /// stream.
+    pub fn step_after(&mut self, landmark: u64) -> Result<Wait<Step>, ScheduleError> {
+        if !self.fill(landmark + 1)? {
+            return Ok(Wait::Pending);
+        }
+        let Some(next) = &self.head else {
+            if self.complete_below > landmark + 1 {
+                return Ok(Wait::Ready(Step::Run));
+            }
+            return if self.source.complete_at_end() {
+                Err(ScheduleError::NoEnd(landmark))
+            } else {
+                Ok(Wait::Ready(Step::Exhausted))
+            };
         };
         let at = next.landmark();
         if at <= landmark {
@@ -104,9 +279,11 @@ impl<R: Read> Schedule<R> {
             });
         }
         if at == landmark + 1 && matches!(next, Record::SyncPoint { .. }) {
-            return Ok(Step::Sync(self.peeked.take().expect("peeked")));
+            return Ok(Wait::Ready(Step::Sync(
+                self.head.take().expect("head checked above"),
+            )));
         }
-        Ok(Step::Run)
+        Ok(Wait::Ready(Step::Run))
     }
 }
 
@@ -123,12 +300,24 @@ mod tests {
             mem_bytes: 1 << 24,
             boot_unix_secs: 0,
             host_cpu: 0,
+            net_mac: None,
         };
         let mut w = LogWriter::new(Vec::new(), &h).unwrap();
         for r in records {
             w.append(r).unwrap();
         }
         w.into_inner()
+    }
+
+    fn file(bytes: Vec<u8>) -> Schedule {
+        Schedule::from_log(LogReader::new(std::io::Cursor::new(bytes)).unwrap())
+    }
+
+    fn ready<T: std::fmt::Debug>(w: Result<Wait<T>, ScheduleError>) -> T {
+        match w.unwrap() {
+            Wait::Ready(t) => t,
+            Wait::Pending => panic!("a file source is never pending"),
+        }
     }
 
     fn sync(landmark: u64) -> Record {
@@ -140,9 +329,16 @@ mod tests {
         }
     }
 
+    fn end(landmark: u64) -> Record {
+        Record::End {
+            landmark,
+            reason: EndReason::Stopped,
+        }
+    }
+
     #[test]
     fn records_come_out_at_their_landmark_then_the_guest_runs() {
-        let bytes = log_of(&[
+        let mut s = file(log_of(&[
             Record::Poll {
                 landmark: 2,
                 now: 10,
@@ -151,96 +347,136 @@ mod tests {
                 landmark: 2,
                 vector: 0x20,
             },
-            Record::End {
-                landmark: 5,
-                reason: EndReason::Stopped,
-            },
-        ]);
-        let mut s = Schedule::new(LogReader::new(&bytes[..]).unwrap());
-        assert_eq!(s.take_at(0).unwrap(), None);
-        assert_eq!(s.step_after(0).unwrap(), Step::Run);
+            end(5),
+        ]));
+        assert_eq!(ready(s.take_at(0)), None);
+        assert_eq!(ready(s.step_after(0)), Step::Run);
         assert_eq!(
-            s.take_at(2).unwrap(),
+            ready(s.take_at(2)),
             Some(Record::Poll {
                 landmark: 2,
                 now: 10
             })
         );
         assert_eq!(
-            s.take_at(2).unwrap(),
+            ready(s.take_at(2)),
             Some(Record::Interrupt {
                 landmark: 2,
                 vector: 0x20
             })
         );
-        assert_eq!(s.take_at(2).unwrap(), None);
-        assert_eq!(s.step_after(2).unwrap(), Step::Run);
-        assert!(matches!(s.take_at(5).unwrap(), Some(Record::End { .. })));
+        assert_eq!(ready(s.take_at(2)), None);
+        assert_eq!(ready(s.step_after(2)), Step::Run);
+        assert!(matches!(ready(s.take_at(5)), Some(Record::End { .. })));
         assert_eq!(s.records_read(), 3);
     }
 
     #[test]
     fn a_sync_point_at_the_next_landmark_replaces_running() {
-        let bytes = log_of(&[
+        let mut s = file(log_of(&[
             Record::Poll {
                 landmark: 3,
                 now: 1,
             },
             sync(4),
-            Record::End {
-                landmark: 4,
-                reason: EndReason::Stopped,
-            },
-        ]);
-        let mut s = Schedule::new(LogReader::new(&bytes[..]).unwrap());
-        assert!(s.take_at(3).unwrap().is_some());
-        assert_eq!(s.step_after(3).unwrap(), Step::Sync(sync(4)));
-        assert!(matches!(s.take_at(4).unwrap(), Some(Record::End { .. })));
+            end(4),
+        ]));
+        assert!(ready(s.take_at(3)).is_some());
+        assert_eq!(ready(s.step_after(3)), Step::Sync(sync(4)));
+        assert!(matches!(ready(s.take_at(4)), Some(Record::End { .. })));
     }
 
     #[test]
     fn a_sync_point_further_ahead_lets_the_guest_run_first() {
-        let bytes = log_of(&[
-            sync(7),
-            Record::End {
-                landmark: 7,
-                reason: EndReason::Stopped,
-            },
-        ]);
-        let mut s = Schedule::new(LogReader::new(&bytes[..]).unwrap());
-        assert_eq!(s.step_after(5).unwrap(), Step::Run);
-        assert_eq!(s.step_after(6).unwrap(), Step::Sync(sync(7)));
+        let mut s = file(log_of(&[sync(7), end(7)]));
+        assert_eq!(ready(s.step_after(5)), Step::Run);
+        assert_eq!(ready(s.step_after(6)), Step::Sync(sync(7)));
     }
 
     #[test]
     fn the_backup_never_runs_past_the_log() {
-        let bytes = log_of(&[Record::Poll {
+        let mut s = file(log_of(&[Record::Poll {
             landmark: 1,
             now: 1,
-        }]);
-        let mut s = Schedule::new(LogReader::new(&bytes[..]).unwrap());
-        assert!(s.take_at(1).unwrap().is_some());
+        }]));
+        assert!(ready(s.take_at(1)).is_some());
         let err = s.step_after(1).unwrap_err();
         assert!(err.to_string().contains("without an end record"), "{err}");
     }
 
     #[test]
     fn passing_a_logged_landmark_is_divergence() {
-        let bytes = log_of(&[
+        let mut s = file(log_of(&[
             Record::Interrupt {
                 landmark: 3,
                 vector: 0x20,
             },
-            Record::End {
-                landmark: 9,
-                reason: EndReason::Stopped,
-            },
-        ]);
-        let mut s = Schedule::new(LogReader::new(&bytes[..]).unwrap());
+            end(9),
+        ]));
         let err = s.take_at(4).unwrap_err();
         assert_eq!(
             err.to_string(),
             "replay diverged: at landmark 4 the log still holds a interrupt record for landmark 3"
+        );
+    }
+
+    fn live() -> (crossbeam_channel::Sender<LiveItem>, Schedule) {
+        let (tx, rx) = crossbeam_channel::bounded(16);
+        (
+            tx,
+            Schedule::new(Box::new(LiveSource::new(rx, Default::default()))),
+        )
+    }
+
+    #[test]
+    fn a_live_backup_waits_for_the_watermark_before_running() {
+        let (tx, mut s) = live();
+        // Nothing yet: the backup may not run from landmark 0.
+        assert_eq!(s.step_after(0).unwrap(), Wait::Pending);
+        // The primary finished landmark 1 without records: run to it.
+        tx.send(LiveItem::Watermark(1)).unwrap();
+        assert_eq!(s.step_after(0).unwrap(), Wait::Ready(Step::Run));
+        assert_eq!(s.take_at(1).unwrap(), Wait::Ready(None));
+        // Landmark 2's records are not all known until watermark 2.
+        tx.send(LiveItem::Record(Record::Poll {
+            landmark: 3,
+            now: 5,
+        }))
+        .unwrap();
+        // A record for 3 proves 2 complete and not a sync point.
+        assert_eq!(s.step_after(1).unwrap(), Wait::Ready(Step::Run));
+        assert_eq!(s.take_at(2).unwrap(), Wait::Ready(None));
+        assert_eq!(s.step_after(2).unwrap(), Wait::Ready(Step::Run));
+        assert!(matches!(s.take_at(3).unwrap(), Wait::Ready(Some(_))));
+        // Landmark 3 may hold more records: wait for them or a watermark.
+        assert_eq!(s.take_at(3).unwrap(), Wait::Pending);
+        tx.send(LiveItem::Watermark(3)).unwrap();
+        assert_eq!(s.take_at(3).unwrap(), Wait::Ready(None));
+        assert_eq!(s.step_after(3).unwrap(), Wait::Pending);
+        tx.send(LiveItem::Record(sync(4))).unwrap();
+        assert_eq!(s.step_after(3).unwrap(), Wait::Ready(Step::Sync(sync(4))));
+    }
+
+    #[test]
+    fn a_live_stream_that_stops_is_exhausted_not_an_error() {
+        let (tx, mut s) = live();
+        tx.send(LiveItem::Watermark(2)).unwrap();
+        drop(tx);
+        assert_eq!(s.step_after(1).unwrap(), Wait::Ready(Step::Run));
+        assert_eq!(s.take_at(2).unwrap(), Wait::Ready(None));
+        assert_eq!(s.step_after(2).unwrap(), Wait::Ready(Step::Exhausted));
+    }
+
+    #[test]
+    fn a_live_stream_going_backwards_is_refused() {
+        let (tx, mut s) = live();
+        tx.send(LiveItem::Watermark(5)).unwrap();
+        tx.send(LiveItem::Watermark(4)).unwrap();
+        assert_eq!(s.step_after(4).unwrap(), Wait::Ready(Step::Run));
+        let err = s.step_after(5).unwrap_err();
+        assert!(
+            err.to_string().contains("watermark 4 after watermark 5"),
+            "{err}"
         );
     }
 }

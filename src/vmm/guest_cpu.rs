@@ -5,7 +5,7 @@ use kvm_bindings::{kvm_fpu, kvm_regs};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::emulate::{EmulateError, GuestCpu};
-use super::vm::Vm;
+use super::vm::{GuestWrite, Vm};
 
 fn vcpu_err(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> EmulateError {
     move |e| EmulateError::Vcpu(format!("{what}: {e}"))
@@ -87,7 +87,7 @@ impl GuestCpu for KvmGuestCpu<'_> {
     fn write_virt(&mut self, gva: u64, data: &[u8]) -> Result<(), EmulateError> {
         let vm = self.vm;
         self.for_each_page(gva, data.len(), |gpa, off, size| {
-            vm.write_guest(gpa, &data[off..off + size], true)
+            vm.write_guest(gpa, &data[off..off + size], GuestWrite::Vmm)
                 .map_err(|_| EmulateError::Unmapped(gva))
         })
     }

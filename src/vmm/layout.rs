@@ -52,8 +52,54 @@ pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
     ranges
 }
 
+/// Guest RAM in pages, numbered across the ranges of [`ram_ranges`].
+pub fn ram_pages(mem_bytes: u64) -> usize {
+    (mem_bytes / 4096) as usize
+}
+
+/// The number of the RAM page holding `gpa` (see [`ram_pages`]), None
+/// outside RAM.
+pub fn ram_page_index(mem_bytes: u64, gpa: u64) -> Option<usize> {
+    let low = mem_bytes.min(MMIO_HOLE_START);
+    if gpa < low {
+        Some((gpa / 4096) as usize)
+    } else if gpa >= FOUR_GIB && gpa - FOUR_GIB < mem_bytes - low {
+        Some(((low + gpa - FOUR_GIB) / 4096) as usize)
+    } else {
+        None
+    }
+}
+
+/// Inverse of [`ram_page_index`].
+pub fn ram_page_gpa(mem_bytes: u64, index: usize) -> u64 {
+    let low = mem_bytes.min(MMIO_HOLE_START);
+    let offset = index as u64 * 4096;
+    if offset < low {
+        offset
+    } else {
+        FOUR_GIB + offset - low
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn page_numbers_skip_the_mmio_hole() {
+        let mem = 4 << 30;
+        let pages = ram_pages(mem);
+        assert_eq!(pages, 1 << 20);
+        assert_eq!(ram_page_index(mem, 0x1234), Some(1));
+        assert_eq!(ram_page_index(mem, MMIO_HOLE_START), None);
+        let first_high = ram_page_index(mem, FOUR_GIB).unwrap();
+        assert_eq!(first_high, (MMIO_HOLE_START / 4096) as usize);
+        assert_eq!(ram_page_gpa(mem, first_high), FOUR_GIB);
+        assert_eq!(ram_page_index(mem, FOUR_GIB + (1 << 30)), None);
+        for i in [0, 5, first_high - 1, first_high, pages - 1] {
+            assert_eq!(ram_page_index(mem, ram_page_gpa(mem, i)), Some(i));
+        }
+        assert_eq!(ram_page_index(64 << 20, 64 << 20), None);
+    }
+
     use super::*;
 
     #[test]

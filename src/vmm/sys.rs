@@ -1,10 +1,9 @@
 //! The few KVM and signal operations the rust-vmm crates do not wrap.
 //! All of twinvm's `unsafe` that touches KVM lives here.
 
-use std::cell::Cell;
-use std::sync::Once;
+use std::sync::{Arc, Mutex, Once};
 
-use kvm_bindings::{kvm_interrupt, kvm_run, KVMIO};
+use kvm_bindings::{kvm_interrupt, KVMIO};
 use kvm_ioctls::VcpuFd;
 use vmm_sys_util::errno;
 use vmm_sys_util::ioctl::ioctl_with_ref;
@@ -31,34 +30,19 @@ pub fn kick_signal() -> i32 {
     libc::SIGRTMIN()
 }
 
-thread_local! {
-    /// This thread's `kvm_run`, if it runs a vCPU; the kick handler sets
-    /// `immediate_exit` in it so a kick that lands just before KVM_RUN is not lost.
-    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
-}
+ioctl_iow_nr!(
+    KVM_SET_SIGNAL_MASK,
+    KVMIO,
+    0x8b,
+    kvm_bindings::kvm_signal_mask
+);
 
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    let run = KVM_RUN.with(Cell::get);
-    if !run.is_null() {
-        // SAFETY: the pointer was set by `register_vcpu_thread` on this thread
-        // from the vCPU's mmap'd kvm_run, which outlives the registration
-        // (cleared by `VcpuThreadGuard::drop`). A volatile byte store is
-        // async-signal-safe and KVM reads the field only at KVM_RUN entry.
-        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
-    }
-}
+/// Does nothing: the kick signal is blocked in vCPU threads except inside
+/// KVM_RUN, where KVM turns it into an EINTR exit; the handler only keeps a
+/// stray kick from killing the process (a real-time signal's default).
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-/// Clears the thread's kvm_run registration when the vCPU loop ends.
-pub struct VcpuThreadGuard(());
-
-impl Drop for VcpuThreadGuard {
-    fn drop(&mut self) {
-        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
-    }
-}
-
-/// Install the process-wide kick handler (once). Until it is installed a
-/// kick would kill the process (the default action of a real-time signal).
+/// Install the process-wide kick handler (once).
 fn install_kick_handler() -> Result<(), errno::Error> {
     static INSTALL: Once = Once::new();
     let mut result = Ok(());
@@ -68,35 +52,146 @@ fn install_kick_handler() -> Result<(), errno::Error> {
     result
 }
 
-/// Make kicks of the calling thread interrupt `vcpu`'s KVM_RUN.
-pub fn register_vcpu_thread(vcpu: &mut VcpuFd) -> Result<VcpuThreadGuard, errno::Error> {
-    install_kick_handler()?;
-    let run: *mut kvm_run = vcpu.get_kvm_run();
-    KVM_RUN.with(|c| c.set(run));
-    Ok(VcpuThreadGuard(()))
+/// The thread a [`Kicker`] signals, while it runs a vCPU loop.
+#[derive(Debug, Default)]
+struct KickTarget {
+    /// Cleared (under the lock) before the thread stops running its loop,
+    /// so a kick never signals a thread that may have exited.
+    thread: Mutex<Option<libc::pthread_t>>,
 }
 
-/// A handle that kicks one thread out of KVM_RUN from any other thread.
-#[derive(Clone, Copy, Debug)]
+/// A handle that kicks a vCPU thread out of KVM_RUN from any other thread.
+/// A kick that lands while the thread is outside KVM_RUN stays pending and
+/// makes its next KVM_RUN return at once: kicks are never lost.
+#[derive(Clone, Debug)]
 pub struct Kicker {
-    thread: libc::pthread_t,
+    target: Arc<KickTarget>,
 }
 
 impl Kicker {
-    /// A kicker for the calling thread (which will run the vCPU loop).
-    pub fn for_current_thread() -> Result<Self, errno::Error> {
-        install_kick_handler()?;
-        // SAFETY: pthread_self has no preconditions and cannot fail.
-        let thread = unsafe { libc::pthread_self() };
-        Ok(Kicker { thread })
+    /// A kicker with no thread yet; [`register_vcpu_thread`] attaches one.
+    /// Kicks before that (or after the loop ended) do nothing.
+    pub fn new() -> Self {
+        Kicker {
+            target: Arc::new(KickTarget::default()),
+        }
     }
 
-    /// Interrupt the thread's KVM_RUN (or the next one if it is not in it).
+    /// Interrupt the registered thread's KVM_RUN (or its next one).
     pub fn kick(&self) {
-        // SAFETY: the thread id came from pthread_self on a thread that lives
-        // as long as the VM (the vCPU loop joins every thread holding a
-        // Kicker before returning); the signal has a handler installed.
-        unsafe { libc::pthread_kill(self.thread, kick_signal()) };
+        let thread = self.target.thread.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(thread) = *thread {
+            // SAFETY: the id is of a thread that is still running its vCPU
+            // loop: `VcpuThreadGuard::drop` clears it under this same lock
+            // before the loop returns, so while we hold the lock the thread
+            // exists. The signal has a handler (installed at registration).
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
+        }
+    }
+}
+
+impl Default for Kicker {
+    fn default() -> Self {
+        Kicker::new()
+    }
+}
+
+/// While alive, kicks reach the calling thread's KVM_RUN; restores the
+/// thread's signal mask and detaches the kicker when dropped.
+pub struct VcpuThreadGuard {
+    target: Arc<KickTarget>,
+    old_mask: libc::sigset_t,
+}
+
+impl Drop for VcpuThreadGuard {
+    fn drop(&mut self) {
+        *self.target.thread.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // SAFETY: pthread_sigmask reads a sigset the kernel filled in at
+        // registration; a null old-set pointer is allowed.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old_mask, std::ptr::null_mut()) };
+        drain_pending_kick();
+    }
+}
+
+/// Make `kicker`'s kicks interrupt `vcpu`'s KVM_RUN on the calling thread.
+///
+/// The kick signal is blocked in this thread and unblocked only inside
+/// KVM_RUN (KVM_SET_SIGNAL_MASK), the way QEMU did before immediate_exit: a
+/// kick during guest execution ends KVM_RUN with EINTR; one that lands while
+/// the thread is in userspace stays pending and ends the next KVM_RUN at
+/// once. Nothing writes to `kvm_run` from a signal handler.
+pub fn register_vcpu_thread(
+    vcpu: &VcpuFd,
+    kicker: &Kicker,
+) -> Result<VcpuThreadGuard, errno::Error> {
+    install_kick_handler()?;
+    // SAFETY: sigset_t is a plain bit array; zeroed is a valid empty set.
+    let mut block: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old_mask: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigemptyset/sigaddset write into the live local set;
+    // pthread_sigmask reads `block` and writes the previous mask into
+    // `old_mask`, both live locals.
+    let ret = unsafe {
+        libc::sigemptyset(&mut block);
+        libc::sigaddset(&mut block, kick_signal());
+        libc::pthread_sigmask(libc::SIG_BLOCK, &block, &mut old_mask)
+    };
+    if ret != 0 {
+        return Err(errno::Error::new(ret));
+    }
+    // Inside KVM_RUN: the thread's previous mask, with the kick unblocked.
+    let mut run_mask = old_mask;
+    // SAFETY: sigdelset edits the live local copy.
+    unsafe { libc::sigdelset(&mut run_mask, kick_signal()) };
+    // KVM takes the kernel's sigset (8 bytes on x86-64), the first bytes of
+    // glibc's larger sigset_t: `u32 len` then the bits.
+    let mut arg = [0u8; 4 + 8];
+    arg[..4].copy_from_slice(&8u32.to_le_bytes());
+    // SAFETY: reading the first 8 bytes of a live sigset_t (128 bytes).
+    let bits: [u8; 8] = unsafe { std::ptr::read_unaligned(std::ptr::addr_of!(run_mask).cast()) };
+    arg[4..].copy_from_slice(&bits);
+    // SAFETY: KVM_SET_SIGNAL_MASK reads a `kvm_signal_mask` header (u32 len)
+    // followed by `len` bytes; `arg` holds exactly that and outlives the
+    // call. The fd is the vCPU's.
+    let ret = unsafe { ioctl_with_ref(vcpu, KVM_SET_SIGNAL_MASK(), &arg) };
+    if ret < 0 {
+        let e = errno::Error::last();
+        // SAFETY: restoring the mask read above.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old_mask, std::ptr::null_mut()) };
+        return Err(e);
+    }
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() };
+    *kicker
+        .target
+        .thread
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(me);
+    Ok(VcpuThreadGuard {
+        target: kicker.target.clone(),
+        old_mask,
+    })
+}
+
+/// Consume a kick left pending (blocked) on the calling vCPU thread, after
+/// KVM_RUN returned EINTR because of it; without this the pending signal
+/// would end every later KVM_RUN at once. A kick that lands after this call
+/// stays pending and ends the next KVM_RUN: it is handled then.
+pub fn drain_pending_kick() {
+    // SAFETY: sigset_t is a plain bit array; zeroed is a valid empty set.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: the set and timespec are live locals; sigtimedwait with a
+    // zero timeout only dequeues an already pending signal of the set (the
+    // kick is blocked in this thread, so it cannot run a handler instead).
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, kick_signal());
+        while libc::sigtimedwait(&set, std::ptr::null_mut(), &zero) > 0 {}
     }
 }
 

@@ -31,7 +31,7 @@ use kvm_bindings::kvm_segment;
 
 use super::emulate::{EmulateError, GuestCpu};
 use super::guest_cpu::KvmGuestCpu;
-use super::vm::Vm;
+use super::vm::{GuestWrite, Vm};
 
 pub const MSR_STAR: u32 = 0xc000_0081;
 pub const MSR_LSTAR: u32 = 0xc000_0082;
@@ -261,7 +261,7 @@ impl SyscallFix {
             return Ok(());
         };
         let t = vm.vcpu.translate_gva(entry).map_err(kvm("translate"))?;
-        vm.write_guest(t.physical_address, &[0xcc], true)
+        vm.write_guest(t.physical_address, &[0xcc], GuestWrite::Vmm)
             .map_err(|_| SyscallFixError::Unmapped(entry))?;
         tracing::info!(
             entry = format_args!("{entry:#x}"),

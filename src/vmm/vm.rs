@@ -19,8 +19,9 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use super::boot::{self, BootError, LoadedKernel, PreparedKernel};
 use super::cpuid;
-use super::layout::{ram_ranges, MAX_MEM_BYTES, MIN_MEM_BYTES, SHADOW_FLUSH_SLOT_GPA};
+use super::layout::{self, ram_ranges, MAX_MEM_BYTES, MIN_MEM_BYTES, SHADOW_FLUSH_SLOT_GPA};
 use super::traps::PlantedTrap;
+use crate::devices::virtio::{GuestRam, GuestRamError};
 use crate::replay::digest::DirtyPages;
 use crate::replay::log::CpuStateBytes;
 
@@ -82,6 +83,9 @@ pub enum VmError {
     /// The VMM's own write fell outside guest RAM.
     #[error("writing {len} bytes of guest memory at {gpa:#x}: outside guest RAM")]
     GuestWrite { gpa: u64, len: usize },
+    /// A read of guest memory fell outside guest RAM.
+    #[error("reading {len} bytes of guest memory at {gpa:#x}: outside guest RAM")]
+    GuestRead { gpa: u64, len: usize },
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> VmError {
@@ -261,6 +265,8 @@ pub struct Vm {
     pub vm_fd: VmFd,
     _kvm: Kvm,
     pub mem: GuestMemoryMmap,
+    /// Guest RAM size.
+    pub mem_bytes: u64,
     pub kernel: LoadedKernel,
     /// Planted time and entropy traps in the kernel, by guest virtual address.
     pub planted_traps: std::collections::HashMap<u64, PlantedTrap>,
@@ -269,21 +275,74 @@ pub struct Vm {
     /// ([`STATE_MSRS`] that KVM can read here), built once and reused (KVM
     /// overwrites only the values).
     state_msrs: RefCell<Msrs>,
-    /// Guest pages the VMM itself wrote (KVM's dirty log does not see them).
+    /// Guest pages the VMM itself wrote (KVM's dirty log does not see them),
+    /// while dirty tracking is on (drained by `collect_dirty_pages`).
     userspace_dirty: RefCell<DirtyPages>,
+    dirty_tracking: bool,
     /// The scratch memslot of [`Vm::invalidate_shadow_mmu`] and the one
     /// page behind it (kept alive while the Vm is).
     shadow_flush_slot: kvm_userspace_memory_region,
     _shadow_flush_page: GuestMemoryMmap,
     /// The VMM changed guest memory since KVM last dropped its shadow page
-    /// tables ([`Vm::refresh_shadow_mmu`]).
-    shadow_stale: Cell<bool>,
+    /// tables ([`Vm::refresh_shadow_mmu`]), and whether both replicas make
+    /// that change at the same point (then the flush is symmetric).
+    shadow_stale: Cell<Option<Symmetry>>,
+    /// A sync point happened since the last symmetric flush: the backup's
+    /// shadow page tables may differ from the primary's (see
+    /// [`GuestWrite::Device`]).
+    shadow_asymmetric: Cell<bool>,
+    /// A device changed guest memory since the last symmetric flush (both
+    /// replicas then share whatever stale entry it left; a sync point would
+    /// make them differ).
+    device_unflushed: Cell<bool>,
+}
+
+/// Whether a flush happens at the same point on primary and backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Symmetry {
+    Both,
+    ThisSideOnly,
+}
+
+/// Who writes guest memory through [`Vm::write_guest`], which decides what
+/// KVM must be told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestWrite {
+    /// The VMM on the guest's behalf, at the same point on every replica
+    /// (emulation-fallback stores, the syscall fix's trap): noted for sync
+    /// points and digests, and KVM's shadow page tables are dropped.
+    Vmm,
+    /// A sync point's pages loaded on a backup: the primary's guest wrote
+    /// them, so they are not the VMM's own writes for its log; the shadow is
+    /// dropped (they may be page tables the skipped stretch changed).
+    SyncPoint,
+    /// A device's DMA (a received frame, a used-ring update) into buffers
+    /// the guest handed the device. Noted like `Vmm`, but KVM's shadow page
+    /// tables are dropped (on both replicas, at the same point) only when a
+    /// sync point and a memory-changing device write have both happened
+    /// since the last flush both made, at whichever of the two comes
+    /// second. Replay needs the replicas to agree, not the shadow to be
+    /// fresh: both start from the same (empty) shadow and build it from the
+    /// same accesses; a device write alone leaves both with the same
+    /// (possibly stale) entry, a sync point alone only makes the backup
+    /// rebuild from memory the primary's shadow still agrees with; only the
+    /// two together let the primary keep a stale entry the backup dropped.
+    /// A guest that hands a live page table to the NIC then sees the same
+    /// translation on both replicas; the `dmaremap` guest proves both
+    /// orders (docs/architecture.md, "The NIC and KVM's shadow page tables").
+    Device,
 }
 
 impl Vm {
     /// Build the VM: memory, CPUID model, kernel, boot structures, registers.
     pub fn create(config: &VmConfig) -> Result<Vm, VmError> {
         let kernel = boot::prepare_kernel(&config.kernel_name, &config.kernel)?;
+        if let Some(why) = &kernel.not_replayable {
+            tracing::warn!(
+                "{}: {why} (it runs; `record` and `replay` refuse it)",
+                config.kernel_name
+            );
+        }
         Vm::create_with_kernel(config, &kernel)
     }
 
@@ -382,12 +441,16 @@ impl Vm {
         Ok(Vm {
             shadow_flush_slot,
             _shadow_flush_page: shadow_flush_page,
-            shadow_stale: Cell::new(false),
+            shadow_stale: Cell::new(None),
+            shadow_asymmetric: Cell::new(false),
+            device_unflushed: Cell::new(false),
+            dirty_tracking: false,
             state_msrs,
             vcpu,
             vm_fd,
             _kvm: kvm,
             mem,
+            mem_bytes: config.mem_bytes,
             kernel,
             planted_traps,
             slots,
@@ -395,8 +458,13 @@ impl Vm {
         })
     }
 
-    /// Turn KVM dirty-page logging on (record/replay needs it) or off.
+    /// Turn KVM dirty-page logging (and the noting of the VMM's own writes)
+    /// on (record/replay needs it) or off.
     pub fn set_dirty_logging(&mut self, on: bool) -> Result<(), VmError> {
+        self.dirty_tracking = on;
+        if !on {
+            self.userspace_dirty.borrow_mut().take();
+        }
         for slot in &mut self.slots {
             slot.flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
             // SAFETY: the same slot, address range and host mapping as
@@ -437,17 +505,42 @@ impl Vm {
     /// time, make KVM drop its shadow page tables (see
     /// [`Vm::invalidate_shadow_mmu`]). Returns whether it did.
     pub fn refresh_shadow_mmu(&self) -> Result<bool, VmError> {
-        if !self.shadow_stale.replace(false) {
+        let Some(symmetry) = self.shadow_stale.take() else {
             return Ok(false);
-        }
+        };
         self.invalidate_shadow_mmu()?;
+        if symmetry == Symmetry::Both {
+            self.shadow_asymmetric.set(false);
+            self.device_unflushed.set(false);
+        }
         Ok(true)
     }
 
-    /// Write guest memory on the VMM's behalf. Bytes already there are left
-    /// alone; a change is noted for sync points and digests (`note`: KVM's
-    /// dirty log does not see it) and makes KVM's shadow page tables stale.
-    pub fn write_guest(&self, gpa: u64, data: &[u8], note: bool) -> Result<(), VmError> {
+    /// A sync point was made (primary) or loaded (backup): from here until
+    /// the next flush both replicas make, their shadow page tables may
+    /// differ (the primary executed the stretch, the backup did not). If a
+    /// device wrote guest memory since that flush, both flush now (see
+    /// [`GuestWrite::Device`]).
+    pub fn note_sync_point(&self) {
+        self.shadow_asymmetric.set(true);
+        if self.device_unflushed.get() {
+            self.mark_shadow_stale(Symmetry::Both);
+        }
+    }
+
+    fn mark_shadow_stale(&self, symmetry: Symmetry) {
+        // A symmetric reason wins: the flush then happens on both sides.
+        let merged = match (self.shadow_stale.get(), symmetry) {
+            (Some(Symmetry::Both), _) | (_, Symmetry::Both) => Symmetry::Both,
+            _ => Symmetry::ThisSideOnly,
+        };
+        self.shadow_stale.set(Some(merged));
+    }
+
+    /// Write guest memory on the VMM's behalf (see [`GuestWrite`] for what
+    /// each writer implies). Bytes already there are left alone, so an
+    /// unchanged page costs no flush.
+    pub fn write_guest(&self, gpa: u64, data: &[u8], writer: GuestWrite) -> Result<(), VmError> {
         let mut current = [0u8; 4096];
         let unchanged = data.chunks(current.len()).enumerate().all(|(i, chunk)| {
             let here = &mut current[..chunk.len()];
@@ -465,13 +558,34 @@ impl Vm {
                 gpa,
                 len: data.len(),
             })?;
-        if note {
+        if self.dirty_tracking {
             self.userspace_dirty
                 .borrow_mut()
                 .add_range(gpa, data.len() as u64);
         }
-        self.shadow_stale.set(true);
+        match writer {
+            GuestWrite::Vmm => self.mark_shadow_stale(Symmetry::Both),
+            GuestWrite::SyncPoint => self.mark_shadow_stale(Symmetry::ThisSideOnly),
+            GuestWrite::Device => {
+                if self.shadow_asymmetric.get() {
+                    self.mark_shadow_stale(Symmetry::Both);
+                } else {
+                    self.device_unflushed.set(true);
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Read RAM page `index` (numbered as `layout::ram_page_index`).
+    pub fn read_ram_page(&self, index: usize, buf: &mut [u8]) -> Result<(), VmError> {
+        let gpa = layout::ram_page_gpa(self.mem_bytes, index);
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| VmError::GuestRead {
+                gpa,
+                len: buf.len(),
+            })
     }
 
     /// Fetch-and-reset KVM's dirty log (and the VMM's own writes) into every set in `into`.
@@ -600,6 +714,26 @@ impl Vm {
         self.vcpu
             .set_vcpu_events(&events)
             .map_err(kvm_err("set vCPU events"))
+    }
+}
+
+/// The NIC's DMA into guest memory (see [`GuestWrite::Device`]).
+impl GuestRam for Vm {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestRamError> {
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| GuestRamError {
+                gpa,
+                len: buf.len(),
+            })
+    }
+
+    fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), GuestRamError> {
+        self.write_guest(gpa, data, GuestWrite::Device)
+            .map_err(|_| GuestRamError {
+                gpa,
+                len: data.len(),
+            })
     }
 }
 

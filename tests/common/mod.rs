@@ -60,7 +60,9 @@ impl Running {
         Running::spawn_command(cmd)
     }
 
-    fn spawn_command(mut cmd: Command) -> Running {
+    /// Start `cmd` (a twinvm command line built by the caller, e.g. run
+    /// inside a network namespace with `ip netns exec`).
+    pub fn spawn_command(mut cmd: Command) -> Running {
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

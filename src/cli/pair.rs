@@ -1,0 +1,419 @@
+//! `twinvm primary`, `twinvm backup` and `twinvm status`: one replica of a
+//! fault-tolerant VM each, configured by flags or a TOML file
+//! (docs/operations.md, "Running a fault-tolerant pair").
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use arbiter::auth::Key;
+use clap::Args;
+use serde::Deserialize;
+
+use super::run::RunArgs;
+use super::size::parse_size;
+use crate::ft::link::LinkConfig;
+use crate::ft::node::{self, query_status, ArbiterSettings, GuestSetup, PairConfig, PairStatus};
+use crate::net::NetSpec;
+
+/// Settings of a replica; flags override the `--config` file.
+#[derive(Debug, Clone, Args, Default)]
+pub struct PairArgs {
+    /// A TOML file with these settings (see docs/operations.md); flags given
+    /// as well override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The VM's name, the same on both sides (the arbiter's slot).
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// The pair's generation (raised after each repair).
+    #[arg(long)]
+    pub generation: Option<u64>,
+    /// The logging channel's pre-shared key (64 hex digits, mode 0600;
+    /// `twinvm arbiter keygen --out PATH` makes one).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// Arbiter nodes, host:port, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub arbiter: Vec<String>,
+    /// The arbiter's key file (default: --key-file).
+    #[arg(long)]
+    pub arbiter_key_file: Option<PathBuf>,
+    /// The arbiter's cluster id.
+    #[arg(long)]
+    pub arbiter_cluster: Option<String>,
+    /// This host's name (default: the hostname).
+    #[arg(long)]
+    pub node: Option<String>,
+    /// The control socket for `twinvm status` (default
+    /// /run/twinvm/VM-ROLE.sock).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// Heartbeat interval in milliseconds.
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+    /// A peer silent this long (ms) is suspected and the arbiter asked.
+    #[arg(long)]
+    pub peer_timeout_ms: Option<u64>,
+    /// Host CPU for the vCPU thread (the backup defaults to the primary's).
+    #[arg(long)]
+    pub host_cpu: Option<u32>,
+    /// Microseconds a due interrupt may wait for a landmark (see `record`).
+    #[arg(long)]
+    pub sync_bound_us: Option<u64>,
+    /// Guest kernel (as for `twinvm run`).
+    #[arg(long)]
+    pub kernel: Option<String>,
+    /// Initial ramdisk.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Guest memory (512M, 2G, or MiB).
+    #[arg(long, value_parser = parse_size)]
+    pub mem: Option<u64>,
+    /// The guest's NIC: `tap=NAME[,mac=MAC]`; the same MAC on both sides.
+    #[arg(long)]
+    pub net: Option<NetSpec>,
+    /// Where the console goes: `stdio` or a file.
+    #[arg(long)]
+    pub serial: Option<String>,
+}
+
+/// `twinvm primary`.
+#[derive(Debug, Clone, Args)]
+pub struct PrimaryArgs {
+    /// The backup's logging-channel address, host:port.
+    #[arg(long)]
+    pub backup: Option<String>,
+    #[command(flatten)]
+    pub pair: PairArgs,
+}
+
+/// `twinvm backup`.
+#[derive(Debug, Clone, Args)]
+pub struct BackupArgs {
+    /// Where to wait for the primary, host:port.
+    #[arg(long)]
+    pub listen: Option<String>,
+    #[command(flatten)]
+    pub pair: PairArgs,
+}
+
+/// `twinvm status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// The replica's control socket.
+    #[arg(long)]
+    pub control: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The `--config` file: the same settings, plus the role's address.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    vm: Option<String>,
+    generation: Option<u64>,
+    key_file: Option<PathBuf>,
+    node: Option<String>,
+    control: Option<PathBuf>,
+    heartbeat_ms: Option<u64>,
+    peer_timeout_ms: Option<u64>,
+    host_cpu: Option<u32>,
+    sync_bound_us: Option<u64>,
+    backup: Option<String>,
+    listen: Option<String>,
+    #[serde(default)]
+    arbiter: ArbiterFile,
+    #[serde(default)]
+    guest: GuestFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ArbiterFile {
+    #[serde(default)]
+    addrs: Vec<String>,
+    key_file: Option<PathBuf>,
+    cluster: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GuestFile {
+    kernel: Option<String>,
+    initrd: Option<PathBuf>,
+    cmdline: Option<String>,
+    mem: Option<String>,
+    net: Option<String>,
+    serial: Option<String>,
+}
+
+fn read_config(path: &Path) -> Result<ConfigFile> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+}
+
+/// Which replica this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Primary,
+    Backup,
+}
+
+/// Flags over file: the replica's settings, its guest and its peer address.
+fn resolve(
+    args: &PairArgs,
+    side: Side,
+    address: Option<&str>,
+) -> Result<(PairConfig, GuestSetup, String)> {
+    let file = match &args.config {
+        Some(path) => read_config(path)?,
+        None => ConfigFile::default(),
+    };
+    let need = |what: &str, v: Option<String>| -> Result<String> {
+        v.with_context(|| format!("--{what} is required (or `{what}` in --config)"))
+    };
+    let vm = need("vm", args.vm.clone().or(file.vm))?;
+    if vm.is_empty() || vm.len() > 256 {
+        bail!("--vm must be 1 to 256 bytes");
+    }
+    let generation = args
+        .generation
+        .or(file.generation)
+        .context("--generation is required (or `generation` in --config)")?;
+    let key_path = args
+        .key_file
+        .clone()
+        .or(file.key_file)
+        .context("--key-file is required (or `key_file` in --config)")?;
+    let key = Key::from_file(&key_path)
+        .with_context(|| format!("reading the key {}", key_path.display()))?;
+    let mut arbiter_addrs = args.arbiter.clone();
+    if arbiter_addrs.is_empty() {
+        arbiter_addrs = file.arbiter.addrs;
+    }
+    if arbiter_addrs.is_empty() {
+        bail!("--arbiter is required (host:port of the arbiter nodes, or [arbiter] addrs in --config)");
+    }
+    let arbiter_key = match args.arbiter_key_file.clone().or(file.arbiter.key_file) {
+        Some(path) => Key::from_file(&path)
+            .with_context(|| format!("reading the arbiter key {}", path.display()))?,
+        None => key.clone(),
+    };
+    let node = match args.node.clone().or(file.node) {
+        Some(n) => n,
+        None => hostname(),
+    };
+    let role = match side {
+        Side::Primary => "primary",
+        Side::Backup => "backup",
+    };
+    let control = args
+        .control
+        .clone()
+        .or(file.control)
+        .unwrap_or_else(|| PathBuf::from(format!("/run/twinvm/{vm}-{role}.sock")));
+    let mut link = LinkConfig::default();
+    if let Some(ms) = args.heartbeat_ms.or(file.heartbeat_ms) {
+        link.heartbeat_interval = Duration::from_millis(ms);
+    }
+    if let Some(ms) = args.peer_timeout_ms.or(file.peer_timeout_ms) {
+        link.peer_timeout = Duration::from_millis(ms);
+    }
+    link.validate()
+        .context("--heartbeat-ms / --peer-timeout-ms")?;
+    let sync_bound =
+        Duration::from_micros(args.sync_bound_us.or(file.sync_bound_us).unwrap_or(200));
+    if sync_bound.is_zero() || sync_bound > Duration::from_secs(1) {
+        bail!("--sync-bound-us must be 1 to 1000000");
+    }
+    let address = match side {
+        Side::Primary => need("backup", address.map(str::to_string).or(file.backup))?,
+        Side::Backup => need("listen", address.map(str::to_string).or(file.listen))?,
+    };
+    let guest_file = file.guest;
+    let net = match (&args.net, &guest_file.net) {
+        (Some(n), _) => Some(n.clone()),
+        (None, Some(text)) => Some(
+            text.parse::<NetSpec>()
+                .with_context(|| format!("[guest] net = {text:?}"))?,
+        ),
+        (None, None) => None,
+    };
+    let mem = match (args.mem, &guest_file.mem) {
+        (Some(m), _) => m,
+        (None, Some(text)) => parse_size(text)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("[guest] mem = {text:?}"))?,
+        (None, None) => 256 << 20,
+    };
+    let run = RunArgs {
+        kernel: need("kernel", args.kernel.clone().or(guest_file.kernel))?,
+        initrd: args.initrd.clone().or(guest_file.initrd),
+        cmdline: args
+            .cmdline
+            .clone()
+            .or(guest_file.cmdline)
+            .unwrap_or_else(|| "console=ttyS0".into()),
+        mem,
+        serial: args
+            .serial
+            .clone()
+            .or(guest_file.serial)
+            .unwrap_or_else(|| "stdio".into()),
+        stats: false,
+        net: net.clone(),
+    };
+    let guest = GuestSetup {
+        vm: run.vm_config()?,
+        net,
+        console: run.serial_sink()?,
+        boot_unix_secs: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    // The pair records and replays: refuse what could not be replayed.
+    super::run::require_replayable(&guest.vm)?;
+    let config = PairConfig {
+        vm,
+        generation,
+        node,
+        key,
+        arbiter: ArbiterSettings {
+            addrs: arbiter_addrs,
+            cluster_id: args
+                .arbiter_cluster
+                .clone()
+                .or(file.arbiter.cluster)
+                .unwrap_or_else(|| "twinvm".into()),
+            key: Some(arbiter_key),
+            attempt_deadline: Duration::from_millis(500),
+        },
+        link,
+        control,
+        host_cpu: args.host_cpu.or(file.host_cpu),
+        sync_bound,
+    };
+    Ok((config, guest, address))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "twinvm-host".into())
+}
+
+fn exit(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// `twinvm primary`.
+pub fn primary(args: &PrimaryArgs) -> Result<ExitCode> {
+    let (config, guest, backup) = resolve(&args.pair, Side::Primary, args.backup.as_deref())?;
+    Ok(exit(node::run_primary(config, guest, &backup)?))
+}
+
+/// `twinvm backup`.
+pub fn backup(args: &BackupArgs) -> Result<ExitCode> {
+    let (config, guest, listen) = resolve(&args.pair, Side::Backup, args.listen.as_deref())?;
+    Ok(exit(node::run_backup(config, guest, &listen)?))
+}
+
+/// `twinvm status`.
+pub fn status(args: &StatusArgs) -> Result<ExitCode> {
+    let s = query_status(&args.control).map_err(anyhow::Error::msg)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        print!("{}", describe(&s));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A replica's status as text.
+pub fn describe(s: &PairStatus) -> String {
+    format!(
+        "vm {} generation {} on {}: {} ({}){}\n\
+         landmark {}  watermark {}  acked {}  released {}\n\
+         lag {} landmarks, {:.1} ms   log {:.2} Mbit/s ({} bytes)\n\
+         held outputs {}  hold p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms ({} released)\n\
+         peer {}   up {:.1} s\n",
+        s.vm,
+        s.generation,
+        s.node,
+        s.role,
+        s.state,
+        if s.detail.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", s.detail)
+        },
+        s.landmark,
+        s.watermark,
+        s.acked,
+        s.released,
+        s.lag_landmarks,
+        s.lag_ms,
+        s.log_mbit_s,
+        s.log_bytes,
+        s.held_outputs,
+        s.hold_ms.p50,
+        s.hold_ms.p99,
+        s.hold_ms.max,
+        s.hold_ms.count,
+        if s.peer_connected {
+            "connected"
+        } else {
+            "not connected"
+        },
+        s.uptime_s
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_file_with_an_unknown_key_is_refused_naming_it() {
+        let err = toml::from_str::<ConfigFile>("vm = \"a\"\ngenration = 3\n").unwrap_err();
+        assert!(err.to_string().contains("genration"), "{err}");
+        let err = toml::from_str::<ConfigFile>("[guest]\nkernal = \"x\"\n").unwrap_err();
+        assert!(err.to_string().contains("kernal"), "{err}");
+        let ok: ConfigFile = toml::from_str(
+            "vm = \"demo\"\ngeneration = 1\nkey_file = \"/k\"\nbackup = \"10.0.0.2:7200\"\n\
+             [arbiter]\naddrs = [\"a:1\", \"b:2\"]\n[guest]\nkernel = \"builtin:counter\"\nmem = \"64M\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.arbiter.addrs.len(), 2);
+        assert_eq!(ok.guest.mem.as_deref(), Some("64M"));
+    }
+
+    #[test]
+    fn missing_settings_are_named() {
+        let err = resolve(&PairArgs::default(), Side::Primary, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("--vm is required"), "{err}");
+        let args = PairArgs {
+            vm: Some("demo".into()),
+            ..PairArgs::default()
+        };
+        let err = resolve(&args, Side::Backup, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("--generation is required"), "{err}");
+    }
+}

@@ -1,0 +1,662 @@
+//! `twinvm primary`: runs the guest, streams its log to the backup, holds
+//! every output until the backup has the log that produced it, and asks the
+//! arbiter whether it may go on alone when the backup is lost.
+
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use crossbeam_channel::{Receiver, Select, Sender};
+
+use super::feed::{EngineMsg, LogFeed, OutputFeed};
+use super::status::{serve_status, HoldTimes, PairStatus, StatusBoard};
+use super::{
+    spawn_arbiter_client, spawn_socket_reader, write_frame_bytes, ArbiterRequest, Clock,
+    GuestSetup, PairConfig, SocketEvent, EXIT_ERROR, EXIT_OK, EXIT_STOPPED,
+};
+use crate::ft::failover::{Action, Failover, FailoverConfig, FailoverEvent, Verdict};
+use crate::ft::link::{Hello, PrimaryEvent, PrimaryLink};
+use crate::ft::output::{HeldOutputs, OutputBounds};
+use crate::net::tap::{Tap, TapBackend};
+use crate::replay::engine::{
+    Connections, Control, Ending, Engine, Inputs, Output, RecordSettings, Recorder, Role, Stop,
+    StopOnSignal,
+};
+use crate::replay::log::LogWriter;
+use crate::replay::machine;
+use crate::vmm::{sys, Kicker};
+
+/// How long the primary keeps trying to reach its backup at start.
+const CONNECT_FOR: Duration = Duration::from_secs(30);
+/// Engine messages in flight to the link thread (the log window and the
+/// held-output bound are the real limits; this only smooths bursts).
+const ENGINE_QUEUE: usize = 4096;
+
+/// What the link thread tells the vCPU thread.
+enum LinkNews {
+    Established,
+    /// The pair is over for this side: exit with this code.
+    Done {
+        code: i32,
+        message: String,
+    },
+}
+
+/// What the vCPU thread tells the link thread.
+enum MainNews {
+    GuestEnded(Ending),
+    Failed(String),
+}
+
+fn connect(addr: &str) -> Result<TcpStream> {
+    let started = Instant::now();
+    let mut last = String::new();
+    while started.elapsed() < CONNECT_FOR {
+        let addrs: Vec<SocketAddr> = match addr.to_socket_addrs() {
+            Ok(a) => a.collect(),
+            Err(e) => bail!("the backup address {addr:?} is not host:port ({e})"),
+        };
+        for a in &addrs {
+            match TcpStream::connect_timeout(a, Duration::from_millis(500)) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    bail!("could not reach the backup at {addr} within {CONNECT_FOR:?}: {last}")
+}
+
+/// Run the primary replica to its end; returns the process exit code.
+pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Result<i32> {
+    let clock = Clock(Instant::now());
+    let board: StatusBoard = Arc::new(Mutex::new(PairStatus {
+        vm: cfg.vm.clone(),
+        generation: cfg.generation,
+        node: cfg.node.clone(),
+        role: "primary".into(),
+        state: "connecting".into(),
+        ..PairStatus::default()
+    }));
+    let stopping = Arc::new(AtomicBool::new(false));
+    serve_status(&cfg.control, board.clone(), stopping.clone())
+        .with_context(|| format!("opening the control socket {}", cfg.control.display()))?;
+
+    let host_cpu = match cfg.host_cpu {
+        Some(cpu) => cpu,
+        None => sys::current_cpu().context("finding the host CPU to run on")?,
+    };
+    let net_mac = guest.net.as_ref().map(|n| n.mac);
+    let header = machine::header_for(&guest.vm, guest.boot_unix_secs, host_cpu, net_mac);
+    let (vm, platform) = machine::build(&guest.vm, guest.boot_unix_secs, net_mac)
+        .with_context(|| format!("building the VM for {}", guest.vm.kernel_name))?;
+
+    eprintln!("twinvm primary: connecting to the backup at {backup_addr}");
+    let stream = connect(backup_addr)?;
+    stream.set_nodelay(true).context("setting TCP_NODELAY")?;
+    stream
+        .set_write_timeout(Some(cfg.link.peer_timeout))
+        .context("setting the write timeout")?;
+    let link = PrimaryLink::new(
+        cfg.link,
+        &cfg.key,
+        Hello {
+            vm: cfg.vm.clone(),
+            generation: cfg.generation,
+            log_header: header.encode().context("encoding the log header")?,
+            start_landmark: 0,
+        },
+        clock.now(),
+    )
+    .context("setting up the logging channel")?;
+
+    let kicker = Kicker::new();
+    let tap = match &guest.net {
+        Some(spec) => {
+            let tap = Tap::open(&spec.tap)
+                .with_context(|| format!("opening TAP device {} (--net)", spec.tap))?;
+            let wake = kicker.clone();
+            Some(Arc::new(
+                TapBackend::start(tap, move || wake.kick())
+                    .with_context(|| format!("starting the TAP backend for {}", spec.tap))?,
+            ))
+        }
+        None => None,
+    };
+
+    let (socket_tx, socket_rx) = crossbeam_channel::unbounded();
+    spawn_socket_reader(
+        stream.try_clone().context("duplicating the socket")?,
+        socket_tx,
+    )
+    .context("starting the socket reader")?;
+    let (engine_tx, engine_rx) = crossbeam_channel::bounded(ENGINE_QUEUE);
+    let (control_tx, control_rx) = crossbeam_channel::bounded(16);
+    let (news_tx, news_rx) = crossbeam_channel::bounded(4);
+    let (main_tx, main_rx) = crossbeam_channel::bounded(4);
+    let (arbiter_tx, verdict_rx) =
+        spawn_arbiter_client(cfg.arbiter.clone()).context("starting the arbiter client")?;
+    let mut feed = LogFeed::new(engine_tx.clone(), stopping.clone());
+    feed.start_stream();
+    let recorder = Recorder {
+        log: LogWriter::stream(Box::new(feed)),
+    };
+    let _signals = StopOnSignal::install(control_tx.clone(), kicker.clone())
+        .context("installing signal handlers")?;
+    let mut engine = Engine::new(
+        vm,
+        platform,
+        Connections {
+            inputs: Inputs {
+                control: control_rx,
+                serial: None,
+                net: tap.as_ref().map(|t| t.rx().clone()),
+            },
+            outputs: Box::new(OutputFeed {
+                tx: engine_tx,
+                stopped: stopping.clone(),
+            }),
+            kicker: kicker.clone(),
+        },
+        Role::Record(recorder),
+        RecordSettings {
+            sync_bound: cfg.sync_bound,
+            ..RecordSettings::default()
+        },
+        Some(host_cpu),
+    )
+    .context("setting up the engine")?;
+    let pump = PrimaryPump {
+        clock,
+        cfg: cfg.clone(),
+        link,
+        stream,
+        failover: None,
+        held: HeldOutputs::new(OutputBounds::default()),
+        console: guest.console,
+        tap: tap.clone(),
+        alone: false,
+        holding: false,
+        log_dropped: false,
+        pending: None,
+        engine_rx,
+        socket_rx,
+        verdict_rx,
+        main_rx,
+        arbiter_tx,
+        news_tx,
+        control_tx: control_tx.clone(),
+        kicker: kicker.clone(),
+        stopping: stopping.clone(),
+        board: board.clone(),
+        landmark: engine.landmark_counter(),
+        guest_ended: None,
+        done: None,
+        rate: RateMeter::default(),
+    };
+    let link_thread = thread::Builder::new()
+        .name("twinvm-ft-link".into())
+        .spawn(move || pump.run())
+        .context("starting the link thread")?;
+
+    // The guest boots only once the backup accepted the Hello.
+    match news_rx.recv() {
+        Ok(LinkNews::Established) => {}
+        Ok(LinkNews::Done { code, message }) => {
+            let _ = link_thread.join();
+            stopping.store(true, Ordering::Relaxed);
+            if code == EXIT_ERROR {
+                bail!("{message}");
+            }
+            eprintln!("twinvm primary: {message}");
+            return Ok(code);
+        }
+        Err(_) => bail!("the link thread ended before the backup answered"),
+    }
+    eprintln!(
+        "twinvm primary: backup connected (generation {})",
+        cfg.generation
+    );
+
+    let outcome = engine.run();
+    let _ = match &outcome {
+        Ok(report) => match report.stop {
+            Stop::Ended { ending, .. } => main_tx.send(MainNews::GuestEnded(ending)),
+            Stop::LogExhausted { .. } => main_tx.send(MainNews::Failed(
+                "the primary's engine reported the end of a log it does not follow".into(),
+            )),
+        },
+        Err(e) => main_tx.send(MainNews::Failed(e.to_string())),
+    };
+    let (code, message) = match news_rx.recv() {
+        Ok(LinkNews::Done { code, message }) => (code, message),
+        _ => (EXIT_ERROR, "the link thread ended without a verdict".into()),
+    };
+    stopping.store(true, Ordering::Relaxed);
+    let _ = link_thread.join();
+    if let Err(e) = outcome {
+        return Err(anyhow!(e).context("running the guest"));
+    }
+    eprintln!("twinvm primary: {message}");
+    Ok(code)
+}
+
+/// Log bandwidth over roughly the last second.
+#[derive(Default)]
+struct RateMeter {
+    at: Option<(Instant, u64)>,
+    mbit_s: f64,
+}
+
+impl RateMeter {
+    fn update(&mut self, bytes: u64) -> f64 {
+        let now = Instant::now();
+        match self.at {
+            Some((then, old)) if now.duration_since(then) >= Duration::from_secs(1) => {
+                let secs = now.duration_since(then).as_secs_f64();
+                self.mbit_s = (bytes.saturating_sub(old)) as f64 * 8.0 / secs / 1e6;
+                self.at = Some((now, bytes));
+            }
+            None => self.at = Some((now, bytes)),
+            _ => {}
+        }
+        self.mbit_s
+    }
+}
+
+/// The link thread's state.
+struct PrimaryPump {
+    clock: Clock,
+    cfg: PairConfig,
+    link: PrimaryLink,
+    stream: TcpStream,
+    failover: Option<Failover>,
+    held: HeldOutputs<Output>,
+    console: Box<dyn std::io::Write + Send>,
+    tap: Option<Arc<TapBackend>>,
+    /// Won the arbiter: outputs go straight out.
+    alone: bool,
+    /// The failover machine said to release nothing more.
+    holding: bool,
+    log_dropped: bool,
+    /// An engine message taken but not placed yet (no room).
+    pending: Option<EngineMsg>,
+    engine_rx: Receiver<EngineMsg>,
+    socket_rx: Receiver<SocketEvent>,
+    verdict_rx: Receiver<Verdict>,
+    main_rx: Receiver<MainNews>,
+    arbiter_tx: Sender<ArbiterRequest>,
+    news_tx: Sender<LinkNews>,
+    control_tx: Sender<Control>,
+    kicker: Kicker,
+    stopping: Arc<AtomicBool>,
+    board: StatusBoard,
+    landmark: Arc<AtomicU64>,
+    guest_ended: Option<Ending>,
+    done: Option<(i32, String)>,
+    rate: RateMeter,
+}
+
+impl PrimaryPump {
+    fn run(mut self) {
+        let (code, message) = match self.pump() {
+            Ok(done) => done,
+            Err(e) => (EXIT_ERROR, format!("{e:#}")),
+        };
+        self.stopping.store(true, Ordering::Relaxed);
+        if code != EXIT_OK {
+            self.stop_engine(Control::Stop);
+        }
+        let _ = self.news_tx.send(LinkNews::Done { code, message });
+    }
+
+    fn stop_engine(&self, msg: Control) {
+        let _ = self.control_tx.try_send(msg);
+        self.kicker.kick();
+    }
+
+    fn pump(&mut self) -> Result<(i32, String)> {
+        loop {
+            self.place_engine_messages()?;
+            self.transmit();
+            self.handle_events()?;
+            self.perform_actions();
+            self.try_bye()?;
+            self.publish_status();
+            if let Some(done) = self.done.take() {
+                self.transmit();
+                return Ok(done);
+            }
+            self.wait()?;
+        }
+    }
+
+    /// Write everything the link wants sent; a failed write is a lost connection.
+    fn transmit(&mut self) {
+        while let Some(bytes) = self.link.poll_transmit(self.clock.now()) {
+            if let Err(e) = write_frame_bytes(&mut self.stream, &bytes) {
+                self.link.connection_lost(&e);
+                break;
+            }
+        }
+    }
+
+    /// Move the engine's outputs into the held queue and its log into the
+    /// link, in order, as long as there is room (else the engine waits).
+    fn place_engine_messages(&mut self) -> Result<()> {
+        loop {
+            let msg = match self.pending.take() {
+                Some(m) => m,
+                None => match self.engine_rx.try_recv() {
+                    Ok(m) => m,
+                    Err(_) => return Ok(()),
+                },
+            };
+            match msg {
+                EngineMsg::Output { landmark, output } => {
+                    if self.alone {
+                        self.emit(output);
+                        continue;
+                    }
+                    if let Err(refused) = self.held.push(landmark, output, self.clock.now()) {
+                        match refused.error {
+                            crate::ft::OutputError::Full { .. } => {
+                                self.pending = Some(EngineMsg::Output {
+                                    landmark,
+                                    output: refused.output,
+                                });
+                                return Ok(());
+                            }
+                            other => bail!("the output rule's contract was broken: {other}"),
+                        }
+                    }
+                }
+                EngineMsg::Log { bytes, watermark } => {
+                    if self.log_dropped || self.link.is_closed() {
+                        continue;
+                    }
+                    if !self.link.can_accept(bytes.len() as u64) {
+                        self.pending = Some(EngineMsg::Log { bytes, watermark });
+                        return Ok(());
+                    }
+                    self.link
+                        .push_log(&bytes, watermark)
+                        .context("pushing the log")?;
+                }
+            }
+        }
+    }
+
+    /// An output to the world: the console or the TAP.
+    fn emit(&mut self, output: Output) {
+        match output {
+            Output::Console(bytes) => {
+                let _ = self.console.write_all(&bytes);
+                let _ = self.console.flush();
+            }
+            Output::Net(frame) => {
+                if let Some(tap) = &self.tap {
+                    if let Err(e) = tap.send(&frame) {
+                        tracing::warn!("sending a frame on {}: {e}", tap.name());
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle_events(&mut self) -> Result<()> {
+        let now = self.clock.now();
+        while let Some(event) = self.link.poll_event() {
+            match event {
+                PrimaryEvent::Established => {
+                    self.failover = Some(Failover::primary(
+                        FailoverConfig::new(&self.cfg.vm, self.cfg.generation, &self.cfg.node),
+                        now,
+                    ));
+                    let _ = self.news_tx.send(LinkNews::Established);
+                }
+                PrimaryEvent::HelloRefused { reason } => {
+                    self.done = Some((EXIT_ERROR, format!("the backup refused us: {reason}")));
+                }
+                PrimaryEvent::Acked { watermark, .. } => {
+                    if !self.holding && !self.alone {
+                        for output in self.held.release_through(watermark, now) {
+                            self.emit(output);
+                        }
+                        // Every output of landmarks <= watermark has been
+                        // pushed before the log through watermark was: all out.
+                        self.link
+                            .set_released(watermark)
+                            .context("reporting released outputs")?;
+                    }
+                }
+                PrimaryEvent::PeerHeartbeat { .. } => {}
+                PrimaryEvent::Diverged { landmark, detail } => {
+                    eprintln!(
+                        "twinvm primary: the backup diverged at landmark {landmark} ({detail}) and stopped; asking the arbiter"
+                    );
+                    self.failover_event(FailoverEvent::Diverged { landmark, detail })?;
+                }
+                PrimaryEvent::PeerSuspected { silent_for } => {
+                    eprintln!(
+                        "twinvm primary: backup lost (silent for {} ms); asking the arbiter",
+                        silent_for.as_millis()
+                    );
+                    self.failover_event(FailoverEvent::PeerSuspected)?;
+                }
+                PrimaryEvent::Closed { reason } => {
+                    if self.failover.is_none() {
+                        self.done = Some((
+                            EXIT_ERROR,
+                            format!(
+                                "the logging channel closed before the backup answered: {reason}"
+                            ),
+                        ));
+                    } else {
+                        eprintln!("twinvm primary: backup lost ({reason}); asking the arbiter");
+                        self.failover_event(FailoverEvent::LinkClosed {
+                            reason: reason.to_string(),
+                        })?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn failover_event(&mut self, event: FailoverEvent) -> Result<()> {
+        let now = self.clock.now();
+        match &mut self.failover {
+            Some(f) => f.handle(event, now),
+            None => bail!("a failover event before the pair was established: {event:?}"),
+        }
+        Ok(())
+    }
+
+    fn perform_actions(&mut self) {
+        let now = self.clock.now();
+        let Some(failover) = &mut self.failover else {
+            return;
+        };
+        failover.handle_timeout(now);
+        let mut actions = Vec::new();
+        while let Some(a) = failover.poll_action() {
+            actions.push(a);
+        }
+        for action in actions {
+            match action {
+                Action::AskArbiter {
+                    vm,
+                    generation,
+                    requester,
+                } => {
+                    let _ = self.arbiter_tx.try_send(ArbiterRequest {
+                        vm,
+                        generation,
+                        requester,
+                    });
+                }
+                Action::RetryArbiterAt(_) => {}
+                Action::HoldOutputs => self.holding = true,
+                Action::ReleaseAll => {
+                    for output in self.held.release_all(now) {
+                        self.emit(output);
+                    }
+                    self.holding = false;
+                    self.alone = true;
+                }
+                Action::DropLog => {
+                    self.log_dropped = true;
+                    if !self.link.is_closed() {
+                        self.link.close("the primary continues alone");
+                    }
+                    self.stop_engine(Control::DropLog);
+                    eprintln!(
+                        "twinvm primary: continuing alone (arbiter: won generation {})",
+                        self.cfg.generation
+                    );
+                }
+                Action::Stop { exit_code, message } => {
+                    if exit_code == crate::ft::failover::EXIT_LOST {
+                        eprintln!("twinvm: lost the arbitration ({message}): stopping");
+                    }
+                    self.stop_engine(Control::Stop);
+                    self.done = Some((exit_code, message));
+                }
+                Action::FinishLog | Action::Promote { .. } => {
+                    tracing::error!("backup action {action:?} on the primary; ignored")
+                }
+            }
+        }
+    }
+
+    /// The guest ended: once every output is out (acknowledged and
+    /// released), tell the backup goodbye; alone, just finish.
+    fn try_bye(&mut self) -> Result<()> {
+        let Some(ending) = self.guest_ended else {
+            return Ok(());
+        };
+        if self.done.is_some() || self.pending.is_some() || !self.engine_rx.is_empty() {
+            return Ok(());
+        }
+        let code = if ending == Ending::Stopped {
+            EXIT_STOPPED
+        } else {
+            EXIT_OK
+        };
+        let now = self.clock.now();
+        if self.alone || self.log_dropped {
+            self.done = Some((code, format!("the guest ended ({ending:?})")));
+            return Ok(());
+        }
+        if !self.held.is_empty() || self.holding {
+            return Ok(());
+        }
+        if self.link.is_closed() {
+            return Ok(());
+        }
+        if self.link.send_bye(&format!("{ending:?}"), now).is_ok() {
+            self.failover_event(FailoverEvent::Bye {
+                reason: format!("{ending:?}"),
+            })?;
+            self.perform_actions();
+            if let Some((_, message)) = self.done.take() {
+                self.done = Some((code, message));
+            }
+        }
+        Ok(())
+    }
+
+    fn publish_status(&mut self) {
+        let status = self.link.status();
+        let mbit_s = self.rate.update(status.stats.log_bytes);
+        let landmark = self.landmark.load(Ordering::Relaxed);
+        let hold = self.held.hold_times();
+        let mut b = self.board.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = &self.failover {
+            let s = f.status();
+            b.state = s.state.to_string();
+            b.detail = s.detail;
+        }
+        b.landmark = landmark;
+        b.watermark = status.pushed_watermark;
+        b.acked = status.acked_watermark;
+        b.released = status.released;
+        b.lag_landmarks = landmark.saturating_sub(status.backup_replayed_landmark);
+        b.lag_ms = status.backup_lag_ns as f64 / 1e6;
+        b.log_mbit_s = mbit_s;
+        b.log_bytes = status.stats.log_bytes;
+        b.held_outputs = self.held.len() as u64;
+        b.hold_ms = HoldTimes {
+            count: hold.count,
+            p50: hold.p50.as_secs_f64() * 1e3,
+            p99: hold.p99.as_secs_f64() * 1e3,
+            max: hold.max.as_secs_f64() * 1e3,
+        };
+        b.peer_connected = status.established && status.closed.is_none();
+        b.uptime_s = self.clock.now().as_secs_f64();
+    }
+
+    /// Sleep until something arrives or a timer is due.
+    fn wait(&mut self) -> Result<()> {
+        let now = self.clock.now();
+        let mut deadline = now + Duration::from_millis(100);
+        for t in [
+            self.link.poll_timeout(),
+            self.failover.as_ref().and_then(|f| f.poll_timeout()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            deadline = deadline.min(t);
+        }
+        let timeout = deadline.saturating_sub(now);
+        let (socket_rx, engine_rx, verdict_rx, main_rx) = (
+            self.socket_rx.clone(),
+            self.engine_rx.clone(),
+            self.verdict_rx.clone(),
+            self.main_rx.clone(),
+        );
+        let mut sel = Select::new();
+        let socket = sel.recv(&socket_rx);
+        let engine = self.pending.is_none().then(|| sel.recv(&engine_rx));
+        let verdict = sel.recv(&verdict_rx);
+        let main = sel.recv(&main_rx);
+        let Ok(op) = sel.select_timeout(timeout) else {
+            self.link.handle_timeout(self.clock.now());
+            return Ok(());
+        };
+        let index = op.index();
+        if index == socket {
+            match op.recv(&socket_rx) {
+                Ok(SocketEvent::Bytes(bytes)) => {
+                    self.link.on_bytes_received(&bytes, self.clock.now())
+                }
+                Ok(SocketEvent::Closed(reason)) => self.link.connection_lost(&reason),
+                Err(_) => self.link.connection_lost("the socket reader ended"),
+            }
+        } else if Some(index) == engine {
+            if let Ok(msg) = op.recv(&engine_rx) {
+                self.pending = Some(msg);
+            }
+        } else if index == verdict {
+            if let Ok(v) = op.recv(&verdict_rx) {
+                self.failover_event(FailoverEvent::ArbiterVerdict(v))?;
+            }
+        } else if index == main {
+            match op.recv(&main_rx) {
+                Ok(MainNews::GuestEnded(ending)) => self.guest_ended = Some(ending),
+                Ok(MainNews::Failed(e)) => {
+                    self.link.close("the primary's guest failed");
+                    self.done = Some((EXIT_ERROR, format!("the guest failed: {e}")));
+                }
+                Err(_) => {}
+            }
+        }
+        self.link.handle_timeout(self.clock.now());
+        Ok(())
+    }
+}

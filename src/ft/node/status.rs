@@ -1,0 +1,178 @@
+//! The control socket: `twinvm status` asks a running replica where it is.
+//! A Unix stream socket; the client sends `status\n` and reads one JSON line.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Hold times of released outputs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HoldTimes {
+    pub count: u64,
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+/// What `twinvm status` reports (docs/operations.md, "Status").
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PairStatus {
+    pub vm: String,
+    pub generation: u64,
+    pub node: String,
+    pub role: String,
+    /// connecting, replicating, asking, alone, lost, following, draining,
+    /// live, ending, diverged.
+    pub state: String,
+    /// A sentence about the state (what triggered it, the arbiter's answer).
+    pub detail: String,
+    /// Where the guest is (the engine's landmark).
+    pub landmark: u64,
+    /// Primary: the last landmark whose log was pushed; backup: received.
+    pub watermark: u64,
+    /// The backup has acknowledged the log through here.
+    pub acked: u64,
+    /// Outputs of landmarks up to here have left the primary.
+    pub released: u64,
+    /// How far the backup's replay is behind the primary.
+    pub lag_landmarks: u64,
+    pub lag_ms: f64,
+    /// Log bandwidth over the last second.
+    pub log_mbit_s: f64,
+    /// Log bytes sent (primary) or received (backup) in all.
+    pub log_bytes: u64,
+    /// Outputs the primary holds until the backup acknowledges their log.
+    pub held_outputs: u64,
+    /// Milliseconds from an output's production to its release.
+    pub hold_ms: HoldTimes,
+    pub peer_connected: bool,
+    pub uptime_s: f64,
+}
+
+/// The latest status, shared between the threads that know parts of it and
+/// the control socket.
+pub type StatusBoard = Arc<Mutex<PairStatus>>;
+
+/// Serve `status` requests on `path` until `stop` is set. A stale socket
+/// file (a replica that died) is replaced; a live one is an error.
+pub fn serve_status(path: &Path, board: StatusBoard, stop: Arc<AtomicBool>) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!(
+                    "{} is the control socket of a running replica",
+                    path.display()
+                ),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    listener.set_nonblocking(true)?;
+    let path: PathBuf = path.to_path_buf();
+    thread::Builder::new()
+        .name("twinvm-ft-status".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let snapshot = board.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        let _ = answer(stream, &snapshot);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(20))
+                    }
+                    Err(e) => {
+                        tracing::warn!("control socket {}: {e}", path.display());
+                        thread::sleep(Duration::from_millis(200));
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        })?;
+    Ok(())
+}
+
+fn answer(stream: UnixStream, status: &PairStatus) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(1)))?;
+    let mut reader = BufReader::new(&stream);
+    let mut line = String::new();
+    reader.by_ref().take(256).read_line(&mut line)?;
+    let mut out = &stream;
+    if line.trim() != "status" {
+        return writeln!(out, "{{\"error\":\"unknown request; send `status`\"}}");
+    }
+    let json = serde_json::to_string(status).map_err(std::io::Error::other)?;
+    writeln!(out, "{json}")
+}
+
+/// Ask the replica behind `path` for its status.
+pub fn query_status(path: &Path) -> Result<PairStatus, String> {
+    let mut stream = UnixStream::connect(path)
+        .map_err(|e| format!("connecting to the control socket {}: {e}", path.display()))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"status\n")
+        .map_err(|e| format!("asking {}: {e}", path.display()))?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .take(1 << 20)
+        .read_line(&mut line)
+        .map_err(|e| format!("reading the answer from {}: {e}", path.display()))?;
+    serde_json::from_str(&line).map_err(|e| {
+        format!(
+            "{} answered something that is not a status ({e}): {line:?}",
+            path.display()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_round_trips_through_the_socket_and_bad_requests_get_an_error() {
+        let dir = std::env::temp_dir().join(format!("twinvm-status-{}", std::process::id()));
+        let path = dir.join("a.sock");
+        let board: StatusBoard = Arc::default();
+        board.lock().unwrap().state = "replicating".into();
+        board.lock().unwrap().landmark = 42;
+        let stop = Arc::new(AtomicBool::new(false));
+        serve_status(&path, board.clone(), stop.clone()).unwrap();
+        let got = query_status(&path).unwrap();
+        assert_eq!(got.state, "replicating");
+        assert_eq!(got.landmark, 42);
+        // A second replica cannot take the same socket.
+        let err = serve_status(&path, board, stop.clone()).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(b"reboot\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        assert!(line.contains("unknown request"), "{line}");
+        stop.store(true, Ordering::Relaxed);
+        for _ in 0..100 {
+            if !path.exists() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!path.exists(), "the socket file is removed at stop");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

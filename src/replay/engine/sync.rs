@@ -1,0 +1,213 @@
+//! Sync points (the primary stops the guest anywhere and ships its state;
+//! the backup loads it) and digests (both sides hash the machine; the
+//! backup compares).
+
+use std::time::Instant;
+
+use vm_memory::Bytes;
+
+use super::landmark::hex;
+use super::{Engine, RunError};
+use crate::replay::digest::{self, LandmarkKind, MemoryHash};
+use crate::replay::log::{PageHash, Record, StateDigest, PAGE_SIZE};
+use crate::vmm::layout;
+use crate::vmm::vm::{GuestWrite, Vm};
+
+/// The whole-memory hash of a freshly built VM.
+pub(super) fn memory_hash_of(vm: &Vm) -> MemoryHash {
+    MemoryHash::new(layout::ram_pages(vm.mem_bytes), |i, buf| {
+        // Pages that cannot be read count as zeros on both sides alike.
+        let _ = vm.read_ram_page(i, buf);
+    })
+}
+
+impl Engine {
+    /// Primary: the guest was kicked at an arbitrary point; make it the next
+    /// landmark (a sync point, when recording).
+    pub(super) fn make_sync_point(&mut self) -> Result<(), RunError> {
+        self.landmark += 1;
+        self.injected_here = false;
+        self.signature.fold(self.landmark, LandmarkKind::SyncPoint);
+        self.vm.note_sync_point();
+        if !self.role.recording() {
+            return Ok(());
+        }
+        let cpu = self.vm.cpu_state()?;
+        self.vm
+            .collect_dirty_pages(&mut [&mut self.since_sync, &mut self.since_digest])?;
+        let mut pages = Vec::new();
+        for gpa in self.since_sync.take() {
+            let mut data = vec![0u8; PAGE_SIZE];
+            if self
+                .vm
+                .mem
+                .read_slice(&mut data, vm_memory::GuestAddress(gpa))
+                .is_ok()
+            {
+                pages.push((gpa, data));
+            }
+        }
+        self.stats.sync_points += 1;
+        self.stats.sync_point_pages += pages.len() as u64;
+        let before = self.log_bytes_written();
+        self.log(Record::SyncPoint {
+            landmark: self.landmark,
+            cpu: Box::new(cpu.clone()),
+            vmm_state: self.syscall_fix.save(),
+            pages,
+        })?;
+        self.stats.sync_point_bytes += self.log_bytes_written() - before;
+        // Judge "can take an interrupt" from this state, as the backup will.
+        self.sync_state = Some(cpu);
+        Ok(())
+    }
+
+    /// Backup: load the primary's sync point instead of executing to it.
+    pub(super) fn apply_sync_point(&mut self, record: Record) -> Result<(), RunError> {
+        let Record::SyncPoint {
+            landmark,
+            cpu,
+            vmm_state,
+            pages,
+        } = record
+        else {
+            unreachable!("the schedule hands out only sync points here")
+        };
+        // Finish the landmark's exit first, or its completion would land on
+        // top of the loaded state.
+        self.vm.complete_pending_exit()?;
+        for (gpa, data) in &pages {
+            self.vm
+                .write_guest(*gpa, data, GuestWrite::SyncPoint)
+                .map_err(|e| self.diverged(format!("sync point page: {e}")))?;
+        }
+        self.vm.set_cpu_state(&cpu)?;
+        self.syscall_fix.restore(&vmm_state)?;
+        self.vm.note_sync_point();
+        self.stats.sync_points += 1;
+        self.stats.sync_point_pages += pages.len() as u64;
+        self.landmark = landmark;
+        self.injected_here = false;
+        self.signature.fold(self.landmark, LandmarkKind::SyncPoint);
+        self.sync_state = Some(*cpu);
+        Ok(())
+    }
+
+    /// The whole-memory hash (made when a tracking role began).
+    fn memory_hash(&mut self) -> &mut MemoryHash {
+        let vm = &self.vm;
+        self.memory.get_or_insert_with(|| memory_hash_of(vm))
+    }
+
+    /// Bring the whole-memory hash up to date with every page written since
+    /// the last digest; returns those pages' addresses and hashes.
+    fn hash_written_pages(&mut self) -> Result<Vec<PageHash>, RunError> {
+        self.vm
+            .collect_dirty_pages(&mut [&mut self.since_sync, &mut self.since_digest])?;
+        let mut page = vec![0u8; PAGE_SIZE];
+        let mut hashes = Vec::new();
+        for gpa in self.since_digest.take() {
+            let Some(index) = layout::ram_page_index(self.vm.mem_bytes, gpa) else {
+                continue;
+            };
+            self.vm.read_ram_page(index, &mut page)?;
+            let hash = self.memory_hash().update(index, &page);
+            hashes.push(PageHash { gpa, hash });
+        }
+        Ok(hashes)
+    }
+
+    /// The machine's digest here: vCPU, devices, landmark signature, memory.
+    fn current_digest(&mut self) -> Result<StateDigest, RunError> {
+        let pages = self.hash_written_pages()?;
+        Ok(StateDigest {
+            cpu: digest::cpu_hashes(&self.vm.cpu_state()?),
+            devices: digest::state_hash(&self.platform.save()),
+            signature: self.signature.running(),
+            memory: self.memory_hash().root(),
+            pages,
+        })
+    }
+
+    pub(super) fn record_digest(&mut self) -> Result<(), RunError> {
+        let started = Instant::now();
+        let digest = self.current_digest()?;
+        self.stats.digests += 1;
+        self.stats.digest_pages += digest.pages.len() as u64;
+        self.stats.digest_time += started.elapsed();
+        self.log(Record::Digest {
+            landmark: self.landmark,
+            digest: Box::new(digest),
+        })
+    }
+
+    /// Backup: compare this replica with the primary's digest; name what
+    /// differs.
+    pub(super) fn verify_digest(&mut self, theirs: &StateDigest) -> Result<(), RunError> {
+        let started = Instant::now();
+        let ours = self.current_digest()?;
+        self.stats.digests += 1;
+        self.stats.digest_pages += theirs.pages.len() as u64;
+        self.stats.digest_time += started.elapsed();
+        let mut differences = Vec::new();
+        let cpu = digest::differing_cpu_parts(&theirs.cpu, &ours.cpu);
+        if !cpu.is_empty() {
+            differences.push(format!("vCPU state differs ({})", cpu.join(", ")));
+        }
+        if theirs.devices != ours.devices {
+            differences.push("device state differs".to_string());
+        }
+        if theirs.signature != ours.signature {
+            differences.push(format!(
+                "the landmarks since the last digest differ from the primary's (an exit of another kind, place or data; record with --trace-landmarks to find it; signature {} here, {} there)",
+                hex(&ours.signature[..8]),
+                hex(&theirs.signature[..8])
+            ));
+        }
+        if theirs.memory != ours.memory {
+            differences.push(self.describe_memory_difference(theirs, &ours));
+        }
+        if differences.is_empty() {
+            return Ok(());
+        }
+        Err(self.diverged(format!("digest mismatch: {}", differences.join("; "))))
+    }
+
+    /// Which pages differ: the primary's written pages whose hash differs
+    /// here, or else the pages only this replica wrote.
+    fn describe_memory_difference(&self, theirs: &StateDigest, ours: &StateDigest) -> String {
+        let mismatched = digest::mismatched_pages(&theirs.pages, |gpa| {
+            layout::ram_page_index(self.vm.mem_bytes, gpa)
+                .and_then(|i| self.memory.as_ref().and_then(|m| m.page(i)))
+        });
+        if !mismatched.is_empty() {
+            let shown: Vec<String> = mismatched
+                .iter()
+                .take(8)
+                .map(|g| format!("{g:#x}"))
+                .collect();
+            return format!(
+                "memory differs: {} of the {} pages the primary wrote differ (first: {})",
+                mismatched.len(),
+                theirs.pages.len(),
+                shown.join(", ")
+            );
+        }
+        let primary: std::collections::BTreeSet<u64> = theirs.pages.iter().map(|p| p.gpa).collect();
+        let only_here: Vec<String> = ours
+            .pages
+            .iter()
+            .filter(|p| !primary.contains(&p.gpa))
+            .take(8)
+            .map(|p| format!("{:#x}", p.gpa))
+            .collect();
+        if only_here.is_empty() {
+            "memory differs in a page neither side wrote since the last digest".to_string()
+        } else {
+            format!(
+                "memory differs: the backup wrote pages the primary did not (first: {})",
+                only_here.join(", ")
+            )
+        }
+    }
+}

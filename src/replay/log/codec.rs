@@ -1,0 +1,465 @@
+//! The byte layout of frames, the header and every record (docs/log-format.md).
+
+use std::io::{self, Write};
+
+use super::*;
+
+/// Little-endian payload builder. A field too long for its u32 length
+/// prefix is remembered as an error (reported by `finish`), never cast
+/// silently.
+#[derive(Default)]
+pub(super) struct Enc {
+    pub(super) out: Vec<u8>,
+    pub(super) error: Option<String>,
+}
+
+impl Enc {
+    pub(super) fn u8(&mut self, v: u8) {
+        self.out.push(v);
+    }
+    pub(super) fn u32(&mut self, v: u32) {
+        self.out.extend_from_slice(&v.to_le_bytes());
+    }
+    pub(super) fn u64(&mut self, v: u64) {
+        self.out.extend_from_slice(&v.to_le_bytes());
+    }
+    pub(super) fn raw(&mut self, v: &[u8]) {
+        self.out.extend_from_slice(v);
+    }
+    /// A length prefix; lengths past the frame limit are refused.
+    pub(super) fn len(&mut self, n: usize, what: &str) {
+        if n > MAX_FRAME_BYTES as usize {
+            self.error
+                .get_or_insert_with(|| format!("{what} of {n} bytes exceeds the frame limit"));
+        }
+        self.u32(u32::try_from(n).unwrap_or(u32::MAX));
+    }
+    pub(super) fn bytes(&mut self, v: &[u8]) {
+        self.len(v.len(), "a field");
+        self.raw(v);
+    }
+    /// u32 unpacked length, then `u32 length + bytes` of one LZ4 block.
+    pub(super) fn packed(&mut self, v: &[u8]) {
+        self.len(v.len(), "a packed field");
+        self.bytes(&lz4_flex::block::compress(v));
+    }
+    pub(super) fn finish(self) -> Result<Vec<u8>, String> {
+        match self.error {
+            Some(e) => Err(e),
+            None => Ok(self.out),
+        }
+    }
+}
+
+/// Little-endian payload reader; errors are plain strings the caller places.
+pub(super) struct Dec<'a>(pub(super) &'a [u8]);
+
+impl<'a> Dec<'a> {
+    pub(super) fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.0.len() < n {
+            return Err(format!("payload ends {} bytes early", n - self.0.len()));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    pub(super) fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    pub(super) fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    pub(super) fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    pub(super) fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        Ok(self.take(N)?.try_into().unwrap())
+    }
+    pub(super) fn bytes(&mut self) -> Result<Vec<u8>, String> {
+        let n = self.u32()? as usize;
+        Ok(self.take(n)?.to_vec())
+    }
+    /// Inverse of `Enc::packed`. The unpacked length is checked against
+    /// `limit` and against what the block could possibly expand to before
+    /// anything is allocated.
+    pub(super) fn packed(&mut self, limit: usize) -> Result<Vec<u8>, String> {
+        let n = self.u32()? as usize;
+        if n > limit {
+            return Err(format!(
+                "{n} bytes unpacked is more than this field may hold ({limit})"
+            ));
+        }
+        let block = self.bytes()?;
+        if n > block.len().saturating_mul(LZ4_MAX_RATIO) + 16 {
+            return Err(format!(
+                "claims {n} bytes unpacked from a {}-byte block, more than LZ4 can expand",
+                block.len()
+            ));
+        }
+        let mut out = vec![0u8; n];
+        let got = lz4_flex::block::decompress_into(&block, &mut out)
+            .map_err(|e| format!("does not decompress: {e}"))?;
+        if got != n {
+            return Err(format!("decompresses to {got} bytes, expected {n}"));
+        }
+        Ok(out)
+    }
+    pub(super) fn finish(&self) -> Result<(), String> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} unexpected trailing bytes", self.0.len()))
+        }
+    }
+}
+
+pub(super) fn encode_header(h: &LogHeader) -> Result<Vec<u8>, String> {
+    let mut e = Enc::default();
+    e.raw(&h.kernel_hash);
+    match &h.initrd_hash {
+        Some(hash) => {
+            e.u8(1);
+            e.raw(hash);
+        }
+        None => e.u8(0),
+    }
+    e.u64(h.mem_bytes);
+    e.u64(h.boot_unix_secs);
+    e.u32(h.host_cpu);
+    e.bytes(h.cmdline.as_bytes());
+    match &h.net_mac {
+        Some(mac) => {
+            e.u8(1);
+            e.raw(mac);
+        }
+        None => e.u8(0),
+    }
+    e.finish()
+}
+
+pub(super) fn decode_header(d: &mut Dec) -> Result<LogHeader, String> {
+    let kernel_hash = d.array()?;
+    let initrd_hash = match d.u8()? {
+        0 => None,
+        1 => Some(d.array()?),
+        other => return Err(format!("initrd flag {other} is neither 0 nor 1")),
+    };
+    let mem_bytes = d.u64()?;
+    let boot_unix_secs = d.u64()?;
+    let host_cpu = d.u32()?;
+    let cmdline =
+        String::from_utf8(d.bytes()?).map_err(|_| "command line is not UTF-8".to_string())?;
+    let net_mac = match d.u8()? {
+        0 => None,
+        1 => Some(d.array()?),
+        other => return Err(format!("NIC flag {other} is neither 0 nor 1")),
+    };
+    d.finish()?;
+    Ok(LogHeader {
+        kernel_hash,
+        initrd_hash,
+        cmdline,
+        mem_bytes,
+        boot_unix_secs,
+        host_cpu,
+        net_mac,
+    })
+}
+
+/// A page list: `u32 count`, `count × gpa`, then the contents packed.
+pub(super) fn encode_pages(e: &mut Enc, pages: &[(u64, Vec<u8>)]) {
+    if pages.len() > MAX_PAGES_PER_RECORD {
+        e.error.get_or_insert_with(|| {
+            format!(
+                "{} pages in one record, more than {MAX_PAGES_PER_RECORD}",
+                pages.len()
+            )
+        });
+    }
+    e.u32(u32::try_from(pages.len()).unwrap_or(u32::MAX));
+    let mut contents = Vec::with_capacity(pages.len() * PAGE_SIZE);
+    for (gpa, data) in pages {
+        if data.len() != PAGE_SIZE || gpa % PAGE_SIZE as u64 != 0 {
+            e.error.get_or_insert_with(|| {
+                format!(
+                    "page {gpa:#x} of {} bytes is not one aligned page",
+                    data.len()
+                )
+            });
+        }
+        e.u64(*gpa);
+        contents.extend_from_slice(data);
+    }
+    // Page contents compress well (zeroed and sparse pages, page tables);
+    // LZ4 is fast enough to stay off the critical path.
+    e.packed(&contents);
+}
+
+pub(super) fn decode_pages(d: &mut Dec) -> Result<Vec<(u64, Vec<u8>)>, String> {
+    let n = d.u32()? as usize;
+    if n > MAX_PAGES_PER_RECORD {
+        return Err(format!(
+            "{n} pages is more than a record can hold ({MAX_PAGES_PER_RECORD})"
+        ));
+    }
+    let mut gpas = Vec::with_capacity(n);
+    for _ in 0..n {
+        let gpa = d.u64()?;
+        if gpa % PAGE_SIZE as u64 != 0 {
+            return Err(format!("page address {gpa:#x} is not page aligned"));
+        }
+        gpas.push(gpa);
+    }
+    let contents = d
+        .packed(n * PAGE_SIZE)
+        .map_err(|e| format!("page contents: {e}"))?;
+    if contents.len() != n * PAGE_SIZE {
+        return Err(format!(
+            "page contents are {} bytes, expected {} for {n} pages",
+            contents.len(),
+            n * PAGE_SIZE
+        ));
+    }
+    Ok(gpas
+        .into_iter()
+        .zip(contents.chunks_exact(PAGE_SIZE))
+        .map(|(gpa, data)| (gpa, data.to_vec()))
+        .collect())
+}
+
+/// Size of `kvm_xsave`: the only XSAVE area size a sync point carries.
+const XSAVE_BYTES: usize = 4096;
+
+pub(super) fn encode_record(r: &Record) -> Result<(u8, Vec<u8>), String> {
+    let mut e = Enc::default();
+    e.u64(r.landmark());
+    let kind = match r {
+        Record::IoTime { now, .. } => {
+            e.u64(*now);
+            KIND_IO_TIME
+        }
+        Record::Poll { now, .. } => {
+            e.u64(*now);
+            KIND_POLL
+        }
+        Record::SerialInput { bytes, .. } => {
+            e.bytes(bytes);
+            KIND_SERIAL_INPUT
+        }
+        Record::Interrupt { vector, .. } => {
+            e.u8(*vector);
+            KIND_INTERRUPT
+        }
+        Record::TimeRead { value, .. } => {
+            e.u64(*value);
+            KIND_TIME_READ
+        }
+        Record::Random { value, .. } => {
+            e.u64(*value);
+            KIND_RANDOM
+        }
+        Record::Trace { rip, signature, .. } => {
+            e.u64(*rip);
+            e.raw(signature);
+            KIND_TRACE
+        }
+        Record::NetRx { frame, .. } => {
+            if frame.len() > MAX_NET_FRAME {
+                return Err(format!(
+                    "a received frame of {} bytes is larger than {MAX_NET_FRAME}",
+                    frame.len()
+                ));
+            }
+            e.bytes(frame);
+            KIND_NET_RX
+        }
+        Record::NetTx { len, hash, .. } => {
+            e.u32(*len);
+            e.raw(hash);
+            KIND_NET_TX
+        }
+        Record::SyncPoint {
+            cpu,
+            vmm_state,
+            pages,
+            ..
+        } => {
+            if cpu.xsave.len() > XSAVE_BYTES {
+                return Err(format!("an XSAVE area of {} bytes", cpu.xsave.len()));
+            }
+            e.bytes(&cpu.regs);
+            e.bytes(&cpu.sregs);
+            e.bytes(&cpu.fpu);
+            e.bytes(&cpu.events);
+            e.bytes(&cpu.msrs);
+            e.packed(&cpu.xsave);
+            e.bytes(vmm_state);
+            encode_pages(&mut e, pages);
+            KIND_SYNC_POINT
+        }
+        Record::SyncPages { pages, .. } => {
+            encode_pages(&mut e, pages);
+            KIND_SYNC_PAGES
+        }
+        Record::Digest { digest, .. } => {
+            for part in &digest.cpu {
+                e.raw(part);
+            }
+            e.raw(&digest.devices);
+            e.raw(&digest.signature);
+            e.raw(&digest.memory);
+            e.len(digest.pages.len(), "a digest's page list");
+            for p in &digest.pages {
+                e.u64(p.gpa);
+                e.raw(&p.hash);
+            }
+            KIND_DIGEST
+        }
+        Record::End { reason, .. } => {
+            e.u8(*reason as u8);
+            KIND_END
+        }
+    };
+    Ok((kind, e.finish()?))
+}
+
+pub(super) fn decode_record(kind: u8, d: &mut Dec) -> Result<Record, String> {
+    let landmark = d.u64()?;
+    let record = match kind {
+        KIND_IO_TIME => Record::IoTime {
+            landmark,
+            now: d.u64()?,
+        },
+        KIND_POLL => Record::Poll {
+            landmark,
+            now: d.u64()?,
+        },
+        KIND_SERIAL_INPUT => Record::SerialInput {
+            landmark,
+            bytes: d.bytes()?,
+        },
+        KIND_INTERRUPT => Record::Interrupt {
+            landmark,
+            vector: d.u8()?,
+        },
+        KIND_TIME_READ => Record::TimeRead {
+            landmark,
+            value: d.u64()?,
+        },
+        KIND_RANDOM => Record::Random {
+            landmark,
+            value: d.u64()?,
+        },
+        KIND_TRACE => Record::Trace {
+            landmark,
+            rip: d.u64()?,
+            signature: d.array()?,
+        },
+        KIND_NET_RX => {
+            let frame = d.bytes()?;
+            if frame.len() > MAX_NET_FRAME {
+                return Err(format!(
+                    "a received frame of {} bytes is larger than {MAX_NET_FRAME}",
+                    frame.len()
+                ));
+            }
+            Record::NetRx { landmark, frame }
+        }
+        KIND_NET_TX => Record::NetTx {
+            landmark,
+            len: d.u32()?,
+            hash: d.array()?,
+        },
+        KIND_SYNC_POINT => {
+            let cpu = CpuStateBytes {
+                regs: d.bytes()?,
+                sregs: d.bytes()?,
+                fpu: d.bytes()?,
+                events: d.bytes()?,
+                msrs: d.bytes()?,
+                xsave: d
+                    .packed(XSAVE_BYTES)
+                    .map_err(|e| format!("XSAVE area: {e}"))?,
+            };
+            let vmm_state = d.bytes()?;
+            let pages = decode_pages(d)?;
+            Record::SyncPoint {
+                landmark,
+                cpu: Box::new(cpu),
+                vmm_state,
+                pages,
+            }
+        }
+        KIND_SYNC_PAGES => Record::SyncPages {
+            landmark,
+            pages: decode_pages(d)?,
+        },
+        KIND_DIGEST => {
+            let mut cpu = CpuHashes::default();
+            for part in &mut cpu {
+                *part = d.array()?;
+            }
+            let devices = d.array()?;
+            let signature = d.array()?;
+            let memory = d.array()?;
+            let n = d.u32()? as usize;
+            // 40 bytes per entry: a count the payload cannot hold is refused
+            // before the list is allocated.
+            if n > d.0.len() / 40 {
+                return Err(format!("{n} page hashes do not fit in the record"));
+            }
+            let mut pages = Vec::with_capacity(n);
+            for _ in 0..n {
+                pages.push(PageHash {
+                    gpa: d.u64()?,
+                    hash: d.array()?,
+                });
+            }
+            Record::Digest {
+                landmark,
+                digest: Box::new(StateDigest {
+                    cpu,
+                    devices,
+                    signature,
+                    memory,
+                    pages,
+                }),
+            }
+        }
+        KIND_END => {
+            let reason = match d.u8()? {
+                1 => EndReason::ResetRequested,
+                2 => EndReason::HaltedForGood,
+                3 => EndReason::Stopped,
+                other => return Err(format!("unknown end reason {other}")),
+            };
+            Record::End { landmark, reason }
+        }
+        other => return Err(format!("unknown record kind {other:#04x}")),
+    };
+    d.finish()?;
+    Ok(record)
+}
+
+/// Frame: u32 length of (kind + payload), kind byte, payload, CRC-32 of all
+/// the preceding bytes of the frame.
+pub(super) fn write_frame(out: &mut impl Write, kind: u8, payload: &[u8]) -> io::Result<u64> {
+    if payload.len() as u64 + 1 > u64::from(MAX_FRAME_BYTES) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "a {}-byte record exceeds the log's frame limit of {MAX_FRAME_BYTES} bytes",
+                payload.len()
+            ),
+        ));
+    }
+    let len = payload.len() as u32 + 1;
+    let mut frame = Vec::with_capacity(payload.len() + 9);
+    frame.extend_from_slice(&len.to_le_bytes());
+    frame.push(kind);
+    frame.extend_from_slice(payload);
+    let crc = crc32fast::hash(&frame);
+    frame.extend_from_slice(&crc.to_le_bytes());
+    out.write_all(&frame)?;
+    Ok(frame.len() as u64)
+}

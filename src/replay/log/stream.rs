@@ -1,0 +1,161 @@
+//! Log records from bytes as they arrive (the logging channel to a live
+//! backup): the same frames and checks as a log file, without the file's
+//! magic and header (the channel's handshake carries the header).
+
+use super::{Assembler, LogError, LogHeader, Record, FRAME_OVERHEAD};
+
+/// Decodes records from a byte stream pushed in pieces of any size.
+pub struct RecordDecoder {
+    assembler: Assembler,
+    buf: Vec<u8>,
+    /// Bytes of `buf` already decoded.
+    consumed: usize,
+}
+
+impl RecordDecoder {
+    /// A decoder for the records of a log with this header.
+    pub fn new(header: &LogHeader) -> Self {
+        RecordDecoder {
+            assembler: Assembler::new(0, header.mem_bytes),
+            buf: Vec::new(),
+            consumed: 0,
+        }
+    }
+
+    /// More bytes of the stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.consumed > 0 && self.consumed == self.buf.len() {
+            self.buf.clear();
+            self.consumed = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes received but not yet decoded (a partial frame).
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.consumed
+    }
+
+    /// The next complete record; None when more bytes are needed. Every
+    /// length is checked before anything is allocated, and a frame is
+    /// decoded only once it is whole and its checksum holds.
+    pub fn next_record(&mut self) -> Result<Option<Record>, LogError> {
+        loop {
+            let rest = &self.buf[self.consumed..];
+            if rest.len() < 4 {
+                return Ok(None);
+            }
+            let len = self.assembler.frame_len(rest[..4].try_into().unwrap())?;
+            let total = len + FRAME_OVERHEAD - 1;
+            if rest.len() < total {
+                return Ok(None);
+            }
+            let frame = &self.buf[self.consumed..self.consumed + total];
+            let record = self.assembler.take_frame(frame)?;
+            self.consumed += total;
+            if self.consumed == self.buf.len() {
+                self.buf.clear();
+                self.consumed = 0;
+            } else if self.consumed > (1 << 20) && self.consumed * 2 > self.buf.len() {
+                // Keep the buffer from growing with what was decoded.
+                self.buf.drain(..self.consumed);
+                self.consumed = 0;
+            }
+            if let Some(record) = record {
+                return Ok(Some(record));
+            }
+        }
+    }
+
+    /// Whether the stream may end here (between records, no split sync
+    /// point half received). A stream cut inside a frame by a dead primary
+    /// is not an error for the backup: the partial frame is simply dropped.
+    pub fn at_record_boundary(&self) -> bool {
+        self.buffered() == 0 && self.assembler.end().is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{EndReason, LogWriter};
+    use super::*;
+
+    fn header() -> LogHeader {
+        LogHeader {
+            kernel_hash: [1; 32],
+            initrd_hash: None,
+            cmdline: String::new(),
+            mem_bytes: 64 << 20,
+            boot_unix_secs: 0,
+            host_cpu: 0,
+            net_mac: None,
+        }
+    }
+
+    fn records() -> Vec<Record> {
+        vec![
+            Record::Poll {
+                landmark: 1,
+                now: 5,
+            },
+            Record::NetRx {
+                landmark: 2,
+                frame: vec![7; 1514],
+            },
+            Record::End {
+                landmark: 3,
+                reason: EndReason::Stopped,
+            },
+        ]
+    }
+
+    /// The bytes a primary streams: the log's frames without magic/header.
+    fn stream() -> Vec<u8> {
+        let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
+        let start = w.written().0 as usize;
+        for r in records() {
+            w.append(&r).unwrap();
+        }
+        w.into_inner()[start..].to_vec()
+    }
+
+    #[test]
+    fn records_come_out_whatever_the_piece_sizes() {
+        let bytes = stream();
+        for piece in [1, 3, 7, 64, bytes.len()] {
+            let mut d = RecordDecoder::new(&header());
+            let mut out = Vec::new();
+            for chunk in bytes.chunks(piece) {
+                d.push(chunk);
+                while let Some(r) = d.next_record().unwrap() {
+                    out.push(r);
+                }
+            }
+            assert_eq!(out, records(), "pieces of {piece}");
+            assert!(d.at_record_boundary());
+        }
+    }
+
+    #[test]
+    fn a_cut_inside_a_frame_is_not_a_record_boundary() {
+        let bytes = stream();
+        let mut d = RecordDecoder::new(&header());
+        d.push(&bytes[..bytes.len() - 2]);
+        while d.next_record().unwrap().is_some() {}
+        assert!(!d.at_record_boundary());
+        assert!(d.buffered() > 0);
+    }
+
+    #[test]
+    fn corruption_is_an_error_and_lengths_are_checked_first() {
+        let mut bytes = stream();
+        bytes[6] ^= 1;
+        let mut d = RecordDecoder::new(&header());
+        d.push(&bytes);
+        assert!(matches!(d.next_record(), Err(LogError::Checksum { .. })));
+        let mut d = RecordDecoder::new(&header());
+        d.push(&u32::MAX.to_le_bytes());
+        let err = d.next_record().unwrap_err();
+        assert!(err.to_string().contains("frame length"), "{err}");
+    }
+}

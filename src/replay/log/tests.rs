@@ -1,0 +1,363 @@
+//! The log codec's tests: round trips, every truncation and flipped byte,
+//! limits enforced by the writer and checked by the reader.
+
+use super::codec::{write_frame, Enc};
+use super::*;
+
+fn header() -> LogHeader {
+    LogHeader {
+        kernel_hash: [7; 32],
+        initrd_hash: Some([9; 32]),
+        cmdline: "console=ttyS0".into(),
+        mem_bytes: 64 << 20,
+        boot_unix_secs: 1_700_000_000,
+        host_cpu: 1,
+        net_mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+    }
+}
+
+fn sample_records() -> Vec<Record> {
+    vec![
+        Record::IoTime {
+            landmark: 3,
+            now: 12_345,
+        },
+        Record::Poll {
+            landmark: 4,
+            now: 1_000_000,
+        },
+        Record::SerialInput {
+            landmark: 4,
+            bytes: b"hi\n".to_vec(),
+        },
+        Record::Interrupt {
+            landmark: 4,
+            vector: 0x20,
+        },
+        Record::TimeRead {
+            landmark: 9,
+            value: u64::MAX - 1,
+        },
+        Record::Random {
+            landmark: 9,
+            value: 0x1234_5678_9abc_def0,
+        },
+        Record::Trace {
+            landmark: 9,
+            rip: 0xffff_ffff_8100_0000,
+            signature: [3; 16],
+        },
+        Record::NetRx {
+            landmark: 9,
+            frame: vec![0xee; 60],
+        },
+        Record::NetTx {
+            landmark: 9,
+            len: 42,
+            hash: [4; 16],
+        },
+        Record::SyncPoint {
+            landmark: 10,
+            cpu: Box::new(CpuStateBytes {
+                regs: vec![1; 144],
+                sregs: vec![2; 312],
+                fpu: vec![3; 416],
+                events: vec![4; 64],
+                msrs: vec![7; 24],
+                xsave: vec![0x11; 4096],
+            }),
+            vmm_state: vec![8, 9],
+            pages: vec![
+                (0x1000, vec![0xaa; PAGE_SIZE]),
+                (0x7000, vec![0x55; PAGE_SIZE]),
+            ],
+        },
+        Record::Digest {
+            landmark: 10,
+            digest: Box::new(StateDigest {
+                cpu: [[5; 32], [6; 32], [7; 32], [8; 32], [9; 32], [10; 32]],
+                devices: [11; 32],
+                signature: [12; 32],
+                memory: [13; 32],
+                pages: vec![PageHash {
+                    gpa: 0x2000,
+                    hash: [6; 32],
+                }],
+            }),
+        },
+        Record::End {
+            landmark: 11,
+            reason: EndReason::ResetRequested,
+        },
+    ]
+}
+
+fn encoded() -> Vec<u8> {
+    let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
+    for r in sample_records() {
+        w.append(&r).unwrap();
+    }
+    let (bytes, records) = w.written();
+    let out = w.into_inner();
+    assert_eq!(bytes, out.len() as u64);
+    assert_eq!(records, 12);
+    out
+}
+
+fn read_all(bytes: &[u8]) -> Result<(LogHeader, Vec<Record>), LogError> {
+    let mut r = LogReader::new(bytes)?;
+    let mut out = Vec::new();
+    while let Some(rec) = r.next_record()? {
+        out.push(rec);
+    }
+    Ok((r.header().clone(), out))
+}
+
+#[test]
+fn round_trip() {
+    let (h, records) = read_all(&encoded()).unwrap();
+    assert_eq!(h, header());
+    assert_eq!(records, sample_records());
+}
+
+#[test]
+fn header_without_initrd_round_trips() {
+    let h = LogHeader {
+        initrd_hash: None,
+        ..header()
+    };
+    let w = LogWriter::new(Vec::new(), &h).unwrap();
+    let bytes = w.into_inner();
+    assert_eq!(LogReader::new(&bytes[..]).unwrap().header(), &h);
+}
+
+#[test]
+fn every_truncation_is_an_error_never_a_silent_success() {
+    let full = encoded();
+    // Cutting at a frame boundary gives a shorter valid log: the replay
+    // engine catches that (no End record). Cutting anywhere else must fail.
+    let mut boundaries = vec![];
+    let mut r = LogReader::new(&full[..]).unwrap();
+    boundaries.push(r.offset());
+    while r.next_record().unwrap().is_some() {
+        boundaries.push(r.offset());
+    }
+    for cut in 0..full.len() {
+        let result = read_all(&full[..cut]);
+        if boundaries.contains(&(cut as u64)) {
+            assert!(result.is_ok(), "cut at boundary {cut}");
+        } else {
+            let err = result.unwrap_err();
+            assert!(
+                matches!(err, LogError::Truncated { .. } | LogError::BadMagic),
+                "cut {cut}: {err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn truncation_names_record_and_last_landmark() {
+    let full = encoded();
+    let err = read_all(&full[..full.len() - 3]).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("truncated in record 11"), "{msg}");
+    assert!(msg.contains("landmark Some(10)"), "{msg}");
+}
+
+/// A sync point with a valid frame (so the CRC passes) but bad insides:
+/// `pages` page addresses, then contents claiming `unpacked` bytes in `block`.
+fn sync_point_frame(pages: u32, unpacked: u32, block: &[u8]) -> Vec<u8> {
+    let mut out = LogWriter::new(Vec::new(), &header()).unwrap().into_inner();
+    let mut e = Enc::default();
+    e.u64(5);
+    // regs, sregs, fpu, events, msrs
+    for _ in 0..5 {
+        e.bytes(&[]);
+    }
+    e.packed(&[]); // xsave
+    e.bytes(&[]); // VMM state
+    e.u32(pages);
+    for i in 0..pages.min(4) {
+        e.u64(u64::from(i) * PAGE_SIZE as u64);
+    }
+    e.u32(unpacked);
+    e.bytes(block);
+    write_frame(&mut out, KIND_SYNC_POINT, &e.finish().unwrap()).unwrap();
+    out
+}
+
+#[test]
+fn sync_point_contents_are_checked_after_the_checksum() {
+    let two = 2 * PAGE_SIZE as u32;
+    let block = lz4_flex::block::compress(&vec![0u8; two as usize]);
+    read_all(&sync_point_frame(2, two, &block)).unwrap();
+    // Contents that are fewer bytes than the pages named.
+    let err = read_all(&sync_point_frame(3, two, &block)).unwrap_err();
+    assert!(
+        err.to_string().contains("expected 12288 for 3 pages"),
+        "{err}"
+    );
+    // A length that does not match what the block holds.
+    let err = read_all(&sync_point_frame(2, two + 1, &block)).unwrap_err();
+    assert!(matches!(err, LogError::Malformed { .. }), "{err}");
+    // Garbage instead of LZ4.
+    let err = read_all(&sync_point_frame(2, two, &[0xff; 40])).unwrap_err();
+    assert!(err.to_string().contains("does not decompress"), "{err}");
+    // Counts and lengths no frame could back are refused before allocating.
+    let err = read_all(&sync_point_frame(u32::MAX, two, &block)).unwrap_err();
+    assert!(
+        err.to_string().contains("more than a record can hold"),
+        "{err}"
+    );
+    let err = read_all(&sync_point_frame(2, u32::MAX, &block)).unwrap_err();
+    assert!(
+        err.to_string().contains("more than this field may hold"),
+        "{err}"
+    );
+    // A small block cannot unpack to the claimed size: refused before
+    // the buffer is allocated.
+    let err = read_all(&sync_point_frame(4, 4 * PAGE_SIZE as u32, &[0; 8])).unwrap_err();
+    assert!(
+        err.to_string().contains("more than LZ4 can expand"),
+        "{err}"
+    );
+}
+
+#[test]
+fn every_flipped_byte_is_detected() {
+    let full = encoded();
+    for i in 0..full.len() {
+        let mut bad = full.clone();
+        bad[i] ^= 0x40;
+        assert!(read_all(&bad).is_err(), "flip at byte {i} went unnoticed");
+    }
+}
+
+#[test]
+fn wrong_magic_version_and_huge_lengths() {
+    assert!(matches!(
+        LogReader::new(&b"NOTALOG!\x01\x00"[..]),
+        Err(LogError::BadMagic)
+    ));
+    assert!(matches!(LogReader::new(&b""[..]), Err(LogError::BadMagic)));
+    let mut v = encoded();
+    v[8] = 99;
+    assert!(matches!(
+        LogReader::new(&v[..]),
+        Err(LogError::UnsupportedVersion(99))
+    ));
+    let mut huge = LOG_MAGIC.to_vec();
+    huge.extend_from_slice(&LOG_VERSION.to_le_bytes());
+    huge.extend_from_slice(&u32::MAX.to_le_bytes());
+    let err = LogReader::new(&huge[..]).err().unwrap();
+    assert!(err.to_string().contains("frame length"), "{err}");
+}
+
+#[test]
+fn unknown_kinds_with_valid_checksums_are_malformed() {
+    let mut bytes = LogWriter::new(Vec::new(), &header()).unwrap().into_inner();
+    write_frame(&mut bytes, 0x7f, &5u64.to_le_bytes()).unwrap();
+    let err = read_all(&bytes).unwrap_err();
+    assert!(
+        err.to_string().contains("unknown record kind 0x7f"),
+        "{err}"
+    );
+    let mut bytes = LogWriter::new(Vec::new(), &header()).unwrap().into_inner();
+    write_frame(&mut bytes, KIND_INTERRUPT, &[1, 2, 3]).unwrap();
+    assert!(read_all(&bytes).unwrap_err().to_string().contains("ends"));
+}
+
+#[test]
+fn a_sync_point_too_big_for_one_record_is_split_and_read_back_whole() {
+    let n = MAX_PAGES_PER_RECORD * 2 + 3;
+    let pages: Vec<(u64, Vec<u8>)> = (0..n)
+        .map(|i| {
+            (
+                i as u64 * PAGE_SIZE as u64,
+                vec![(i % 251) as u8; PAGE_SIZE],
+            )
+        })
+        .collect();
+    let sync = Record::SyncPoint {
+        landmark: 7,
+        cpu: Box::new(CpuStateBytes::default()),
+        vmm_state: vec![1],
+        pages,
+    };
+    let h = LogHeader {
+        mem_bytes: 1 << 30,
+        ..header()
+    };
+    let mut w = LogWriter::new(Vec::new(), &h).unwrap();
+    w.append(&sync).unwrap();
+    w.append(&Record::End {
+        landmark: 8,
+        reason: EndReason::Stopped,
+    })
+    .unwrap();
+    assert_eq!(w.written().1, 4, "two SyncPages, the SyncPoint, the End");
+    let (_, records) = read_all(&w.into_inner()).unwrap();
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0], sync);
+}
+
+#[test]
+fn split_pages_must_be_followed_by_their_sync_point() {
+    let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
+    w.append(&Record::SyncPages {
+        landmark: 3,
+        pages: vec![(0x1000, vec![1; PAGE_SIZE])],
+    })
+    .unwrap();
+    w.append(&Record::Poll {
+        landmark: 3,
+        now: 1,
+    })
+    .unwrap();
+    let err = read_all(&w.into_inner()).unwrap_err();
+    assert!(
+        err.to_string().contains("followed by a poll record"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_writer_refuses_what_the_reader_would_refuse() {
+    let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
+    let before = w.written();
+    let err = w
+        .append(&Record::NetRx {
+            landmark: 1,
+            frame: vec![0; MAX_NET_FRAME + 1],
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("refusing to log"), "{err}");
+    let err = w
+        .append(&Record::SyncPages {
+            landmark: 1,
+            pages: vec![(0x1001, vec![0; PAGE_SIZE])],
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("not one aligned page"), "{err}");
+    assert_eq!(w.written(), before, "nothing was written");
+}
+
+#[test]
+fn records_out_of_landmark_order_are_malformed() {
+    let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
+    for landmark in [5, 4] {
+        w.append(&Record::Poll { landmark, now: 1 }).unwrap();
+    }
+    let err = read_all(&w.into_inner()).unwrap_err();
+    assert!(err.to_string().contains("out of order"), "{err}");
+}
+
+#[test]
+fn a_huge_frame_length_with_few_bytes_behind_it_is_truncated_not_allocated() {
+    let mut bytes = LogWriter::new(Vec::new(), &header()).unwrap().into_inner();
+    bytes.extend_from_slice(&(MAX_FRAME_BYTES - 1).to_le_bytes());
+    bytes.extend_from_slice(&[KIND_POLL, 1, 2, 3]);
+    let err = read_all(&bytes).unwrap_err();
+    assert!(matches!(err, LogError::Truncated { .. }), "{err}");
+}
