@@ -456,3 +456,125 @@ fn storm_replays_identically_with_input_at_random_times() {
     // The hash over every interrupt's observed user counter is the same.
     assert!(rep.stdout.contains(&summary), "{}", rep.stdout);
 }
+
+/// A minimal bzImage (boot protocol 2.15, 64-bit entry, one setup sector)
+/// whose payload is `payload`, as Linux's build lays it out.
+fn synthetic_bzimage(payload: &[u8]) -> Vec<u8> {
+    let payload_offset = 0x100u32;
+    let mut img = vec![0u8; 2 * 512 + payload_offset as usize];
+    img[0x1f1] = 1; // setup_sects
+    img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    img[0x202..0x206].copy_from_slice(b"HdrS");
+    img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    img[0x211] = 0x01; // loadflags: LOADED_HIGH
+    img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+    img[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+    img[0x236..0x238].copy_from_slice(&0x0003u16.to_le_bytes()); // XLF_KERNEL_64 | XLF_CAN_BE_LOADED_ABOVE_4G
+    img[0x248..0x24c].copy_from_slice(&payload_offset.to_le_bytes());
+    img[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    img.extend_from_slice(payload);
+    img
+}
+
+/// `data` in LZ4's legacy frame as `lz4 -l` writes it (8 MiB blocks), with
+/// the size trailer Linux appends.
+fn lz4_legacy_payload(data: &[u8]) -> Vec<u8> {
+    let mut out = 0x184c_2102u32.to_le_bytes().to_vec();
+    for block in data.chunks(8 << 20) {
+        let compressed = lz4_flex::block::compress(block);
+        out.extend_from_slice(&(compressed.len() as u32).to_le_bytes());
+        out.extend_from_slice(&compressed);
+    }
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out
+}
+
+#[test]
+fn a_bzimage_is_decompressed_on_the_host_and_its_kernel_entropy_reads_replay() {
+    // The entropy guest (kernel-mode RDRAND/RDSEED) wrapped in a bzImage:
+    // its code is only visible once the payload is decompressed, and the
+    // reads must be trapped, logged and replayed as for the ELF.
+    let dir = TempDir::new("rr-bzimage");
+    let elf = twinvm::guests::builtin("entropy").unwrap();
+    let kernel = dir.0.join("vmlinuz");
+    std::fs::write(&kernel, synthetic_bzimage(&lz4_legacy_payload(elf))).unwrap();
+    let kernel = kernel.to_str().unwrap();
+    let log = dir.0.join("bz.log");
+    let log = log.to_str().unwrap();
+    let guest = ["--kernel", kernel, "--mem", "64M"];
+    let mut args = vec!["record", "--log", log];
+    args.extend(guest);
+    let rec = run_to_end(&args, TIMEOUT);
+    assert!(rec.status.success(), "record: {rec:?}");
+    assert!(rec.stdout.contains(" successes=4"), "{}", rec.stdout);
+    assert_eq!(stat(&rec.stderr, "random reads"), 4, "{}", rec.stderr);
+    let mut args = vec!["replay", "--log", log];
+    args.extend(guest);
+    let rep = run_to_end(&args, TIMEOUT);
+    assert_identical(&rec, &rep);
+}
+
+#[test]
+fn kernels_whose_reads_cannot_be_trapped_are_refused_by_record() {
+    let dir = TempDir::new("rr-untrappable");
+    let record_kernel = |kernel: &std::path::Path| {
+        let log = dir.0.join("refused.log");
+        let out = run_to_end(
+            &[
+                "record",
+                "--log",
+                log.to_str().unwrap(),
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--mem",
+                "64M",
+            ],
+            TIMEOUT,
+        );
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(
+            out.stderr.contains("cannot be recorded and replayed"),
+            "{}",
+            out.stderr
+        );
+        assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+        // Refused before the log was created.
+        assert!(!log.exists(), "a refused recording left {}", log.display());
+        out.stderr
+    };
+
+    // A bzImage whose payload twinvm does not decompress (zstd).
+    let zstd = dir.0.join("vmlinuz-zstd");
+    let payload = [0x28, 0xb5, 0x2f, 0xfd, 0, 0, 0, 0];
+    std::fs::write(&zstd, synthetic_bzimage(&payload)).unwrap();
+    let err = record_kernel(&zstd);
+    assert!(err.contains("its payload is zstd-compressed"), "{err}");
+    assert!(err.contains("extract its vmlinux"), "{err}");
+
+    // An ELF with its section headers stripped: it loads (program headers),
+    // but no code section can be scanned for time reads.
+    let mut stripped = twinvm::guests::builtin("hello").unwrap().to_vec();
+    stripped[0x28..0x30].fill(0); // e_shoff
+    stripped[0x3c..0x40].fill(0); // e_shnum, e_shstrndx
+    let stripped_path = dir.0.join("stripped.elf");
+    std::fs::write(&stripped_path, &stripped).unwrap();
+    let err = record_kernel(&stripped_path);
+    assert!(err.contains("section headers name no kernel code"), "{err}");
+    // `run` still boots it, with a warning.
+    let out = run_to_end(
+        &[
+            "run",
+            "--kernel",
+            stripped_path.to_str().unwrap(),
+            "--mem",
+            "64M",
+        ],
+        TIMEOUT,
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stderr.contains("`record` and `replay` refuse it"),
+        "{}",
+        out.stderr
+    );
+}

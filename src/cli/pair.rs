@@ -280,6 +280,8 @@ fn resolve(
             .map(|d| d.as_secs())
             .unwrap_or(0),
     };
+    // The pair records and replays: refuse what could not be replayed.
+    super::run::require_replayable(&guest.vm)?;
     let config = PairConfig {
         vm,
         generation,

@@ -99,6 +99,8 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
             .map(|d| d.as_secs())
             .unwrap_or(0),
     )?;
+    // Before the log file is created: a refused recording leaves no file behind.
+    session.require_replayable()?;
     let file =
         File::create(&args.log).with_context(|| format!("creating log {}", args.log.display()))?;
     let sync_handle = file
@@ -152,6 +154,7 @@ pub fn replay(args: &ReplayArgs) -> Result<ExitCode> {
         LogReader::new(input).with_context(|| format!("reading log {}", args.log.display()))?;
     let boot_unix_secs = reader.header().boot_unix_secs;
     let mut session = VmSession::new(&args.run, boot_unix_secs)?;
+    session.require_replayable()?;
     check_header(reader.header(), &session.config, session.net_mac())
         .with_context(|| format!("replaying {}", args.log.display()))?;
     if let Some(p) = args.test_perturb {

@@ -22,7 +22,7 @@ use crate::replay::engine::{
     RunReport, StopOnSignal, TestPerturbation,
 };
 use crate::replay::machine;
-use crate::vmm::{Kicker, Vm, VmConfig};
+use crate::vmm::{boot, Kicker, Vm, VmConfig};
 
 /// Arguments of `twinvm run` (shared by later subcommands that boot a guest).
 #[derive(Debug, Clone, Args)]
@@ -123,6 +123,21 @@ fn spawn_stdin_reader(kicker: Kicker) -> Receiver<Vec<u8>> {
     rx
 }
 
+/// Refuse a kernel whose recording could not be replayed, naming why
+/// (time or entropy reads that cannot be trapped: a bzImage whose payload
+/// twinvm does not decompress, an ELF without readable code sections).
+/// Whatever records or replays calls this before creating anything.
+pub fn require_replayable(config: &VmConfig) -> Result<()> {
+    let kernel = boot::prepare_kernel(&config.kernel_name, &config.kernel)?;
+    match kernel.not_replayable {
+        Some(why) => bail!(
+            "{}: cannot be recorded and replayed: {why}",
+            config.kernel_name
+        ),
+        None => Ok(()),
+    }
+}
+
 /// A guest ready to boot: its configuration and where its console goes.
 pub struct VmSession {
     pub config: VmConfig,
@@ -142,6 +157,11 @@ impl VmSession {
             test_perturbation: None,
             args: args.clone(),
         })
+    }
+
+    /// [`require_replayable`] for this session's kernel.
+    pub fn require_replayable(&self) -> Result<()> {
+        require_replayable(&self.config)
     }
 
     /// The NIC's MAC, if the guest has one.

@@ -1,22 +1,28 @@
 //! Putting a kernel into guest memory and describing the CPU state it starts in.
 //!
-//! Both kinds of kernel are entered directly in 64-bit mode, no BIOS and no
-//! real-mode code: an ELF (the project's test guests or a Linux `vmlinux`) at
-//! its entry point, a bzImage at its 64-bit entry (load address + 0x200).
-//! Either way RSI points at a Linux `boot_params` page, so one boot path
-//! serves both.
+//! Kernels are entered directly in 64-bit mode, no BIOS and no real-mode
+//! code: an ELF (the project's test guests or a Linux `vmlinux`) at its entry
+//! point. A bzImage's kernel is taken out of it on the host (bzimage.rs) and
+//! booted the same way, with the bzImage's setup header in the zero page;
+//! only a bzImage whose payload twinvm cannot decompress is entered at its
+//! 64-bit entry (load address + 0x200) and decompresses itself. Either way
+//! RSI points at a Linux `boot_params` page, so one boot path serves all.
 
+use std::collections::HashMap;
 use std::io::Cursor;
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use linux_loader::bootparam::{
-    boot_e820_entry, boot_params, CAN_USE_HEAP, KEEP_SEGMENTS, LOADED_HIGH, XLF_KERNEL_64,
+    boot_e820_entry, boot_params, setup_header, CAN_USE_HEAP, KEEP_SEGMENTS, LOADED_HIGH,
+    XLF_KERNEL_64,
 };
 use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::bzimage::{self, BzImageError, Compressor};
 use super::layout::*;
+use super::traps::{self, PlantedTrap, TrapGap};
 
 /// What went wrong preparing the guest's memory.
 #[derive(Debug, Error)]
@@ -32,6 +38,9 @@ pub enum BootError {
         "{0}: bzImage has no 64-bit entry point (boot protocol >= 2.12 with XLF_KERNEL_64 needed)"
     )]
     No64BitEntry(String),
+    /// A bzImage whose kernel cannot be taken out (damaged, cut short, too big).
+    #[error("{name}: {problem}")]
+    BzImage { name: String, problem: BzImageError },
     /// linux-loader refused the image.
     #[error("{name}: cannot load kernel: {source}")]
     Load {
@@ -106,6 +115,90 @@ pub fn detect_kernel(name: &str, image: &[u8]) -> Result<KernelKind, BootError> 
     Err(BootError::NotAKernel(name.into()))
 }
 
+/// The way to the kernel's ELF when twinvm cannot get at it itself.
+pub const VMLINUX_ROUTE: &str = "extract its vmlinux on the host (Linux's scripts/extract-vmlinux \
+     handles every compressor) and give twinvm that ELF";
+
+/// Why a recording of a kernel could not be replayed: time or entropy reads
+/// in its kernel code that cannot be planted as traps, so they would read
+/// the host's TSC or entropy unlogged. `run` boots such a kernel; `record`
+/// and `replay` refuse it.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum NotReplayable {
+    /// A bzImage whose payload twinvm does not decompress: its kernel code
+    /// only exists inside the guest.
+    #[error("{0}, so its kernel code cannot be scanned for time and entropy reads (rdtsc, rdrand) to trap; {VMLINUX_ROUTE}")]
+    PayloadNotExtracted(BzImageError),
+    /// An ELF whose code the trap planter could not fully cover.
+    #[error("{0}")]
+    Untrapped(TrapGap),
+}
+
+/// A kernel ready to load: the bytes that go into guest memory, its planted
+/// traps, and whether a recording of it could be replayed.
+#[derive(Debug, Clone)]
+pub struct PreparedKernel {
+    /// What is put in guest memory: an ELF with its traps planted (the
+    /// file's, or the one taken out of a bzImage), or a bzImage as given.
+    pub image: Vec<u8>,
+    /// The setup header of the bzImage the ELF was taken out of: Linux
+    /// reads its values from the zero page.
+    pub setup_header: Option<setup_header>,
+    /// The payload's compressor, when the ELF was taken out of a bzImage.
+    pub extracted_from: Option<Compressor>,
+    /// Planted time and entropy traps, by guest virtual address.
+    pub planted_traps: HashMap<u64, PlantedTrap>,
+    /// Why this kernel cannot be recorded, if it cannot.
+    pub not_replayable: Option<NotReplayable>,
+}
+
+/// Prepare the kernel file `file` for loading: take a bzImage's kernel out,
+/// plant traps in the ELF (the file itself is untouched). Sans-IO.
+pub fn prepare_kernel(name: &str, file: &[u8]) -> Result<PreparedKernel, BootError> {
+    let (mut image, setup_header, extracted_from) = match detect_kernel(name, file)? {
+        KernelKind::Elf => (file.to_vec(), None, None),
+        KernelKind::BzImage => match bzimage::extract_vmlinux(file) {
+            Ok((compressor, elf)) => {
+                // An ELF (extract_vmlinux checked the magic), but maybe not x86-64.
+                detect_kernel(&format!("{name} (its decompressed kernel)"), &elf)?;
+                let header =
+                    bzimage::read_setup_header(file).map_err(|problem| BootError::BzImage {
+                        name: name.into(),
+                        problem,
+                    })?;
+                tracing::info!(
+                    "{name}: bzImage's {compressor} payload decompressed on the host ({} bytes); booting its ELF",
+                    elf.len()
+                );
+                (elf, Some(header), Some(compressor))
+            }
+            Err(e) if e.is_unsupported_format() => {
+                return Ok(PreparedKernel {
+                    image: file.to_vec(),
+                    setup_header: None,
+                    extracted_from: None,
+                    planted_traps: HashMap::new(),
+                    not_replayable: Some(NotReplayable::PayloadNotExtracted(e)),
+                });
+            }
+            Err(problem) => {
+                return Err(BootError::BzImage {
+                    name: name.into(),
+                    problem,
+                })
+            }
+        },
+    };
+    let planted = traps::plant_traps(&mut image);
+    Ok(PreparedKernel {
+        image,
+        setup_header,
+        extracted_from,
+        planted_traps: planted.sites,
+        not_replayable: planted.gap.map(NotReplayable::Untrapped),
+    })
+}
+
 /// Where a loaded kernel starts and how far it extends.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoadedKernel {
@@ -150,6 +243,20 @@ pub fn load_kernel(
             })
         }
     }
+}
+
+/// Load a prepared kernel into guest RAM; an ELF taken out of a bzImage
+/// keeps the bzImage's setup header for the zero page.
+pub fn load_prepared(
+    mem: &GuestMemoryMmap,
+    name: &str,
+    kernel: &PreparedKernel,
+) -> Result<LoadedKernel, BootError> {
+    let mut loaded = load_kernel(mem, name, &kernel.image)?;
+    if kernel.setup_header.is_some() {
+        loaded.setup_header = kernel.setup_header;
+    }
+    Ok(loaded)
 }
 
 /// Place the initrd as high as allowed in low memory, page aligned.
@@ -542,6 +649,104 @@ mod tests {
             load_initrd(&mem, 16 << 20, &k, &huge),
             Err(BootError::InitrdTooBig { .. })
         ));
+    }
+
+    /// The entropy test guest inside a synthetic bzImage, its payload
+    /// compressed as `payload` does.
+    fn entropy_bzimage(payload: fn(&[u8]) -> Vec<u8>) -> (Vec<u8>, Vec<u8>) {
+        let elf = crate::guests::builtin("entropy").unwrap().to_vec();
+        (crate::vmm::bzimage::tests::bzimage(&payload(&elf)), elf)
+    }
+
+    fn lz4(data: &[u8]) -> Vec<u8> {
+        crate::vmm::bzimage::tests::lz4_legacy(data, 8 << 20)
+    }
+
+    #[test]
+    fn a_bzimage_boots_its_decompressed_elf_with_traps_and_its_setup_header() {
+        let (bz, elf) = entropy_bzimage(lz4);
+        let k = prepare_kernel("bz", &bz).unwrap();
+        assert_eq!(k.extracted_from, Some(Compressor::Lz4));
+        assert_eq!(k.not_replayable, None);
+        // The same traps as the ELF booted directly.
+        let direct = prepare_kernel("elf", &elf).unwrap();
+        assert_eq!(k.planted_traps, direct.planted_traps);
+        assert_eq!(k.planted_traps.len(), 4);
+        assert_eq!(k.image, direct.image);
+
+        let mem = guest_mem(64 << 20);
+        let loaded = load_prepared(&mem, "bz", &k).unwrap();
+        assert_eq!(loaded.kind, KernelKind::Elf);
+        assert_eq!(loaded.entry, 0x10_0000);
+        write_boot_structures(&mem, 64 << 20, &loaded, "console=ttyS0", None).unwrap();
+        let p: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
+        // The bzImage's own values, completed by the loader's.
+        assert_eq!({ p.hdr.version }, 0x020f);
+        assert_eq!({ p.hdr.initrd_addr_max }, 0x7fff_ffff);
+        assert_eq!({ p.hdr.kernel_alignment }, 0x20_0000);
+        assert_eq!({ p.hdr.xloadflags }, 3);
+        assert_eq!({ p.hdr.type_of_loader }, 0xff);
+        assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_ADDR as u32);
+    }
+
+    #[test]
+    fn a_gzip_bzimage_is_decompressed_too() {
+        let (bz, elf) = entropy_bzimage(crate::vmm::bzimage::tests::gzip);
+        let k = prepare_kernel("bz", &bz).unwrap();
+        assert_eq!(k.extracted_from, Some(Compressor::Gzip));
+        assert_eq!(
+            k.planted_traps,
+            prepare_kernel("elf", &elf).unwrap().planted_traps
+        );
+    }
+
+    #[test]
+    fn an_unsupported_compressor_boots_in_guest_but_is_not_replayable() {
+        let zstd_payload = |_: &[u8]| vec![0x28, 0xb5, 0x2f, 0xfd, 0, 0, 0, 0];
+        let (bz, _) = entropy_bzimage(zstd_payload);
+        let k = prepare_kernel("vmlinuz", &bz).unwrap();
+        // Booted as given, through its own decompressor: nothing planted.
+        assert_eq!(k.image, bz);
+        assert!(k.planted_traps.is_empty());
+        let why = k.not_replayable.expect("not replayable").to_string();
+        assert!(why.contains("zstd-compressed"), "{why}");
+        assert!(why.contains("extract its vmlinux"), "{why}");
+        let mem = guest_mem(64 << 20);
+        let loaded = load_prepared(&mem, "vmlinuz", &prepare_kernel("vmlinuz", &bz).unwrap());
+        assert_eq!(loaded.unwrap().kind, KernelKind::BzImage);
+    }
+
+    #[test]
+    fn a_damaged_bzimage_payload_is_an_error_naming_the_file() {
+        let (mut bz, _) = entropy_bzimage(lz4);
+        let n = bz.len();
+        bz.truncate(n - 100);
+        // The header still claims the full payload.
+        let err = prepare_kernel("vmlinuz", &bz).unwrap_err();
+        assert!(matches!(err, BootError::BzImage { .. }), "{err:?}");
+        assert!(err.to_string().starts_with("vmlinuz: "), "{err}");
+        // A payload decompressing to an ELF for another machine.
+        let mut arm = crate::guests::builtin("hello").unwrap().to_vec();
+        arm[18] = 183;
+        let bz = crate::vmm::bzimage::tests::bzimage(&lz4(&arm));
+        let err = prepare_kernel("vmlinuz", &bz).unwrap_err().to_string();
+        assert!(err.contains("(its decompressed kernel)"), "{err}");
+        assert!(err.contains("not x86-64"), "{err}");
+    }
+
+    #[test]
+    fn an_elf_without_section_headers_is_not_replayable() {
+        // tiny_elf has program headers only, like a stripped image.
+        let k = prepare_kernel("stripped", &tiny_elf(&[0x0f, 0x31, 0xf4])).unwrap();
+        assert!(k.planted_traps.is_empty());
+        let why = k.not_replayable.expect("not replayable").to_string();
+        assert!(why.contains("section headers name no kernel code"), "{why}");
+        // The test guests are all fully scanned.
+        for name in crate::guests::names() {
+            let k = prepare_kernel(name, crate::guests::builtin(name).unwrap()).unwrap();
+            assert_eq!(k.not_replayable, None, "{name}");
+            assert_eq!(k.extracted_from, None, "{name}");
+        }
     }
 
     #[test]

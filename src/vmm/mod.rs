@@ -3,6 +3,7 @@
 //! lives in `crate::replay::engine`.
 
 pub mod boot;
+pub mod bzimage;
 pub mod cpuid;
 pub mod emulate;
 pub mod exit;

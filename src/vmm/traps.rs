@@ -15,11 +15,15 @@
 //!
 //! User-mode code is never patched (an int3 at CPL3 goes straight to the
 //! guest): user-mode RDTSC/RDRAND stay untrappable and are caught by the digests.
+//! What the planter knows it could not cover ([`TrapGap`]: no kernel code
+//! sections to scan, replacements copied to places it cannot find) makes a
+//! recording of the kernel refused instead of silently diverging.
 //! Sans-IO: works on the image bytes.
 
 use std::collections::HashMap;
 
 use iced_x86::{Decoder, DecoderOptions, Mnemonic, Register};
+use thiserror::Error;
 
 /// Which instruction a trap stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +58,29 @@ pub const SCANNED_SECTIONS: &[&str] = &[
     ".altinstr_aux",
 ];
 
+/// Kernel code whose time and entropy reads the planter knows it could not
+/// trap: a recording of such a kernel could not be replayed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum TrapGap {
+    /// No section headers (a stripped or truncated ELF), or none naming
+    /// kernel code: nothing could be scanned.
+    #[error("its ELF section headers name no kernel code section ({}) or cannot be read, so its time and entropy reads (rdtsc, rdrand) cannot be found and trapped; give twinvm an ELF that keeps its section headers", SCANNED_SECTIONS.join(", "))]
+    NoCodeSections,
+    /// Traps inside `.altinstr_replacement` that Linux will copy to places
+    /// `.altinstructions` does not tell: there they would be unknown int3s.
+    #[error("{sites} time and entropy reads in .altinstr_replacement are copied over kernel code at boot, and where to cannot be told: {why}")]
+    UnresolvedAlternatives { sites: usize, why: &'static str },
+}
+
+/// The traps planted in a kernel, and what could not be covered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlantedTraps {
+    /// Trap sites by guest virtual address.
+    pub sites: HashMap<u64, PlantedTrap>,
+    /// Why some time or entropy reads could not be trapped, if any.
+    pub gap: Option<TrapGap>,
+}
+
 /// An executable section of an ELF: name, load address and file bytes range.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CodeSection {
@@ -80,52 +107,54 @@ pub fn code_sections(elf: &[u8], wanted: &[&str]) -> Vec<CodeSection> {
 }
 
 /// Sections of an ELF64 image whose names are in `wanted`, executable ones
-/// only if `code_only`.
+/// only if `code_only`. An unreadable section table yields none.
 fn sections(elf: &[u8], wanted: &[&str], code_only: bool) -> Vec<CodeSection> {
+    read_sections(elf, wanted, code_only).unwrap_or_default()
+}
+
+/// [`sections`], or None if the section table cannot be read.
+fn read_sections(elf: &[u8], wanted: &[&str], code_only: bool) -> Option<Vec<CodeSection>> {
     const SHF_EXECINSTR: u64 = 4;
     const SHT_NOBITS: u32 = 8;
-    let parse = || -> Option<Vec<CodeSection>> {
-        if !elf.starts_with(b"\x7fELF") {
-            return None;
+    if !elf.starts_with(b"\x7fELF") {
+        return None;
+    }
+    let shoff = u64_at(elf, 0x28)? as usize;
+    let shentsize = u16_at(elf, 0x3a)? as usize;
+    let shnum = u16_at(elf, 0x3c)? as usize;
+    let shstrndx = u16_at(elf, 0x3e)? as usize;
+    if shoff == 0 || shentsize < 64 || shstrndx >= shnum {
+        return None;
+    }
+    let header = |i: usize| shoff.checked_add(i.checked_mul(shentsize)?);
+    let strtab = header(shstrndx)?;
+    let str_off = u64_at(elf, strtab + 0x18)? as usize;
+    let mut out = Vec::new();
+    for i in 0..shnum {
+        let h = header(i)?;
+        let name_off = u32_at(elf, h)? as usize;
+        let kind = u32_at(elf, h + 4)?;
+        let flags = u64_at(elf, h + 8)?;
+        let addr = u64_at(elf, h + 0x10)?;
+        let offset = u64_at(elf, h + 0x18)? as usize;
+        let size = u64_at(elf, h + 0x20)? as usize;
+        let name_bytes = elf.get(str_off.checked_add(name_off)?..)?;
+        let name_end = name_bytes.iter().position(|&c| c == 0)?;
+        let name = std::str::from_utf8(&name_bytes[..name_end]).ok()?;
+        if (!code_only || flags & SHF_EXECINSTR != 0)
+            && kind != SHT_NOBITS
+            && wanted.contains(&name)
+            && offset.checked_add(size)? <= elf.len()
+        {
+            out.push(CodeSection {
+                name: name.to_string(),
+                addr,
+                offset,
+                size,
+            });
         }
-        let shoff = u64_at(elf, 0x28)? as usize;
-        let shentsize = u16_at(elf, 0x3a)? as usize;
-        let shnum = u16_at(elf, 0x3c)? as usize;
-        let shstrndx = u16_at(elf, 0x3e)? as usize;
-        if shoff == 0 || shentsize < 64 || shstrndx >= shnum {
-            return None;
-        }
-        let header = |i: usize| shoff.checked_add(i.checked_mul(shentsize)?);
-        let strtab = header(shstrndx)?;
-        let str_off = u64_at(elf, strtab + 0x18)? as usize;
-        let mut out = Vec::new();
-        for i in 0..shnum {
-            let h = header(i)?;
-            let name_off = u32_at(elf, h)? as usize;
-            let kind = u32_at(elf, h + 4)?;
-            let flags = u64_at(elf, h + 8)?;
-            let addr = u64_at(elf, h + 0x10)?;
-            let offset = u64_at(elf, h + 0x18)? as usize;
-            let size = u64_at(elf, h + 0x20)? as usize;
-            let name_bytes = elf.get(str_off.checked_add(name_off)?..)?;
-            let name_end = name_bytes.iter().position(|&c| c == 0)?;
-            let name = std::str::from_utf8(&name_bytes[..name_end]).ok()?;
-            if (!code_only || flags & SHF_EXECINSTR != 0)
-                && kind != SHT_NOBITS
-                && wanted.contains(&name)
-                && offset.checked_add(size)? <= elf.len()
-            {
-                out.push(CodeSection {
-                    name: name.to_string(),
-                    addr,
-                    offset,
-                    size,
-                });
-            }
-        }
-        Some(out)
-    };
-    parse().unwrap_or_default()
+    }
+    Some(out)
 }
 
 /// Time and entropy reads in `code` (loaded at `addr`), found by linear decoding.
@@ -156,17 +185,21 @@ pub fn find_trap_sites(code: &[u8], addr: u64) -> Vec<(u64, PlantedTrap)> {
 /// `.altinstructions` (`struct alt_instr`: s32 instr_offset, s32 repl_offset,
 /// then cpuid/flags and two u8 lengths, each offset relative to its own
 /// field); the entry size differs between kernel versions, so the size whose
-/// every entry points into the replacement section is taken.
+/// every entry points into the replacement section is taken. An error says
+/// why the table could not be read (the copies are then unknown).
 pub fn alternative_sites(
     elf: &[u8],
     replacement_traps: &[(u64, PlantedTrap)],
-) -> Vec<(u64, PlantedTrap)> {
+) -> Result<Vec<(u64, PlantedTrap)>, &'static str> {
+    if replacement_traps.is_empty() {
+        return Ok(Vec::new());
+    }
     let found = sections(elf, &[".altinstructions", ".altinstr_replacement"], false);
     let (Some(table), Some(repl)) = (
         found.iter().find(|s| s.name == ".altinstructions"),
         found.iter().find(|s| s.name == ".altinstr_replacement"),
     ) else {
-        return Vec::new();
+        return Err("the ELF has no .altinstructions section");
     };
     let bytes = &elf[table.offset..table.offset + table.size];
     let i32_at = |o: usize| i64::from(i32::from_le_bytes(bytes[o..o + 4].try_into().unwrap()));
@@ -191,10 +224,10 @@ pub fn alternative_sites(
         }
         Some(out)
     };
-    let Some(entries) = [12, 14, 13].into_iter().find_map(entries) else {
-        tracing::warn!("cannot read .altinstructions: time reads in alternatives will not be trapped once applied");
-        return Vec::new();
-    };
+    let entries = [12, 14, 13]
+        .into_iter()
+        .find_map(entries)
+        .ok_or(".altinstructions matches no known entry layout (12, 13 or 14 bytes pointing into .altinstr_replacement)")?;
     let mut sites = Vec::new();
     for (instr, replacement, len) in entries {
         for &(addr, trap) in replacement_traps {
@@ -203,16 +236,24 @@ pub fn alternative_sites(
             }
         }
     }
-    sites
+    Ok(sites)
 }
 
 /// Rewrite every time and entropy read in the image's kernel sections into a trap.
-/// Returns the trap table keyed by guest virtual address; patches `elf` in
-/// place (the caller loads the patched image; the file is untouched).
-pub fn plant_traps(elf: &mut [u8]) -> HashMap<u64, PlantedTrap> {
+/// Returns the trap table keyed by guest virtual address and what could not
+/// be covered; patches `elf` in place (the caller loads the patched image;
+/// the file is untouched).
+pub fn plant_traps(elf: &mut [u8]) -> PlantedTraps {
     let mut traps = HashMap::new();
     let mut replacement_traps = Vec::new();
-    for section in code_sections(elf, SCANNED_SECTIONS) {
+    let sections = code_sections(elf, SCANNED_SECTIONS);
+    if sections.is_empty() {
+        return PlantedTraps {
+            sites: traps,
+            gap: Some(TrapGap::NoCodeSections),
+        };
+    }
+    for section in sections {
         let code = &elf[section.offset..section.offset + section.size];
         let sites = find_trap_sites(code, section.addr);
         for (addr, trap) in sites {
@@ -228,7 +269,19 @@ pub fn plant_traps(elf: &mut [u8]) -> HashMap<u64, PlantedTrap> {
         }
     }
     // The same traps where the kernel will copy its alternatives.
-    let copies = alternative_sites(elf, &replacement_traps);
+    let (copies, gap) = match alternative_sites(elf, &replacement_traps) {
+        Ok(copies) => (copies, None),
+        Err(why) => {
+            tracing::warn!(
+                "{why}: time and entropy reads in alternatives will not be trapped once applied"
+            );
+            let gap = TrapGap::UnresolvedAlternatives {
+                sites: replacement_traps.len(),
+                why,
+            };
+            (Vec::new(), Some(gap))
+        }
+    };
     let in_code = traps.len();
     let copy_sites = copies.len();
     for (addr, trap) in copies {
@@ -243,7 +296,7 @@ pub fn plant_traps(elf: &mut [u8]) -> HashMap<u64, PlantedTrap> {
             "trap sites (time and entropy reads) planted in the kernel"
         );
     }
-    traps
+    PlantedTraps { sites: traps, gap }
 }
 
 #[cfg(test)]
@@ -286,7 +339,9 @@ mod tests {
         let mut image = crate::guests::builtin("entropy")
             .expect("entropy guest")
             .to_vec();
-        let traps = plant_traps(&mut image);
+        let planted = plant_traps(&mut image);
+        assert_eq!(planted.gap, None);
+        let traps = planted.sites;
         let random = traps
             .values()
             .filter(|t| matches!(t, PlantedTrap::Random { .. }))
@@ -344,7 +399,9 @@ mod tests {
     #[test]
     fn traps_in_alternatives_are_also_known_where_they_will_be_copied() {
         let mut elf = elf_with_alternatives();
-        let traps = plant_traps(&mut elf);
+        let planted = plant_traps(&mut elf);
+        assert_eq!(planted.gap, None);
+        let traps = planted.sites;
         // The rdtsc in the replacement (0x2003) and its copy at 0x1010 + 3.
         assert_eq!(traps.get(&0x2003), Some(&PlantedTrap::Rdtsc));
         assert_eq!(traps.get(&0x1013), Some(&PlantedTrap::Rdtsc));
@@ -353,19 +410,43 @@ mod tests {
     }
 
     #[test]
-    fn a_malformed_alternatives_table_adds_nothing() {
+    fn a_malformed_alternatives_table_adds_nothing_and_is_a_gap() {
         let mut elf = elf_with_alternatives();
         // Point the replacement offset far outside .altinstr_replacement.
         elf[0x184..0x188].copy_from_slice(&0x7fff_0000i32.to_le_bytes());
-        let traps = plant_traps(&mut elf);
-        assert_eq!(traps.len(), 1);
-        assert!(traps.contains_key(&0x2003));
+        let planted = plant_traps(&mut elf);
+        assert_eq!(planted.sites.len(), 1);
+        assert!(planted.sites.contains_key(&0x2003));
+        let gap = planted.gap.expect("the copies are unknown");
+        assert!(
+            matches!(gap, TrapGap::UnresolvedAlternatives { sites: 1, .. }),
+            "{gap:?}"
+        );
+        assert!(gap.to_string().contains("no known entry layout"), "{gap}");
+    }
+
+    #[test]
+    fn replacements_without_an_alternatives_table_are_a_gap() {
+        let mut elf = elf_with_alternatives();
+        // Rename .altinstructions (section 2's name at 0x1c0 + 23).
+        elf[0x1c0 + 23 + 1] = b'X';
+        let planted = plant_traps(&mut elf);
+        assert!(planted.sites.contains_key(&0x2003));
+        assert_eq!(
+            planted.gap,
+            Some(TrapGap::UnresolvedAlternatives {
+                sites: 1,
+                why: "the ELF has no .altinstructions section"
+            })
+        );
     }
 
     #[test]
     fn images_without_sections_plant_nothing() {
         let mut not_elf = vec![0x0f, 0x31, 0x0f, 0x31];
-        assert!(plant_traps(&mut not_elf).is_empty());
+        let planted = plant_traps(&mut not_elf);
+        assert!(planted.sites.is_empty());
+        assert_eq!(planted.gap, Some(TrapGap::NoCodeSections));
         assert_eq!(not_elf, vec![0x0f, 0x31, 0x0f, 0x31]);
         // Truncated section table: no panic, nothing found.
         let mut elf = b"\x7fELF".to_vec();
@@ -374,7 +455,19 @@ mod tests {
         elf[0x3a] = 64;
         elf[0x3c] = 3;
         elf[0x3e] = 1;
-        assert!(plant_traps(&mut elf).is_empty());
+        let planted = plant_traps(&mut elf);
+        assert!(planted.sites.is_empty());
+        assert_eq!(planted.gap, Some(TrapGap::NoCodeSections));
+        // Section headers present, but none of them kernel code.
+        let mut renamed = elf_with_alternatives();
+        renamed[0x1c0 + 1 + 1] = b'X'; // .altinstr_replacement -> .aXtinstr_replacement
+        let planted = plant_traps(&mut renamed);
+        assert_eq!(planted.gap, Some(TrapGap::NoCodeSections));
+        assert!(planted
+            .gap
+            .unwrap()
+            .to_string()
+            .contains("name no kernel code section (.text, .init.text"));
     }
 
     #[test]
@@ -382,7 +475,7 @@ mod tests {
         let mut storm = crate::guests::builtin("storm")
             .expect("storm guest")
             .to_vec();
-        let traps = plant_traps(&mut storm);
+        let traps = plant_traps(&mut storm).sites;
         assert!(!traps.is_empty(), "storm has kernel-mode rdtsc");
         for (addr, trap) in &traps {
             assert_eq!(*trap, PlantedTrap::Rdtsc);
@@ -393,9 +486,18 @@ mod tests {
             .to_vec();
         let before = user.clone();
         assert!(
-            plant_traps(&mut user).is_empty(),
+            plant_traps(&mut user).sites.is_empty(),
             "user-mode rdtsc must stay as it is"
         );
         assert_eq!(user, before);
+    }
+
+    #[test]
+    fn every_test_guest_is_fully_scanned() {
+        // No guest is refused by `record` for want of code sections.
+        for name in crate::guests::names() {
+            let mut image = crate::guests::builtin(name).unwrap().to_vec();
+            assert_eq!(plant_traps(&mut image).gap, None, "{name}");
+        }
     }
 }

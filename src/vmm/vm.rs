@@ -17,10 +17,10 @@ use vm_memory::{
 };
 use zerocopy::{FromBytes, IntoBytes};
 
-use super::boot::{self, BootError, LoadedKernel};
+use super::boot::{self, BootError, LoadedKernel, PreparedKernel};
 use super::cpuid;
 use super::layout::{self, ram_ranges, MAX_MEM_BYTES, MIN_MEM_BYTES, SHADOW_FLUSH_SLOT_GPA};
-use super::traps::{self, PlantedTrap};
+use super::traps::PlantedTrap;
 use crate::devices::virtio::{GuestRam, GuestRamError};
 use crate::replay::digest::DirtyPages;
 use crate::replay::log::CpuStateBytes;
@@ -336,6 +336,19 @@ pub enum GuestWrite {
 impl Vm {
     /// Build the VM: memory, CPUID model, kernel, boot structures, registers.
     pub fn create(config: &VmConfig) -> Result<Vm, VmError> {
+        let kernel = boot::prepare_kernel(&config.kernel_name, &config.kernel)?;
+        if let Some(why) = &kernel.not_replayable {
+            tracing::warn!(
+                "{}: {why} (it runs; `record` and `replay` refuse it)",
+                config.kernel_name
+            );
+        }
+        Vm::create_with_kernel(config, &kernel)
+    }
+
+    /// [`Vm::create`] with `config.kernel` already prepared
+    /// ([`boot::prepare_kernel`]: a bzImage's kernel taken out, traps planted).
+    pub fn create_with_kernel(config: &VmConfig, prepared: &PreparedKernel) -> Result<Vm, VmError> {
         if !(MIN_MEM_BYTES..=MAX_MEM_BYTES).contains(&config.mem_bytes) {
             return Err(VmError::MemSize(config.mem_bytes));
         }
@@ -370,11 +383,10 @@ impl Vm {
             slots.push(region_desc);
         }
 
-        // Time reads in the kernel's code become traps (see traps.rs); the
-        // file itself is untouched, only the loaded copy differs.
-        let mut image = config.kernel.clone();
-        let planted_traps = traps::plant_traps(&mut image);
-        let kernel = boot::load_kernel(&mem, &config.kernel_name, &image)?;
+        // The prepared image has its time and entropy reads turned into
+        // traps (see traps.rs); the file itself is untouched.
+        let kernel = boot::load_prepared(&mem, &config.kernel_name, prepared)?;
+        let planted_traps = prepared.planted_traps.clone();
         let initrd = match &config.initrd {
             Some(image) => Some((
                 boot::load_initrd(&mem, config.mem_bytes, &kernel, image)?,
