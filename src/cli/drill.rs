@@ -179,7 +179,7 @@ fn mode(args: &DrillArgs) -> Result<Mode> {
 /// SIGINT/SIGTERM set the returned flag, which every wait of the drill polls
 /// (the drill then tears down and exits 130); a second signal ends the
 /// process at once.
-fn interrupt_flag() -> Result<Arc<AtomicBool>> {
+pub(super) fn interrupt_flag() -> Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
     for sig in [libc::SIGINT, libc::SIGTERM] {
         signal_hook::flag::register_conditional_shutdown(

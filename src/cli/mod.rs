@@ -47,7 +47,7 @@ pub enum Command {
     /// Failover drills: kill the primary or backup, cut the logging link, or kill the arbiter's
     /// leader, and report who went live, the failover time, lost requests and split-brain.
     Drill(DrillArgs),
-    /// Boot the embedded test guests, then record the `storm` guest and replay it to an identical state.
+    /// Show a VM survive the loss of its host (the local kill-primary drill), then record and replay a guest.
     Demo,
     /// List the test guests embedded in this binary (use them as `--kernel builtin:NAME`).
     Guests,
