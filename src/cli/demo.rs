@@ -64,14 +64,12 @@ fn failover() -> Result<bool> {
 pub fn demo() -> Result<ExitCode> {
     let survived = failover()?;
     eprintln!("\n== twinvm demo, part 2: the record/replay engine under the pair");
-    for name in ["hello"] {
-        eprintln!("\n== twinvm demo: booting builtin:{name}");
-        let report = boot_and_run(&guest_args(name, "stdio"), false)?;
-        eprintln!("twinvm demo: builtin:{name}: {}", describe(&report));
-        print_stats(&report);
-        if report.ending() == Some(Ending::Stopped) {
-            return Ok(ExitCode::from(130));
-        }
+    eprintln!("\n== twinvm demo: booting builtin:hello");
+    let report = boot_and_run(&guest_args("hello", "stdio"), false)?;
+    eprintln!("twinvm demo: builtin:hello: {}", describe(&report));
+    print_stats(&report);
+    if report.ending() == Some(Ending::Stopped) {
+        return Ok(ExitCode::from(130));
     }
 
     let dir = Scratch(std::env::temp_dir().join(format!("twinvm-demo-{}", std::process::id())));
