@@ -249,11 +249,19 @@ fn sigint_stops_the_guest_cleanly() {
 }
 
 #[test]
-fn demo_boots_the_embedded_guests() {
+fn demo_survives_a_host_failure_then_records_and_replays() {
     let out = run_to_end(&["demo"], TIMEOUT);
     assert!(out.status.success(), "{out:?}");
+    // Part 1: the local kill-primary drill.
+    assert!(
+        out.stdout.contains("drill kill-primary (local, FT pair): PASS"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("went live: hostB"), "{}", out.stdout);
+    assert!(out.stdout.contains("0 lost"), "{}", out.stdout);
+    // Part 2: record/replay.
     assert!(out.stdout.contains("hello: done\n"), "{}", out.stdout);
-    assert!(out.stdout.contains("ticker: done\n"), "{}", out.stdout);
     assert!(out.stdout.contains("storm: done\n"), "{}", out.stdout);
     assert!(
         out.stdout
