@@ -254,7 +254,8 @@ fn demo_survives_a_host_failure_then_records_and_replays() {
     assert!(out.status.success(), "{out:?}");
     // Part 1: the local kill-primary drill.
     assert!(
-        out.stdout.contains("drill kill-primary (local, FT pair): PASS"),
+        out.stdout
+            .contains("drill kill-primary (local, FT pair): PASS"),
         "{}",
         out.stdout
     );

@@ -16,6 +16,7 @@ use super::size::parse_size;
 use crate::ft::link::LinkConfig;
 use crate::ft::node::{self, query_status, ArbiterSettings, GuestSetup, PairConfig, PairStatus};
 use crate::net::NetSpec;
+use crate::replay::engine::TestPerturbation;
 
 /// Settings of a replica; flags override the `--config` file.
 #[derive(Debug, Clone, Args, Default)]
@@ -98,6 +99,10 @@ pub struct BackupArgs {
     /// Where to wait for the primary, host:port.
     #[arg(long)]
     pub listen: Option<String>,
+    /// Test hook (as `replay --test-perturb`): make this replica wrong on
+    /// purpose at one landmark, to prove the pair stops a diverged backup.
+    #[arg(long, hide = true, value_name = "KIND@LANDMARK")]
+    pub test_perturb: Option<TestPerturbation>,
     #[command(flatten)]
     pub pair: PairArgs,
 }
@@ -279,6 +284,7 @@ fn resolve(
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        test_perturbation: None,
     };
     // The pair records and replays: refuse what could not be replayed.
     super::run::require_replayable(&guest.vm)?;
@@ -325,7 +331,11 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode> {
 
 /// `twinvm backup`.
 pub fn backup(args: &BackupArgs) -> Result<ExitCode> {
-    let (config, guest, listen) = resolve(&args.pair, Side::Backup, args.listen.as_deref())?;
+    let (config, mut guest, listen) = resolve(&args.pair, Side::Backup, args.listen.as_deref())?;
+    if let Some(p) = args.test_perturb {
+        eprintln!("twinvm backup: --test-perturb {p}: this replica is made wrong on purpose");
+        guest.test_perturbation = Some(p);
+    }
     Ok(exit(node::run_backup(config, guest, &listen)?))
 }
 

@@ -112,6 +112,31 @@ impl Running {
         );
     }
 
+    pub fn stderr_now(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    /// Wait until stderr contains `text`; panics with the output so far after `timeout`.
+    pub fn wait_for_stderr(&mut self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.stderr_now().contains(text) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "twinvm exited ({status}) before printing {text:?}; stderr: {}",
+                    self.stderr_now()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "no {text:?} within {timeout:?}; stderr so far: {}",
+            self.stderr_now()
+        );
+    }
+
     pub fn write_stdin(&mut self, bytes: &[u8]) {
         let stdin = self.child.stdin.as_mut().expect("stdin");
         stdin.write_all(bytes).unwrap();

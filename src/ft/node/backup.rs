@@ -215,6 +215,7 @@ pub fn run_backup(cfg: PairConfig, guest: GuestSetup, listen: &str) -> Result<i3
         Some(host_cpu),
     )
     .context("setting up the engine")?;
+    engine.set_test_perturbation(guest.test_perturbation);
     let counter = engine.landmark_counter();
     let mut console = Some(guest.console);
     let mut live = false;

@@ -80,6 +80,8 @@ pub struct GuestSetup {
     /// Wall-clock seconds the guest's RTC starts from (the primary's; the
     /// backup takes it from the log header).
     pub boot_unix_secs: u64,
+    /// Test hook: a backup made wrong on purpose (`replay --test-perturb`).
+    pub test_perturbation: Option<crate::replay::engine::TestPerturbation>,
 }
 
 /// Bytes from the peer, or the end of the connection.
