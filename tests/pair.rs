@@ -60,7 +60,7 @@ impl Site {
                 "--data-dir".into(),
                 data.to_str().unwrap().into(),
                 "--key-file".into(),
-                site.key().into(),
+                site.key(),
             ];
             site.arbiters.push(site.spawn(&args));
         }
