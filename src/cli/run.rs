@@ -15,7 +15,7 @@ use crossbeam_channel::Receiver;
 use super::size::parse_size;
 use crate::devices::Platform;
 use crate::guests::{self, BUILTIN_PREFIX};
-use crate::net::tap::{Tap, TapBackend};
+use crate::net::tap::TapBackend;
 use crate::net::NetSpec;
 use crate::replay::engine::{
     Connections, ConsoleAndNet, Ending, Engine, FrameSender, Inputs, RecordSettings, Role,
@@ -178,15 +178,7 @@ impl VmSession {
     /// Open the TAP device of `--net` and start moving frames; received
     /// frames wake the vCPU through `kicker`.
     pub fn open_tap(&self, kicker: &Kicker) -> Result<Option<Arc<TapBackend>>> {
-        let Some(spec) = &self.args.net else {
-            return Ok(None);
-        };
-        let tap = Tap::open(&spec.tap)
-            .with_context(|| format!("opening TAP device {} (--net)", spec.tap))?;
-        let wake = kicker.clone();
-        let backend = TapBackend::start(tap, move || wake.kick())
-            .with_context(|| format!("starting the TAP backend for {}", spec.tap))?;
-        Ok(Some(Arc::new(backend)))
+        crate::ft::node::open_tap(self.args.net.as_ref(), kicker)
     }
 
     /// Build the VM and run it on this thread in `role`, pinned to

@@ -356,6 +356,12 @@ pub struct TapBackend {
 }
 
 impl TapBackend {
+    /// Open (or create) TAP `name` and start moving its frames; `wake` as
+    /// for [`TapBackend::start`].
+    pub fn open(name: &str, wake: impl Fn() + Send + 'static) -> Result<TapBackend, TapError> {
+        TapBackend::start(Tap::open(name)?, wake)
+    }
+
     /// Start the receive thread with a queue of [`RX_QUEUE_FRAMES`] frames.
     /// `wake` is called (from that thread) after frames were queued; it must not block.
     pub fn start(tap: Tap, wake: impl Fn() + Send + 'static) -> Result<TapBackend, TapError> {

@@ -273,6 +273,17 @@ impl LandmarkSignature {
         self.running = h.finalize().into();
     }
 
+    /// Fold in an input delivered at the current landmark (a received
+    /// frame, serial bytes), so a log whose input was altered is caught at
+    /// the next digest even if the guest never looked at the bytes.
+    pub fn fold_input(&mut self, data: &[u8]) {
+        let mut h = blake3::Hasher::new();
+        h.update(&self.running);
+        h.update(b"input");
+        h.update(blake3::hash(data).as_bytes());
+        self.running = h.finalize().into();
+    }
+
     /// The running hash over every landmark folded so far.
     pub fn running(&self) -> [u8; 32] {
         self.running

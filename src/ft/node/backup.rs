@@ -16,13 +16,14 @@ use crossbeam_channel::{Receiver, Select, Sender};
 use super::feed::ShadowFeed;
 use super::status::{serve_status, PairStatus, StatusBoard};
 use super::{
-    spawn_arbiter_client, spawn_socket_reader, write_frame_bytes, ArbiterRequest, Clock,
-    GuestSetup, PairConfig, SocketEvent, EXIT_DIVERGED, EXIT_ERROR, EXIT_OK, EXIT_STOPPED,
+    apply_socket_event, open_tap, spawn_arbiter_client, spawn_socket_reader, stop_for, transmit,
+    Arbitration, Clock, EngineHandle, GuestSetup, PairConfig, SocketEvent, EXIT_DIVERGED,
+    EXIT_ERROR, EXIT_OK, EXIT_STOPPED,
 };
 use crate::ft::failover::{Action, Failover, FailoverConfig, FailoverEvent, Verdict};
 use crate::ft::link::{BackupEvent, BackupLink, ExpectedHello};
 use crate::ft::output::{OutputBounds, ShadowOutputs};
-use crate::net::tap::{Tap, TapBackend};
+use crate::net::tap::TapBackend;
 use crate::net::{format_mac, gratuitous_arp};
 use crate::replay::engine::{
     Connections, ConsoleAndNet, Control, Engine, FrameSender, Inputs, Output, RecordSettings, Role,
@@ -90,18 +91,7 @@ pub fn run_backup(cfg: PairConfig, guest: GuestSetup, listen: &str) -> Result<i3
     let kicker = Kicker::new();
     // The NIC is muted until go-live, but the TAP is opened now: attaching
     // takes a moment before frames flow, which a failover should not wait for.
-    let tap = match &guest.net {
-        Some(spec) => {
-            let tap = Tap::open(&spec.tap)
-                .with_context(|| format!("opening TAP device {} (--net)", spec.tap))?;
-            let wake = kicker.clone();
-            Some(Arc::new(
-                TapBackend::start(tap, move || wake.kick())
-                    .with_context(|| format!("starting the TAP backend for {}", spec.tap))?,
-            ))
-        }
-        None => None,
-    };
+    let tap = open_tap(guest.net.as_ref(), &kicker)?;
     let (control_tx, control_rx) = crossbeam_channel::bounded(16);
     let _signals = StopOnSignal::install(control_tx.clone(), kicker.clone())
         .context("installing signal handlers")?;
@@ -138,7 +128,10 @@ pub fn run_backup(cfg: PairConfig, guest: GuestSetup, listen: &str) -> Result<i3
                     link: None,
                     stream: None,
                     socket_rx: None,
-                    failover: None,
+                    arbitration: Arbitration {
+                        failover: None,
+                        arbiter_tx,
+                    },
                     decoder: None,
                     live_tx: Some(live_tx),
                     queued,
@@ -146,10 +139,8 @@ pub fn run_backup(cfg: PairConfig, guest: GuestSetup, listen: &str) -> Result<i3
                     shadow,
                     verdict_rx,
                     main_rx,
-                    arbiter_tx,
                     news_tx,
-                    control_tx,
-                    kicker,
+                    engine_handle: EngineHandle { control_tx, kicker },
                     stopping,
                     board,
                     landmark,
@@ -387,7 +378,7 @@ struct BackupPump {
     link: Option<BackupLink>,
     stream: Option<TcpStream>,
     socket_rx: Option<Receiver<SocketEvent>>,
-    failover: Option<Failover>,
+    arbitration: Arbitration,
     decoder: Option<RecordDecoder>,
     /// To the replaying engine; dropped when no more log will come.
     live_tx: Option<Sender<LiveItem>>,
@@ -398,10 +389,8 @@ struct BackupPump {
     shadow: Arc<Mutex<ShadowOutputs<Output>>>,
     verdict_rx: Receiver<Verdict>,
     main_rx: Receiver<MainNews>,
-    arbiter_tx: Sender<ArbiterRequest>,
     news_tx: Sender<LinkNews>,
-    control_tx: Sender<Control>,
-    kicker: Kicker,
+    engine_handle: EngineHandle,
     stopping: Arc<AtomicBool>,
     board: StatusBoard,
     landmark: Arc<AtomicU64>,
@@ -419,8 +408,7 @@ impl BackupPump {
         };
         self.stopping.store(true, Ordering::Relaxed);
         if code != EXIT_OK {
-            let _ = self.control_tx.try_send(Control::Stop);
-            self.kicker.kick();
+            self.engine_handle.send(Control::Stop);
         }
         self.live_tx = None;
         let _ = self.news_tx.send(LinkNews::Done { code, message });
@@ -507,7 +495,7 @@ impl BackupPump {
                         }
                         link.accept_hello(self.clock.now())
                             .context("accepting the Hello")?;
-                        self.failover = Some(Failover::backup(
+                        self.arbitration.failover = Some(Failover::backup(
                             FailoverConfig::new(&self.cfg.vm, self.cfg.generation, &self.cfg.node),
                             self.clock.now(),
                         ));
@@ -557,17 +545,9 @@ impl BackupPump {
         }
     }
 
-    /// Write everything the link wants sent; a failed write is a lost connection.
     fn transmit(&mut self) {
-        let now = self.clock.now();
-        let (Some(link), Some(stream)) = (self.link.as_mut(), self.stream.as_mut()) else {
-            return;
-        };
-        while let Some(bytes) = link.poll_transmit(now) {
-            if let Err(e) = write_frame_bytes(stream, &bytes) {
-                link.connection_lost(&e);
-                break;
-            }
+        if let (Some(link), Some(stream)) = (self.link.as_mut(), self.stream.as_mut()) {
+            transmit(link, stream, self.clock.now());
         }
     }
 
@@ -668,36 +648,12 @@ impl BackupPump {
     }
 
     fn failover_event(&mut self, event: FailoverEvent) {
-        let now = self.clock.now();
-        if let Some(f) = &mut self.failover {
-            f.handle(event, now);
-        }
+        self.arbitration.handle(event, self.clock.now());
     }
 
     fn perform_actions(&mut self) -> Result<()> {
-        let now = self.clock.now();
-        let Some(failover) = &mut self.failover else {
-            return Ok(());
-        };
-        failover.handle_timeout(now);
-        let mut actions = Vec::new();
-        while let Some(a) = failover.poll_action() {
-            actions.push(a);
-        }
-        for action in actions {
+        for action in self.arbitration.actions(self.clock.now()) {
             match action {
-                Action::AskArbiter {
-                    vm,
-                    generation,
-                    requester,
-                } => {
-                    let _ = self.arbiter_tx.try_send(ArbiterRequest {
-                        vm,
-                        generation,
-                        requester,
-                    });
-                }
-                Action::RetryArbiterAt(_) => {}
                 Action::FinishLog => {
                     // Nothing more can come: let the engine replay what it
                     // has to the end (it reports LogExhausted there).
@@ -726,16 +682,9 @@ impl BackupPump {
                     let _ = self.news_tx.send(LinkNews::Promote { outputs });
                 }
                 Action::Stop { exit_code, message } => {
-                    if exit_code == crate::ft::failover::EXIT_LOST {
-                        eprintln!("twinvm: lost the arbitration ({message}): stopping");
-                    }
-                    let _ = self.control_tx.try_send(Control::Stop);
-                    self.kicker.kick();
-                    self.done = Some((exit_code, message));
+                    self.done = Some(stop_for(&self.engine_handle, exit_code, message));
                 }
-                Action::HoldOutputs | Action::ReleaseAll | Action::DropLog => {
-                    tracing::error!("primary action {action:?} on the backup; ignored")
-                }
+                other => tracing::error!("primary action {other:?} on the backup; ignored"),
             }
         }
         Ok(())
@@ -745,11 +694,7 @@ impl BackupPump {
         let now = self.clock.now();
         let landmark = self.landmark.load(Ordering::Relaxed);
         let mut b = self.board.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = &self.failover {
-            let s = f.status();
-            b.state = s.state.to_string();
-            b.detail = s.detail;
-        }
+        self.arbitration.publish(&mut b);
         b.landmark = landmark;
         if let Some(link) = &self.link {
             let st = link.status(now);
@@ -772,11 +717,10 @@ impl BackupPump {
             return Ok(());
         };
         match rx.recv_timeout(timeout) {
-            Ok(SocketEvent::Bytes(bytes)) => {
+            Ok(event) => {
                 let now = self.clock.now();
-                self.link().on_bytes_received(&bytes, now);
+                apply_socket_event(self.link(), Ok(event), now);
             }
-            Ok(SocketEvent::Closed(reason)) => self.link().connection_lost(&reason),
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                 self.socket_rx = None;
@@ -799,7 +743,7 @@ impl BackupPump {
             };
         for t in [
             self.link.as_ref().and_then(|l| l.poll_timeout()),
-            self.failover.as_ref().and_then(|f| f.poll_timeout()),
+            self.arbitration.poll_timeout(),
         ]
         .into_iter()
         .flatten()
@@ -818,11 +762,10 @@ impl BackupPump {
             if Some(index) == socket {
                 let rx = socket_rx.as_ref().expect("selected");
                 match op.recv(rx) {
-                    Ok(SocketEvent::Bytes(bytes)) => {
+                    Ok(event) => {
                         let now = self.clock.now();
-                        self.link().on_bytes_received(&bytes, now);
+                        apply_socket_event(self.link(), Ok(event), now);
                     }
-                    Ok(SocketEvent::Closed(reason)) => self.link().connection_lost(&reason),
                     Err(_) => self.socket_rx = None,
                 }
             } else if index == verdict {
@@ -842,7 +785,7 @@ impl BackupPump {
                             link.send_diverged(landmark, &detail);
                         }
                         self.failover_event(FailoverEvent::Diverged { landmark, detail });
-                        if self.failover.is_none() {
+                        if self.arbitration.failover.is_none() {
                             self.done = Some((EXIT_DIVERGED, "diverged".into()));
                         }
                     }

@@ -18,6 +18,7 @@ mod status;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -29,9 +30,12 @@ pub use backup::run_backup;
 pub use primary::run_primary;
 pub use status::{query_status, PairStatus};
 
-use super::failover::Verdict;
+use super::failover::{Action, Failover, FailoverEvent, Verdict};
 use super::link::LinkConfig;
+use crate::net::tap::TapBackend;
 use crate::net::NetSpec;
+use crate::replay::engine::Control;
+use crate::vmm::Kicker;
 use crate::vmm::VmConfig;
 
 /// Exit codes of `twinvm primary|backup` (docs/operations.md).
@@ -82,6 +86,17 @@ pub struct GuestSetup {
     pub boot_unix_secs: u64,
     /// Test hook: a backup made wrong on purpose (`replay --test-perturb`).
     pub test_perturbation: Option<crate::replay::engine::TestPerturbation>,
+}
+
+/// The TAP of `--net`, moving frames, waking the vCPU through `kicker`.
+pub fn open_tap(net: Option<&NetSpec>, kicker: &Kicker) -> anyhow::Result<Option<Arc<TapBackend>>> {
+    let Some(spec) = net else {
+        return Ok(None);
+    };
+    let wake = kicker.clone();
+    let backend = TapBackend::open(&spec.tap, move || wake.kick())
+        .map_err(|e| anyhow::anyhow!("opening TAP device {} (--net): {e}", spec.tap))?;
+    Ok(Some(Arc::new(backend)))
 }
 
 /// Bytes from the peer, or the end of the connection.
@@ -169,11 +184,132 @@ fn spawn_arbiter_client(
     Ok((req_tx, verdict_rx))
 }
 
-/// Write all of `bytes` to the peer; an error means the connection is gone.
-fn write_frame_bytes(stream: &mut TcpStream, bytes: &[u8]) -> Result<(), String> {
-    stream
-        .write_all(bytes)
-        .map_err(|e| format!("writing to the connection: {e}"))
+/// What the edge does with either end of the logging channel.
+trait LinkEnd {
+    fn on_bytes_received(&mut self, bytes: &[u8], now: Duration);
+    fn connection_lost(&mut self, reason: &str);
+    fn poll_transmit(&mut self, now: Duration) -> Option<Vec<u8>>;
+}
+
+macro_rules! link_end {
+    ($t:ty) => {
+        impl LinkEnd for $t {
+            fn on_bytes_received(&mut self, bytes: &[u8], now: Duration) {
+                <$t>::on_bytes_received(self, bytes, now)
+            }
+            fn connection_lost(&mut self, reason: &str) {
+                <$t>::connection_lost(self, reason)
+            }
+            fn poll_transmit(&mut self, now: Duration) -> Option<Vec<u8>> {
+                <$t>::poll_transmit(self, now)
+            }
+        }
+    };
+}
+link_end!(super::link::PrimaryLink);
+link_end!(super::link::BackupLink);
+
+/// Write everything the link wants sent; a failed write is a lost connection.
+fn transmit(link: &mut dyn LinkEnd, stream: &mut TcpStream, now: Duration) {
+    while let Some(bytes) = link.poll_transmit(now) {
+        if let Err(e) = stream.write_all(&bytes) {
+            link.connection_lost(&format!("writing to the connection: {e}"));
+            break;
+        }
+    }
+}
+
+/// Feed what the socket reader delivered (or its end) to the link.
+fn apply_socket_event(
+    link: &mut dyn LinkEnd,
+    event: Result<SocketEvent, crossbeam_channel::RecvError>,
+    now: Duration,
+) {
+    match event {
+        Ok(SocketEvent::Bytes(bytes)) => link.on_bytes_received(&bytes, now),
+        Ok(SocketEvent::Closed(reason)) => link.connection_lost(&reason),
+        Err(_) => link.connection_lost("the socket reader ended"),
+    }
+}
+
+/// The failover machine and the arbiter client it drives.
+struct Arbitration {
+    failover: Option<Failover>,
+    arbiter_tx: Sender<ArbiterRequest>,
+}
+
+impl Arbitration {
+    fn handle(&mut self, event: FailoverEvent, now: Duration) {
+        if let Some(f) = &mut self.failover {
+            f.handle(event, now);
+        }
+    }
+
+    /// The machine's actions due by `now`, the arbiter already asked for
+    /// those that ask it; the others are the caller's to perform.
+    fn actions(&mut self, now: Duration) -> Vec<Action> {
+        let Some(failover) = &mut self.failover else {
+            return Vec::new();
+        };
+        failover.handle_timeout(now);
+        let mut actions = Vec::new();
+        while let Some(action) = failover.poll_action() {
+            match action {
+                Action::AskArbiter {
+                    vm,
+                    generation,
+                    requester,
+                } => {
+                    let _ = self.arbiter_tx.try_send(ArbiterRequest {
+                        vm,
+                        generation,
+                        requester,
+                    });
+                }
+                // `poll_timeout` covers the retry.
+                Action::RetryArbiterAt(_) => {}
+                other => actions.push(other),
+            }
+        }
+        actions
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        self.failover.as_ref().and_then(|f| f.poll_timeout())
+    }
+
+    /// Copy the machine's state into the status board.
+    fn publish(&self, board: &mut PairStatus) {
+        if let Some(f) = &self.failover {
+            let s = f.status();
+            board.state = s.state.to_string();
+            board.detail = s.detail;
+        }
+    }
+}
+
+/// How the link thread reaches the engine: control messages and a kick.
+#[derive(Clone)]
+struct EngineHandle {
+    control_tx: Sender<Control>,
+    kicker: Kicker,
+}
+
+impl EngineHandle {
+    fn send(&self, msg: Control) {
+        let _ = self.control_tx.try_send(msg);
+        self.kicker.kick();
+    }
+}
+
+/// The failover machine said stop: say why (loudly when the arbitration
+/// was lost), stop the engine, and return the exit.
+fn stop_for(engine: &EngineHandle, exit_code: i32, message: String) -> (i32, String) {
+    if exit_code == EXIT_LOST {
+        eprintln!("twinvm: lost the arbitration ({message}): stopping");
+    }
+    engine.send(Control::Stop);
+    (exit_code, message)
 }
 
 /// The pair's clock: time since the replica started, for the sans-IO core.

@@ -14,13 +14,14 @@ use crossbeam_channel::{Receiver, Select, Sender};
 use super::feed::{EngineMsg, LogFeed, OutputFeed};
 use super::status::{serve_status, HoldTimes, PairStatus, StatusBoard};
 use super::{
-    spawn_arbiter_client, spawn_socket_reader, write_frame_bytes, ArbiterRequest, Clock,
-    GuestSetup, PairConfig, SocketEvent, EXIT_ERROR, EXIT_OK, EXIT_STOPPED,
+    apply_socket_event, open_tap, spawn_arbiter_client, spawn_socket_reader, stop_for, transmit,
+    Arbitration, Clock, EngineHandle, GuestSetup, PairConfig, SocketEvent, EXIT_ERROR, EXIT_OK,
+    EXIT_STOPPED,
 };
 use crate::ft::failover::{Action, Failover, FailoverConfig, FailoverEvent, Verdict};
 use crate::ft::link::{Hello, PrimaryEvent, PrimaryLink};
 use crate::ft::output::{HeldOutputs, OutputBounds};
-use crate::net::tap::{Tap, TapBackend};
+use crate::net::tap::TapBackend;
 use crate::replay::engine::{
     Connections, Control, Ending, Engine, Inputs, Output, RecordSettings, Recorder, Role, Stop,
     StopOnSignal,
@@ -114,18 +115,7 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
     .context("setting up the logging channel")?;
 
     let kicker = Kicker::new();
-    let tap = match &guest.net {
-        Some(spec) => {
-            let tap = Tap::open(&spec.tap)
-                .with_context(|| format!("opening TAP device {} (--net)", spec.tap))?;
-            let wake = kicker.clone();
-            Some(Arc::new(
-                TapBackend::start(tap, move || wake.kick())
-                    .with_context(|| format!("starting the TAP backend for {}", spec.tap))?,
-            ))
-        }
-        None => None,
-    };
+    let tap = open_tap(guest.net.as_ref(), &kicker)?;
 
     let (socket_tx, socket_rx) = crossbeam_channel::unbounded();
     spawn_socket_reader(
@@ -174,7 +164,10 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
         cfg: cfg.clone(),
         link,
         stream,
-        failover: None,
+        arbitration: Arbitration {
+            failover: None,
+            arbiter_tx,
+        },
         held: HeldOutputs::new(OutputBounds::default()),
         console: guest.console,
         tap: tap.clone(),
@@ -186,10 +179,11 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
         socket_rx,
         verdict_rx,
         main_rx,
-        arbiter_tx,
         news_tx,
-        control_tx: control_tx.clone(),
-        kicker: kicker.clone(),
+        engine_handle: EngineHandle {
+            control_tx: control_tx.clone(),
+            kicker: kicker.clone(),
+        },
         stopping: stopping.clone(),
         board: board.clone(),
         landmark: engine.landmark_counter(),
@@ -282,7 +276,7 @@ struct PrimaryPump {
     cfg: PairConfig,
     link: PrimaryLink,
     stream: TcpStream,
-    failover: Option<Failover>,
+    arbitration: Arbitration,
     held: HeldOutputs<Output>,
     console: Box<dyn std::io::Write + Send>,
     tap: Option<Arc<TapBackend>>,
@@ -297,10 +291,8 @@ struct PrimaryPump {
     socket_rx: Receiver<SocketEvent>,
     verdict_rx: Receiver<Verdict>,
     main_rx: Receiver<MainNews>,
-    arbiter_tx: Sender<ArbiterRequest>,
     news_tx: Sender<LinkNews>,
-    control_tx: Sender<Control>,
-    kicker: Kicker,
+    engine_handle: EngineHandle,
     stopping: Arc<AtomicBool>,
     board: StatusBoard,
     landmark: Arc<AtomicU64>,
@@ -317,14 +309,9 @@ impl PrimaryPump {
         };
         self.stopping.store(true, Ordering::Relaxed);
         if code != EXIT_OK {
-            self.stop_engine(Control::Stop);
+            self.engine_handle.send(Control::Stop);
         }
         let _ = self.news_tx.send(LinkNews::Done { code, message });
-    }
-
-    fn stop_engine(&self, msg: Control) {
-        let _ = self.control_tx.try_send(msg);
-        self.kicker.kick();
     }
 
     fn pump(&mut self) -> Result<(i32, String)> {
@@ -343,14 +330,8 @@ impl PrimaryPump {
         }
     }
 
-    /// Write everything the link wants sent; a failed write is a lost connection.
     fn transmit(&mut self) {
-        while let Some(bytes) = self.link.poll_transmit(self.clock.now()) {
-            if let Err(e) = write_frame_bytes(&mut self.stream, &bytes) {
-                self.link.connection_lost(&e);
-                break;
-            }
-        }
+        transmit(&mut self.link, &mut self.stream, self.clock.now());
     }
 
     /// Move the engine's outputs into the held queue and its log into the
@@ -421,7 +402,7 @@ impl PrimaryPump {
         while let Some(event) = self.link.poll_event() {
             match event {
                 PrimaryEvent::Established => {
-                    self.failover = Some(Failover::primary(
+                    self.arbitration.failover = Some(Failover::primary(
                         FailoverConfig::new(&self.cfg.vm, self.cfg.generation, &self.cfg.node),
                         now,
                     ));
@@ -457,7 +438,7 @@ impl PrimaryPump {
                     self.failover_event(FailoverEvent::PeerSuspected)?;
                 }
                 PrimaryEvent::Closed { reason } => {
-                    if self.failover.is_none() {
+                    if self.arbitration.failover.is_none() {
                         self.done = Some((
                             EXIT_ERROR,
                             format!(
@@ -477,38 +458,17 @@ impl PrimaryPump {
     }
 
     fn failover_event(&mut self, event: FailoverEvent) -> Result<()> {
-        let now = self.clock.now();
-        match &mut self.failover {
-            Some(f) => f.handle(event, now),
-            None => bail!("a failover event before the pair was established: {event:?}"),
+        if self.arbitration.failover.is_none() {
+            bail!("a failover event before the pair was established: {event:?}");
         }
+        self.arbitration.handle(event, self.clock.now());
         Ok(())
     }
 
     fn perform_actions(&mut self) {
         let now = self.clock.now();
-        let Some(failover) = &mut self.failover else {
-            return;
-        };
-        failover.handle_timeout(now);
-        let mut actions = Vec::new();
-        while let Some(a) = failover.poll_action() {
-            actions.push(a);
-        }
-        for action in actions {
+        for action in self.arbitration.actions(now) {
             match action {
-                Action::AskArbiter {
-                    vm,
-                    generation,
-                    requester,
-                } => {
-                    let _ = self.arbiter_tx.try_send(ArbiterRequest {
-                        vm,
-                        generation,
-                        requester,
-                    });
-                }
-                Action::RetryArbiterAt(_) => {}
                 Action::HoldOutputs => self.holding = true,
                 Action::ReleaseAll => {
                     for output in self.held.release_all(now) {
@@ -522,22 +482,16 @@ impl PrimaryPump {
                     if !self.link.is_closed() {
                         self.link.close("the primary continues alone");
                     }
-                    self.stop_engine(Control::DropLog);
+                    self.engine_handle.send(Control::DropLog);
                     eprintln!(
                         "twinvm primary: continuing alone (arbiter: won generation {})",
                         self.cfg.generation
                     );
                 }
                 Action::Stop { exit_code, message } => {
-                    if exit_code == crate::ft::failover::EXIT_LOST {
-                        eprintln!("twinvm: lost the arbitration ({message}): stopping");
-                    }
-                    self.stop_engine(Control::Stop);
-                    self.done = Some((exit_code, message));
+                    self.done = Some(stop_for(&self.engine_handle, exit_code, message));
                 }
-                Action::FinishLog | Action::Promote { .. } => {
-                    tracing::error!("backup action {action:?} on the primary; ignored")
-                }
+                other => tracing::error!("backup action {other:?} on the primary; ignored"),
             }
         }
     }
@@ -585,11 +539,7 @@ impl PrimaryPump {
         let landmark = self.landmark.load(Ordering::Relaxed);
         let hold = self.held.hold_times();
         let mut b = self.board.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = &self.failover {
-            let s = f.status();
-            b.state = s.state.to_string();
-            b.detail = s.detail;
-        }
+        self.arbitration.publish(&mut b);
         b.landmark = landmark;
         b.watermark = status.pushed_watermark;
         b.acked = status.acked_watermark;
@@ -613,12 +563,9 @@ impl PrimaryPump {
     fn wait(&mut self) -> Result<()> {
         let now = self.clock.now();
         let mut deadline = now + Duration::from_millis(100);
-        for t in [
-            self.link.poll_timeout(),
-            self.failover.as_ref().and_then(|f| f.poll_timeout()),
-        ]
-        .into_iter()
-        .flatten()
+        for t in [self.link.poll_timeout(), self.arbitration.poll_timeout()]
+            .into_iter()
+            .flatten()
         {
             deadline = deadline.min(t);
         }
@@ -640,13 +587,7 @@ impl PrimaryPump {
         };
         let index = op.index();
         if index == socket {
-            match op.recv(&socket_rx) {
-                Ok(SocketEvent::Bytes(bytes)) => {
-                    self.link.on_bytes_received(&bytes, self.clock.now())
-                }
-                Ok(SocketEvent::Closed(reason)) => self.link.connection_lost(&reason),
-                Err(_) => self.link.connection_lost("the socket reader ended"),
-            }
+            apply_socket_event(&mut self.link, op.recv(&socket_rx), self.clock.now());
         } else if Some(index) == engine {
             if let Ok(msg) = op.recv(&engine_rx) {
                 self.pending = Some(msg);

@@ -218,6 +218,7 @@ impl Engine {
             match self.platform.net_receive(&frame, &mut self.vm) {
                 Some(RxOutcome::Delivered) => {
                     self.stats.net_rx_frames += 1;
+                    self.signature.fold_input(&frame);
                     self.log(Record::NetRx {
                         landmark: self.landmark,
                         frame,
@@ -227,6 +228,7 @@ impl Engine {
                     // Dropped by the device (too big for the guest's buffer),
                     // which consumed a buffer: an input like any other.
                     tracing::debug!("received frame dropped by the NIC: {why}");
+                    self.signature.fold_input(&frame);
                     self.log(Record::NetRx {
                         landmark: self.landmark,
                         frame,
@@ -280,6 +282,7 @@ impl Engine {
         self.take_inputs();
         let accepted = self.input.feed(&mut self.platform);
         if !accepted.is_empty() {
+            self.signature.fold_input(&accepted);
             self.log(Record::SerialInput {
                 landmark: self.landmark,
                 bytes: accepted,
@@ -385,6 +388,7 @@ impl Engine {
                     self.platform.poll(now);
                 }
                 Record::SerialInput { bytes, .. } => {
+                    self.signature.fold_input(&bytes);
                     let taken = self.platform.enqueue_serial_input(&bytes);
                     if taken != bytes.len() {
                         return Err(self.diverged(format!(
@@ -395,6 +399,7 @@ impl Engine {
                 }
                 Record::NetRx { frame, .. } => {
                     use crate::devices::virtio::RxOutcome;
+                    self.signature.fold_input(&frame);
                     match self.platform.net_receive(&frame, &mut self.vm) {
                         Some(RxOutcome::Delivered) | Some(RxOutcome::Dropped(_)) => {
                             self.stats.net_rx_frames += 1
