@@ -284,6 +284,12 @@ impl LandmarkSignature {
         self.running = h.finalize().into();
     }
 
+    /// Go on from another replica's signature (a clone's snapshot).
+    pub fn restore(&mut self, running: [u8; 32], last: [u8; 16]) {
+        self.running = running;
+        self.last = last;
+    }
+
     /// The running hash over every landmark folded so far.
     pub fn running(&self) -> [u8; 32] {
         self.running

@@ -66,6 +66,11 @@ impl Engine {
                 Control::Stop => stop = true,
                 Control::Wake => {}
                 Control::DropLog => self.drop_log()?,
+                Control::TrackDirty(on) => self.track_dirty(on)?,
+                Control::CollectDirty(reply) => {
+                    let _ = reply.send(self.collect_dirty().map_err(|e| e.to_string()));
+                }
+                Control::CloneAt(request) => self.pending_clone = Some(request),
             }
         }
         Ok(stop)
@@ -75,7 +80,9 @@ impl Engine {
     /// matters to it (the others are for live roles and are kept).
     pub(super) fn stop_asked(&mut self) -> bool {
         self.held_control.extend(self.inputs.control.try_iter());
-        self.held_control.iter().any(|m| *m == Control::Stop)
+        self.held_control
+            .iter()
+            .any(|m| matches!(m, Control::Stop))
     }
 
     /// A recording primary goes on alone: its log is flushed and closed.
@@ -101,7 +108,8 @@ impl Engine {
             self.make_sync_point()?;
             return self.end_live(Ending::Stopped).map(AfterKick::Stop);
         }
-        if self.sync_due() {
+        // A clone waits for a landmark: make one now.
+        if self.sync_due() || self.pending_clone.is_some() {
             self.make_sync_point()?;
             return Ok(AfterKick::Landmark);
         }

@@ -23,6 +23,7 @@
 //! It runs on the thread that calls `run`; other threads reach it through
 //! its [`Inputs`] and wake it with its [`Kicker`].
 
+mod clone;
 mod landmark;
 mod outputs;
 mod perturb;
@@ -35,9 +36,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 use thiserror::Error;
 
+pub use self::clone::{CloneCut, CloneRequest, CloneSnapshot, CLONE_SNAPSHOT_VERSION};
 use self::landmark::AfterKick;
 pub use self::outputs::{ConsoleAndNet, FrameSender, Output, OutputSink};
 pub use self::perturb::{PerturbKind, PerturbParseError, TestPerturbation, PERTURBED_CMOS_INDEX};
@@ -56,7 +58,6 @@ use crate::vmm::timer::DeadlineTimer;
 use crate::vmm::vm::{Vm, VmError};
 
 /// Messages to a running engine (besides the input channels).
-#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
     /// Stop the VM (Ctrl-C, a lost arbitration, the caller is done).
     Stop,
@@ -65,6 +66,13 @@ pub enum Control {
     /// A recording primary lost its backup and won the arbiter: stop
     /// logging and run on alone.
     DropLog,
+    /// A live VM being cloned: track the pages the guest writes (or stop).
+    TrackDirty(bool),
+    /// A live VM being cloned: the pages written since the last ask.
+    CollectDirty(Sender<Result<DirtyPages, String>>),
+    /// A live VM being cloned: at the next landmark, take the snapshot a
+    /// new backup resumes from and record from there (clone.rs).
+    CloneAt(Box<CloneRequest>),
 }
 
 /// What reaches a running engine from outside. Every channel is bounded by
@@ -426,6 +434,10 @@ pub struct Engine {
     run_started: Instant,
     /// The current landmark, for other threads (status, lag).
     published_landmark: Arc<AtomicU64>,
+    /// A live engine tracks dirty pages for a clone.
+    clone_tracking: bool,
+    /// A clone's snapshot to take at the next landmark.
+    pending_clone: Option<Box<CloneRequest>>,
 }
 
 impl Engine {
@@ -479,6 +491,8 @@ impl Engine {
             test_perturbation: None,
             run_started: now,
             published_landmark: Arc::default(),
+            clone_tracking: false,
+            pending_clone: None,
         };
         engine.set_role(role)?;
         Ok(engine)
@@ -518,6 +532,13 @@ impl Engine {
             Role::Live => {}
         }
         stats
+    }
+
+    /// A handle on guest memory that other threads may read (the clone
+    /// copies it while the guest runs; pages it reads mid-write are dirty
+    /// and sent again).
+    pub fn guest_memory(&self) -> vm_memory::GuestMemoryMmap {
+        self.vm.mem.clone()
     }
 
     /// The devices, for reports and tests.
@@ -723,6 +744,9 @@ impl Engine {
         let mut at_landmark = true;
         loop {
             if at_landmark {
+                if let Some(request) = self.pending_clone.take() {
+                    self.take_clone_snapshot(*request)?;
+                }
                 if let Some(stop) = self.at_landmark()? {
                     return Ok(stop);
                 }

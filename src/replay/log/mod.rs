@@ -160,7 +160,7 @@ pub fn record_cost(record: &Record) -> u64 {
 /// vCPU state as the raw bytes of KVM's x86-64 uapi structs (`kvm_regs`,
 /// `kvm_sregs`, `kvm_fpu`, `kvm_vcpu_events`) and the MSRs a guest changes
 /// without exits; the codec does not interpret them.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct CpuStateBytes {
     pub regs: Vec<u8>,
     pub sregs: Vec<u8>,
