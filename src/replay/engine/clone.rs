@@ -133,12 +133,15 @@ impl Engine {
     /// holds the primary's pages, the vCPU and devices their state).
     pub fn resume_from_clone(&mut self, snapshot: &CloneSnapshot) -> Result<(), RunError> {
         if snapshot.version != CLONE_SNAPSHOT_VERSION {
-            return Err(RunError::Promote("the clone snapshot's version is not this build's"));
+            return Err(RunError::Promote(
+                "the clone snapshot's version is not this build's",
+            ));
         }
         self.syscall_fix.restore(&snapshot.vmm_state)?;
         self.landmark = snapshot.landmark;
         self.clock = snapshot.clock;
-        self.signature.restore(snapshot.signature, snapshot.signature_last);
+        self.signature
+            .restore(snapshot.signature, snapshot.signature_last);
         self.sync_state = snapshot.at_sync_point.then(|| snapshot.cpu.clone());
         self.injected_here = false;
         self.vm.note_sync_point();

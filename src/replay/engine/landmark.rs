@@ -80,9 +80,7 @@ impl Engine {
     /// matters to it (the others are for live roles and are kept).
     pub(super) fn stop_asked(&mut self) -> bool {
         self.held_control.extend(self.inputs.control.try_iter());
-        self.held_control
-            .iter()
-            .any(|m| matches!(m, Control::Stop))
+        self.held_control.iter().any(|m| matches!(m, Control::Stop))
     }
 
     /// A recording primary goes on alone: its log is flushed and closed.
