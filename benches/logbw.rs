@@ -1,0 +1,294 @@
+//! Log bandwidth benchmark: prints figures, asserts nothing about speed
+//! (docs/benchmarks.md, "Log bandwidth").
+//!
+//! For each workload, side by side in one run: a plain run, a recording
+//! to a real file (fsynced) and its replay. Reported: log Mbit/s (log
+//! bytes over the recording's run time), sync points per second, pages per
+//! sync point, log bytes per sync point, record/plain and replay/record
+//! wall time, the shadow page-table flushes of the replay, and whether the
+//! replay was identical (it must be: a replay that is not fails the run).
+//!
+//! Workloads: the `memwrite` guest (user-mode stores of random 8-byte
+//! words over a working set at a set rate, 250 Hz timer) in the rows of
+//! issue 14, plus the existing test guests.
+//!
+//! Run: `cargo bench --bench logbw` (as root; needs /dev/kvm). Environment:
+//! - `TWINVM_LOGBW_ROWS=a,b,...` only the rows whose label contains one
+//!   of these words;
+//! - `TWINVM_LOGBW_RUNS=N` runs per mode, medians shown (default 1);
+//! - `TWINVM_LOGBW_DIR=DIR` where the logs go (default the temp dir; each
+//!   is deleted after its replay).
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use twinvm::devices::Platform;
+use twinvm::guests;
+use twinvm::replay::engine::{
+    Connections, ConsoleAndNet, Ending, Engine, ExitStats, Inputs, LogSink, RecordSettings,
+    Recorder, Role, RunReport, Stop,
+};
+use twinvm::replay::log::{LogHeader, LogReader, LogWriter};
+use twinvm::replay::schedule::Schedule;
+use twinvm::vmm::{sys, Kicker, Vm, VmConfig};
+
+/// One workload.
+struct Row {
+    label: &'static str,
+    guest: &'static str,
+    cmdline: &'static str,
+    mem_mib: u64,
+}
+
+const ROWS: &[Row] = &[
+    Row {
+        label: "compute only (no stores), 4 MiB",
+        guest: "memwrite",
+        cmdline: "ws=4096 every=0 rounds=600000000",
+        mem_mib: 64,
+    },
+    Row {
+        label: "~1 MiB/s (130k stores/s) over 4 MiB",
+        guest: "memwrite",
+        cmdline: "ws=4096 every=2300 rounds=600000000",
+        mem_mib: 64,
+    },
+    Row {
+        label: "~365k stores/s over 4 MiB",
+        guest: "memwrite",
+        cmdline: "ws=4096 every=800 rounds=600000000",
+        mem_mib: 64,
+    },
+    Row {
+        label: "~10 MiB/s (1.3M stores/s) over 1 MiB",
+        guest: "memwrite",
+        cmdline: "ws=1024 every=230 rounds=600000000",
+        mem_mib: 64,
+    },
+    Row {
+        label: "~10 MiB/s (1.3M stores/s) over 4 MiB",
+        guest: "memwrite",
+        cmdline: "ws=4096 every=230 rounds=600000000",
+        mem_mib: 64,
+    },
+    Row {
+        label: "~10 MiB/s (1.3M stores/s) over 64 MiB",
+        guest: "memwrite",
+        cmdline: "ws=65536 every=230 rounds=600000000",
+        mem_mib: 128,
+    },
+    Row {
+        label: "~100 MiB/s (13M stores/s) over 4 MiB",
+        guest: "memwrite",
+        cmdline: "ws=4096 every=23 rounds=600000000",
+        mem_mib: 64,
+    },
+    Row {
+        label: "a store every round over 256 KiB",
+        guest: "memwrite",
+        cmdline: "ws=256 every=1 rounds=600000000",
+        mem_mib: 64,
+    },
+    Row {
+        label: "a store every round over 4 MiB",
+        guest: "memwrite",
+        cmdline: "ws=4096 every=1 rounds=150000000",
+        mem_mib: 64,
+    },
+    Row {
+        label: "guest ticker",
+        guest: "ticker",
+        cmdline: "",
+        mem_mib: 64,
+    },
+    Row {
+        label: "guest storm",
+        guest: "storm",
+        cmdline: "",
+        mem_mib: 64,
+    },
+    Row {
+        label: "guest remap",
+        guest: "remap",
+        cmdline: "",
+        mem_mib: 64,
+    },
+    Row {
+        label: "guest portio",
+        guest: "portio",
+        cmdline: "",
+        mem_mib: 64,
+    },
+];
+
+fn config(row: &Row) -> VmConfig {
+    VmConfig {
+        kernel_name: format!("builtin:{}", row.guest),
+        kernel: guests::builtin(row.guest).expect("guest").to_vec(),
+        initrd: None,
+        cmdline: row.cmdline.to_string(),
+        mem_bytes: row.mem_mib << 20,
+    }
+}
+
+/// Run `row` in `role` with the vCPU thread on `host_cpu`; the console
+/// output comes back with the report.
+fn run(row: &Row, role: Role, host_cpu: u32) -> (RunReport, Engine) {
+    let vm = Vm::create(&config(row)).expect("create VM");
+    let platform = Platform::new(Vec::new(), 1_700_000_000);
+    let (_tx, rx) = crossbeam_channel::bounded(1);
+    let inputs = Inputs {
+        control: rx,
+        serial: None,
+        net: None,
+    };
+    let outputs = Box::new(ConsoleAndNet {
+        console: Box::new(std::io::sink()),
+        net: None,
+    });
+    let mut engine = Engine::new(
+        vm,
+        platform,
+        Connections {
+            inputs,
+            outputs,
+            kicker: Kicker::new(),
+        },
+        role,
+        RecordSettings::default(),
+        Some(host_cpu),
+    )
+    .expect("engine");
+    let report = engine.run().expect("run");
+    assert_ne!(
+        report.ending(),
+        Some(Ending::Stopped),
+        "{} did not finish",
+        row.label
+    );
+    (report, engine)
+}
+
+/// Record `row` to `path` (fsynced): the report and the wall time of the
+/// run plus the final flush and fsync.
+fn record(row: &Row, path: &Path, host_cpu: u32) -> (RunReport, Duration) {
+    let file = File::create(path).unwrap();
+    let sync = file.try_clone().unwrap();
+    let cfg = config(row);
+    let header = LogHeader {
+        kernel_hash: blake3::hash(&cfg.kernel).into(),
+        initrd_hash: None,
+        cmdline: cfg.cmdline.clone(),
+        mem_bytes: cfg.mem_bytes,
+        boot_unix_secs: 1_700_000_000,
+        host_cpu,
+        net_mac: None,
+    };
+    let writer: Box<dyn LogSink> = Box::new(BufWriter::new(file));
+    let recorder = Recorder {
+        log: LogWriter::new(writer, &header).unwrap(),
+    };
+    let (report, mut engine) = run(row, Role::Record(recorder), host_cpu);
+    let started = Instant::now();
+    engine.recorder_mut().unwrap().log.flush().unwrap();
+    sync.sync_all().unwrap();
+    (report, report.wall + started.elapsed())
+}
+
+/// Replay the log at `path` to its end; it must be identical.
+fn replay(row: &Row, path: &Path, host_cpu: u32) -> RunReport {
+    let input: Box<dyn Read + Send> = Box::new(BufReader::new(File::open(path).unwrap()));
+    let schedule = Schedule::from_log(LogReader::new(input).unwrap());
+    let (report, _) = run(row, Role::Replay(schedule), host_cpu);
+    assert!(
+        matches!(report.stop, Stop::Ended { log_end: true, .. }),
+        "{}: the replay did not reach the end of the log",
+        row.label
+    );
+    report
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn wanted(row: &Row) -> bool {
+    match std::env::var("TWINVM_LOGBW_ROWS") {
+        Ok(words) => words
+            .split(',')
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+            .any(|w| row.label.contains(w)),
+        Err(_) => true,
+    }
+}
+
+fn main() {
+    let dir = std::env::var_os("TWINVM_LOGBW_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("twinvm-logbw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let runs: usize = std::env::var("TWINVM_LOGBW_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let host_cpu = sys::current_cpu().unwrap();
+
+    println!("twinvm log bandwidth benchmark, median of {runs} run(s) per mode");
+    println!(
+        "{:<40} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>8} {:>9} {:>7}",
+        "workload",
+        "plain s",
+        "rec s",
+        "rep s",
+        "rec/pl",
+        "rep/rec",
+        "log Mb/s",
+        "syncs/s",
+        "pg/sync",
+        "B/sync",
+        "flushes"
+    );
+    for row in ROWS.iter().filter(|r| wanted(r)) {
+        let mut plain = Vec::new();
+        let mut recorded = Vec::new();
+        let mut replayed = Vec::new();
+        let mut last: Option<(ExitStats, Duration, ExitStats)> = None;
+        for i in 0..runs {
+            plain.push(run(row, Role::Live, host_cpu).0.wall);
+            let path = dir.join(format!("{}-{i}.log", row.guest));
+            let (rec, wall) = record(row, &path, host_cpu);
+            recorded.push(wall);
+            let rep = replay(row, &path, host_cpu);
+            replayed.push(rep.wall);
+            std::fs::remove_file(&path).unwrap();
+            last = Some((rec.stats, rec.wall, rep.stats));
+        }
+        let (s, rec_run, rep) = last.unwrap();
+        let (plain, recorded, replayed) = (median(plain), median(recorded), median(replayed));
+        let secs = rec_run.as_secs_f64();
+        println!(
+            "{:<40} {:>8.2} {:>8.2} {:>8.2} {:>7.2} {:>7.2} {:>9.2} {:>8.0} {:>8.1} {:>9.0} {:>7}",
+            row.label,
+            plain.as_secs_f64(),
+            recorded.as_secs_f64(),
+            replayed.as_secs_f64(),
+            recorded.as_secs_f64() / plain.as_secs_f64(),
+            replayed.as_secs_f64() / recorded.as_secs_f64(),
+            s.log_bytes as f64 * 8.0 / secs / 1e6,
+            s.sync_points as f64 / secs,
+            s.sync_point_pages as f64 / s.sync_points.max(1) as f64,
+            s.sync_point_bytes as f64 / s.sync_points.max(1) as f64,
+            rep.shadow_mmu_flushes,
+        );
+    }
+    println!();
+    println!("log Mb/s: log bytes x 8 / the recording's run time / 1e6. pg/sync: pages a sync point");
+    println!("carries; B/sync: log bytes per sync point. flushes: the replay's shadow page-table zaps.");
+    let _ = std::fs::remove_dir_all(&dir);
+}
