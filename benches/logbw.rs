@@ -17,10 +17,14 @@
 //!   of these words;
 //! - `TWINVM_LOGBW_RUNS=N` runs per mode, medians shown (default 1);
 //! - `TWINVM_LOGBW_DIR=DIR` where the logs go (default the temp dir; each
-//!   is deleted after its replay).
+//!   is deleted after its replay);
+//! - `TWINVM_LOGBW_MAX_GB=N` the most one recording may write (default 4):
+//!   a row whose log passes it is reported as such, not finished (the
+//!   heaviest rows log more than a gigabit per second, and `record` itself
+//!   has no size bound yet: issue 14).
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -135,7 +139,7 @@ fn config(row: &Row) -> VmConfig {
 
 /// Run `row` in `role` with the vCPU thread on `host_cpu`; the console
 /// output comes back with the report.
-fn run(row: &Row, role: Role, host_cpu: u32) -> (RunReport, Engine) {
+fn run(row: &Row, role: Role, host_cpu: u32) -> Result<(RunReport, Engine), String> {
     let vm = Vm::create(&config(row)).expect("create VM");
     let platform = Platform::new(Vec::new(), 1_700_000_000);
     let (_tx, rx) = crossbeam_channel::bounded(1);
@@ -161,19 +165,55 @@ fn run(row: &Row, role: Role, host_cpu: u32) -> (RunReport, Engine) {
         Some(host_cpu),
     )
     .expect("engine");
-    let report = engine.run().expect("run");
+    let report = engine.run().map_err(|e| e.to_string())?;
     assert_ne!(
         report.ending(),
         Some(Ending::Stopped),
         "{} did not finish",
         row.label
     );
-    (report, engine)
+    Ok((report, engine))
+}
+
+/// A log file that refuses to grow past a bound (the write fails, so the
+/// recording stops with an error instead of filling the disk).
+struct CappedLog {
+    file: BufWriter<File>,
+    written: u64,
+    cap: u64,
+}
+
+impl Write for CappedLog {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.written + buf.len() as u64 > self.cap {
+            return Err(io::Error::other(format!(
+                "the log passed TWINVM_LOGBW_MAX_GB ({} bytes)",
+                self.cap
+            )));
+        }
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl LogSink for CappedLog {}
+
+fn log_cap() -> u64 {
+    std::env::var("TWINVM_LOGBW_MAX_GB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(4)
+        << 30
 }
 
 /// Record `row` to `path` (fsynced): the report and the wall time of the
 /// run plus the final flush and fsync.
-fn record(row: &Row, path: &Path, host_cpu: u32) -> (RunReport, Duration) {
+fn record(row: &Row, path: &Path, host_cpu: u32) -> Result<(RunReport, Duration), String> {
     let file = File::create(path).unwrap();
     let sync = file.try_clone().unwrap();
     let cfg = config(row);
@@ -186,22 +226,26 @@ fn record(row: &Row, path: &Path, host_cpu: u32) -> (RunReport, Duration) {
         host_cpu,
         net_mac: None,
     };
-    let writer: Box<dyn LogSink> = Box::new(BufWriter::new(file));
+    let writer: Box<dyn LogSink> = Box::new(CappedLog {
+        file: BufWriter::new(file),
+        written: 0,
+        cap: log_cap(),
+    });
     let recorder = Recorder {
         log: LogWriter::new(writer, &header).unwrap(),
     };
-    let (report, mut engine) = run(row, Role::Record(recorder), host_cpu);
+    let (report, mut engine) = run(row, Role::Record(recorder), host_cpu)?;
     let started = Instant::now();
     engine.recorder_mut().unwrap().log.flush().unwrap();
     sync.sync_all().unwrap();
-    (report, report.wall + started.elapsed())
+    Ok((report, report.wall + started.elapsed()))
 }
 
 /// Replay the log at `path` to its end; it must be identical.
 fn replay(row: &Row, path: &Path, host_cpu: u32) -> RunReport {
     let input: Box<dyn Read + Send> = Box::new(BufReader::new(File::open(path).unwrap()));
     let schedule = Schedule::from_log(LogReader::new(input).unwrap());
-    let (report, _) = run(row, Role::Replay(schedule), host_cpu);
+    let (report, _) = run(row, Role::Replay(schedule), host_cpu).expect("replay");
     assert!(
         matches!(report.stop, Stop::Ended { log_end: true, .. }),
         "{}: the replay did not reach the end of the log",
@@ -259,15 +303,31 @@ fn main() {
         let mut recorded = Vec::new();
         let mut replayed = Vec::new();
         let mut last: Option<(ExitStats, Duration, ExitStats)> = None;
+        let mut stopped = None;
         for i in 0..runs {
-            plain.push(run(row, Role::Live, host_cpu).0.wall);
+            plain.push(run(row, Role::Live, host_cpu).expect("plain run").0.wall);
             let path = dir.join(format!("{}-{i}.log", row.guest));
-            let (rec, wall) = record(row, &path, host_cpu);
+            let (rec, wall) = match record(row, &path, host_cpu) {
+                Ok(recorded) => recorded,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    stopped = Some(e);
+                    break;
+                }
+            };
             recorded.push(wall);
             let rep = replay(row, &path, host_cpu);
             replayed.push(rep.wall);
             std::fs::remove_file(&path).unwrap();
             last = Some((rec.stats, rec.wall, rep.stats));
+        }
+        if let Some(why) = stopped {
+            println!(
+                "{:<40} {:>8.2} recording stopped: {why}",
+                row.label,
+                median(plain).as_secs_f64()
+            );
+            continue;
         }
         let (s, rec_run, rep) = last.unwrap();
         let (plain, recorded, replayed) = (median(plain), median(recorded), median(replayed));
@@ -288,7 +348,11 @@ fn main() {
         );
     }
     println!();
-    println!("log Mb/s: log bytes x 8 / the recording's run time / 1e6. pg/sync: pages a sync point");
-    println!("carries; B/sync: log bytes per sync point. flushes: the replay's shadow page-table zaps.");
+    println!(
+        "log Mb/s: log bytes x 8 / the recording's run time / 1e6. pg/sync: pages a sync point"
+    );
+    println!(
+        "carries; B/sync: log bytes per sync point. flushes: the replay's shadow page-table zaps."
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
