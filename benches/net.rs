@@ -17,15 +17,18 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufReader, Read};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use twinvm::net::netns::cleanup_stale;
-use twinvm::net::probe::{decode_counter_reply, encode_counter_request};
-use twinvm::net::{icmp_ping, CounterClient, NetNs};
+use twinvm::net::{icmp_ping, NetNs};
 use twinvm::replay::log::LogReader;
+
+#[path = "common/counter_load.rs"]
+mod counter_load;
+use counter_load::{closed_loop, open_loop, LoopFigures, REPLY_TIMEOUT};
 
 const PREFIX: &str = "twinvm-netbench";
 const TAP: &str = "tb0";
@@ -37,8 +40,6 @@ const WARMUP_REQUESTS: u64 = 100;
 const CLOSED_REQUESTS: u64 = 3000;
 const OPEN_RATE_PER_SEC: u64 = 1000;
 const OPEN_REQUESTS: u64 = 3000;
-/// A reply later than this counts as lost.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -54,33 +55,6 @@ impl Mode {
             Mode::Run => "run",
             Mode::Record => "record",
         }
-    }
-}
-
-/// One client loop's outcome.
-#[derive(Default)]
-struct LoopFigures {
-    sent: u64,
-    latencies: Vec<Duration>,
-    elapsed: Duration,
-}
-
-impl LoopFigures {
-    fn lost(&self) -> u64 {
-        self.sent - self.latencies.len() as u64
-    }
-
-    fn rate(&self) -> f64 {
-        self.latencies.len() as f64 / self.elapsed.as_secs_f64().max(1e-9)
-    }
-
-    fn percentile_us(&self, p: usize) -> f64 {
-        let mut v = self.latencies.clone();
-        if v.is_empty() {
-            return f64::NAN;
-        }
-        v.sort_unstable();
-        v[(v.len() * p / 100).min(v.len() - 1)].as_secs_f64() * 1e6
     }
 }
 
@@ -134,78 +108,6 @@ fn wait_for_console(child: &mut Child, path: &Path, text: &str) {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// Sequential requests, one in flight.
-fn closed_loop(client: &CounterClient, first_id: u64, requests: u64) -> LoopFigures {
-    let mut figures = LoopFigures::default();
-    let started = Instant::now();
-    for id in first_id..first_id + requests {
-        let sent = Instant::now();
-        figures.sent += 1;
-        if client
-            .request(id, REPLY_TIMEOUT)
-            .expect("request")
-            .is_some()
-        {
-            figures.latencies.push(sent.elapsed());
-        }
-    }
-    figures.elapsed = started.elapsed();
-    figures
-}
-
-/// Requests at a fixed rate, whatever the replies; latency from the
-/// moment each was sent.
-fn open_loop(first_id: u64, requests: u64) -> LoopFigures {
-    let socket = UdpSocket::bind(SocketAddrV4::new(HOST_IP, 0)).unwrap();
-    socket.connect(SocketAddrV4::new(GUEST_IP, PORT)).unwrap();
-    let receiver = socket.try_clone().unwrap();
-    receiver
-        .set_read_timeout(Some(Duration::from_millis(20)))
-        .unwrap();
-    let interval = Duration::from_nanos(1_000_000_000 / OPEN_RATE_PER_SEC);
-    let started = Instant::now();
-    let stop_at = started + interval * requests as u32 + REPLY_TIMEOUT;
-    let received = std::thread::scope(|scope| {
-        let collector = scope.spawn(move || {
-            let mut got = Vec::new();
-            let mut buf = [0u8; 64];
-            while (got.len() as u64) < requests && Instant::now() < stop_at {
-                if let Ok(n) = receiver.recv(&mut buf) {
-                    if let Some((id, _)) = decode_counter_reply(&buf[..n]) {
-                        got.push((id, Instant::now()));
-                    }
-                }
-            }
-            got
-        });
-        let mut sent_at = Vec::with_capacity(requests as usize);
-        for i in 0..requests {
-            let due = started + interval * i as u32;
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-            sent_at.push(Instant::now());
-            socket.send(&encode_counter_request(first_id + i)).unwrap();
-        }
-        (sent_at, collector.join().unwrap())
-    });
-    let (sent_at, replies) = received;
-    let mut figures = LoopFigures {
-        sent: requests,
-        elapsed: started.elapsed(),
-        ..LoopFigures::default()
-    };
-    for (id, at) in replies {
-        if let Some(sent) = id
-            .checked_sub(first_id)
-            .and_then(|i| sent_at.get(i as usize))
-        {
-            figures.latencies.push(at.duration_since(*sent));
-        }
-    }
-    figures
 }
 
 /// Bytes and records per record kind in a log.
@@ -264,15 +166,14 @@ fn measure(ns: &NetNs, binary: &Path, mode: Mode, dir: &Path) -> Sample {
         .enter_on_thread(|| {
             let rtt = icmp_ping(GUEST_IP, 0x6e62, 0, BOOT_TIMEOUT).expect("ping");
             assert!(rtt.is_some(), "the guest does not answer ping");
-            let client = CounterClient::new(
-                SocketAddr::from((HOST_IP, 0)),
-                SocketAddr::from((GUEST_IP, PORT)),
-            )
-            .unwrap();
-            closed_loop(&client, 1, WARMUP_REQUESTS);
+            let bind = SocketAddr::from((HOST_IP, 0));
+            let target = SocketAddr::from((GUEST_IP, PORT));
+            closed_loop(bind, target, 1, 1, WARMUP_REQUESTS).expect("warm-up");
             let before = file_len(&log);
-            let closed = closed_loop(&client, 1_000_000, CLOSED_REQUESTS);
-            let open = open_loop(2_000_000, OPEN_REQUESTS);
+            let closed =
+                closed_loop(bind, target, 1, 1_000_000, CLOSED_REQUESTS).expect("closed loop");
+            let open = open_loop(bind, target, OPEN_RATE_PER_SEC, 2_000_000, OPEN_REQUESTS)
+                .expect("open loop");
             (closed, open, file_len(&log) - before)
         })
         .unwrap();
