@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use twinvm::ft::drill::local::guest_target;
-use twinvm::ft::drill::pair::{CLAIM_LINES, LOST_LINE};
+use twinvm::ft::drill::pair::{read_claims, CLAIM_LINES, LOST_LINE};
 use twinvm::ft::drill::topology::Host;
 use twinvm::ft::drill::Protection;
 use twinvm::ft::node::query_status;
@@ -69,7 +69,8 @@ impl Drop for BusyLoops {
 /// What a side's stderr says happened to the pair, counted.
 #[derive(Default, Clone, Copy)]
 pub struct Events {
-    /// "going live" / "live" / "continuing alone": a side serves alone.
+    /// Sides whose stderr says they won the arbitration and serve alone
+    /// ("going live" / "continuing alone").
     pub claims: usize,
     /// "primary lost" / "backup lost": a side gave up on its peer.
     pub peer_lost: usize,
@@ -79,11 +80,11 @@ pub struct Events {
 
 impl Events {
     fn of(stderr: &str) -> Events {
-        let mut e = Events::default();
+        let mut e = Events {
+            claims: usize::from(read_claims(stderr).0),
+            ..Events::default()
+        };
         for l in stderr.lines() {
-            if CLAIM_LINES.iter().any(|c| l.starts_with(c)) {
-                e.claims += 1;
-            }
             if l.starts_with("twinvm primary: backup lost")
                 || l.starts_with("twinvm backup: primary lost")
             {
@@ -108,10 +109,11 @@ impl Events {
 }
 
 /// Lines of a side's stderr about a suspected or lost peer and what the
-/// arbiter said.
+/// arbiter said (the pair's own lines, not the tracing log's copies).
 fn suspicion_lines(stderr: &str) -> Vec<String> {
     stderr
         .lines()
+        .filter(|l| l.starts_with("twinvm"))
         .filter(|l| {
             l.contains("asking the arbiter")
                 || l.contains("silent for")
@@ -198,6 +200,7 @@ fn soak_phase(
     let mut polls = 0u64;
     let mut off: Vec<(f64, String, String)> = Vec::new();
     let mut poll_errors = 0u64;
+    let mut first_poll_error: Option<(f64, String)> = None;
     let mut lag_ms = Vec::new();
     let mut lag_landmarks = Vec::new();
     let (chunks, stalls) = std::thread::scope(|scope| -> Result<_> {
@@ -239,7 +242,14 @@ fn soak_phase(
                     lag_ms.push(b.lag_ms);
                     lag_landmarks.push(b.lag_landmarks as f64);
                 }
-                _ => poll_errors += 1,
+                (p, b) => {
+                    poll_errors += 1;
+                    if first_poll_error.is_none() {
+                        let e = p.err().or(b.err()).map(|e| e.to_string());
+                        first_poll_error =
+                            Some((started.elapsed().as_secs_f64(), e.unwrap_or_default()));
+                    }
+                }
             }
         }
         stop.store(true, Ordering::Relaxed);
@@ -286,11 +296,14 @@ fn soak_phase(
     );
     if pair {
         println!(
-            "  status polls every {} s: {polls}, {} not replicating/following{}, {poll_errors} failed",
+            "  status polls every {} s: {polls}, {} not replicating/following{}, {poll_errors} failed{}",
             SOAK_POLL.as_secs(),
             off.len(),
             off.first()
                 .map(|(t, p, b)| format!(" (first at {t:.0} s: {p}/{b})"))
+                .unwrap_or_default(),
+            first_poll_error
+                .map(|(t, e)| format!(" (first at {t:.0} s: {e})"))
                 .unwrap_or_default()
         );
         println!(
@@ -318,7 +331,7 @@ fn soak_phase(
     let stayed = events.none() && off.is_empty() && ended == 0;
     if pair {
         println!(
-            "  failover events: {} go-live/continuing-alone claims, {} primary/backup lost, \
+            "  failover events: {} sides went live/alone, {} primary/backup lost, \
              {} lost arbitrations, {ended} sides ended => {}",
             events.claims,
             events.peer_lost,
