@@ -350,6 +350,22 @@ pub fn make_current_thread_realtime(priority: i32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Bytes an unprivileged writer may still put on the filesystem holding
+/// `path` (statvfs: available blocks times the fragment size).
+pub fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "a NUL in the path"))?;
+    // SAFETY: statvfs is plain old data; all zeros is a valid value for it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs reads the NUL-terminated path `c` (alive for the call)
+    // and writes one `statvfs` into the live local `st`.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(u64::from(st.f_bavail).saturating_mul(st.f_frsize))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
