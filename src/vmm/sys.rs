@@ -363,12 +363,21 @@ pub fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(u64::from(st.f_bavail).saturating_mul(st.f_frsize))
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_bytes_measures_a_filesystem_and_names_a_missing_path() {
+        let dir = std::env::temp_dir();
+        let free = free_bytes(&dir).unwrap();
+        assert!(free > 0, "{} has no free space", dir.display());
+        let err = free_bytes(std::path::Path::new("/nonexistent/twinvm")).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+    }
 
     #[test]
     fn pinning_moves_the_thread_and_bad_cpus_are_refused() {
