@@ -84,6 +84,7 @@ pub fn demo() -> Result<ExitCode> {
         digest_interval: 256,
         sync_bound_us: 200,
         trace_landmarks: false,
+        max_log_size: None,
         run: guest_args("storm", &path_str(&recorded_console)),
     })?;
     if code != ExitCode::SUCCESS {
@@ -116,6 +117,7 @@ pub fn demo() -> Result<ExitCode> {
         digest_interval: 256,
         sync_bound_us: 200,
         trace_landmarks: false,
+        max_log_size: None,
         run: guest_args("rdtscuser", &path_str(&dir.0.join("r1.txt"))),
     })?;
     match replay(&ReplayArgs {

@@ -2,8 +2,8 @@
 //! inputs to a log file, and re-execute the guest from that log.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read};
-use std::path::PathBuf;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -11,10 +11,13 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::run::{RunArgs, VmSession};
+use super::size::parse_size;
 use crate::replay::engine::{
-    Ending, LogSink, PerturbKind, RecordSettings, Recorder, Role, RunReport, Stop, TestPerturbation,
+    final_records_reserve, Ending, LogSink, PerturbKind, RecordSettings, Recorder, Role, RunReport,
+    Stop, TestPerturbation,
 };
 use crate::replay::log::{LogHeader, LogReader, LogWriter};
+use crate::replay::log_file::LogFile;
 pub use crate::replay::machine::header_for;
 use crate::replay::schedule::Schedule;
 use crate::vmm::{layout, sys, VmConfig};
@@ -37,8 +40,30 @@ pub struct RecordArgs {
     /// RIP differs (for chasing a divergence).
     #[arg(long)]
     pub trace_landmarks: bool,
+    /// Largest log to write (512M, 20G, ...; a bare number is MiB): the
+    /// recording ends cleanly (at a landmark, with its End record; exit
+    /// status 1 and a message) before the log would pass it. Default: the
+    /// free space where the log goes, less 5% (and at least 64 MiB).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub max_log_size: Option<u64>,
     #[command(flatten)]
     pub run: RunArgs,
+}
+
+/// The least room a size limit must leave for records, beyond what is kept
+/// for the final digest and End record.
+const MIN_LOG_ROOM: u64 = 1 << 20;
+
+/// The default size limit: the free space where the log goes, less 5% and
+/// at least 64 MiB, so a recording ends before it fills the disk.
+fn default_log_limit(log: &Path) -> Result<u64> {
+    let dir = match log.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let free = sys::free_bytes(dir)
+        .with_context(|| format!("finding the free space for the log in {}", dir.display()))?;
+    Ok(free.saturating_sub((free / 20).max(64 << 20)))
 }
 
 /// Arguments of `twinvm replay`.
@@ -101,6 +126,22 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
     )?;
     // Before the log file is created: a refused recording leaves no file behind.
     session.require_replayable()?;
+    let max_log_bytes = match args.max_log_size {
+        Some(limit) => limit,
+        None => default_log_limit(&args.log)?,
+    };
+    let reserve = final_records_reserve(session.config.mem_bytes);
+    if max_log_bytes < reserve + MIN_LOG_ROOM {
+        bail!(
+            "a log limit of {max_log_bytes} bytes{} is too small: a recording of a {} MiB guest keeps {reserve} bytes for its final digest and needs at least {MIN_LOG_ROOM} more",
+            if args.max_log_size.is_none() {
+                " (the default: the free space where the log goes, less 5% and at least 64 MiB; free some space or pass --max-log-size)"
+            } else {
+                " (--max-log-size)"
+            },
+            session.config.mem_bytes >> 20,
+        );
+    }
     let file =
         File::create(&args.log).with_context(|| format!("creating log {}", args.log.display()))?;
     let sync_handle = file
@@ -114,20 +155,27 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
         host_cpu,
         session.net_mac(),
     );
-    let writer: Box<dyn LogSink> = Box::new(BufWriter::new(file));
-    let log = LogWriter::new(writer, &header)
+    let writer: Box<dyn LogSink> = Box::new(LogFile::new(file));
+    let mut log = LogWriter::new(writer, &header)
+        .with_context(|| format!("writing log {}", args.log.display()))?;
+    // The magic and header reach the file now: a disk that fills later
+    // leaves a log that says what it is.
+    log.flush()
         .with_context(|| format!("writing log {}", args.log.display()))?;
     let settings = RecordSettings {
         digest_interval: args.digest_interval,
         sync_bound: Duration::from_micros(args.sync_bound_us),
         trace_landmarks: args.trace_landmarks,
+        max_log_bytes: Some(max_log_bytes),
     };
-    let (report, mut engine) = session.run(
-        true,
-        Role::Record(Recorder { log }),
-        settings,
-        Some(host_cpu),
-    )?;
+    let (report, mut engine) = session
+        .run(
+            true,
+            Role::Record(Recorder { log }),
+            settings,
+            Some(host_cpu),
+        )
+        .with_context(|| format!("recording to {}", args.log.display()))?;
     if let Some(recorder) = engine.recorder_mut() {
         recorder.log.flush().context("flushing the log")?;
     }
@@ -138,6 +186,24 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
     eprintln!("twinvm record: {}", summary(&report));
     if args.run.stats {
         super::run::print_stats(&report);
+    }
+    if report.stats.log_size_limit_reached {
+        eprintln!(
+            "twinvm record: {}: the log reached its size limit of {max_log_bytes} bytes ({}): the recording was ended at landmark {}{}; it replays identically up to there",
+            args.log.display(),
+            if args.max_log_size.is_some() {
+                "--max-log-size"
+            } else {
+                "the default: the free space where it goes, less 5%; see --max-log-size"
+            },
+            report.stats.landmarks,
+            if report.stats.log_limit_before_sync_point {
+                ", the one before a sync point that did not fit, with its End record but no final digest"
+            } else {
+                " with its final digest and End record"
+            }
+        );
+        return Ok(ExitCode::from(1));
     }
     Ok(match report.ending() {
         Some(Ending::Stopped) => ExitCode::from(130),

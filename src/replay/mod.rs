@@ -10,5 +10,6 @@
 pub mod digest;
 pub mod engine;
 pub mod log;
+pub mod log_file;
 pub mod machine;
 pub mod schedule;

@@ -350,9 +350,34 @@ pub fn make_current_thread_realtime(priority: i32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Bytes an unprivileged writer may still put on the filesystem holding
+/// `path` (statvfs: available blocks times the fragment size).
+pub fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "a NUL in the path"))?;
+    // SAFETY: statvfs is plain old data; all zeros is a valid value for it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs reads the NUL-terminated path `c` (alive for the call)
+    // and writes one `statvfs` into the live local `st`.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_bytes_measures_a_filesystem_and_names_a_missing_path() {
+        let dir = std::env::temp_dir();
+        let free = free_bytes(&dir).unwrap();
+        assert!(free > 0, "{} has no free space", dir.display());
+        let err = free_bytes(std::path::Path::new("/nonexistent/twinvm")).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+    }
 
     #[test]
     fn pinning_moves_the_thread_and_bad_cpus_are_refused() {

@@ -52,6 +52,7 @@ impl Engine {
                 .get_mut()
                 .landmark_done(self.landmark)
                 .map_err(RunError::LogWrite)?;
+            self.note_landmark_logged();
         }
         Ok(())
     }
@@ -103,12 +104,16 @@ impl Engine {
         }
         if self.drain_control()? {
             // End on a landmark so the log and its final digest agree.
-            self.make_sync_point()?;
+            if !self.make_sync_point()? {
+                return self.end_before_sync_point().map(AfterKick::Stop);
+            }
             return self.end_live(Ending::Stopped).map(AfterKick::Stop);
         }
         // A clone waits for a landmark: make one now.
         if self.sync_due() || self.pending_clone.is_some() {
-            self.make_sync_point()?;
+            if !self.make_sync_point()? {
+                return self.end_before_sync_point().map(AfterKick::Stop);
+            }
             return Ok(AfterKick::Landmark);
         }
         Ok(AfterKick::Resume)
@@ -256,21 +261,30 @@ impl Engine {
                 landmark: self.landmark,
                 reason: ending.log_reason(),
             })?;
-            if let Role::Record(rec) = &mut self.role {
-                rec.log
-                    .get_mut()
-                    .landmark_done(self.landmark)
-                    .map_err(RunError::LogWrite)?;
-                rec.log.flush().map_err(RunError::LogWrite)?;
-            }
+            self.finish_log()?;
         }
         Ok(ended(ending))
+    }
+
+    /// The End record is written: hand everything to the sink and flush it.
+    pub(super) fn finish_log(&mut self) -> Result<(), RunError> {
+        if let Role::Record(rec) = &mut self.role {
+            rec.log
+                .get_mut()
+                .landmark_done(self.landmark)
+                .map_err(RunError::LogWrite)?;
+            rec.log.flush().map_err(RunError::LogWrite)?;
+        }
+        Ok(())
     }
 
     /// The primary's work at a landmark: input, timers, reset, interrupt, digest.
     fn landmark_live(&mut self) -> Result<AtLandmark, RunError> {
         if self.drain_control()? {
             return self.end_live(Ending::Stopped).map(AtLandmark::End);
+        }
+        if self.log_limit_due() {
+            return self.end_at_log_limit().map(AtLandmark::End);
         }
         if self.settings.trace_landmarks && self.role.recording() {
             let rip = self

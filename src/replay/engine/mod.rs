@@ -25,6 +25,7 @@
 
 mod clone;
 mod landmark;
+mod log_limit;
 mod outputs;
 mod perturb;
 mod stop_signal;
@@ -41,6 +42,7 @@ use thiserror::Error;
 
 pub use self::clone::{CloneCut, CloneRequest, CloneSnapshot, CLONE_SNAPSHOT_VERSION};
 use self::landmark::AfterKick;
+pub use self::log_limit::final_records_reserve;
 pub use self::outputs::{ConsoleAndNet, FrameSender, Output, OutputSink};
 pub use self::perturb::{PerturbKind, PerturbParseError, TestPerturbation, PERTURBED_CMOS_INDEX};
 pub use self::stop_signal::StopOnSignal;
@@ -143,6 +145,11 @@ pub struct ExitStats {
     pub sync_point_pages: u64,
     /// Log bytes taken by sync points (recording only).
     pub sync_point_bytes: u64,
+    /// The recording ended because its log reached its size limit.
+    pub log_size_limit_reached: bool,
+    /// ... at the landmark before a sync point that did not fit, so
+    /// without a final digest.
+    pub log_limit_before_sync_point: bool,
     pub time_reads: u64,
     /// RDRAND/RDSEED values the VMM supplied (logged on the primary).
     pub random_reads: u64,
@@ -268,6 +275,9 @@ pub struct RecordSettings {
     /// Log the guest's RIP and landmark signature at every landmark
     /// (`Record::Trace`).
     pub trace_landmarks: bool,
+    /// End the recording cleanly (at a landmark, with its End record)
+    /// before its log passes this many bytes.
+    pub max_log_bytes: Option<u64>,
 }
 
 impl Default for RecordSettings {
@@ -276,6 +286,7 @@ impl Default for RecordSettings {
             digest_interval: 256,
             sync_bound: Duration::from_micros(200),
             trace_landmarks: false,
+            max_log_bytes: None,
         }
     }
 }
@@ -421,6 +432,7 @@ pub struct Engine {
     settings: RecordSettings,
     since_sync: DirtyPages,
     since_digest: DirtyPages,
+    log_room: log_limit::LogRoom,
     last_harvest: Instant,
     progress: Progress,
     syscall_fix: SyscallFix,
@@ -483,6 +495,7 @@ impl Engine {
             settings,
             since_sync: DirtyPages::default(),
             since_digest: DirtyPages::default(),
+            log_room: log_limit::LogRoom::default(),
             last_harvest: now,
             progress: Progress::new(),
             syscall_fix: SyscallFix::default(),
@@ -509,6 +522,7 @@ impl Engine {
             self.memory = Some(sync::memory_hash_of(&self.vm));
         }
         self.role = role;
+        self.start_log_limit();
         Ok(())
     }
 

@@ -23,14 +23,16 @@ pub(super) fn memory_hash_of(vm: &Vm) -> MemoryHash {
 
 impl Engine {
     /// Primary: the guest was kicked at an arbitrary point; make it the next
-    /// landmark (a sync point, when recording).
-    pub(super) fn make_sync_point(&mut self) -> Result<(), RunError> {
+    /// landmark (a sync point, when recording). False: the sync point does
+    /// not fit under the log's size limit; nothing of it was written and
+    /// the landmark is still the last one.
+    pub(super) fn make_sync_point(&mut self) -> Result<bool, RunError> {
         self.landmark += 1;
         self.injected_here = false;
         self.signature.fold(self.landmark, LandmarkKind::SyncPoint);
         self.vm.note_sync_point();
         if !self.role.recording() {
-            return Ok(());
+            return Ok(true);
         }
         let cpu = self.vm.cpu_state()?;
         self.vm
@@ -47,19 +49,30 @@ impl Engine {
                 pages.push((gpa, data));
             }
         }
-        self.stats.sync_points += 1;
-        self.stats.sync_point_pages += pages.len() as u64;
+        let page_count = pages.len() as u64;
         let before = self.log_bytes_written();
-        self.log(Record::SyncPoint {
+        match self.log(Record::SyncPoint {
             landmark: self.landmark,
             cpu: Box::new(cpu.clone()),
             vmm_state: self.syscall_fix.save(),
             pages,
-        })?;
+        }) {
+            Err(RunError::LogWrite(e))
+                if e.kind() == std::io::ErrorKind::StorageFull
+                    && self.settings.max_log_bytes.is_some() =>
+            {
+                tracing::debug!("{e}");
+                self.landmark -= 1;
+                return Ok(false);
+            }
+            logged => logged?,
+        }
+        self.stats.sync_points += 1;
+        self.stats.sync_point_pages += page_count;
         self.stats.sync_point_bytes += self.log_bytes_written() - before;
         // Judge "can take an interrupt" from this state, as the backup will.
         self.sync_state = Some(cpu);
-        Ok(())
+        Ok(true)
     }
 
     /// Backup: load the primary's sync point instead of executing to it.

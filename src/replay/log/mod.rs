@@ -348,6 +348,8 @@ pub struct LogWriter<W: Write> {
     out: W,
     bytes: u64,
     records: u64,
+    /// No frame is written past this many bytes of log.
+    limit: Option<u64>,
 }
 
 impl<W: Write> LogWriter<W> {
@@ -360,6 +362,7 @@ impl<W: Write> LogWriter<W> {
             out,
             bytes,
             records: 0,
+            limit: None,
         })
     }
 
@@ -370,40 +373,72 @@ impl<W: Write> LogWriter<W> {
             out,
             bytes: 0,
             records: 0,
+            limit: None,
         }
     }
 
+    /// Never write a frame that would take the log past `bytes` (the
+    /// recording ends before it gets there; this is the backstop): such an
+    /// append fails with [`io::ErrorKind::StorageFull`] and writes nothing.
+    pub fn set_limit(&mut self, bytes: Option<u64>) {
+        self.limit = bytes;
+    }
+
+    /// Append one record (a sync point with many pages as several frames).
+    /// With a limit set, a record that does not fit whole is refused before
+    /// any of its frames is written.
     pub fn append(&mut self, record: &Record) -> io::Result<()> {
-        if let Record::SyncPoint {
-            landmark,
-            cpu,
-            vmm_state,
-            pages,
-        } = record
-        {
-            if pages.len() > MAX_PAGES_PER_RECORD {
+        let mut frames = Vec::new();
+        match record {
+            Record::SyncPoint {
+                landmark,
+                cpu,
+                vmm_state,
+                pages,
+            } if pages.len() > MAX_PAGES_PER_RECORD => {
                 let (head, last) = pages.split_at(pages.len() - MAX_PAGES_PER_RECORD);
                 for chunk in head.chunks(MAX_PAGES_PER_RECORD) {
-                    self.append_one(&Record::SyncPages {
-                        landmark: *landmark,
-                        pages: chunk.to_vec(),
-                    })?;
+                    frames.push(
+                        encode_record(&Record::SyncPages {
+                            landmark: *landmark,
+                            pages: chunk.to_vec(),
+                        })
+                        .map_err(invalid_record)?,
+                    );
                 }
-                return self.append_one(&Record::SyncPoint {
-                    landmark: *landmark,
-                    cpu: cpu.clone(),
-                    vmm_state: vmm_state.clone(),
-                    pages: last.to_vec(),
-                });
+                frames.push(
+                    encode_record(&Record::SyncPoint {
+                        landmark: *landmark,
+                        cpu: cpu.clone(),
+                        vmm_state: vmm_state.clone(),
+                        pages: last.to_vec(),
+                    })
+                    .map_err(invalid_record)?,
+                );
+            }
+            _ => frames.push(encode_record(record).map_err(invalid_record)?),
+        }
+        if let Some(limit) = self.limit {
+            let size: u64 = frames
+                .iter()
+                .map(|(_, payload)| (payload.len() + FRAME_OVERHEAD) as u64)
+                .sum();
+            if self.bytes + size > limit {
+                return Err(io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    format!(
+                        "the log reached its size limit of {limit} bytes: the {} record of landmark {} ({size} bytes) does not fit after {} bytes",
+                        record.kind_name(),
+                        record.landmark(),
+                        self.bytes
+                    ),
+                ));
             }
         }
-        self.append_one(record)
-    }
-
-    fn append_one(&mut self, record: &Record) -> io::Result<()> {
-        let (kind, payload) = encode_record(record).map_err(invalid_record)?;
-        self.bytes += write_frame(&mut self.out, kind, &payload)?;
-        self.records += 1;
+        for (kind, payload) in frames {
+            self.bytes += write_frame(&mut self.out, kind, &payload)?;
+            self.records += 1;
+        }
         Ok(())
     }
 

@@ -361,3 +361,46 @@ fn a_huge_frame_length_with_few_bytes_behind_it_is_truncated_not_allocated() {
     let err = read_all(&bytes).unwrap_err();
     assert!(matches!(err, LogError::Truncated { .. }), "{err}");
 }
+
+#[test]
+fn a_record_past_the_limit_is_refused_whole_and_nothing_of_it_is_written() {
+    let n = MAX_PAGES_PER_RECORD + 5;
+    let pages: Vec<(u64, Vec<u8>)> = (0..n)
+        .map(|i| (i as u64 * PAGE_SIZE as u64, vec![0u8; PAGE_SIZE]))
+        .collect();
+    let sync = Record::SyncPoint {
+        landmark: 3,
+        cpu: Box::new(CpuStateBytes::default()),
+        vmm_state: vec![],
+        pages,
+    };
+    let h = LogHeader {
+        mem_bytes: 1 << 30,
+        ..header()
+    };
+    // The size of the whole sync point (two frames), measured without a limit.
+    let mut probe = LogWriter::new(Vec::new(), &h).unwrap();
+    let start = probe.written().0;
+    probe.append(&sync).unwrap();
+    let sync_bytes = probe.written().0 - start;
+
+    let mut w = LogWriter::new(Vec::new(), &h).unwrap();
+    w.set_limit(Some(start + sync_bytes - 1));
+    let err = w.append(&sync).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::StorageFull, "{err}");
+    let text = err.to_string();
+    assert!(text.contains("size limit of"), "{text}");
+    assert!(
+        text.contains("the sync-point record of landmark 3"),
+        "{text}"
+    );
+    assert_eq!(w.written(), (start, 0), "nothing of it counted");
+    assert_eq!(w.into_inner().len() as u64, start, "nothing of it written");
+
+    let mut w = LogWriter::new(Vec::new(), &h).unwrap();
+    w.set_limit(Some(start + sync_bytes));
+    w.append(&sync).unwrap();
+    assert_eq!(w.written(), (start + sync_bytes, 2));
+    let (_, records) = read_all(&w.into_inner()).unwrap();
+    assert_eq!(records, vec![sync]);
+}
