@@ -303,19 +303,20 @@ fn heartbeats_go_out_every_interval_and_the_backup_sends_its_own_while_acking() 
 #[test]
 fn the_peer_is_suspected_exactly_after_peer_timeout_and_nothing_is_applied_after() {
     let mut pair = Pair::established(config());
+    let timeout = config().peer_timeout;
     let last_rx = pair.now;
-    pair.now = last_rx + ms(120) - Duration::from_nanos(1);
+    pair.now = last_rx + timeout - Duration::from_nanos(1);
     pair.b.handle_timeout(pair.now);
     assert!(pair.b.poll_event().is_none() && !pair.b.is_closed());
     assert_eq!(pair.b.poll_timeout(), Some(last_rx + ms(20)));
     pair.b.poll_transmit(pair.now); // its own heartbeat; the primary stays silent
-    assert_eq!(pair.b.poll_timeout(), Some(last_rx + ms(120)));
-    pair.now = last_rx + ms(120);
+    assert_eq!(pair.b.poll_timeout(), Some(last_rx + timeout));
+    pair.now = last_rx + timeout;
     pair.b.handle_timeout(pair.now);
     assert_eq!(
         pair.b.poll_event(),
         Some(BackupEvent::PeerSuspected {
-            silent_for: ms(120)
+            silent_for: timeout
         })
     );
     assert!(pair.b.is_closed());
