@@ -333,7 +333,7 @@ fn the_peer_is_suspected_exactly_after_peer_timeout_and_nothing_is_applied_after
     let mut pair = Pair::established(config());
     pair.p.push_log(b"x", 1).unwrap();
     let frame = pair.p.poll_transmit(pair.now).unwrap();
-    pair.b.on_bytes_received(&frame, pair.now + ms(121));
+    pair.b.on_bytes_received(&frame, pair.now + config().peer_timeout + ms(1));
     assert!(matches!(
         pair.b.poll_event(),
         Some(BackupEvent::PeerSuspected { .. })
@@ -500,7 +500,7 @@ fn a_broken_connection_is_reported_once() {
 fn config_is_validated() {
     let bad = [
         LinkConfig {
-            heartbeat_interval: ms(200),
+            heartbeat_interval: LinkConfig::default().peer_timeout,
             ..LinkConfig::default()
         },
         LinkConfig {
