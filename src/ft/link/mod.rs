@@ -68,8 +68,8 @@ impl Default for LinkConfig {
             heartbeat_interval: Duration::from_millis(20),
             // 120 ms gave false failovers on a 2-core host at load average
             // 3-12 (threads starved for up to 129 ms, docs/benchmarks.md);
-            // 250 ms keeps a silent host's failover under 300 ms.
-            peer_timeout: Duration::from_millis(250),
+            // 200 ms keeps a silent host's failover under 300 ms.
+            peer_timeout: Duration::from_millis(200),
             handshake_timeout: Duration::from_secs(5),
             window_bytes: 64 << 20,
             max_push_bytes: MAX_PUSH_BYTES,
