@@ -72,6 +72,18 @@ enum MainNews {
 
 /// Run the backup replica to its end; returns the process exit code.
 pub fn run_backup(cfg: PairConfig, guest: GuestSetup, listen: &str) -> Result<i32> {
+    run_backup_from(cfg, guest, listen, false)
+}
+
+/// Run a backup; with `from_clone`, it first receives a clone of a live
+/// primary (`twinvm clone`) and follows its log from the cut on, at the
+/// generation the primary's clone names.
+pub fn run_backup_from(
+    mut cfg: PairConfig,
+    guest: GuestSetup,
+    listen: &str,
+    from_clone: bool,
+) -> Result<i32> {
     let clock = Clock(Instant::now());
     let board: StatusBoard = Arc::new(Mutex::new(PairStatus {
         vm: cfg.vm.clone(),
@@ -82,10 +94,34 @@ pub fn run_backup(cfg: PairConfig, guest: GuestSetup, listen: &str) -> Result<i3
         ..PairStatus::default()
     }));
     let stopping = Arc::new(AtomicBool::new(false));
-    serve_status(&cfg.control, board.clone(), stopping.clone())
+    serve_status(&cfg.control, board.clone(), stopping.clone(), None)
         .with_context(|| format!("opening the control socket {}", cfg.control.display()))?;
     let listener =
         TcpListener::bind(listen).with_context(|| format!("listening on {listen} (--listen)"))?;
+    let cloned = if from_clone {
+        eprintln!("twinvm backup: waiting for a clone on {listen}");
+        let expect = crate::clone::receiver::ReceiverExpect {
+            vm: cfg.vm.clone(),
+            guest: machine::header_for(&guest.vm, 0, 0, guest.net.as_ref().map(|n| n.mac)),
+        };
+        let mut build = |header: &LogHeader| {
+            machine::build(
+                &guest.vm,
+                header.boot_unix_secs,
+                guest.net.as_ref().map(|n| n.mac),
+            )
+            .map_err(|e| e.to_string())
+        };
+        let received = crate::clone::receiver::receive_clone(
+            &listener, &cfg.key, &expect, &mut build, &stopping,
+        )
+        .context("receiving the clone")?;
+        cfg.generation = received.generation;
+        board.lock().unwrap_or_else(|p| p.into_inner()).generation = received.generation;
+        Some(received)
+    } else {
+        None
+    };
     eprintln!("twinvm backup: waiting for the primary on {listen}");
 
     let kicker = Kicker::new();
@@ -108,7 +144,23 @@ pub fn run_backup(cfg: PairConfig, guest: GuestSetup, listen: &str) -> Result<i3
     let (arbiter_tx, verdict_rx) =
         spawn_arbiter_client(cfg.arbiter.clone()).context("starting the arbiter client")?;
     let link_cfg = cfg.clone();
+    // The clone is applied: the primary may open the logging channel.
+    let cloned = match cloned {
+        Some(c) => {
+            let crate::clone::receiver::Received {
+                vm,
+                platform,
+                snapshot,
+                pending,
+                ..
+            } = c;
+            pending.confirm().context("confirming the clone")?;
+            Some((vm, platform, snapshot))
+        }
+        None => None,
+    };
     let ours = machine::header_for(&guest.vm, 0, 0, guest.net.as_ref().map(|n| n.mac));
+    let start_landmark = cloned.as_ref().map_or(0, |c| c.2.landmark);
     let link_thread = {
         let (board, stopping, shadow, queued, landmark, control_tx, kicker) = (
             board.clone(),
@@ -147,6 +199,7 @@ pub fn run_backup(cfg: PairConfig, guest: GuestSetup, listen: &str) -> Result<i3
                     ours,
                     done: None,
                     last_replayed: 0,
+                    start_landmark,
                 };
                 pump.run(listener)
             })
@@ -179,8 +232,14 @@ pub fn run_backup(cfg: PairConfig, guest: GuestSetup, listen: &str) -> Result<i3
         _ => header.host_cpu,
     };
     let net_mac = guest.net.as_ref().map(|n| n.mac);
-    let (vm, platform) = machine::build(&guest.vm, header.boot_unix_secs, net_mac)
-        .with_context(|| format!("building the VM for {}", guest.vm.kernel_name))?;
+    let (vm, platform, snapshot) = match cloned {
+        Some((vm, platform, snapshot)) => (vm, platform, Some(snapshot)),
+        None => {
+            let (vm, platform) = machine::build(&guest.vm, header.boot_unix_secs, net_mac)
+                .with_context(|| format!("building the VM for {}", guest.vm.kernel_name))?;
+            (vm, platform, None)
+        }
+    };
     let mut engine = Engine::new(
         vm,
         platform,
@@ -206,6 +265,11 @@ pub fn run_backup(cfg: PairConfig, guest: GuestSetup, listen: &str) -> Result<i3
         Some(host_cpu),
     )
     .context("setting up the engine")?;
+    if let Some(snapshot) = &snapshot {
+        engine
+            .resume_from_clone(snapshot)
+            .context("resuming from the clone's snapshot")?;
+    }
     engine.set_test_perturbation(guest.test_perturbation);
     let counter = engine.landmark_counter();
     let mut console = Some(guest.console);
@@ -398,6 +462,8 @@ struct BackupPump {
     ours: LogHeader,
     done: Option<(i32, String)>,
     last_replayed: u64,
+    /// The landmark the primary's log starts at (a clone's cut, else 0).
+    start_landmark: u64,
 }
 
 impl BackupPump {
@@ -475,6 +541,17 @@ impl BackupPump {
             let link = self.link.as_mut().expect("a link is being set up");
             while let Some(event) = link.poll_event() {
                 match event {
+                    BackupEvent::HelloReceived { start_landmark, .. }
+                        if start_landmark != self.start_landmark =>
+                    {
+                        let reason = format!(
+                            "its log starts at landmark {start_landmark}, this backup's state is at {}",
+                            self.start_landmark
+                        );
+                        eprintln!("twinvm backup: refusing a primary: {reason}");
+                        link.refuse_hello(&reason)?;
+                        continue;
+                    }
                     BackupEvent::HelloReceived { log_header, .. } => {
                         let header = match LogHeader::decode(&log_header) {
                             Ok(h) => h,
