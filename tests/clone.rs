@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use twinvm::ft::drill::client::{wait_for_service, Client, ClientSettings};
 use twinvm::ft::drill::history::analyze;
 use twinvm::ft::drill::local::{guest_target, LocalOptions, LocalPair, GENERATION, VM_NAME};
-use twinvm::ft::drill::pair::{backup_args, query_status, PairSpec, Proc, SideFiles};
+use twinvm::ft::drill::pair::{backup_args, PairSpec, Proc, SideFiles};
 use twinvm::ft::drill::topology::{addr, Host, Topology};
+use twinvm::ft::node::query_status;
 use twinvm::net::CounterClient;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -36,10 +37,21 @@ fn wait_state(
     within: Duration,
     want: impl Fn(&twinvm::ft::node::PairStatus) -> bool,
 ) -> twinvm::ft::node::PairStatus {
+    wait_state_or(control, what, within, want, String::new)
+}
+
+/// As `wait_state`; `context` adds to the failure message.
+fn wait_state_or(
+    control: &Path,
+    what: &str,
+    within: Duration,
+    want: impl Fn(&twinvm::ft::node::PairStatus) -> bool,
+    context: impl Fn() -> String,
+) -> twinvm::ft::node::PairStatus {
     let end = Instant::now() + within;
     let mut last = None;
     loop {
-        if let Ok(s) = query_status(control, Duration::from_secs(1)) {
+        if let Ok(s) = query_status(control) {
             if want(&s) {
                 return s;
             }
@@ -47,7 +59,8 @@ fn wait_state(
         }
         assert!(
             Instant::now() < end,
-            "{what} within {within:?}; last status: {last:?}"
+            "{what} within {within:?}; last status: {last:?}\n{}",
+            context()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -224,11 +237,18 @@ fn a_survivor_cloned_live_loses_no_request_and_the_clone_takes_over_after_the_ne
         "{}",
         new_backup.stderr_text()
     );
-    let s = wait_state(
+    let s = wait_state_or(
         &primary_control,
         "the primary replicating at generation 2",
-        TIMEOUT,
+        Duration::from_secs(20),
         |s| s.state == "replicating" && s.generation == GENERATION + 1,
+        || {
+            format!(
+                "new backup:\n{}\nprimary:\n{}",
+                new_backup.stderr_text(),
+                std::fs::read_to_string(lp.dir().join("hostA.stderr")).unwrap_or_default()
+            )
+        },
     );
     let report = s.clone.expect("the clone's report");
     assert_eq!(report.phase, "done");

@@ -276,10 +276,14 @@ pub fn run_source(
                     to_send = dirty.take();
                     round += 1;
                 }
-                // The pages of `dirty` were written after their copy: the
-                // cut reads them again with everything written since.
+                // The pages of `dirty` were written after their copy: send
+                // them once more while the guest runs (small by now, or
+                // bounded); the cut's collection has whatever is written
+                // after this read.
                 NextStep::Cut(reason) => {
                     job.status(|s| s.cut_reason = reason.describe().into());
+                    let mut dirty = dirty;
+                    job.send_pages(round + 1, &dirty.take())?;
                     return Ok(round + 1);
                 }
             }
@@ -355,9 +359,11 @@ pub fn run_source(
             Ok(acked) if acked >= landmark => break,
             Ok(_) => {}
             Err(RecvTimeoutError::Timeout) if Instant::now() < wait_until => {}
-            Err(RecvTimeoutError::Timeout) => return Err(CloneError::Violation(format!(
+            Err(RecvTimeoutError::Timeout) => {
+                return Err(CloneError::Violation(format!(
                 "the new backup did not acknowledge landmark {landmark} within {ANSWER_WITHIN:?}"
-            ))),
+            )))
+            }
             Err(RecvTimeoutError::Disconnected) => {
                 return Err(CloneError::Violation(
                     "the logging channel to the new backup ended before it acknowledged the cut"
