@@ -6,6 +6,8 @@
 //! goes live: no request lost, the counter never goes back. Bad input on
 //! the clone channel (a stranger without the key, garbage bytes, a backup
 //! with another memory size) is refused and the primary goes on alone.
+//! The same for a backup gone live after its primary was lost (the double
+//! failure: the clone on the first primary's host survives the second).
 //! Needs root and /dev/kvm.
 
 use std::ffi::OsString;
@@ -66,11 +68,16 @@ fn wait_state_or(
     }
 }
 
-fn spec(lp: &LocalPair) -> PairSpec {
+/// Where a backup on `host` listens.
+fn ft_addr(host: Host) -> String {
+    format!("{}:{}", host.ft_addr(), addr::FT_PORT)
+}
+
+fn spec(lp: &LocalPair, host: Host) -> PairSpec {
     PairSpec {
         vm: VM_NAME.into(),
         generation: GENERATION,
-        backup_listen: format!("{}:{}", addr::FT_B, addr::FT_PORT),
+        backup_listen: ft_addr(host),
         key_file: lp.key_file().expect("a pair has a key").to_owned(),
         arbiters: Topology::arbiter_addrs(),
         heartbeat_ms: None,
@@ -78,18 +85,23 @@ fn spec(lp: &LocalPair) -> PairSpec {
     }
 }
 
-/// `twinvm backup --from-clone` on hostB (where the lost backup was).
+/// `twinvm backup --from-clone` on `host` (where a lost side was).
 fn clone_backup(
     lp: &LocalPair,
     opts: &LocalOptions,
+    host: Host,
     name: &str,
     change: impl FnOnce(&mut Vec<OsString>),
 ) -> Proc {
     let files = SideFiles::in_dir(lp.dir(), name);
-    let mut args = backup_args(&spec(lp), &opts.guest, name, &files);
+    let mut args = backup_args(&spec(lp, host), &opts.guest, name, &files);
     args.push("--from-clone".into());
     change(&mut args);
-    let mut cmd = lp.topo.host_b.command(exe());
+    let ns = match host {
+        Host::A => &lp.topo.host_a,
+        Host::B => &lp.topo.host_b,
+    };
+    let mut cmd = ns.command(exe());
     cmd.args(args);
     let p = Proc::spawn(cmd, name, "backup", files).unwrap();
     let end = Instant::now() + TIMEOUT;
@@ -104,12 +116,13 @@ fn clone_backup(
     p
 }
 
-/// `twinvm clone --control A --to hostB`: (exit success, stdout, stderr).
-fn run_clone(lp: &LocalPair) -> (bool, String, String) {
+/// `twinvm clone` of the side on `from` to a new backup on `to`:
+/// (exit success, stdout, stderr).
+fn run_clone(lp: &LocalPair, from: Host, to: Host) -> (bool, String, String) {
     let out = Command::new(exe())
         .args(["clone", "--control"])
-        .arg(lp.control(Host::A))
-        .args(["--to", &format!("{}:{}", addr::FT_B, addr::FT_PORT)])
+        .arg(lp.control(from))
+        .args(["--to", &ft_addr(to)])
         .output()
         .unwrap();
     (
@@ -119,12 +132,13 @@ fn run_clone(lp: &LocalPair) -> (bool, String, String) {
     )
 }
 
-#[test]
-fn a_survivor_cloned_live_loses_no_request_and_the_clone_takes_over_after_the_next_failure() {
+/// The counter guest's pair in the local drill's topology, answering a
+/// client that keeps asking.
+fn start(prefix: &str) -> (LocalPair, LocalOptions, Client) {
     let interrupted = AtomicBool::new(false);
     let mut opts = LocalOptions::new(exe());
-    opts.prefix = "tvclone".into();
-    let mut lp = LocalPair::start(&opts, &interrupted).expect("starting the pair");
+    opts.prefix = prefix.into();
+    let lp = LocalPair::start(&opts, &interrupted).expect("starting the pair");
     let probe = lp
         .topo
         .client
@@ -153,15 +167,24 @@ fn a_survivor_cloned_live_loses_no_request_and_the_clone_takes_over_after_the_ne
         Instant::now(),
     )
     .unwrap();
+    (lp, opts, client)
+}
+
+#[test]
+fn a_survivor_cloned_live_loses_no_request_and_the_clone_takes_over_after_the_next_failure() {
+    let (mut lp, opts, client) = start("tvclonea");
+
+    // A whole pair refuses to be cloned.
     let primary_control = lp.control(Host::A);
 
     // A whole pair refuses to be cloned.
-    let (ok, _, stderr) = run_clone(&lp);
+    let (ok, _, stderr) = run_clone(&lp, Host::A, Host::B);
     assert!(
         !ok && stderr.contains("only a primary running alone"),
         "{stderr}"
     );
 
+    let primary_control = lp.control(Host::A);
     // The backup is lost: the primary goes on alone.
     lp.side("backup").unwrap().kill();
     wait_state(&primary_control, "the primary alone", TIMEOUT, |s| {
@@ -170,11 +193,11 @@ fn a_survivor_cloned_live_loses_no_request_and_the_clone_takes_over_after_the_ne
 
     // Bad input: a backup with another memory size is refused before any
     // pause, by name; the primary goes on alone.
-    let mut wrong = clone_backup(&lp, &opts, "hostB-128M", |args| {
+    let mut wrong = clone_backup(&lp, &opts, Host::B, "hostB-128M", |args| {
         let at = args.iter().position(|a| a == "--mem").unwrap();
         args[at + 1] = "128M".into();
     });
-    let (ok, stdout, stderr) = run_clone(&lp);
+    let (ok, stdout, stderr) = run_clone(&lp, Host::A, Host::B);
     assert!(!ok, "{stdout}{stderr}");
     assert!(
         stdout.contains("memory was 64 MiB, now 128 MiB"),
@@ -197,11 +220,11 @@ fn a_survivor_cloned_live_loses_no_request_and_the_clone_takes_over_after_the_ne
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let mut stranger = clone_backup(&lp, &opts, "hostB-stranger", |args| {
+    let mut stranger = clone_backup(&lp, &opts, Host::B, "hostB-stranger", |args| {
         let at = args.iter().position(|a| a == "--key-file").unwrap();
         args[at + 1] = other_key.clone().into();
     });
-    let (ok, stdout, stderr) = run_clone(&lp);
+    let (ok, stdout, stderr) = run_clone(&lp, Host::A, Host::B);
     assert!(!ok && stdout.contains("handshake"), "{stdout}{stderr}");
     stranger.kill();
     wait_state(&primary_control, "alone after a stranger", TIMEOUT, |s| {
@@ -210,7 +233,7 @@ fn a_survivor_cloned_live_loses_no_request_and_the_clone_takes_over_after_the_ne
 
     // The real clone; garbage bytes to its listener first are refused and
     // it waits on.
-    let mut new_backup = clone_backup(&lp, &opts, "hostC", |_| {});
+    let mut new_backup = clone_backup(&lp, &opts, Host::B, "hostC", |_| {});
     lp.topo
         .host_a
         .enter_on_thread(|| {
@@ -219,7 +242,7 @@ fn a_survivor_cloned_live_loses_no_request_and_the_clone_takes_over_after_the_ne
         })
         .unwrap();
     let before = client.answered();
-    let (ok, stdout, stderr) = run_clone(&lp);
+    let (ok, stdout, stderr) = run_clone(&lp, Host::A, Host::B);
     assert!(
         ok,
         "the clone failed: {stdout}{stderr}\nnew backup: {}",
@@ -291,6 +314,69 @@ fn a_survivor_cloned_live_loses_no_request_and_the_clone_takes_over_after_the_ne
     assert_eq!(analysis.backwards, 0, "{analysis:?}");
     assert_eq!(analysis.repeated, 0, "{analysis:?}");
     assert!(new_backup.running(), "{}", new_backup.stderr_text());
+    new_backup.kill();
+    lp.stop(Duration::from_secs(2));
+}
+
+#[test]
+fn a_backup_gone_live_is_cloned_and_its_clone_survives_the_second_failure() {
+    let (mut lp, opts, client) = start("tvcloneb");
+    let survivor_control = lp.control(Host::B);
+    // The first failure: the backup goes live.
+    lp.side("primary").unwrap().kill();
+    wait_state(&survivor_control, "the backup live", TIMEOUT, |s| {
+        s.state == "live"
+    });
+    // Its clone on hostA, where the primary was.
+    let mut new_backup = clone_backup(&lp, &opts, Host::A, "hostA-clone", |_| {});
+    let before = client.answered();
+    let (ok, stdout, stderr) = run_clone(&lp, Host::B, Host::A);
+    assert!(
+        ok,
+        "the clone failed: {stdout}{stderr}\nnew backup: {}",
+        new_backup.stderr_text()
+    );
+    eprintln!("{stdout}");
+    let s = wait_state_or(
+        &survivor_control,
+        "the survivor replicating at generation 2",
+        Duration::from_secs(20),
+        |s| s.state == "replicating" && s.generation == GENERATION + 1,
+        || new_backup.stderr_text(),
+    );
+    assert_eq!(s.role, "primary");
+    let b = wait_state(
+        &new_backup.files.control,
+        "the clone following",
+        TIMEOUT,
+        |s| s.state == "following",
+    );
+    assert_eq!(b.generation, GENERATION + 1);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        client.answered() > before + 50,
+        "{} -> {}",
+        before,
+        client.answered()
+    );
+
+    // The second failure: the clone goes live; nothing was lost.
+    let fault_at = client.epoch().elapsed();
+    lp.side("backup").unwrap().kill();
+    wait_state(&new_backup.files.control, "the clone live", TIMEOUT, |s| {
+        s.state == "live"
+    });
+    let after = client.answered();
+    let end = Instant::now() + TIMEOUT;
+    while client.answered() < after + 200 {
+        assert!(Instant::now() < end, "the clone does not answer");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let history = client.finish(Duration::from_secs(3)).unwrap();
+    let analysis = analyze(&history, Some(fault_at));
+    assert_eq!(analysis.lost, 0, "{analysis:?}");
+    assert_eq!(analysis.backwards, 0, "{analysis:?}");
+    assert_eq!(analysis.repeated, 0, "{analysis:?}");
     new_backup.kill();
     lp.stop(Duration::from_secs(2));
 }

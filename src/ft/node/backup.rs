@@ -14,6 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use crossbeam_channel::{Receiver, Select, Sender};
 
 use super::feed::ShadowFeed;
+use super::primary::{spawn_survivor_pump, SurvivorSetup};
 use super::status::{serve_status, PairStatus, StatusBoard};
 use super::{
     apply_socket_event, open_tap, spawn_arbiter_client, spawn_socket_reader, stop_for, transmit,
@@ -94,8 +95,15 @@ pub fn run_backup_from(
         ..PairStatus::default()
     }));
     let stopping = Arc::new(AtomicBool::new(false));
-    serve_status(&cfg.control, board.clone(), stopping.clone(), None)
-        .with_context(|| format!("opening the control socket {}", cfg.control.display()))?;
+    // Clone requests reach the link thread a backup starts when it goes live.
+    let (clone_cmd_tx, clone_cmd_rx) = crossbeam_channel::bounded(1);
+    serve_status(
+        &cfg.control,
+        board.clone(),
+        stopping.clone(),
+        Some(clone_cmd_tx),
+    )
+    .with_context(|| format!("opening the control socket {}", cfg.control.display()))?;
     let listener =
         TcpListener::bind(listen).with_context(|| format!("listening on {listen} (--listen)"))?;
     let cloned = if from_clone {
@@ -160,8 +168,10 @@ pub fn run_backup_from(
         None => None,
     };
     let ours = machine::header_for(&guest.vm, 0, 0, guest.net.as_ref().map(|n| n.mac));
+    let survivor = Arc::new(AtomicBool::new(false));
     let start_landmark = cloned.as_ref().map_or(0, |c| c.2.landmark);
     let link_thread = {
+        let survivor = survivor.clone();
         let (board, stopping, shadow, queued, landmark, control_tx, kicker) = (
             board.clone(),
             stopping.clone(),
@@ -200,6 +210,7 @@ pub fn run_backup_from(
                     done: None,
                     last_replayed: 0,
                     start_landmark,
+                    survivor,
                 };
                 pump.run(listener)
             })
@@ -326,8 +337,32 @@ pub fn run_backup_from(
                     while t.try_recv().is_some() {}
                     t.rx().clone()
                 });
+                // From here this side is a primary running alone: its
+                // outputs go through a primary's link thread, which can
+                // clone it (`twinvm clone`).
+                let mut survivor_cfg = cfg.clone();
+                survivor_cfg.generation =
+                    board.lock().unwrap_or_else(|p| p.into_inner()).generation;
+                let outputs = spawn_survivor_pump(SurvivorSetup {
+                    clock,
+                    cfg: survivor_cfg,
+                    log_header: header.encode().context("encoding the log header")?,
+                    host_cpu,
+                    console: world.console,
+                    tap: tap.clone(),
+                    engine_handle: EngineHandle {
+                        control_tx: control_tx.clone(),
+                        kicker: kicker.clone(),
+                    },
+                    stopping: stopping.clone(),
+                    board: board.clone(),
+                    landmark: counter.clone(),
+                    memory: engine.guest_memory(),
+                    commands: clone_cmd_rx.clone(),
+                })?;
+                survivor.store(true, Ordering::Relaxed);
                 engine
-                    .promote(Role::Live, Box::new(world), None, net)
+                    .promote(Role::Live, Box::new(outputs), None, net)
                     .context("going live")?;
                 live = true;
                 eprintln!("twinvm backup: live");
@@ -464,6 +499,8 @@ struct BackupPump {
     last_replayed: u64,
     /// The landmark the primary's log starts at (a clone's cut, else 0).
     start_landmark: u64,
+    /// Live, with a survivor's link thread publishing the status.
+    survivor: Arc<AtomicBool>,
 }
 
 impl BackupPump {
@@ -768,6 +805,9 @@ impl BackupPump {
     }
 
     fn publish_status(&mut self) {
+        if self.survivor.load(Ordering::Relaxed) {
+            return;
+        }
         let now = self.clock.now();
         let landmark = self.landmark.load(Ordering::Relaxed);
         let mut b = self.board.lock().unwrap_or_else(|p| p.into_inner());

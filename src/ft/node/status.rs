@@ -142,7 +142,11 @@ fn answer(
                 match tx.send_timeout(command, Duration::from_secs(1)) {
                     Ok(()) => reply_rx
                         .recv_timeout(Duration::from_secs(2))
-                        .unwrap_or_else(|_| Err("the replica did not answer".into())),
+                        .unwrap_or_else(|_| {
+                            Err("the replica did not answer (only a primary running alone, \
+                                 or a backup gone live, can be cloned)"
+                                .into())
+                        }),
                     Err(_) => Err("the replica does not take requests".into()),
                 }
             }

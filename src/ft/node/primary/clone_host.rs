@@ -175,7 +175,7 @@ impl PrimaryPump {
                 job.awaiting_link = false;
                 job.linked = true;
                 self.link = link;
-                self.stream = stream;
+                self.stream = Some(stream);
                 self.socket_rx = rx;
             }
             SourceEvent::Rearmed { generation } => {
