@@ -173,8 +173,6 @@ fn start(prefix: &str) -> (LocalPair, LocalOptions, Client) {
 #[test]
 fn a_survivor_cloned_live_loses_no_request_and_the_clone_takes_over_after_the_next_failure() {
     let (mut lp, opts, client) = start("tvclonea");
-
-    // A whole pair refuses to be cloned.
     let primary_control = lp.control(Host::A);
 
     // A whole pair refuses to be cloned.
@@ -184,7 +182,6 @@ fn a_survivor_cloned_live_loses_no_request_and_the_clone_takes_over_after_the_ne
         "{stderr}"
     );
 
-    let primary_control = lp.control(Host::A);
     // The backup is lost: the primary goes on alone.
     lp.side("backup").unwrap().kill();
     wait_state(&primary_control, "the primary alone", TIMEOUT, |s| {
