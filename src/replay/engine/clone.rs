@@ -85,10 +85,10 @@ impl Engine {
         let result = match answer {
             Ok(cut) => {
                 self.clone_tracking = false;
-                // The new backup's shadow page tables start empty, like a
-                // backup's after a sync point: both sides flush at the
-                // next device write (GuestWrite::Device).
-                self.vm.note_sync_point();
+                // The new backup's shadow page tables start empty: drop
+                // this side's too, so both run on from the same (empty)
+                // shadow.
+                self.vm.flush_shadow_for_clone();
                 self.memory = None;
                 self.since_digest = DirtyPages::default();
                 self.since_sync = DirtyPages::default();
@@ -156,7 +156,7 @@ impl Engine {
             .restore(snapshot.signature, snapshot.signature_last);
         self.sync_state = snapshot.at_sync_point.then(|| snapshot.cpu.clone());
         self.injected_here = false;
-        self.vm.note_sync_point();
+        self.vm.flush_shadow_for_clone();
         Ok(())
     }
 }
