@@ -395,9 +395,8 @@ pub fn run_source(
             })
         }
     }
-    job.status(|s| {
-        s.phase = "done".into();
-        s.total_ms = started.elapsed().as_secs_f64() * 1e3;
-    });
+    // The pump marks the clone done when it takes the Rearmed (it may have
+    // failed the clone meanwhile: then it stays failed).
+    job.status(|s| s.total_ms = started.elapsed().as_secs_f64() * 1e3);
     Ok(())
 }

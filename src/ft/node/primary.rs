@@ -209,6 +209,7 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
             host_cpu,
             job: None,
             status: None,
+            last_generation: 0,
         },
     };
     let link_thread = thread::Builder::new()
@@ -279,6 +280,8 @@ struct CloneHost {
     job: Option<CloneJob>,
     /// The last clone's progress (kept for `twinvm status` once over).
     status: Option<Arc<Mutex<crate::clone::CloneStatus>>>,
+    /// The highest generation a clone was started with.
+    last_generation: u64,
 }
 
 /// A clone under way.
@@ -409,6 +412,7 @@ pub(super) fn spawn_survivor_pump(setup: SurvivorSetup) -> Result<OutputFeed> {
             host_cpu,
             job: None,
             status: None,
+            last_generation: 0,
         },
     };
     thread::Builder::new()

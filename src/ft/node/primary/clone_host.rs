@@ -40,7 +40,10 @@ impl PrimaryPump {
             let _ = command.reply.send(Err(reason));
             return;
         }
-        let generation = self.cfg.generation + 1;
+        // Above any generation an earlier clone may have re-armed the
+        // arbiter with just before it failed here.
+        let generation = self.cfg.generation.max(self.clone.last_generation) + 1;
+        self.clone.last_generation = generation;
         let status = Arc::new(Mutex::new(CloneStatus {
             phase: "connecting".into(),
             to: command.to.clone(),
@@ -191,7 +194,12 @@ impl PrimaryPump {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .generation = generation;
-                let s = status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let s = {
+                    let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+                    s.phase = "done".into();
+                    s.total_ms = started.elapsed().as_secs_f64() * 1e3;
+                    s.clone()
+                };
                 eprintln!(
                     "twinvm primary: clone done: the pair is whole at generation {generation} \
                      ({} rounds, {} pages, {:.1} MiB sent, pause {:.1} ms, total {:.1} s)",
