@@ -9,6 +9,7 @@
 //! - [`cli`]: the `twinvm` command line.
 
 pub mod cli;
+pub mod clone;
 pub mod devices;
 pub mod ft;
 pub mod guests;

@@ -539,6 +539,24 @@ fn arbiter_leader_drill() {
 }
 
 #[test]
+#[ignore = "the clone diverges intermittently a few landmarks after the cut (see tests/clone.rs); \
+            run with --ignored"]
+fn double_failure_drill() {
+    // Kill the primary, clone the live backup to a new backup, kill the
+    // survivor: the clone serves, nothing lost (issue 13).
+    let reports = drill_pair(DrillKind::DoubleFailure, repeats("TWINVM_DRILL_REPEAT", 1));
+    for r in reports {
+        assert_eq!(
+            r.verdict.went_live.as_deref(),
+            Some("hostC"),
+            "{}",
+            r.to_text()
+        );
+        assert!(r.fault.contains("clone of the live backup"), "{}", r.fault);
+    }
+}
+
+#[test]
 fn kill_primary_against_an_existing_pair() {
     // A pair started by the library's local set-up, drilled through its
     // control sockets as an operator would.
@@ -579,6 +597,7 @@ fn soak_every_drill() {
         DrillKind::KillBackup,
         DrillKind::Partition,
         DrillKind::ArbiterLeader,
+        DrillKind::DoubleFailure,
     ] {
         drill_pair(kind, n);
     }

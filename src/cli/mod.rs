@@ -1,5 +1,6 @@
 //! The `twinvm` command line.
 
+mod clone;
 mod demo;
 mod drill;
 pub mod pair;
@@ -41,6 +42,9 @@ pub enum Command {
     Backup(BackupArgs),
     /// Show a running replica's role, state, lag, log rate and held outputs.
     Status(StatusArgs),
+    /// Repair a pair: clone a primary running alone, live, to a new backup
+    /// (`twinvm backup --from-clone`), and show the copy's progress.
+    Clone(clone::CloneArgs),
     /// The arbiter: a Raft-replicated test-and-set service (serve, tas, reset, get, status, selftest, ...).
     #[command(subcommand)]
     Arbiter(arbiter::cli::ArbiterCommand),
@@ -80,6 +84,7 @@ pub fn main() -> ExitCode {
         Command::Primary(args) => pair::primary(&args),
         Command::Backup(args) => pair::backup(&args),
         Command::Status(args) => pair::status(&args),
+        Command::Clone(args) => clone::clone(&args),
         Command::Arbiter(cmd) => std::env::current_exe()
             .map_err(anyhow::Error::from)
             .and_then(|exe| {

@@ -103,6 +103,11 @@ pub struct BackupArgs {
     /// purpose at one landmark, to prove the pair stops a diverged backup.
     #[arg(long, hide = true, value_name = "KIND@LANDMARK")]
     pub test_perturb: Option<TestPerturbation>,
+    /// Become the backup of a primary running alone by receiving a clone
+    /// of its live VM (`twinvm clone --to` this --listen address); the
+    /// generation comes from the primary.
+    #[arg(long)]
+    pub from_clone: bool,
     #[command(flatten)]
     pub pair: PairArgs,
 }
@@ -170,6 +175,8 @@ fn read_config(path: &Path) -> Result<ConfigFile> {
 enum Side {
     Primary,
     Backup,
+    /// A backup made by a clone: its generation comes from the primary.
+    ClonedBackup,
 }
 
 /// Flags over file: the replica's settings, its guest and its peer address.
@@ -189,10 +196,12 @@ fn resolve(
     if vm.is_empty() || vm.len() > 256 {
         bail!("--vm must be 1 to 256 bytes");
     }
-    let generation = args
-        .generation
-        .or(file.generation)
-        .context("--generation is required (or `generation` in --config)")?;
+    let generation = match (args.generation.or(file.generation), side) {
+        (Some(g), _) => g,
+        // Replaced by the generation the primary's clone names.
+        (None, Side::ClonedBackup) => 0,
+        (None, _) => bail!("--generation is required (or `generation` in --config)"),
+    };
     let key_path = args
         .key_file
         .clone()
@@ -218,7 +227,7 @@ fn resolve(
     };
     let role = match side {
         Side::Primary => "primary",
-        Side::Backup => "backup",
+        Side::Backup | Side::ClonedBackup => "backup",
     };
     let control = args
         .control
@@ -241,7 +250,9 @@ fn resolve(
     }
     let address = match side {
         Side::Primary => need("backup", address.map(str::to_string).or(file.backup))?,
-        Side::Backup => need("listen", address.map(str::to_string).or(file.listen))?,
+        Side::Backup | Side::ClonedBackup => {
+            need("listen", address.map(str::to_string).or(file.listen))?
+        }
     };
     let guest_file = file.guest;
     let net = match (&args.net, &guest_file.net) {
@@ -331,12 +342,22 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode> {
 
 /// `twinvm backup`.
 pub fn backup(args: &BackupArgs) -> Result<ExitCode> {
-    let (config, mut guest, listen) = resolve(&args.pair, Side::Backup, args.listen.as_deref())?;
+    let side = if args.from_clone {
+        Side::ClonedBackup
+    } else {
+        Side::Backup
+    };
+    let (config, mut guest, listen) = resolve(&args.pair, side, args.listen.as_deref())?;
     if let Some(p) = args.test_perturb {
         eprintln!("twinvm backup: --test-perturb {p}: this replica is made wrong on purpose");
         guest.test_perturbation = Some(p);
     }
-    Ok(exit(node::run_backup(config, guest, &listen)?))
+    Ok(exit(node::run_backup_from(
+        config,
+        guest,
+        &listen,
+        args.from_clone,
+    )?))
 }
 
 /// `twinvm status`.

@@ -21,7 +21,7 @@ use super::virtio::{GuestRam, RxOutcome, VirtioNet, VirtioNetConfig, VirtioNetSt
 use super::{check_version, Nanos, StateError};
 
 /// Version of [`PlatformState`] this build writes.
-const PLATFORM_STATE_VERSION: u32 = 2;
+pub const PLATFORM_STATE_VERSION: u32 = 2;
 
 /// Where the virtio-net NIC sits: PCI slot, INTx line (level-triggered,
 /// as firmware sets a PCI line in the ELCR), and the 32-bit memory BAR the

@@ -528,6 +528,15 @@ impl Vm {
         }
     }
 
+    /// A clone's cut (primary) or resume (new backup): both sides drop
+    /// every shadow page table before running on, so the new backup's
+    /// empty shadow and the primary's agree from the first instruction
+    /// (a stale entry the primary kept would otherwise make the replicas
+    /// see different memory).
+    pub fn flush_shadow_for_clone(&self) {
+        self.mark_shadow_stale(Symmetry::Both);
+    }
+
     fn mark_shadow_stale(&self, symmetry: Symmetry) {
         // A symmetric reason wins: the flush then happens on both sides.
         let merged = match (self.shadow_stale.get(), symmetry) {

@@ -86,10 +86,10 @@ pub fn run_existing(
     if !matches!(kind, DrillKind::KillPrimary | DrillKind::KillBackup) {
         return Err(DrillError::Usage(format!(
             "{kind} needs --local: the drill must own the {} it breaks",
-            if kind == DrillKind::Partition {
-                "logging link"
-            } else {
-                "arbiter nodes"
+            match kind {
+                DrillKind::Partition => "logging link",
+                DrillKind::DoubleFailure => "host it clones to",
+                _ => "arbiter nodes",
             }
         )));
     }

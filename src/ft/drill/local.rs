@@ -25,6 +25,9 @@ use super::verdict::{judge, Expectation, Limits, PairOutcome, SideOutcome};
 use super::{sleep_checked, wait_until, DrillError, DrillKind, Phases};
 use crate::net::CounterClient;
 
+/// The node name of the double-failure drill's clone (it runs in hostA's
+/// namespace, the first primary's host, once that primary is dead).
+pub const CLONE_NODE: &str = "hostC";
 /// The VM name and generation the local pair runs with.
 pub const VM_NAME: &str = "drill";
 pub const GENERATION: u64 = 1;
@@ -237,7 +240,12 @@ impl LocalPair {
     /// An error if one of the sides has ended (before the fault), with the
     /// last lines it wrote.
     fn check_running(&mut self) -> Result<(), DrillError> {
-        for p in &mut self.sides {
+        self.check_running_after(0)
+    }
+
+    /// As `check_running`, for the sides from index `first` on.
+    fn check_running_after(&mut self, first: usize) -> Result<(), DrillError> {
+        for p in self.sides.iter_mut().skip(first) {
             if let Some(status) = p.poll_exit() {
                 let tail = p.stderr_tail(LOG_TAIL);
                 return Err(DrillError::EndedEarly {
@@ -538,7 +546,7 @@ pub fn run_local(
     }
 
     // The fault.
-    let (fault, fault_at) = inject(kind, &mut lp, &client)?;
+    let (fault, fault_at) = inject(kind, &mut lp, &client, opts, interrupted)?;
     info!(%fault, "fault injected");
 
     // After the fault the client goes on while the pair settles (the loser
@@ -603,6 +611,8 @@ fn inject(
     kind: DrillKind,
     lp: &mut LocalPair,
     client: &Client,
+    opts: &LocalOptions,
+    interrupted: &AtomicBool,
 ) -> Result<(String, Duration), DrillError> {
     let kill = |lp: &mut LocalPair, role: &str| -> Result<(String, Duration), DrillError> {
         let p = lp
@@ -632,6 +642,15 @@ fn inject(
                 at,
             ))
         }
+        DrillKind::DoubleFailure => {
+            let first = kill(lp, "primary")?;
+            let clone = clone_survivor(lp, opts, interrupted)?;
+            sleep_checked(opts.phases.warmup, interrupted, || {
+                lp.check_running_after(1)
+            })?;
+            let (second, at) = kill(lp, "backup")?;
+            Ok((format!("{}; {clone}; then {second}", first.0), at))
+        }
         DrillKind::ArbiterLeader => {
             let leader = lp.arbiter_leader()?;
             lp.kill_arbiter(leader);
@@ -642,4 +661,95 @@ fn inject(
             ))
         }
     }
+}
+
+/// The double-failure drill's repair: once the backup on hostB is live,
+/// start `twinvm backup --from-clone` as [`CLONE_NODE`] in hostA's
+/// namespace (its primary is dead), clone the survivor to it through the
+/// survivor's control socket, and wait until the pair is whole again
+/// (survivor `replicating` at generation + 1, clone `following`). Returns
+/// what was done, with the clone's figures.
+fn clone_survivor(
+    lp: &mut LocalPair,
+    opts: &LocalOptions,
+    interrupted: &AtomicBool,
+) -> Result<String, DrillError> {
+    let timeout = opts.phases.ready_timeout;
+    let survivor = lp.control(Host::B);
+    wait_until("the backup live", timeout, interrupted, || {
+        Ok(query_status(&survivor, STATUS_TIMEOUT)
+            .ok()
+            .filter(|s| s.state == "live")
+            .map(|_| ()))
+    })?;
+    let key_file = lp
+        .key_file()
+        .ok_or_else(|| DrillError::Arbiter("the cluster has no key file".into()))?
+        .to_owned();
+    let spec = PairSpec {
+        vm: VM_NAME.into(),
+        generation: GENERATION,
+        backup_listen: format!("{}:{}", addr::FT_A, addr::FT_PORT),
+        key_file,
+        arbiters: Topology::arbiter_addrs(),
+        heartbeat_ms: opts.heartbeat_ms,
+        peer_timeout_ms: opts.peer_timeout_ms,
+    };
+    let files = SideFiles::in_dir(lp.dir.path(), CLONE_NODE);
+    let mut args = backup_args(&spec, &opts.guest, CLONE_NODE, &files);
+    args.push("--from-clone".into());
+    let mut cmd = lp.topo.host_a.command(&opts.exe);
+    cmd.args(args);
+    // A backup like any (the arbiter names it `hostC/backup`); `side`
+    // finds hostB's first, which the drill kills next.
+    lp.sides
+        .push(Proc::spawn(cmd, CLONE_NODE, "backup", files.clone())?);
+    wait_until("the clone waiting", timeout, interrupted, || {
+        lp.check_running_after(1)?;
+        let text = lp.sides.last().map(Proc::stderr_text).unwrap_or_default();
+        Ok(text.contains("waiting for a clone").then_some(()))
+    })?;
+    crate::ft::node::request_clone(&survivor, &format!("{}:{}", addr::FT_A, addr::FT_PORT))
+        .map_err(|e| DrillError::Usage(format!("the survivor refused the clone: {e}")))?;
+    let report = wait_until("the clone in sync", timeout, interrupted, || {
+        lp.check_running_after(1)?;
+        let Ok(status) = crate::ft::node::query_status(&survivor) else {
+            return Ok(None);
+        };
+        match status.clone {
+            Some(c) if c.phase == "failed" => {
+                Err(DrillError::Usage(format!("the clone failed: {}", c.error)))
+            }
+            Some(c)
+                if c.phase == "done"
+                    && status.state == "replicating"
+                    && status.generation == GENERATION + 1 =>
+            {
+                Ok(Some(c))
+            }
+            _ => Ok(None),
+        }
+    })?;
+    wait_until("the clone following", timeout, interrupted, || {
+        lp.check_running_after(1)?;
+        Ok(query_status(&files.control, STATUS_TIMEOUT)
+            .ok()
+            .filter(|s| s.state == "following")
+            .map(|_| ()))
+    })?;
+    info!(
+        total_ms = report.total_ms,
+        pause_ms = report.pause_ms,
+        "the survivor was cloned"
+    );
+    Ok(format!(
+        "clone of the live backup to {CLONE_NODE} (in hostA's namespace, {}:{}): \
+         {:.0} ms in all, pause {:.1} ms, {} rounds, {} pages",
+        addr::FT_A,
+        addr::FT_PORT,
+        report.total_ms,
+        report.pause_ms,
+        report.round,
+        report.pages_sent
+    ))
 }

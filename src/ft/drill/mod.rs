@@ -53,6 +53,10 @@ pub enum DrillKind {
     /// SIGKILL the arbiter's Raft leader, then the primary: the backup must
     /// still go live with 2 of 3 arbiter nodes.
     ArbiterLeader,
+    /// SIGKILL the primary (the backup goes live), clone the survivor to a
+    /// new backup (`twinvm clone`), SIGKILL the survivor: the clone must go
+    /// live (local only).
+    DoubleFailure,
 }
 
 impl DrillKind {
@@ -62,6 +66,7 @@ impl DrillKind {
             DrillKind::KillBackup => "kill-backup",
             DrillKind::Partition => "partition",
             DrillKind::ArbiterLeader => "arbiter-leader",
+            DrillKind::DoubleFailure => "double-failure",
         }
     }
 }

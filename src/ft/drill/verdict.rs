@@ -28,6 +28,7 @@ impl Expectation {
                 Expectation::Survivor(backup.to_owned())
             }
             DrillKind::KillBackup => Expectation::Survivor(primary.to_owned()),
+            DrillKind::DoubleFailure => Expectation::Survivor(super::local::CLONE_NODE.to_owned()),
             DrillKind::Partition => Expectation::EitherSide,
         }
     }

@@ -14,6 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use crossbeam_channel::{Receiver, Select, Sender};
 
 use super::feed::ShadowFeed;
+use super::primary::{spawn_survivor_pump, SurvivorSetup};
 use super::status::{serve_status, PairStatus, StatusBoard};
 use super::{
     apply_socket_event, open_tap, spawn_arbiter_client, spawn_socket_reader, stop_for, transmit,
@@ -72,6 +73,18 @@ enum MainNews {
 
 /// Run the backup replica to its end; returns the process exit code.
 pub fn run_backup(cfg: PairConfig, guest: GuestSetup, listen: &str) -> Result<i32> {
+    run_backup_from(cfg, guest, listen, false)
+}
+
+/// Run a backup; with `from_clone`, it first receives a clone of a live
+/// primary (`twinvm clone`) and follows its log from the cut on, at the
+/// generation the primary's clone names.
+pub fn run_backup_from(
+    mut cfg: PairConfig,
+    guest: GuestSetup,
+    listen: &str,
+    from_clone: bool,
+) -> Result<i32> {
     let clock = Clock(Instant::now());
     let board: StatusBoard = Arc::new(Mutex::new(PairStatus {
         vm: cfg.vm.clone(),
@@ -82,10 +95,41 @@ pub fn run_backup(cfg: PairConfig, guest: GuestSetup, listen: &str) -> Result<i3
         ..PairStatus::default()
     }));
     let stopping = Arc::new(AtomicBool::new(false));
-    serve_status(&cfg.control, board.clone(), stopping.clone())
-        .with_context(|| format!("opening the control socket {}", cfg.control.display()))?;
+    // Clone requests reach the link thread a backup starts when it goes live.
+    let (clone_cmd_tx, clone_cmd_rx) = crossbeam_channel::bounded(1);
+    serve_status(
+        &cfg.control,
+        board.clone(),
+        stopping.clone(),
+        Some(clone_cmd_tx),
+    )
+    .with_context(|| format!("opening the control socket {}", cfg.control.display()))?;
     let listener =
         TcpListener::bind(listen).with_context(|| format!("listening on {listen} (--listen)"))?;
+    let cloned = if from_clone {
+        eprintln!("twinvm backup: waiting for a clone on {listen}");
+        let expect = crate::clone::receiver::ReceiverExpect {
+            vm: cfg.vm.clone(),
+            guest: machine::header_for(&guest.vm, 0, 0, guest.net.as_ref().map(|n| n.mac)),
+        };
+        let mut build = |header: &LogHeader| {
+            machine::build(
+                &guest.vm,
+                header.boot_unix_secs,
+                guest.net.as_ref().map(|n| n.mac),
+            )
+            .map_err(|e| e.to_string())
+        };
+        let received = crate::clone::receiver::receive_clone(
+            &listener, &cfg.key, &expect, &mut build, &stopping,
+        )
+        .context("receiving the clone")?;
+        cfg.generation = received.generation;
+        board.lock().unwrap_or_else(|p| p.into_inner()).generation = received.generation;
+        Some(received)
+    } else {
+        None
+    };
     eprintln!("twinvm backup: waiting for the primary on {listen}");
 
     let kicker = Kicker::new();
@@ -108,8 +152,26 @@ pub fn run_backup(cfg: PairConfig, guest: GuestSetup, listen: &str) -> Result<i3
     let (arbiter_tx, verdict_rx) =
         spawn_arbiter_client(cfg.arbiter.clone()).context("starting the arbiter client")?;
     let link_cfg = cfg.clone();
+    // The clone is applied: the primary may open the logging channel.
+    let cloned = match cloned {
+        Some(c) => {
+            let crate::clone::receiver::Received {
+                vm,
+                platform,
+                snapshot,
+                pending,
+                ..
+            } = c;
+            pending.confirm().context("confirming the clone")?;
+            Some((vm, platform, snapshot))
+        }
+        None => None,
+    };
     let ours = machine::header_for(&guest.vm, 0, 0, guest.net.as_ref().map(|n| n.mac));
+    let survivor = Arc::new(AtomicBool::new(false));
+    let start_landmark = cloned.as_ref().map_or(0, |c| c.2.landmark);
     let link_thread = {
+        let survivor = survivor.clone();
         let (board, stopping, shadow, queued, landmark, control_tx, kicker) = (
             board.clone(),
             stopping.clone(),
@@ -147,6 +209,8 @@ pub fn run_backup(cfg: PairConfig, guest: GuestSetup, listen: &str) -> Result<i3
                     ours,
                     done: None,
                     last_replayed: 0,
+                    start_landmark,
+                    survivor,
                 };
                 pump.run(listener)
             })
@@ -179,8 +243,14 @@ pub fn run_backup(cfg: PairConfig, guest: GuestSetup, listen: &str) -> Result<i3
         _ => header.host_cpu,
     };
     let net_mac = guest.net.as_ref().map(|n| n.mac);
-    let (vm, platform) = machine::build(&guest.vm, header.boot_unix_secs, net_mac)
-        .with_context(|| format!("building the VM for {}", guest.vm.kernel_name))?;
+    let (vm, platform, snapshot) = match cloned {
+        Some((vm, platform, snapshot)) => (vm, platform, Some(snapshot)),
+        None => {
+            let (vm, platform) = machine::build(&guest.vm, header.boot_unix_secs, net_mac)
+                .with_context(|| format!("building the VM for {}", guest.vm.kernel_name))?;
+            (vm, platform, None)
+        }
+    };
     let mut engine = Engine::new(
         vm,
         platform,
@@ -206,6 +276,11 @@ pub fn run_backup(cfg: PairConfig, guest: GuestSetup, listen: &str) -> Result<i3
         Some(host_cpu),
     )
     .context("setting up the engine")?;
+    if let Some(snapshot) = &snapshot {
+        engine
+            .resume_from_clone(snapshot)
+            .context("resuming from the clone's snapshot")?;
+    }
     engine.set_test_perturbation(guest.test_perturbation);
     let counter = engine.landmark_counter();
     let mut console = Some(guest.console);
@@ -262,8 +337,32 @@ pub fn run_backup(cfg: PairConfig, guest: GuestSetup, listen: &str) -> Result<i3
                     while t.try_recv().is_some() {}
                     t.rx().clone()
                 });
+                // From here this side is a primary running alone: its
+                // outputs go through a primary's link thread, which can
+                // clone it (`twinvm clone`).
+                let mut survivor_cfg = cfg.clone();
+                survivor_cfg.generation =
+                    board.lock().unwrap_or_else(|p| p.into_inner()).generation;
+                let outputs = spawn_survivor_pump(SurvivorSetup {
+                    clock,
+                    cfg: survivor_cfg,
+                    log_header: header.encode().context("encoding the log header")?,
+                    host_cpu,
+                    console: world.console,
+                    tap: tap.clone(),
+                    engine_handle: EngineHandle {
+                        control_tx: control_tx.clone(),
+                        kicker: kicker.clone(),
+                    },
+                    stopping: stopping.clone(),
+                    board: board.clone(),
+                    landmark: counter.clone(),
+                    memory: engine.guest_memory(),
+                    commands: clone_cmd_rx.clone(),
+                })?;
+                survivor.store(true, Ordering::Relaxed);
                 engine
-                    .promote(Role::Live, Box::new(world), None, net)
+                    .promote(Role::Live, Box::new(outputs), None, net)
                     .context("going live")?;
                 live = true;
                 eprintln!("twinvm backup: live");
@@ -398,6 +497,10 @@ struct BackupPump {
     ours: LogHeader,
     done: Option<(i32, String)>,
     last_replayed: u64,
+    /// The landmark the primary's log starts at (a clone's cut, else 0).
+    start_landmark: u64,
+    /// Live, with a survivor's link thread publishing the status.
+    survivor: Arc<AtomicBool>,
 }
 
 impl BackupPump {
@@ -475,6 +578,17 @@ impl BackupPump {
             let link = self.link.as_mut().expect("a link is being set up");
             while let Some(event) = link.poll_event() {
                 match event {
+                    BackupEvent::HelloReceived { start_landmark, .. }
+                        if start_landmark != self.start_landmark =>
+                    {
+                        let reason = format!(
+                            "its log starts at landmark {start_landmark}, this backup's state is at {}",
+                            self.start_landmark
+                        );
+                        eprintln!("twinvm backup: refusing a primary: {reason}");
+                        link.refuse_hello(&reason)?;
+                        continue;
+                    }
                     BackupEvent::HelloReceived { log_header, .. } => {
                         let header = match LogHeader::decode(&log_header) {
                             Ok(h) => h,
@@ -691,6 +805,9 @@ impl BackupPump {
     }
 
     fn publish_status(&mut self) {
+        if self.survivor.load(Ordering::Relaxed) {
+            return;
+        }
         let now = self.clock.now();
         let landmark = self.landmark.load(Ordering::Relaxed);
         let mut b = self.board.lock().unwrap_or_else(|p| p.into_inner());

@@ -26,9 +26,9 @@ use arbiter::auth::Key;
 use arbiter::{ArbiterClient, ClientConfig};
 use crossbeam_channel::{Receiver, Sender};
 
-pub use backup::run_backup;
+pub use backup::{run_backup, run_backup_from};
 pub use primary::run_primary;
-pub use status::{query_status, PairStatus};
+pub use status::{query_status, request_clone, PairStatus};
 
 use super::failover::{Action, Failover, FailoverEvent, Verdict};
 use super::link::LinkConfig;

@@ -12,12 +12,13 @@ use anyhow::{anyhow, bail, Context, Result};
 use crossbeam_channel::{Receiver, Select, Sender};
 
 use super::feed::{EngineMsg, LogFeed, OutputFeed};
-use super::status::{serve_status, HoldTimes, PairStatus, StatusBoard};
+use super::status::{serve_status, CloneCommand, HoldTimes, PairStatus, StatusBoard};
 use super::{
     apply_socket_event, open_tap, spawn_arbiter_client, spawn_socket_reader, stop_for, transmit,
     Arbitration, Clock, EngineHandle, GuestSetup, PairConfig, SocketEvent, EXIT_ERROR, EXIT_OK,
     EXIT_STOPPED,
 };
+use crate::clone::source::SourceEvent;
 use crate::ft::failover::{Action, Failover, FailoverConfig, FailoverEvent, Verdict};
 use crate::ft::link::{Hello, PrimaryEvent, PrimaryLink};
 use crate::ft::output::{HeldOutputs, OutputBounds};
@@ -29,6 +30,11 @@ use crate::replay::engine::{
 use crate::replay::log::LogWriter;
 use crate::replay::machine;
 use crate::vmm::{sys, Kicker};
+
+mod clone_host;
+mod survivor;
+
+pub(super) use survivor::{spawn_survivor_pump, SurvivorSetup};
 
 /// How long the primary keeps trying to reach its backup at start.
 const CONNECT_FOR: Duration = Duration::from_secs(30);
@@ -83,8 +89,14 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
         ..PairStatus::default()
     }));
     let stopping = Arc::new(AtomicBool::new(false));
-    serve_status(&cfg.control, board.clone(), stopping.clone())
-        .with_context(|| format!("opening the control socket {}", cfg.control.display()))?;
+    let (clone_cmd_tx, clone_cmd_rx) = crossbeam_channel::bounded(1);
+    serve_status(
+        &cfg.control,
+        board.clone(),
+        stopping.clone(),
+        Some(clone_cmd_tx),
+    )
+    .with_context(|| format!("opening the control socket {}", cfg.control.display()))?;
 
     let host_cpu = match cfg.host_cpu {
         Some(cpu) => cpu,
@@ -101,13 +113,14 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
     stream
         .set_write_timeout(Some(cfg.link.peer_timeout))
         .context("setting the write timeout")?;
+    let log_header = header.encode().context("encoding the log header")?;
     let link = PrimaryLink::new(
         cfg.link,
         &cfg.key,
         Hello {
             vm: cfg.vm.clone(),
             generation: cfg.generation,
-            log_header: header.encode().context("encoding the log header")?,
+            log_header: log_header.clone(),
             start_landmark: 0,
         },
         clock.now(),
@@ -129,6 +142,7 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
     let (main_tx, main_rx) = crossbeam_channel::bounded(4);
     let (arbiter_tx, verdict_rx) =
         spawn_arbiter_client(cfg.arbiter.clone()).context("starting the arbiter client")?;
+    let clone_engine_tx = engine_tx.clone();
     let mut feed = LogFeed::new(engine_tx.clone(), stopping.clone());
     feed.start_stream();
     let recorder = Recorder {
@@ -163,7 +177,7 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
         clock,
         cfg: cfg.clone(),
         link,
-        stream,
+        stream: Some(stream),
         arbitration: Arbitration {
             failover: None,
             arbiter_tx,
@@ -190,6 +204,16 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
         guest_ended: None,
         done: None,
         rate: RateMeter::default(),
+        clone: CloneHost {
+            commands: clone_cmd_rx,
+            engine_tx: clone_engine_tx,
+            memory: engine.guest_memory(),
+            log_header,
+            host_cpu,
+            job: None,
+            status: None,
+            last_generation: 0,
+        },
     };
     let link_thread = thread::Builder::new()
         .name("twinvm-ft-link".into())
@@ -247,6 +271,50 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
     Ok(code)
 }
 
+/// The primary's side of `twinvm clone` (src/clone): the job's thread and
+/// what the pump holds for it.
+struct CloneHost {
+    commands: Receiver<CloneCommand>,
+    /// For the clone's log feed (ordered with the outputs).
+    engine_tx: Sender<EngineMsg>,
+    memory: vm_memory::GuestMemoryMmap,
+    log_header: Vec<u8>,
+    host_cpu: u32,
+    job: Option<CloneJob>,
+    /// The last clone's progress (kept for `twinvm status` once over).
+    status: Option<Arc<Mutex<crate::clone::CloneStatus>>>,
+    /// The highest generation a clone was started with.
+    last_generation: u64,
+}
+
+/// A clone under way.
+struct CloneJob {
+    events: Receiver<SourceEvent>,
+    acked_tx: Sender<u64>,
+    status: Arc<Mutex<crate::clone::CloneStatus>>,
+    /// The engine was asked for the cut: every output waits.
+    holding_all: bool,
+    cut_outputs: Vec<(u64, Output)>,
+    /// The engine records for the clone (a failure must drop that log).
+    engine_cut: bool,
+    /// The cut's landmark, once known.
+    landmark: Option<u64>,
+    /// The clone's log waits for the logging channel.
+    awaiting_link: bool,
+    /// The logging channel to the new backup is up, the arbiter not re-armed yet.
+    linked: bool,
+    generation: u64,
+    started: Instant,
+}
+
+impl CloneHost {
+    /// The new backup's link is up and the clone not finished: link
+    /// trouble fails the clone rather than the pair.
+    fn syncing(&self) -> bool {
+        self.job.as_ref().is_some_and(|j| j.linked)
+    }
+}
+
 /// Log bandwidth over roughly the last second.
 #[derive(Default)]
 struct RateMeter {
@@ -275,7 +343,8 @@ struct PrimaryPump {
     clock: Clock,
     cfg: PairConfig,
     link: PrimaryLink,
-    stream: TcpStream,
+    /// None for a survivor that never had a backup of its own.
+    stream: Option<TcpStream>,
     arbitration: Arbitration,
     held: HeldOutputs<Output>,
     console: Box<dyn std::io::Write + Send>,
@@ -299,6 +368,7 @@ struct PrimaryPump {
     guest_ended: Option<Ending>,
     done: Option<(i32, String)>,
     rate: RateMeter,
+    clone: CloneHost,
 }
 
 impl PrimaryPump {
@@ -331,7 +401,9 @@ impl PrimaryPump {
     }
 
     fn transmit(&mut self) {
-        transmit(&mut self.link, &mut self.stream, self.clock.now());
+        if let Some(stream) = self.stream.as_mut() {
+            transmit(&mut self.link, stream, self.clock.now());
+        }
     }
 
     /// Move the engine's outputs into the held queue and its log into the
@@ -347,6 +419,12 @@ impl PrimaryPump {
             };
             match msg {
                 EngineMsg::Output { landmark, output } => {
+                    if let Some(job) = self.clone.job.as_mut() {
+                        if job.holding_all {
+                            job.cut_outputs.push((landmark, output));
+                            continue;
+                        }
+                    }
                     if self.alone {
                         self.emit(output);
                         continue;
@@ -365,6 +443,12 @@ impl PrimaryPump {
                     }
                 }
                 EngineMsg::Log { bytes, watermark } => {
+                    // The clone's log waits for its link (the engine waits
+                    // once the channel is full).
+                    if self.clone.job.as_ref().is_some_and(|j| j.awaiting_link) {
+                        self.pending = Some(EngineMsg::Log { bytes, watermark });
+                        return Ok(());
+                    }
                     if self.log_dropped || self.link.is_closed() {
                         continue;
                     }
@@ -400,6 +484,10 @@ impl PrimaryPump {
     fn handle_events(&mut self) -> Result<()> {
         let now = self.clock.now();
         while let Some(event) = self.link.poll_event() {
+            if self.clone.syncing() {
+                self.clone_link_event(event)?;
+                continue;
+            }
             match event {
                 PrimaryEvent::Established => {
                     self.arbitration.failover = Some(Failover::primary(
@@ -557,6 +645,9 @@ impl PrimaryPump {
         };
         b.peer_connected = status.established && status.closed.is_none();
         b.uptime_s = self.clock.now().as_secs_f64();
+        if let Some(clone) = &self.clone.status {
+            b.clone = Some(clone.lock().unwrap_or_else(|p| p.into_inner()).clone());
+        }
     }
 
     /// Sleep until something arrives or a timer is due.
@@ -576,17 +667,30 @@ impl PrimaryPump {
             self.verdict_rx.clone(),
             self.main_rx.clone(),
         );
+        let commands_rx = self.clone.commands.clone();
+        let clone_rx = self.clone.job.as_ref().map(|j| j.events.clone());
         let mut sel = Select::new();
         let socket = sel.recv(&socket_rx);
         let engine = self.pending.is_none().then(|| sel.recv(&engine_rx));
         let verdict = sel.recv(&verdict_rx);
         let main = sel.recv(&main_rx);
+        let command = sel.recv(&commands_rx);
+        let clone_event = clone_rx.as_ref().map(|rx| sel.recv(rx));
         let Ok(op) = sel.select_timeout(timeout) else {
             self.link.handle_timeout(self.clock.now());
             return Ok(());
         };
         let index = op.index();
-        if index == socket {
+        if index == command {
+            if let Ok(command) = op.recv(&commands_rx) {
+                self.start_clone(command);
+            }
+        } else if Some(index) == clone_event {
+            match op.recv(clone_rx.as_ref().expect("selected")) {
+                Ok(event) => self.clone_event(event)?,
+                Err(_) => self.clone_failed("the clone job ended without a word".into()),
+            }
+        } else if index == socket {
             apply_socket_event(&mut self.link, op.recv(&socket_rx), self.clock.now());
         } else if Some(index) == engine {
             if let Ok(msg) = op.recv(&engine_rx) {

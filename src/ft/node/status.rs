@@ -53,6 +53,16 @@ pub struct PairStatus {
     pub hold_ms: HoldTimes,
     pub peer_connected: bool,
     pub uptime_s: f64,
+    /// The last clone of this replica (`twinvm clone`), if any.
+    #[serde(default)]
+    pub clone: Option<crate::clone::CloneStatus>,
+}
+
+/// `clone HOST:PORT` on the control socket: the pump answers whether it
+/// starts the clone (or why not).
+pub struct CloneCommand {
+    pub to: String,
+    pub reply: crossbeam_channel::Sender<Result<(), String>>,
 }
 
 /// The latest status, shared between the threads that know parts of it and
@@ -61,7 +71,12 @@ pub type StatusBoard = Arc<Mutex<PairStatus>>;
 
 /// Serve `status` requests on `path` until `stop` is set. A stale socket
 /// file (a replica that died) is replaced; a live one is an error.
-pub fn serve_status(path: &Path, board: StatusBoard, stop: Arc<AtomicBool>) -> std::io::Result<()> {
+pub fn serve_status(
+    path: &Path,
+    board: StatusBoard,
+    stop: Arc<AtomicBool>,
+    clones: Option<crossbeam_channel::Sender<CloneCommand>>,
+) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -86,8 +101,7 @@ pub fn serve_status(path: &Path, board: StatusBoard, stop: Arc<AtomicBool>) -> s
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        let snapshot = board.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                        let _ = answer(stream, &snapshot);
+                        let _ = answer(stream, &board, clones.as_ref());
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         thread::sleep(Duration::from_millis(20))
@@ -103,7 +117,11 @@ pub fn serve_status(path: &Path, board: StatusBoard, stop: Arc<AtomicBool>) -> s
     Ok(())
 }
 
-fn answer(stream: UnixStream, status: &PairStatus) -> std::io::Result<()> {
+fn answer(
+    stream: UnixStream,
+    board: &StatusBoard,
+    clones: Option<&crossbeam_channel::Sender<CloneCommand>>,
+) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(1)))?;
     stream.set_write_timeout(Some(Duration::from_secs(1)))?;
@@ -111,11 +129,68 @@ fn answer(stream: UnixStream, status: &PairStatus) -> std::io::Result<()> {
     let mut line = String::new();
     reader.by_ref().take(256).read_line(&mut line)?;
     let mut out = &stream;
-    if line.trim() != "status" {
-        return writeln!(out, "{{\"error\":\"unknown request; send `status`\"}}");
+    let line = line.trim();
+    if let Some(to) = line.strip_prefix("clone ") {
+        let answer = match clones {
+            None => Err("this replica cannot be cloned: only a primary running alone can".into()),
+            Some(tx) => {
+                let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
+                let command = CloneCommand {
+                    to: to.trim().to_owned(),
+                    reply: reply_tx,
+                };
+                match tx.send_timeout(command, Duration::from_secs(1)) {
+                    Ok(()) => reply_rx
+                        .recv_timeout(Duration::from_secs(2))
+                        .unwrap_or_else(|_| {
+                            Err("the replica did not answer (only a primary running alone, \
+                                 or a backup gone live, can be cloned)"
+                                .into())
+                        }),
+                    Err(_) => Err("the replica does not take requests".into()),
+                }
+            }
+        };
+        let json = match answer {
+            Ok(()) => serde_json::json!({ "accepted": true }),
+            Err(e) => serde_json::json!({ "error": e }),
+        };
+        return writeln!(out, "{json}");
     }
-    let json = serde_json::to_string(status).map_err(std::io::Error::other)?;
+    if line != "status" {
+        return writeln!(
+            out,
+            "{{\"error\":\"unknown request; send `status` or `clone HOST:PORT`\"}}"
+        );
+    }
+    let status = board.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let json = serde_json::to_string(&status).map_err(std::io::Error::other)?;
     writeln!(out, "{json}")
+}
+
+/// Ask the primary behind `path` to clone itself to `to`.
+pub fn request_clone(path: &Path, to: &str) -> Result<(), String> {
+    let mut stream = UnixStream::connect(path)
+        .map_err(|e| format!("connecting to the control socket {}: {e}", path.display()))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    writeln!(stream, "clone {to}").map_err(|e| format!("asking {}: {e}", path.display()))?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .take(1 << 16)
+        .read_line(&mut line)
+        .map_err(|e| format!("reading the answer from {}: {e}", path.display()))?;
+    let answer: serde_json::Value = serde_json::from_str(&line)
+        .map_err(|e| format!("{} answered {line:?} ({e})", path.display()))?;
+    if answer.get("accepted").and_then(|v| v.as_bool()) == Some(true) {
+        return Ok(());
+    }
+    Err(answer
+        .get("error")
+        .and_then(|v| v.as_str())
+        .unwrap_or("refused without a reason")
+        .to_owned())
 }
 
 /// Ask the replica behind `path` for its status.
@@ -153,12 +228,15 @@ mod tests {
         board.lock().unwrap().state = "replicating".into();
         board.lock().unwrap().landmark = 42;
         let stop = Arc::new(AtomicBool::new(false));
-        serve_status(&path, board.clone(), stop.clone()).unwrap();
+        serve_status(&path, board.clone(), stop.clone(), None).unwrap();
         let got = query_status(&path).unwrap();
         assert_eq!(got.state, "replicating");
         assert_eq!(got.landmark, 42);
         // A second replica cannot take the same socket.
-        let err = serve_status(&path, board, stop.clone()).unwrap_err();
+        let err = serve_status(&path, board, stop.clone(), None).unwrap_err();
+        assert!(request_clone(&path, "127.0.0.1:1")
+            .unwrap_err()
+            .contains("only a primary running alone"));
         assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
         let mut s = UnixStream::connect(&path).unwrap();
         s.write_all(b"reboot\n").unwrap();

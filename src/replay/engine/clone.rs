@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 use super::{Engine, Recorder, Role, RunError};
 use crate::devices::PlatformState;
 use crate::replay::digest::DirtyPages;
-use crate::replay::log::CpuStateBytes;
+use crate::replay::log::{CpuStateBytes, PAGE_SIZE};
+use vm_memory::{Bytes, GuestAddress};
 
 /// Version of [`CloneSnapshot`] this build writes and reads.
 pub const CLONE_SNAPSHOT_VERSION: u32 = 1;
@@ -43,10 +44,12 @@ pub struct CloneSnapshot {
 }
 
 /// The engine's answer to `Control::CloneAt`: the snapshot, and the pages
-/// written since the last `Control::CollectDirty`.
+/// written since the last `Control::CollectDirty` with their contents at
+/// the cut (read while the guest is stopped: once the engine replies, the
+/// guest runs on and writes them again).
 pub struct CloneCut {
     pub snapshot: CloneSnapshot,
-    pub dirty: DirtyPages,
+    pub pages: Vec<(u64, Vec<u8>)>,
 }
 
 /// A request to take the snapshot at the next landmark and record from
@@ -82,10 +85,10 @@ impl Engine {
         let result = match answer {
             Ok(cut) => {
                 self.clone_tracking = false;
-                // The new backup's shadow page tables start empty, like a
-                // backup's after a sync point: both sides flush at the
-                // next device write (GuestWrite::Device).
-                self.vm.note_sync_point();
+                // The new backup's shadow page tables start empty: drop
+                // this side's too, so both run on from the same (empty)
+                // shadow.
+                self.vm.flush_shadow_for_clone();
                 self.memory = None;
                 self.since_digest = DirtyPages::default();
                 self.since_sync = DirtyPages::default();
@@ -108,7 +111,16 @@ impl Engine {
         // An IN, MMIO read or RDMSR exit is completed by the next KVM_RUN:
         // do it now, so the snapshot is the state both replicas resume.
         self.vm.complete_pending_exit()?;
-        let dirty = self.collect_dirty()?;
+        let mut dirty = self.collect_dirty()?;
+        let mut pages = Vec::with_capacity(dirty.len());
+        for gpa in dirty.take() {
+            let mut page = vec![0u8; PAGE_SIZE];
+            self.vm
+                .mem
+                .read_slice(&mut page, GuestAddress(gpa))
+                .map_err(|_| RunError::Promote("a dirty page is outside guest memory"))?;
+            pages.push((gpa, page));
+        }
         let cpu = match &self.sync_state {
             Some(cpu) => cpu.clone(),
             None => self.vm.cpu_state()?,
@@ -125,7 +137,7 @@ impl Engine {
                 vmm_state: self.syscall_fix.save(),
                 at_sync_point: self.sync_state.is_some(),
             },
-            dirty,
+            pages,
         })
     }
 
@@ -144,7 +156,7 @@ impl Engine {
             .restore(snapshot.signature, snapshot.signature_last);
         self.sync_state = snapshot.at_sync_point.then(|| snapshot.cpu.clone());
         self.injected_here = false;
-        self.vm.note_sync_point();
+        self.vm.flush_shadow_for_clone();
         Ok(())
     }
 }
