@@ -17,17 +17,29 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --release --workspace --all-targets -- -D warnings
+
 echo "== cargo test"
 cargo test --release --workspace
 
-# ---- opt-in: boot Debian's stock Linux kernel (issue 3) ----------------------
-# tests/linux_boot.rs builds the image with guest-images/linux/build.sh
-# (downloads Debian packages) and boots it to userspace under twinvm. Slow
-# where KVM emulates guest kernel code (docs/linux-guest.md has the measured
-# times), so it runs only with TWINVM_LINUX_TESTS=1 -- as part of the
-# `cargo test` above, which then needs cpio and lz4.
+# ---- opt-in: Debian's stock Linux kernel (tests/linux_boot.rs) -------------
+# Those tests are #[ignore]d: each boots Debian's kernel (7-16 minutes here,
+# where KVM emulates guest kernel code; docs/linux-guest.md has the measured
+# times), and the image is built from downloaded Debian packages
+# (guest-images/linux/build.sh installs cpio and lz4 if missing). With
+# TWINVM_LINUX_TESTS=1 they run after the suite (the two side by side).
+# The other ignored tests (the drill soak, the clone tests of a known
+# divergence) say why in their #[ignore] reason.
+# The Linux FT-pair test is a second opt-in (TWINVM_LINUX_PAIR_TEST=1): its
+# two replicas share one host CPU, which doubles a boot that takes 7-16
+# minutes alone, and with it .ci/run would pass its 45-minute budget.
 if [ "${TWINVM_LINUX_TESTS:-0}" = 1 ]; then
-    echo "== Linux guest boot: ran in cargo test above (tests/linux_boot.rs)"
+    echo "== the opt-in Linux guest tests (tests/linux_boot.rs)"
+    if [ "${TWINVM_LINUX_PAIR_TEST:-0}" = 1 ]; then
+        cargo test --release --test linux_boot -- --ignored
+    else
+        cargo test --release --test linux_boot -- --ignored --skip debian_linux_pair
+        echo "== the Linux FT-pair test not run (set TWINVM_LINUX_PAIR_TEST=1 to run it)"
+    fi
 else
-    echo "== Linux guest boot SKIPPED (set TWINVM_LINUX_TESTS=1 to run it)"
+    echo "== Linux guest tests not run: they are #[ignore]d (set TWINVM_LINUX_TESTS=1 to run them)"
 fi

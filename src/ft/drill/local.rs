@@ -89,9 +89,12 @@ impl LocalOptions {
             protection: Protection::Pair,
             guest: GuestSpec {
                 kernel: "builtin:counter".into(),
+                initrd: None,
                 cmdline: format!("ip={} port={}", addr::GUEST, addr::GUEST_PORT),
                 mem: "64M".into(),
                 tap: topology::TAP.into(),
+                host_cpu: None,
+                sync_bound_us: None,
             },
             heartbeat_ms: None,
             peer_timeout_ms: None,

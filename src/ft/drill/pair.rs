@@ -24,12 +24,20 @@ use super::DrillError;
 pub struct GuestSpec {
     /// `--kernel` (default: the embedded `counter` test guest).
     pub kernel: String,
+    /// `--initrd`, if any.
+    pub initrd: Option<String>,
     /// `--cmdline`.
     pub cmdline: String,
     /// `--mem`.
     pub mem: String,
     /// The TAP each side's VMM attaches to (`--net tap=NAME`).
     pub tap: String,
+    /// `--host-cpu` of a pair: the host CPU both sides pin their vCPU
+    /// thread to (guest user-mode CPUID shows its APIC ID). `None`: the
+    /// primary's own, which the backup follows.
+    pub host_cpu: Option<u32>,
+    /// `--sync-bound-us` of the primary, when not the default.
+    pub sync_bound_us: Option<u64>,
 }
 
 /// The pair's settings shared by both sides.
@@ -69,9 +77,11 @@ impl SideFiles {
 }
 
 fn guest_args(guest: &GuestSpec, console: &Path) -> Vec<OsString> {
-    vec![
-        "--kernel".into(),
-        guest.kernel.clone().into(),
+    let mut args: Vec<OsString> = vec!["--kernel".into(), guest.kernel.clone().into()];
+    if let Some(initrd) = &guest.initrd {
+        args.extend(["--initrd".into(), initrd.clone().into()]);
+    }
+    args.extend([
         "--cmdline".into(),
         guest.cmdline.clone().into(),
         "--mem".into(),
@@ -80,7 +90,16 @@ fn guest_args(guest: &GuestSpec, console: &Path) -> Vec<OsString> {
         format!("tap={}", guest.tap).into(),
         "--serial".into(),
         console.into(),
-    ]
+    ]);
+    args
+}
+
+/// The placement of a replica of `guest` (both sides of a pair).
+fn replica_args(guest: &GuestSpec) -> Vec<OsString> {
+    match guest.host_cpu {
+        Some(cpu) => vec!["--host-cpu".into(), cpu.to_string().into()],
+        None => Vec::new(),
+    }
 }
 
 fn common_pair_args(pair: &PairSpec, node: &str, files: &SideFiles) -> Vec<OsString> {
@@ -117,6 +136,7 @@ pub fn backup_args(
     let mut args: Vec<OsString> = vec!["backup".into()];
     args.extend(common_pair_args(pair, node, files));
     args.extend(["--listen".into(), pair.backup_listen.clone().into()]);
+    args.extend(replica_args(guest));
     args.extend(guest_args(guest, &files.console));
     args
 }
@@ -131,6 +151,10 @@ pub fn primary_args(
     let mut args: Vec<OsString> = vec!["primary".into()];
     args.extend(common_pair_args(pair, node, files));
     args.extend(["--backup".into(), pair.backup_listen.clone().into()]);
+    args.extend(replica_args(guest));
+    if let Some(us) = guest.sync_bound_us {
+        args.extend(["--sync-bound-us".into(), us.to_string().into()]);
+    }
     args.extend(guest_args(guest, &files.console));
     args
 }
@@ -428,9 +452,12 @@ mod tests {
             },
             GuestSpec {
                 kernel: "builtin:counter".into(),
+                initrd: None,
                 cmdline: "ip=10.77.0.2 port=7777".into(),
                 mem: "64M".into(),
                 tap: "tap0".into(),
+                host_cpu: None,
+                sync_bound_us: None,
             },
             SideFiles::in_dir(Path::new("/tmp/d"), "hostA"),
         )
