@@ -333,7 +333,8 @@ fn the_peer_is_suspected_exactly_after_peer_timeout_and_nothing_is_applied_after
     let mut pair = Pair::established(config());
     pair.p.push_log(b"x", 1).unwrap();
     let frame = pair.p.poll_transmit(pair.now).unwrap();
-    pair.b.on_bytes_received(&frame, pair.now + config().peer_timeout + ms(1));
+    pair.b
+        .on_bytes_received(&frame, pair.now + config().peer_timeout + ms(1));
     assert!(matches!(
         pair.b.poll_event(),
         Some(BackupEvent::PeerSuspected { .. })
