@@ -34,7 +34,7 @@ use twinvm::replay::engine::{
     Connections, ConsoleAndNet, Ending, Engine, ExitStats, Inputs, LogSink, RecordSettings,
     Recorder, Role, RunReport, Stop,
 };
-use twinvm::replay::log::{LogHeader, LogReader, LogWriter};
+use twinvm::replay::log::{LogHeader, LogReader, LogWriter, PageStats};
 use twinvm::replay::schedule::Schedule;
 use twinvm::vmm::{sys, Kicker, Vm, VmConfig};
 
@@ -213,7 +213,12 @@ fn log_cap() -> u64 {
 
 /// Record `row` to `path` (fsynced): the report and the wall time of the
 /// run plus the final flush and fsync.
-fn record(row: &Row, path: &Path, host_cpu: u32) -> Result<(RunReport, Duration), String> {
+/// Also how its sync-point pages travelled (whole, as deltas, ...).
+fn record(
+    row: &Row,
+    path: &Path,
+    host_cpu: u32,
+) -> Result<(RunReport, Duration, PageStats), String> {
     let file = File::create(path).unwrap();
     let sync = file.try_clone().unwrap();
     let cfg = config(row);
@@ -236,9 +241,11 @@ fn record(row: &Row, path: &Path, host_cpu: u32) -> Result<(RunReport, Duration)
     };
     let (report, mut engine) = run(row, Role::Record(recorder), host_cpu)?;
     let started = Instant::now();
-    engine.recorder_mut().unwrap().log.flush().unwrap();
+    let log = &mut engine.recorder_mut().unwrap().log;
+    log.flush().unwrap();
+    let pages = log.page_stats();
     sync.sync_all().unwrap();
-    Ok((report, report.wall + started.elapsed()))
+    Ok((report, report.wall + started.elapsed(), pages))
 }
 
 /// Replay the log at `path` to its end; it must be identical.
@@ -285,7 +292,7 @@ fn main() {
 
     println!("twinvm log bandwidth benchmark, median of {runs} run(s) per mode");
     println!(
-        "{:<40} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>8} {:>9} {:>7}",
+        "{:<40} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>8} {:>9} {:>7} {:>6} {:>6} {:>6} {:>5}",
         "workload",
         "plain s",
         "rec s",
@@ -296,18 +303,22 @@ fn main() {
         "syncs/s",
         "pg/sync",
         "B/sync",
-        "flushes"
+        "flushes",
+        "whole%",
+        "delta%",
+        "same%",
+        "cache"
     );
     for row in ROWS.iter().filter(|r| wanted(r)) {
         let mut plain = Vec::new();
         let mut recorded = Vec::new();
         let mut replayed = Vec::new();
-        let mut last: Option<(ExitStats, Duration, ExitStats)> = None;
+        let mut last: Option<(ExitStats, Duration, ExitStats, PageStats)> = None;
         let mut stopped = None;
         for i in 0..runs {
             plain.push(run(row, Role::Live, host_cpu).expect("plain run").0.wall);
             let path = dir.join(format!("{}-{i}.log", row.guest));
-            let (rec, wall) = match record(row, &path, host_cpu) {
+            let (rec, wall, pages) = match record(row, &path, host_cpu) {
                 Ok(recorded) => recorded,
                 Err(e) => {
                     let _ = std::fs::remove_file(&path);
@@ -319,7 +330,7 @@ fn main() {
             let rep = replay(row, &path, host_cpu);
             replayed.push(rep.wall);
             std::fs::remove_file(&path).unwrap();
-            last = Some((rec.stats, rec.wall, rep.stats));
+            last = Some((rec.stats, rec.wall, rep.stats, pages));
         }
         if let Some(why) = stopped {
             println!(
@@ -329,11 +340,12 @@ fn main() {
             );
             continue;
         }
-        let (s, rec_run, rep) = last.unwrap();
+        let (s, rec_run, rep, pages) = last.unwrap();
+        let carried = (pages.full + pages.delta + pages.same + pages.zero).max(1) as f64;
         let (plain, recorded, replayed) = (median(plain), median(recorded), median(replayed));
         let secs = rec_run.as_secs_f64();
         println!(
-            "{:<40} {:>8.2} {:>8.2} {:>8.2} {:>7.2} {:>7.2} {:>9.2} {:>8.0} {:>8.1} {:>9.0} {:>7}",
+            "{:<40} {:>8.2} {:>8.2} {:>8.2} {:>7.2} {:>7.2} {:>9.2} {:>8.0} {:>8.1} {:>9.0} {:>7} {:>6.1} {:>6.1} {:>6.1} {:>4}M",
             row.label,
             plain.as_secs_f64(),
             recorded.as_secs_f64(),
@@ -345,6 +357,10 @@ fn main() {
             s.sync_point_pages as f64 / s.sync_points.max(1) as f64,
             s.sync_point_bytes as f64 / s.sync_points.max(1) as f64,
             rep.shadow_mmu_flushes,
+            pages.full as f64 * 100.0 / carried,
+            pages.delta as f64 * 100.0 / carried,
+            pages.same as f64 * 100.0 / carried,
+            pages.cache_bytes >> 20,
         );
     }
     println!();
@@ -354,5 +370,9 @@ fn main() {
     println!(
         "carries; B/sync: log bytes per sync point. flushes: the replay's shadow page-table zaps."
     );
+    println!(
+        "whole/delta/same%: of the pages carried, those sent whole, as a delta against the page"
+    );
+    println!("cache, unchanged (the rest are zero pages); cache: its contents at the end.");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -85,6 +85,7 @@ pub fn demo() -> Result<ExitCode> {
         sync_bound_us: 200,
         trace_landmarks: false,
         max_log_size: None,
+        page_cache: 64 << 20,
         run: guest_args("storm", &path_str(&recorded_console)),
     })?;
     if code != ExitCode::SUCCESS {
@@ -118,6 +119,7 @@ pub fn demo() -> Result<ExitCode> {
         sync_bound_us: 200,
         trace_landmarks: false,
         max_log_size: None,
+        page_cache: 64 << 20,
         run: guest_args("rdtscuser", &path_str(&dir.0.join("r1.txt"))),
     })?;
     match replay(&ReplayArgs {
