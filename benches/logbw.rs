@@ -21,7 +21,9 @@
 //! - `TWINVM_LOGBW_MAX_GB=N` the most one recording may write (default 4):
 //!   a row whose log passes it is reported as such, not finished (the
 //!   heaviest rows log more than a gigabit per second, and `record` itself
-//!   has no size bound yet: issue 14).
+//!   has no size bound yet: issue 14);
+//! - `TWINVM_LOGBW_PAGE_CACHE_MIB=N` the recording's page cache (default
+//!   64; 0 sends every sync-point page whole, as log format 3 did).
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -236,9 +238,14 @@ fn record(
         written: 0,
         cap: log_cap(),
     });
-    let recorder = Recorder {
-        log: LogWriter::new(writer, &header).unwrap(),
-    };
+    let mut log = LogWriter::new(writer, &header).unwrap();
+    if let Some(mib) = std::env::var("TWINVM_LOGBW_PAGE_CACHE_MIB")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        log.set_page_cache(mib * 256).unwrap();
+    }
+    let recorder = Recorder { log };
     let (report, mut engine) = run(row, Role::Record(recorder), host_cpu)?;
     let started = Instant::now();
     let log = &mut engine.recorder_mut().unwrap().log;

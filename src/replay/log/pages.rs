@@ -247,26 +247,53 @@ fn unzigzag(v: u64) -> i64 {
     (v >> 1) as i64 ^ -((v & 1) as i64)
 }
 
+/// The first offset at or after `pos` whose byte is not zero (the page's
+/// end if none), a word at a time over the zeros.
+fn next_nonzero(xor: &[u8; PAGE_SIZE], mut pos: usize) -> usize {
+    while pos < PAGE_SIZE && pos % 8 != 0 {
+        if xor[pos] != 0 {
+            return pos;
+        }
+        pos += 1;
+    }
+    while pos < PAGE_SIZE {
+        let word = u64::from_le_bytes(xor[pos..pos + 8].try_into().unwrap());
+        if word != 0 {
+            return pos + (word.trailing_zeros() / 8) as usize;
+        }
+        pos += 8;
+    }
+    PAGE_SIZE
+}
+
 /// `new XOR base` as runs: `varint count`, then per run `varint skip`
 /// (unchanged bytes since the previous run's end), `varint len`, and `len`
 /// bytes of XOR. None when that is not smaller than a page.
 fn sparse_delta(base: &[u8], new: &[u8], out: &mut Vec<u8>) -> Option<()> {
-    let xor: Vec<u8> = base.iter().zip(new).map(|(a, b)| a ^ b).collect();
+    let mut xor = [0u8; PAGE_SIZE];
+    for ((x, a), b) in xor
+        .chunks_exact_mut(8)
+        .zip(base.chunks_exact(8))
+        .zip(new.chunks_exact(8))
+    {
+        let a = u64::from_le_bytes(a.try_into().unwrap());
+        let b = u64::from_le_bytes(b.try_into().unwrap());
+        x.copy_from_slice(&(a ^ b).to_le_bytes());
+    }
     let mut runs: Vec<(usize, usize)> = Vec::new();
-    let mut pos = 0;
+    let mut pos = next_nonzero(&xor, 0);
+    let mut bytes = 0;
     while pos < PAGE_SIZE {
-        while pos < PAGE_SIZE && xor[pos] == 0 {
-            pos += 1;
-        }
-        if pos == PAGE_SIZE {
-            break;
-        }
         let start = pos;
         loop {
             while pos < PAGE_SIZE && xor[pos] != 0 {
                 pos += 1;
             }
-            let gap = xor[pos..].iter().take_while(|&&b| b == 0).count();
+            let gap = xor[pos..]
+                .iter()
+                .take(MERGE_GAP + 1)
+                .take_while(|&&b| b == 0)
+                .count();
             if gap <= MERGE_GAP && pos + gap < PAGE_SIZE {
                 pos += gap;
             } else {
@@ -274,20 +301,21 @@ fn sparse_delta(base: &[u8], new: &[u8], out: &mut Vec<u8>) -> Option<()> {
             }
         }
         runs.push((start, pos));
-    }
-    let mut enc = Vec::new();
-    put_varint(&mut enc, runs.len() as u64);
-    let mut end = 0;
-    for (start, stop) in runs {
-        put_varint(&mut enc, (start - end) as u64);
-        put_varint(&mut enc, (stop - start) as u64);
-        enc.extend_from_slice(&xor[start..stop]);
-        end = stop;
-        if enc.len() + 4 >= PAGE_SIZE {
+        // Two varints of up to two bytes each, and the bytes.
+        bytes += 4 + pos - start;
+        if bytes + 8 >= PAGE_SIZE {
             return None;
         }
+        pos = next_nonzero(&xor, pos);
     }
-    out.extend_from_slice(&enc);
+    put_varint(out, runs.len() as u64);
+    let mut end = 0;
+    for (start, stop) in runs {
+        put_varint(out, (start - end) as u64);
+        put_varint(out, (stop - start) as u64);
+        out.extend_from_slice(&xor[start..stop]);
+        end = stop;
+    }
     Some(())
 }
 

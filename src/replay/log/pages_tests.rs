@@ -204,10 +204,12 @@ fn malformed_entries_are_clear_errors() {
     }
 }
 
-/// A sync point's pages: (page number, stores) where a store is (offset,
-/// byte); a page number may come with no stores (written back unchanged),
-/// or be zeroed.
-fn rounds() -> impl Strategy<Value = Vec<Vec<(u64, Option<Vec<(u16, u8)>>)>>> {
+/// Stores into one page: (offset, byte) pairs; None zeroes the page.
+type PageWrites = Option<Vec<(u16, u8)>>;
+
+/// Sync points, each a list of (page number, its writes); a page may come
+/// with no stores (written back unchanged).
+fn rounds() -> impl Strategy<Value = Vec<Vec<(u64, PageWrites)>>> {
     prop::collection::vec(
         prop::collection::btree_map(
             0u64..12,
