@@ -507,4 +507,3 @@ fn a_page_twice_in_one_sync_point_is_refused() {
     let err = w.append(&sync_point(2, pages)).unwrap_err();
     assert!(err.to_string().contains("appears twice"), "{err}");
 }
-
