@@ -163,14 +163,14 @@ fn bench(interrupted: &AtomicBool) -> Result<bool> {
     }
     println!();
     println!(
-        "| workload | clone | guest dirty rate (MiB/s) | rounds | pages sent | MiB sent | total (ms) | pause (ms) | cut | pair whole 2 s later | requests lost |"
+        "| workload | clone | guest dirty rate (MiB/s) | rounds | pages sent | MiB sent | total (ms) | pause (ms) | wait for a landmark (ms) | cut | pair whole 2 s later | requests lost |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (name, samples, lost) in &table {
         for s in samples {
             let r = &s.report;
             println!(
-                "| {name} | {} | {:.1} | {} | {} | {:.1} | {:.0} | {:.1} | {} | {} | {} |",
+                "| {name} | {} | {:.1} | {} | {} | {:.1} | {:.0} | {:.1} | {:.1} | {} | {} | {} |",
                 r.phase,
                 r.dirty_rate * 4096.0 / (1 << 20) as f64,
                 r.round,
@@ -178,6 +178,7 @@ fn bench(interrupted: &AtomicBool) -> Result<bool> {
                 r.bytes_sent as f64 / (1 << 20) as f64,
                 r.total_ms,
                 r.pause_ms,
+                r.cut_wait_ms,
                 r.cut_reason,
                 if s.stayed_whole { "yes" } else { "NO" },
                 lost.map_or("-".to_string(), |l| l.to_string()),

@@ -552,16 +552,6 @@ impl Engine {
                 AtLandmark::Continue { injected: true } => return Ok(None),
                 AtLandmark::Continue { injected: false } => {}
             }
-            // A clone asked for while the guest sleeps is cut here, at this
-            // halt's landmark: waiting for the next interrupt would stop the
-            // guest's outputs for as long as it sleeps (seconds when idle).
-            // The records already logged at this landmark went to the old
-            // log and their effects are in the snapshot; the new log takes
-            // the rest of this landmark's, as after any cut.
-            if let Some(request) = self.pending_clone.take() {
-                self.take_clone_snapshot(*request)?;
-                continue;
-            }
             let deadline = self
                 .platform
                 .next_deadline()
