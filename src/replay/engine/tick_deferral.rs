@@ -90,9 +90,10 @@ pub(super) fn wake_at(
     }
     let deadline = pending.timer_deadline?;
     match deferred_until {
-        // A deferral granted for this tick: kick when it ends (or at once
-        // if it already has).
-        Some(end) if deadline <= now => Some(end.max(now)),
+        // A deferral granted for this tick: kick when it ends; once it has
+        // (the guest could not take the tick then), one bound from now, as
+        // without a deferral, never in a loop of kicks.
+        Some(end) if deadline <= now => Some(end.max(now.saturating_add(bound))),
         _ => Some(deadline.max(now).saturating_add(bound)),
     }
 }
@@ -205,10 +206,15 @@ mod tests {
         let bound = MS / 5;
         let p = pending(10 * MS, Some(9 * MS), false);
         assert_eq!(wake_at(bound, p, Some(17 * MS)), Some(17 * MS));
-        // Ended already: at once.
+        // Ended already (the guest had IF=0 then): one bound from now.
         assert_eq!(
             wake_at(bound, pending(18 * MS, Some(9 * MS), false), Some(17 * MS)),
-            Some(18 * MS)
+            Some(18 * MS + bound)
+        );
+        // A deferral shorter than the bound never kicks sooner than before.
+        assert_eq!(
+            wake_at(bound, pending(10 * MS, Some(9 * MS), false), Some(10 * MS)),
+            Some(10 * MS + bound)
         );
         // A later deadline (the tick went in meanwhile) is not deferred.
         assert_eq!(
