@@ -525,13 +525,19 @@ impl Engine {
     /// What only a landmark can deliver: an interrupt the PIC holds (a
     /// lower-priority one stays there while a higher one is served: without
     /// this, IRQ4 would starve behind every timer tick of a guest spinning
-    /// in user mode), a timer deadline, input the UART has not taken, or a
-    /// frame for a guest that has buffers. The timer deadline is kept apart
-    /// from the rest: only a tick may be deferred (tick_deferral.rs).
+    /// in user mode), a timer deadline, input the UART has not taken (held
+    /// or still in its channel), or a frame for a guest that has buffers.
+    /// The timer deadline is kept apart from the rest: only a tick may be
+    /// deferred (tick_deferral.rs).
     fn pending(&mut self) -> Pending {
         let now = self.real_now();
+        // Typed input still in its channel counts too (when the UART has
+        // room): its sender's kick must not wait for a deferred tick.
+        let typed = self.platform.serial_input_space() > 0
+            && self.inputs.serial.as_ref().is_some_and(|rx| !rx.is_empty());
         let other_waiting = self.platform.interrupt_pending()
             || !self.input.0.is_empty()
+            || typed
             || (self.platform.net_can_receive()
                 && (self.held_frame.is_some()
                     || self.inputs.net.as_ref().is_some_and(|rx| !rx.is_empty())));
