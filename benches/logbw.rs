@@ -21,7 +21,9 @@
 //! - `TWINVM_LOGBW_MAX_GB=N` the most one recording may write (default 4):
 //!   a row whose log passes it is reported as such, not finished (the
 //!   heaviest rows log more than a gigabit per second, and `record` itself
-//!   has no size bound yet: issue 14).
+//!   has no size bound yet: issue 14);
+//! - `TWINVM_LOGBW_TICK_DEFERRAL_MS=N` the tick deferral of the plain run
+//!   and the recording (default: the engine's default).
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -137,6 +139,18 @@ fn config(row: &Row) -> VmConfig {
     }
 }
 
+/// The engine's settings, with `TWINVM_LOGBW_TICK_DEFERRAL_MS` applied.
+fn settings() -> RecordSettings {
+    let mut settings = RecordSettings::default();
+    if let Some(ms) = std::env::var("TWINVM_LOGBW_TICK_DEFERRAL_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        settings.tick_deferral = Duration::from_millis(ms);
+    }
+    settings
+}
+
 /// Run `row` in `role` with the vCPU thread on `host_cpu`; the console
 /// output comes back with the report.
 fn run(row: &Row, role: Role, host_cpu: u32) -> Result<(RunReport, Engine), String> {
@@ -161,7 +175,7 @@ fn run(row: &Row, role: Role, host_cpu: u32) -> Result<(RunReport, Engine), Stri
             kicker: Kicker::new(),
         },
         role,
-        RecordSettings::default(),
+        settings(),
         Some(host_cpu),
     )
     .expect("engine");
@@ -283,9 +297,12 @@ fn main() {
         .max(1);
     let host_cpu = sys::current_cpu().unwrap();
 
-    println!("twinvm log bandwidth benchmark, median of {runs} run(s) per mode");
     println!(
-        "{:<40} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>8} {:>9} {:>7}",
+        "twinvm log bandwidth benchmark, median of {runs} run(s) per mode, tick deferral {} ms",
+        settings().tick_deferral.as_millis()
+    );
+    println!(
+        "{:<40} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>8} {:>9} {:>7} {:>8} {:>8}",
         "workload",
         "plain s",
         "rec s",
@@ -296,7 +313,9 @@ fn main() {
         "syncs/s",
         "pg/sync",
         "B/sync",
-        "flushes"
+        "flushes",
+        "tick ms",
+        "tick max"
     );
     for row in ROWS.iter().filter(|r| wanted(r)) {
         let mut plain = Vec::new();
@@ -333,7 +352,7 @@ fn main() {
         let (plain, recorded, replayed) = (median(plain), median(recorded), median(replayed));
         let secs = rec_run.as_secs_f64();
         println!(
-            "{:<40} {:>8.2} {:>8.2} {:>8.2} {:>7.2} {:>7.2} {:>9.2} {:>8.0} {:>8.1} {:>9.0} {:>7}",
+            "{:<40} {:>8.2} {:>8.2} {:>8.2} {:>7.2} {:>7.2} {:>9.2} {:>8.0} {:>8.1} {:>9.0} {:>7} {:>8.2} {:>8.2}",
             row.label,
             plain.as_secs_f64(),
             recorded.as_secs_f64(),
@@ -345,6 +364,8 @@ fn main() {
             s.sync_point_pages as f64 / s.sync_points.max(1) as f64,
             s.sync_point_bytes as f64 / s.sync_points.max(1) as f64,
             rep.shadow_mmu_flushes,
+            s.timer_poll_delay_total.as_secs_f64() * 1e3 / s.timer_polls.max(1) as f64,
+            s.timer_poll_delay_max.as_secs_f64() * 1e3,
         );
     }
     println!();
@@ -353,6 +374,9 @@ fn main() {
     );
     println!(
         "carries; B/sync: log bytes per sync point. flushes: the replay's shadow page-table zaps."
+    );
+    println!(
+        "tick ms / tick max: how late past its deadline the recording raised a timer tick, mean / max."
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
