@@ -64,7 +64,7 @@ pub struct PairArgs {
     #[arg(long)]
     pub sync_bound_us: Option<u64>,
     /// Milliseconds a timer tick may wait while the guest is in user mode
-    /// (see `record`; default 20, 0 to 1000).
+    /// (see `record`; default 0 = off, up to 1000).
     #[arg(long)]
     pub tick_deferral_ms: Option<u64>,
     /// Guest kernel (as for `twinvm run`).

@@ -273,9 +273,12 @@ const HARVEST_EVERY: Duration = Duration::from_millis(10);
 /// the sender (the stdin reader) is slowed instead of memory growing.
 const MAX_HELD_SERIAL_INPUT: usize = 4096;
 
-/// The default [`RecordSettings::tick_deferral`] (docs/benchmarks.md,
-/// "after fewer sync points", for how it was chosen).
-pub const DEFAULT_TICK_DEFERRAL: Duration = Duration::from_millis(20);
+/// The default [`RecordSettings::tick_deferral`]: off. Deferred ticks are
+/// coalesced, and a guest that keeps time by counting ticks (Linux here,
+/// `tsc=unstable`) would lose time while user code computes; 20 ms is the
+/// measured sweet spot for guests that do not (docs/benchmarks.md, "after
+/// fewer sync points").
+pub const DEFAULT_TICK_DEFERRAL: Duration = Duration::ZERO;
 
 /// Settings of a recording.
 #[derive(Debug, Clone, Copy)]
