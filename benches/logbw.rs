@@ -22,6 +22,8 @@
 //!   a row whose log passes it is reported as such, not finished (the
 //!   heaviest rows log more than a gigabit per second, and `record` itself
 //!   has no size bound yet: issue 14);
+//! - `TWINVM_LOGBW_TICK_DEFERRAL_MS=N` the tick deferral of the plain run
+//!   and the recording (default: the engine's default).
 //! - `TWINVM_LOGBW_PAGE_CACHE_MIB=N` the recording's page cache (default
 //!   64; 0 sends every sync-point page whole, as log format 3 did).
 
@@ -139,6 +141,18 @@ fn config(row: &Row) -> VmConfig {
     }
 }
 
+/// The engine's settings, with `TWINVM_LOGBW_TICK_DEFERRAL_MS` applied.
+fn settings() -> RecordSettings {
+    let mut settings = RecordSettings::default();
+    if let Some(ms) = std::env::var("TWINVM_LOGBW_TICK_DEFERRAL_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        settings.tick_deferral = Duration::from_millis(ms);
+    }
+    settings
+}
+
 /// Run `row` in `role` with the vCPU thread on `host_cpu`; the console
 /// output comes back with the report.
 fn run(row: &Row, role: Role, host_cpu: u32) -> Result<(RunReport, Engine), String> {
@@ -163,7 +177,7 @@ fn run(row: &Row, role: Role, host_cpu: u32) -> Result<(RunReport, Engine), Stri
             kicker: Kicker::new(),
         },
         role,
-        RecordSettings::default(),
+        settings(),
         Some(host_cpu),
     )
     .expect("engine");
@@ -297,9 +311,12 @@ fn main() {
         .max(1);
     let host_cpu = sys::current_cpu().unwrap();
 
-    println!("twinvm log bandwidth benchmark, median of {runs} run(s) per mode");
     println!(
-        "{:<40} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>8} {:>9} {:>7} {:>6} {:>6} {:>6} {:>5}",
+        "twinvm log bandwidth benchmark, median of {runs} run(s) per mode, tick deferral {} ms",
+        settings().tick_deferral.as_millis()
+    );
+    println!(
+        "{:<40} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>8} {:>9} {:>7} {:>8} {:>8} {:>6} {:>6} {:>6} {:>5}",
         "workload",
         "plain s",
         "rec s",
@@ -311,6 +328,8 @@ fn main() {
         "pg/sync",
         "B/sync",
         "flushes",
+        "tick ms",
+        "tick max",
         "whole%",
         "delta%",
         "same%",
@@ -352,7 +371,7 @@ fn main() {
         let (plain, recorded, replayed) = (median(plain), median(recorded), median(replayed));
         let secs = rec_run.as_secs_f64();
         println!(
-            "{:<40} {:>8.2} {:>8.2} {:>8.2} {:>7.2} {:>7.2} {:>9.2} {:>8.0} {:>8.1} {:>9.0} {:>7} {:>6.1} {:>6.1} {:>6.1} {:>4}M",
+            "{:<40} {:>8.2} {:>8.2} {:>8.2} {:>7.2} {:>7.2} {:>9.2} {:>8.0} {:>8.1} {:>9.0} {:>7} {:>8.2} {:>8.2} {:>6.1} {:>6.1} {:>6.1} {:>4}M",
             row.label,
             plain.as_secs_f64(),
             recorded.as_secs_f64(),
@@ -364,6 +383,8 @@ fn main() {
             s.sync_point_pages as f64 / s.sync_points.max(1) as f64,
             s.sync_point_bytes as f64 / s.sync_points.max(1) as f64,
             rep.shadow_mmu_flushes,
+            s.timer_poll_delay_total.as_secs_f64() * 1e3 / s.timer_polls.max(1) as f64,
+            s.timer_poll_delay_max.as_secs_f64() * 1e3,
             pages.full as f64 * 100.0 / carried,
             pages.delta as f64 * 100.0 / carried,
             pages.same as f64 * 100.0 / carried,
@@ -376,6 +397,9 @@ fn main() {
     );
     println!(
         "carries; B/sync: log bytes per sync point. flushes: the replay's shadow page-table zaps."
+    );
+    println!(
+        "tick ms / tick max: how late past its deadline the recording raised a timer tick, mean / max."
     );
     println!(
         "whole/delta/same%: of the pages carried, those sent whole, as a delta against the page"

@@ -582,6 +582,9 @@ fn record_and_replay_dmaremap(case: &str) -> (Finished, Finished) {
             "--net",
             "tap=twd0",
             "--stats",
+            // The scenario is a sync point at every tick of the spin.
+            "--tick-deferral-ms",
+            "0",
         ],
     );
     vm.wait_for_stdout(&format!("dmaremap: ready case={case} "), WAIT);

@@ -131,6 +131,26 @@ fn sync_point_pages_replay_identically_as_deltas_and_whole() {
 }
 
 #[test]
+fn deferred_ticks_make_fewer_sync_points_and_replay_identically() {
+    // The ticker's user-mode loop takes every tick through a sync point;
+    // with a 20 ms deferral the ticks it is owed wait and coalesce.
+    let dir = TempDir::new("rr-deferral");
+    let (_, every_tick) = record(&dir, "ticker", &[]);
+    let deferred_dir = TempDir::new("rr-deferral-20");
+    let (log, deferred) = record(&deferred_dir, "ticker", &["--tick-deferral-ms", "20"]);
+    let (all, fewer) = (
+        stat(&every_tick.stderr, "sync points"),
+        stat(&deferred.stderr, "sync points"),
+    );
+    assert!(
+        fewer > 0 && fewer * 2 < all,
+        "sync points: {fewer} deferred, {all} without\n{}",
+        deferred.stderr
+    );
+    assert_identical(&deferred, &replay(&log, "ticker", "64M"));
+}
+
+#[test]
 fn kernel_rdrand_and_rdseed_are_performed_logged_and_replayed() {
     let dir = TempDir::new("rr-entropy");
     let (log, rec) = record(&dir, "entropy", &[]);

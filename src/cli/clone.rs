@@ -50,7 +50,8 @@ pub fn report(s: &CloneStatus) -> String {
     if s.phase == "done" {
         format!(
             "clone to {} done: the pair is whole at generation {}\n\
-             total {:.2} s, {} rounds, {} pages ({:.1} MiB on the wire), pause {:.1} ms, cut at landmark {}\n\
+             total {:.2} s, {} rounds, {} pages ({:.1} MiB on the wire), pause {:.1} ms \
+             (after {:.1} ms waiting for a landmark), cut at landmark {}\n\
              ({})\n",
             s.to,
             s.generation,
@@ -59,6 +60,7 @@ pub fn report(s: &CloneStatus) -> String {
             s.pages_sent,
             s.bytes_sent as f64 / (1 << 20) as f64,
             s.pause_ms,
+            s.cut_wait_ms,
             s.landmark,
             s.cut_reason
         )

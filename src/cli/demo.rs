@@ -15,7 +15,7 @@ use super::replay::{record, replay, RecordArgs, ReplayArgs};
 use super::run::{boot_and_run, describe, print_stats, RunArgs};
 use crate::ft::drill::{run_local, DrillKind, LocalOptions};
 use crate::guests::BUILTIN_PREFIX;
-use crate::replay::engine::Ending;
+use crate::replay::engine::{Ending, DEFAULT_TICK_DEFERRAL};
 
 fn guest_args(name: &str, serial: &str) -> RunArgs {
     RunArgs {
@@ -83,6 +83,7 @@ pub fn demo() -> Result<ExitCode> {
         log: log.clone(),
         digest_interval: 256,
         sync_bound_us: 200,
+        tick_deferral_ms: DEFAULT_TICK_DEFERRAL.as_millis() as u64,
         trace_landmarks: false,
         max_log_size: None,
         page_cache: 64 << 20,
@@ -117,6 +118,7 @@ pub fn demo() -> Result<ExitCode> {
         log: log.clone(),
         digest_interval: 256,
         sync_bound_us: 200,
+        tick_deferral_ms: DEFAULT_TICK_DEFERRAL.as_millis() as u64,
         trace_landmarks: false,
         max_log_size: None,
         page_cache: 64 << 20,

@@ -16,7 +16,7 @@ use super::size::parse_size;
 use crate::ft::link::LinkConfig;
 use crate::ft::node::{self, query_status, ArbiterSettings, GuestSetup, PairConfig, PairStatus};
 use crate::net::NetSpec;
-use crate::replay::engine::TestPerturbation;
+use crate::replay::engine::{TestPerturbation, DEFAULT_TICK_DEFERRAL};
 
 /// Settings of a replica; flags override the `--config` file.
 #[derive(Debug, Clone, Args, Default)]
@@ -63,6 +63,10 @@ pub struct PairArgs {
     /// Microseconds a due interrupt may wait for a landmark (see `record`).
     #[arg(long)]
     pub sync_bound_us: Option<u64>,
+    /// Milliseconds a timer tick may wait while the guest is in user mode
+    /// (see `record`; default 0 = off, up to 1000).
+    #[arg(long)]
+    pub tick_deferral_ms: Option<u64>,
     /// Guest kernel (as for `twinvm run`).
     #[arg(long)]
     pub kernel: Option<String>,
@@ -136,6 +140,7 @@ struct ConfigFile {
     peer_timeout_ms: Option<u64>,
     host_cpu: Option<u32>,
     sync_bound_us: Option<u64>,
+    tick_deferral_ms: Option<u64>,
     backup: Option<String>,
     listen: Option<String>,
     #[serde(default)]
@@ -248,6 +253,11 @@ fn resolve(
     if sync_bound.is_zero() || sync_bound > Duration::from_secs(1) {
         bail!("--sync-bound-us must be 1 to 1000000");
     }
+    let tick_deferral = match args.tick_deferral_ms.or(file.tick_deferral_ms) {
+        Some(ms) if ms > 1000 => bail!("--tick-deferral-ms must be 0 to 1000"),
+        Some(ms) => Duration::from_millis(ms),
+        None => DEFAULT_TICK_DEFERRAL,
+    };
     let address = match side {
         Side::Primary => need("backup", address.map(str::to_string).or(file.backup))?,
         Side::Backup | Side::ClonedBackup => {
@@ -318,6 +328,7 @@ fn resolve(
         control,
         host_cpu: args.host_cpu.or(file.host_cpu),
         sync_bound,
+        tick_deferral,
     };
     Ok((config, guest, address))
 }
@@ -428,6 +439,8 @@ mod tests {
         .unwrap();
         assert_eq!(ok.arbiter.addrs.len(), 2);
         assert_eq!(ok.guest.mem.as_deref(), Some("64M"));
+        let ok: ConfigFile = toml::from_str("tick_deferral_ms = 0\n").unwrap();
+        assert_eq!(ok.tick_deferral_ms, Some(0));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use super::run::{RunArgs, VmSession};
 use super::size::parse_size;
 use crate::replay::engine::{
     final_records_reserve, Ending, LogSink, PerturbKind, RecordSettings, Recorder, Role, RunReport,
-    Stop, TestPerturbation,
+    Stop, TestPerturbation, DEFAULT_TICK_DEFERRAL,
 };
 use crate::replay::log::{LogHeader, LogReader, LogWriter, PAGE_SIZE};
 use crate::replay::log_file::LogFile;
@@ -35,6 +35,13 @@ pub struct RecordArgs {
     /// is stopped for a sync point.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub sync_bound_us: u64,
+    /// Milliseconds a timer tick may be held past its deadline while the
+    /// guest runs in user mode with nothing else owed to it, so fewer sync
+    /// points are made (missed PIT periods are coalesced into one tick).
+    /// 0 delivers every tick within the sync bound. Input, frames and other
+    /// interrupts are never held.
+    #[arg(long, default_value_t = DEFAULT_TICK_DEFERRAL.as_millis() as u64, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub tick_deferral_ms: u64,
     /// Log the guest's RIP and the landmark's own signature at every
     /// landmark; the replay then names the first landmark whose exit or
     /// RIP differs (for chasing a divergence).
@@ -173,6 +180,7 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
     let settings = RecordSettings {
         digest_interval: args.digest_interval,
         sync_bound: Duration::from_micros(args.sync_bound_us),
+        tick_deferral: Duration::from_millis(args.tick_deferral_ms),
         trace_landmarks: args.trace_landmarks,
         max_log_bytes: Some(max_log_bytes),
     };

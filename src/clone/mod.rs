@@ -75,8 +75,13 @@ pub struct CloneStatus {
     /// Pages per second the guest wrote during the last round.
     pub dirty_rate: f64,
     pub estimated_pause_ms: f64,
-    /// How long the guest was stopped for the cut.
+    /// How long the engine held the vCPU at the cut's landmark (snapshot
+    /// and the last dirty pages).
     pub pause_ms: f64,
+    /// From asking for the cut to the engine reaching a landmark (the guest
+    /// runs or sleeps meanwhile; its outputs wait).
+    #[serde(default)]
+    pub cut_wait_ms: f64,
     /// From the request to the new backup acknowledging the cut's landmark.
     pub total_ms: f64,
     /// The cut's landmark (the new log's first).

@@ -308,16 +308,21 @@ pub fn run_source(
             reply: reply_tx,
         })))
         .map_err(|_| CloneError::Engine("the pump ended".into()))?;
-    let CloneCut { snapshot, pages } = match reply_rx.recv_timeout(CUT_WITHIN) {
+    let CloneCut {
+        snapshot,
+        pages,
+        held,
+    } = match reply_rx.recv_timeout(CUT_WITHIN) {
         Ok(Ok(cut)) => cut,
         Ok(Err(e)) => return Err(CloneError::Engine(e)),
         Err(_) => return Err(CloneError::Engine(format!("no cut within {CUT_WITHIN:?}"))),
     };
-    let pause = asked.elapsed();
+    let waited = asked.elapsed().saturating_sub(held);
     let landmark = snapshot.landmark;
     let _ = events.send(SourceEvent::Cut { landmark });
     job.status(|s| {
-        s.pause_ms = pause.as_secs_f64() * 1e3;
+        s.pause_ms = held.as_secs_f64() * 1e3;
+        s.cut_wait_ms = waited.as_secs_f64() * 1e3;
         s.landmark = landmark;
         s.phase = "syncing".into();
     });

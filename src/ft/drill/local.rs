@@ -25,6 +25,8 @@ use super::verdict::{judge, Expectation, Limits, PairOutcome, SideOutcome};
 use super::{sleep_checked, wait_until, DrillError, DrillKind, Phases};
 use crate::net::CounterClient;
 
+mod repair;
+
 /// The node name of the double-failure drill's clone (it runs in hostA's
 /// namespace, the first primary's host, once that primary is dead).
 pub const CLONE_NODE: &str = "hostC";
@@ -248,21 +250,10 @@ impl LocalPair {
 
     /// As `check_running`, for the sides from index `first` on.
     fn check_running_after(&mut self, first: usize) -> Result<(), DrillError> {
-        for p in self.sides.iter_mut().skip(first) {
-            if let Some(status) = p.poll_exit() {
-                let tail = p.stderr_tail(LOG_TAIL);
-                return Err(DrillError::EndedEarly {
-                    what: format!("{} on {}", p.role, p.node),
-                    status: status.to_string(),
-                    tail: if tail.is_empty() {
-                        String::new()
-                    } else {
-                        format!("; its last lines:\n  {}", tail.join("\n  "))
-                    },
-                });
-            }
+        match self.sides.iter_mut().skip(first).find_map(ended_early) {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The process of `role` (`primary`, `backup`, `unprotected`).
@@ -609,6 +600,21 @@ pub fn run_local(
     })
 }
 
+/// `EndedEarly` if `p` has exited, with the last lines of its stderr.
+fn ended_early(p: &mut Proc) -> Option<DrillError> {
+    let status = p.poll_exit()?;
+    let tail = p.stderr_tail(LOG_TAIL);
+    Some(DrillError::EndedEarly {
+        what: format!("{} on {}", p.role, p.node),
+        status: status.to_string(),
+        tail: if tail.is_empty() {
+            String::new()
+        } else {
+            format!("; its last lines:\n  {}", tail.join("\n  "))
+        },
+    })
+}
+
 /// Inject `kind`'s fault; returns what was done and when (from the client's epoch).
 fn inject(
     kind: DrillKind,
@@ -667,84 +673,14 @@ fn inject(
 }
 
 /// The double-failure drill's repair: once the backup on hostB is live,
-/// start `twinvm backup --from-clone` as [`CLONE_NODE`] in hostA's
-/// namespace (its primary is dead), clone the survivor to it through the
-/// survivor's control socket, and wait until the pair is whole again
-/// (survivor `replicating` at generation + 1, clone `following`). Returns
-/// what was done, with the clone's figures.
+/// clone it to a new backup, [`CLONE_NODE`], in hostA's namespace (its
+/// primary is dead). Returns what was done, with the clone's figures.
 fn clone_survivor(
     lp: &mut LocalPair,
     opts: &LocalOptions,
     interrupted: &AtomicBool,
 ) -> Result<String, DrillError> {
-    let timeout = opts.phases.ready_timeout;
-    let survivor = lp.control(Host::B);
-    wait_until("the backup live", timeout, interrupted, || {
-        Ok(query_status(&survivor, STATUS_TIMEOUT)
-            .ok()
-            .filter(|s| s.state == "live")
-            .map(|_| ()))
-    })?;
-    let key_file = lp
-        .key_file()
-        .ok_or_else(|| DrillError::Arbiter("the cluster has no key file".into()))?
-        .to_owned();
-    let spec = PairSpec {
-        vm: VM_NAME.into(),
-        generation: GENERATION,
-        backup_listen: format!("{}:{}", addr::FT_A, addr::FT_PORT),
-        key_file,
-        arbiters: Topology::arbiter_addrs(),
-        heartbeat_ms: opts.heartbeat_ms,
-        peer_timeout_ms: opts.peer_timeout_ms,
-    };
-    let files = SideFiles::in_dir(lp.dir.path(), CLONE_NODE);
-    let mut args = backup_args(&spec, &opts.guest, CLONE_NODE, &files);
-    args.push("--from-clone".into());
-    let mut cmd = lp.topo.host_a.command(&opts.exe);
-    cmd.args(args);
-    // A backup like any (the arbiter names it `hostC/backup`); `side`
-    // finds hostB's first, which the drill kills next.
-    lp.sides
-        .push(Proc::spawn(cmd, CLONE_NODE, "backup", files.clone())?);
-    wait_until("the clone waiting", timeout, interrupted, || {
-        lp.check_running_after(1)?;
-        let text = lp.sides.last().map(Proc::stderr_text).unwrap_or_default();
-        Ok(text.contains("waiting for a clone").then_some(()))
-    })?;
-    crate::ft::node::request_clone(&survivor, &format!("{}:{}", addr::FT_A, addr::FT_PORT))
-        .map_err(|e| DrillError::Usage(format!("the survivor refused the clone: {e}")))?;
-    let report = wait_until("the clone in sync", timeout, interrupted, || {
-        lp.check_running_after(1)?;
-        let Ok(status) = crate::ft::node::query_status(&survivor) else {
-            return Ok(None);
-        };
-        match status.clone {
-            Some(c) if c.phase == "failed" => {
-                Err(DrillError::Usage(format!("the clone failed: {}", c.error)))
-            }
-            Some(c)
-                if c.phase == "done"
-                    && status.state == "replicating"
-                    && status.generation == GENERATION + 1 =>
-            {
-                Ok(Some(c))
-            }
-            _ => Ok(None),
-        }
-    })?;
-    wait_until("the clone following", timeout, interrupted, || {
-        lp.check_running_after(1)?;
-        Ok(query_status(&files.control, STATUS_TIMEOUT)
-            .ok()
-            .filter(|s| s.state == "following")
-            .map(|_| ()))
-    })?;
-    info!(
-        total_ms = report.total_ms,
-        pause_ms = report.pause_ms,
-        "the survivor was cloned"
-    );
+    let report = lp.clone_alone_side(opts, Host::B, Host::A, CLONE_NODE, interrupted)?;
     Ok(format!(
         "clone of the live backup to {CLONE_NODE} (in hostA's namespace, {}:{}): \
          {:.0} ms in all, pause {:.1} ms, {} rounds, {} pages",

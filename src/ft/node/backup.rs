@@ -271,6 +271,7 @@ pub fn run_backup_from(
         Role::Replay(Schedule::new(Box::new(LiveSource::new(live_rx, queued)))),
         RecordSettings {
             sync_bound: cfg.sync_bound,
+            tick_deferral: cfg.tick_deferral,
             ..RecordSettings::default()
         },
         Some(host_cpu),

@@ -73,6 +73,9 @@ pub struct PairConfig {
     pub host_cpu: Option<u32>,
     /// How long a due interrupt may wait for a landmark before a sync point.
     pub sync_bound: Duration,
+    /// How long a tick owed to a user-mode guest may wait (the primary's;
+    /// `RecordSettings::tick_deferral`).
+    pub tick_deferral: Duration,
 }
 
 /// The guest both replicas run.

@@ -168,6 +168,7 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
         Role::Record(recorder),
         RecordSettings {
             sync_bound: cfg.sync_bound,
+            tick_deferral: cfg.tick_deferral,
             ..RecordSettings::default()
         },
         Some(host_cpu),

@@ -50,6 +50,8 @@ pub struct CloneSnapshot {
 pub struct CloneCut {
     pub snapshot: CloneSnapshot,
     pub pages: Vec<(u64, Vec<u8>)>,
+    /// How long the vCPU was held at the landmark for the cut.
+    pub held: std::time::Duration,
 }
 
 /// A request to take the snapshot at the next landmark and record from
@@ -81,9 +83,10 @@ impl Engine {
     /// At a landmark with a clone pending: complete the vCPU's last exit,
     /// take the snapshot and the last dirty pages, and record from here.
     pub(super) fn take_clone_snapshot(&mut self, request: CloneRequest) -> Result<(), RunError> {
+        let began = std::time::Instant::now();
         let answer = self.clone_cut();
         let result = match answer {
-            Ok(cut) => {
+            Ok(mut cut) => {
                 self.clone_tracking = false;
                 // The new backup's shadow page tables start empty: drop
                 // this side's too, so both run on from the same (empty)
@@ -94,6 +97,7 @@ impl Engine {
                 self.since_sync = DirtyPages::default();
                 self.set_role(Role::Record(request.recorder))?;
                 tracing::info!(landmark = self.landmark, "recording for a cloned backup");
+                cut.held = began.elapsed();
                 Ok(cut)
             }
             Err(e) => Err(e.to_string()),
@@ -138,6 +142,7 @@ impl Engine {
                 at_sync_point: self.sync_state.is_some(),
             },
             pages,
+            held: std::time::Duration::ZERO,
         })
     }
 
@@ -157,6 +162,11 @@ impl Engine {
         self.sync_state = snapshot.at_sync_point.then(|| snapshot.cpu.clone());
         self.injected_here = false;
         self.vm.flush_shadow_for_clone();
+        // Whether an interrupt can go in at this landmark is read from
+        // kvm_run, which KVM fills in only when KVM_RUN returns: run to an
+        // immediate exit, as the primary did at its cut, so both judge from
+        // the same vCPU state (a fresh vCPU's kvm_run says "never").
+        self.vm.complete_pending_exit()?;
         Ok(())
     }
 }

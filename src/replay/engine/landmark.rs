@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Select, TryRecvError};
 
+use super::tick_deferral::{self, KickDecision, Pending};
 use super::{
     Control, Ending, Engine, Output, RunError, Stop, HARVEST_EVERY, MAX_HELD_SERIAL_INPUT,
 };
@@ -110,11 +111,19 @@ impl Engine {
             return self.end_live(Ending::Stopped).map(AfterKick::Stop);
         }
         // A clone waits for a landmark: make one now.
-        if self.sync_due() || self.pending_clone.is_some() {
+        let decision = self.kick_decision();
+        if decision == KickDecision::SyncNow || self.pending_clone.is_some() {
             if !self.make_sync_point()? {
                 return self.end_before_sync_point().map(AfterKick::Stop);
             }
+            // A sync point harvested the dirty log: the landmark rule
+            // need not do it again right away (each harvest re-protects).
+            self.last_harvest = std::time::Instant::now();
             return Ok(AfterKick::Landmark);
+        }
+        if let KickDecision::DeferUntil(end) = decision {
+            self.deferred_until = Some(end);
+            self.stats.tick_deferrals += 1;
         }
         Ok(AfterKick::Resume)
     }
@@ -314,10 +323,15 @@ impl Engine {
         // choice, while polling first would let IRQ0 (highest priority, and
         // due again by the time a slow emulated timer handler returns)
         // starve every other line, e.g. the serial transmit interrupt.
+        self.deferred_until = None;
         let waiting = self.platform.interrupt_pending();
         if let Some(deadline) = self.platform.next_deadline().filter(|_| !waiting) {
             let now = self.real_now();
             if deadline <= now {
+                let late = Duration::from_nanos(now - deadline);
+                self.stats.timer_polls += 1;
+                self.stats.timer_poll_delay_total += late;
+                self.stats.timer_poll_delay_max = self.stats.timer_poll_delay_max.max(late);
                 self.platform.poll(now);
                 self.log(Record::Poll {
                     landmark: self.landmark,
@@ -508,38 +522,53 @@ impl Engine {
         Ok(())
     }
 
-    /// Something only a landmark can deliver is waiting: an interrupt the
-    /// PIC holds (a lower-priority one stays there while a higher one is
-    /// served: without this, IRQ4 would starve behind every timer tick of a
-    /// guest spinning in user mode), a timer deadline that passed, input the
-    /// UART has not taken, or a frame for a guest that has buffers.
-    fn waiting_for_landmark(&self, now: Nanos) -> bool {
-        self.platform.interrupt_pending()
-            || self.platform.next_deadline().is_some_and(|d| d <= now)
+    /// What only a landmark can deliver: an interrupt the PIC holds (a
+    /// lower-priority one stays there while a higher one is served: without
+    /// this, IRQ4 would starve behind every timer tick of a guest spinning
+    /// in user mode), a timer deadline, input the UART has not taken (held
+    /// or still in its channel), or a frame for a guest that has buffers.
+    /// The timer deadline is kept apart from the rest: only a tick may be
+    /// deferred (tick_deferral.rs).
+    fn pending(&mut self) -> Pending {
+        let now = self.real_now();
+        // Typed input still in its channel counts too (when the UART has
+        // room): its sender's kick must not wait for a deferred tick.
+        let typed = self.platform.serial_input_space() > 0
+            && self.inputs.serial.as_ref().is_some_and(|rx| !rx.is_empty());
+        let other_waiting = self.platform.interrupt_pending()
             || !self.input.0.is_empty()
+            || typed
             || (self.platform.net_can_receive()
                 && (self.held_frame.is_some()
-                    || self.inputs.net.as_ref().is_some_and(|rx| !rx.is_empty())))
+                    || self.inputs.net.as_ref().is_some_and(|rx| !rx.is_empty())));
+        Pending {
+            now,
+            timer_deadline: self.platform.next_deadline(),
+            other_waiting,
+        }
     }
 
-    /// Is an interrupt due that the guest could take, with no landmark in sight?
-    fn sync_due(&mut self) -> bool {
-        let now = self.real_now();
-        let waiting = self.waiting_for_landmark(now);
+    /// After a kick: stop for a sync point, let a user-mode guest run on
+    /// with only a tick owed, or resume (nothing it can take).
+    fn kick_decision(&mut self) -> KickDecision {
+        let pending = self.pending();
         let run = self.vm.vcpu.get_kvm_run();
-        waiting && run.if_flag != 0 && run.ready_for_interrupt_injection != 0
+        let can_take = run.if_flag != 0 && run.ready_for_interrupt_injection != 0;
+        let max_deferral = self.settings.tick_deferral.as_nanos() as Nanos;
+        let vcpu = &self.vm.vcpu;
+        tick_deferral::on_kick(max_deferral, pending, can_take, || {
+            // Unreadable state: no deferral (deliver now, as before).
+            vcpu.get_sregs().is_ok_and(|s| s.cs.dpl == 3)
+        })
     }
 
     /// Kick the guest one sync bound after the next thing it must get
-    /// (now, if something is already waiting).
+    /// (now, if something is already waiting), or when a deferral granted
+    /// to an owed tick ends.
     fn arm_timer(&mut self) {
-        let now = self.real_now();
+        let pending = self.pending();
         let bound = self.settings.sync_bound.as_nanos() as Nanos;
-        let wake = if self.waiting_for_landmark(now) {
-            Some(now + bound)
-        } else {
-            self.platform.next_deadline().map(|d| d.max(now) + bound)
-        };
+        let wake = tick_deferral::wake_at(bound, pending, self.deferred_until);
         self.timer.arm(self.start, wake);
     }
 

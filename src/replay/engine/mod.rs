@@ -30,6 +30,7 @@ mod outputs;
 mod perturb;
 mod stop_signal;
 mod sync;
+mod tick_deferral;
 mod traps;
 
 use std::io::Write;
@@ -145,6 +146,14 @@ pub struct ExitStats {
     pub sync_point_pages: u64,
     /// Log bytes taken by sync points (recording only).
     pub sync_point_bytes: u64,
+    /// Kicks that found only a timer tick owed to a guest in user mode and
+    /// let it run on (tick_deferral.rs).
+    pub tick_deferrals: u64,
+    /// Timer polls that raised a tick, and how late past its deadline the
+    /// tick was raised (the guest-visible tick latency; live roles).
+    pub timer_polls: u64,
+    pub timer_poll_delay_total: Duration,
+    pub timer_poll_delay_max: Duration,
     /// The recording ended because its log reached its size limit.
     pub log_size_limit_reached: bool,
     /// ... at the landmark before a sync point that did not fit, so
@@ -264,6 +273,13 @@ const HARVEST_EVERY: Duration = Duration::from_millis(10);
 /// the sender (the stdin reader) is slowed instead of memory growing.
 const MAX_HELD_SERIAL_INPUT: usize = 4096;
 
+/// The default [`RecordSettings::tick_deferral`]: off. Deferred ticks are
+/// coalesced, and a guest that keeps time by counting ticks (Linux here,
+/// `tsc=unstable`) would lose time while user code computes; 20 ms is the
+/// measured sweet spot for guests that do not (docs/benchmarks.md, "after
+/// fewer sync points").
+pub const DEFAULT_TICK_DEFERRAL: Duration = Duration::ZERO;
+
 /// Settings of a recording.
 #[derive(Debug, Clone, Copy)]
 pub struct RecordSettings {
@@ -272,6 +288,11 @@ pub struct RecordSettings {
     /// How long past a timer deadline the guest may go without a landmark
     /// before it is kicked (and, when recording, a sync point is made).
     pub sync_bound: Duration,
+    /// How long past its deadline a timer tick may wait while the guest is
+    /// in user mode and nothing else is owed to it, before the guest is
+    /// stopped for it (a sync point). Zero: every tick as soon as the sync
+    /// bound allows. See tick_deferral.rs and docs/architecture.md.
+    pub tick_deferral: Duration,
     /// Log the guest's RIP and landmark signature at every landmark
     /// (`Record::Trace`).
     pub trace_landmarks: bool,
@@ -285,6 +306,7 @@ impl Default for RecordSettings {
         RecordSettings {
             digest_interval: 256,
             sync_bound: Duration::from_micros(200),
+            tick_deferral: DEFAULT_TICK_DEFERRAL,
             trace_landmarks: false,
             max_log_bytes: None,
         }
@@ -434,6 +456,9 @@ pub struct Engine {
     since_digest: DirtyPages,
     log_room: log_limit::LogRoom,
     last_harvest: Instant,
+    /// A kick let the guest run on with only a timer tick owed: kick again
+    /// by this guest time (tick_deferral.rs). Cleared at every landmark.
+    deferred_until: Option<Nanos>,
     progress: Progress,
     syscall_fix: SyscallFix,
     signature: LandmarkSignature,
@@ -497,6 +522,7 @@ impl Engine {
             since_digest: DirtyPages::default(),
             log_room: log_limit::LogRoom::default(),
             last_harvest: now,
+            deferred_until: None,
             progress: Progress::new(),
             syscall_fix: SyscallFix::default(),
             signature: LandmarkSignature::default(),

@@ -1,0 +1,232 @@
+//! Fewer sync points: when a kick finds that the only thing the guest is
+//! owed is a timer tick and the guest is in user mode, let it run on (up
+//! to the tick deferral past the missed deadline) instead of stopping it
+//! for a sync point now. Every sync point costs a dirty-log harvest (and,
+//! under shadow paging, a write fault on each page the guest stores to
+//! next) plus the pages in the log; a tick a few milliseconds late costs a
+//! user-mode loop nothing. The PIT coalesces the periods missed meanwhile
+//! into one interrupt, as it does whenever a tick is late
+//! (docs/architecture.md, "Tick deferral").
+//!
+//! Pure decisions (sans-IO): the engine gathers the state, these decide.
+
+use crate::devices::Nanos;
+
+/// What the engine sees when the guest was kicked (or is about to run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Pending {
+    /// Guest time now.
+    pub now: Nanos,
+    /// The earliest timer deadline (possibly passed; the PIT keeps the first
+    /// missed one until it is polled).
+    pub timer_deadline: Option<Nanos>,
+    /// Something besides a timer waits for a landmark: an interrupt the PIC
+    /// already holds, serial input, a received frame the guest can take.
+    /// These are never deferred.
+    pub other_waiting: bool,
+}
+
+impl Pending {
+    fn timer_due(&self) -> bool {
+        self.timer_deadline.is_some_and(|d| d <= self.now)
+    }
+
+    /// The moment a deferred tick must go in: the missed deadline plus the
+    /// deferral (so however many kicks look at it, it is never later).
+    fn deferral_end(&self, max_deferral: Nanos) -> Option<Nanos> {
+        self.timer_deadline.map(|d| d.saturating_add(max_deferral))
+    }
+}
+
+/// What to do after a kick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum KickDecision {
+    /// Nothing the guest can take now: back into the guest.
+    Resume,
+    /// Stop here: make a sync point (a landmark) and deliver.
+    SyncNow,
+    /// Only a timer tick is owed and the guest is in user mode: back into
+    /// the guest, to be kicked again at this guest time at the latest.
+    DeferUntil(Nanos),
+}
+
+/// Decide what a kick leads to. `can_take_interrupt`: the guest's IF is set
+/// and nothing blocks injection; `user_mode` is asked only when a deferral
+/// is possible (reading the CPL costs an ioctl).
+pub(super) fn on_kick(
+    max_deferral: Nanos,
+    pending: Pending,
+    can_take_interrupt: bool,
+    user_mode: impl FnOnce() -> bool,
+) -> KickDecision {
+    if !can_take_interrupt {
+        return KickDecision::Resume;
+    }
+    if pending.other_waiting {
+        return KickDecision::SyncNow;
+    }
+    if !pending.timer_due() {
+        return KickDecision::Resume;
+    }
+    match pending.deferral_end(max_deferral) {
+        Some(end) if max_deferral > 0 && pending.now < end && user_mode() => {
+            KickDecision::DeferUntil(end)
+        }
+        _ => KickDecision::SyncNow,
+    }
+}
+
+/// When the deadline timer should kick the guest (guest ns), given the sync
+/// bound (how long a due event may wait for a landmark) and the end of a
+/// deferral granted at the last kick, if any.
+pub(super) fn wake_at(
+    bound: Nanos,
+    pending: Pending,
+    deferred_until: Option<Nanos>,
+) -> Option<Nanos> {
+    let now = pending.now;
+    if pending.other_waiting {
+        return Some(now.saturating_add(bound));
+    }
+    let deadline = pending.timer_deadline?;
+    match deferred_until {
+        // A deferral granted for this tick: kick when it ends; once it has
+        // (the guest could not take the tick then), one bound from now, as
+        // without a deferral, never in a loop of kicks.
+        Some(end) if deadline <= now => Some(end.max(now.saturating_add(bound))),
+        _ => Some(deadline.max(now).saturating_add(bound)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Nanos = 1_000_000;
+
+    fn pending(now: Nanos, deadline: Option<Nanos>, other: bool) -> Pending {
+        Pending {
+            now,
+            timer_deadline: deadline,
+            other_waiting: other,
+        }
+    }
+
+    fn never_asked() -> bool {
+        panic!("the CPL must not be read here")
+    }
+
+    #[test]
+    fn a_guest_that_cannot_take_interrupts_just_resumes() {
+        let p = pending(10 * MS, Some(5 * MS), true);
+        assert_eq!(
+            on_kick(20 * MS, p, false, never_asked),
+            KickDecision::Resume
+        );
+    }
+
+    #[test]
+    fn input_a_frame_or_a_held_interrupt_is_never_deferred() {
+        let p = pending(10 * MS, Some(9 * MS), true);
+        assert_eq!(
+            on_kick(20 * MS, p, true, never_asked),
+            KickDecision::SyncNow
+        );
+        let p = pending(10 * MS, None, true);
+        assert_eq!(
+            on_kick(20 * MS, p, true, never_asked),
+            KickDecision::SyncNow
+        );
+    }
+
+    #[test]
+    fn nothing_due_resumes() {
+        assert_eq!(
+            on_kick(
+                20 * MS,
+                pending(10 * MS, Some(11 * MS), false),
+                true,
+                never_asked
+            ),
+            KickDecision::Resume
+        );
+        assert_eq!(
+            on_kick(20 * MS, pending(10 * MS, None, false), true, never_asked),
+            KickDecision::Resume
+        );
+    }
+
+    #[test]
+    fn a_tick_due_in_user_mode_waits_until_the_deadline_plus_the_deferral() {
+        let p = pending(10 * MS, Some(9 * MS), false);
+        assert_eq!(
+            on_kick(8 * MS, p, true, || true),
+            KickDecision::DeferUntil(17 * MS)
+        );
+    }
+
+    #[test]
+    fn a_tick_due_in_kernel_mode_goes_in_now() {
+        let p = pending(10 * MS, Some(9 * MS), false);
+        assert_eq!(on_kick(8 * MS, p, true, || false), KickDecision::SyncNow);
+    }
+
+    #[test]
+    fn a_deferral_never_passes_its_end_whatever_the_mode() {
+        // At the end exactly and after it: deliver, without asking the mode.
+        for now in [17 * MS, 30 * MS] {
+            let p = pending(now, Some(9 * MS), false);
+            assert_eq!(on_kick(8 * MS, p, true, never_asked), KickDecision::SyncNow);
+        }
+    }
+
+    #[test]
+    fn no_deferral_configured_keeps_the_old_rule() {
+        let p = pending(10 * MS, Some(9 * MS), false);
+        assert_eq!(on_kick(0, p, true, never_asked), KickDecision::SyncNow);
+    }
+
+    #[test]
+    fn the_timer_is_armed_one_bound_after_a_deadline_not_yet_deferred() {
+        let bound = MS / 5;
+        assert_eq!(
+            wake_at(bound, pending(10 * MS, Some(12 * MS), false), None),
+            Some(12 * MS + bound)
+        );
+        // Already passed: one bound from now.
+        assert_eq!(
+            wake_at(bound, pending(10 * MS, Some(9 * MS), false), None),
+            Some(10 * MS + bound)
+        );
+        assert_eq!(wake_at(bound, pending(10 * MS, None, false), None), None);
+    }
+
+    #[test]
+    fn a_granted_deferral_moves_the_kick_to_its_end() {
+        let bound = MS / 5;
+        let p = pending(10 * MS, Some(9 * MS), false);
+        assert_eq!(wake_at(bound, p, Some(17 * MS)), Some(17 * MS));
+        // Ended already (the guest had IF=0 then): one bound from now.
+        assert_eq!(
+            wake_at(bound, pending(18 * MS, Some(9 * MS), false), Some(17 * MS)),
+            Some(18 * MS + bound)
+        );
+        // A deferral shorter than the bound never kicks sooner than before.
+        assert_eq!(
+            wake_at(bound, pending(10 * MS, Some(9 * MS), false), Some(10 * MS)),
+            Some(10 * MS + bound)
+        );
+        // A later deadline (the tick went in meanwhile) is not deferred.
+        assert_eq!(
+            wake_at(bound, pending(10 * MS, Some(13 * MS), false), Some(17 * MS)),
+            Some(13 * MS + bound)
+        );
+    }
+
+    #[test]
+    fn other_waiting_input_cancels_a_deferral() {
+        let bound = MS / 5;
+        let p = pending(10 * MS, Some(9 * MS), true);
+        assert_eq!(wake_at(bound, p, Some(17 * MS)), Some(10 * MS + bound));
+    }
+}
