@@ -24,6 +24,8 @@
 //!   has no size bound yet: issue 14);
 //! - `TWINVM_LOGBW_TICK_DEFERRAL_MS=N` the tick deferral of the plain run
 //!   and the recording (default: the engine's default).
+//! - `TWINVM_LOGBW_PAGE_CACHE_MIB=N` the recording's page cache (default
+//!   64; 0 sends every sync-point page whole, as log format 3 did).
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -36,7 +38,7 @@ use twinvm::replay::engine::{
     Connections, ConsoleAndNet, Ending, Engine, ExitStats, Inputs, LogSink, RecordSettings,
     Recorder, Role, RunReport, Stop,
 };
-use twinvm::replay::log::{LogHeader, LogReader, LogWriter};
+use twinvm::replay::log::{LogHeader, LogReader, LogWriter, PageStats};
 use twinvm::replay::schedule::Schedule;
 use twinvm::vmm::{sys, Kicker, Vm, VmConfig};
 
@@ -227,7 +229,12 @@ fn log_cap() -> u64 {
 
 /// Record `row` to `path` (fsynced): the report and the wall time of the
 /// run plus the final flush and fsync.
-fn record(row: &Row, path: &Path, host_cpu: u32) -> Result<(RunReport, Duration), String> {
+/// Also how its sync-point pages travelled (whole, as deltas, ...).
+fn record(
+    row: &Row,
+    path: &Path,
+    host_cpu: u32,
+) -> Result<(RunReport, Duration, PageStats), String> {
     let file = File::create(path).unwrap();
     let sync = file.try_clone().unwrap();
     let cfg = config(row);
@@ -245,14 +252,21 @@ fn record(row: &Row, path: &Path, host_cpu: u32) -> Result<(RunReport, Duration)
         written: 0,
         cap: log_cap(),
     });
-    let recorder = Recorder {
-        log: LogWriter::new(writer, &header).unwrap(),
-    };
+    let mut log = LogWriter::new(writer, &header).unwrap();
+    if let Some(mib) = std::env::var("TWINVM_LOGBW_PAGE_CACHE_MIB")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        log.set_page_cache(mib * 256).unwrap();
+    }
+    let recorder = Recorder { log };
     let (report, mut engine) = run(row, Role::Record(recorder), host_cpu)?;
     let started = Instant::now();
-    engine.recorder_mut().unwrap().log.flush().unwrap();
+    let log = &mut engine.recorder_mut().unwrap().log;
+    log.flush().unwrap();
+    let pages = log.page_stats();
     sync.sync_all().unwrap();
-    Ok((report, report.wall + started.elapsed()))
+    Ok((report, report.wall + started.elapsed(), pages))
 }
 
 /// Replay the log at `path` to its end; it must be identical.
@@ -302,7 +316,7 @@ fn main() {
         settings().tick_deferral.as_millis()
     );
     println!(
-        "{:<40} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>8} {:>9} {:>7} {:>8} {:>8}",
+        "{:<40} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>8} {:>9} {:>7} {:>8} {:>8} {:>6} {:>6} {:>6} {:>5}",
         "workload",
         "plain s",
         "rec s",
@@ -315,18 +329,22 @@ fn main() {
         "B/sync",
         "flushes",
         "tick ms",
-        "tick max"
+        "tick max",
+        "whole%",
+        "delta%",
+        "same%",
+        "cache"
     );
     for row in ROWS.iter().filter(|r| wanted(r)) {
         let mut plain = Vec::new();
         let mut recorded = Vec::new();
         let mut replayed = Vec::new();
-        let mut last: Option<(ExitStats, Duration, ExitStats)> = None;
+        let mut last: Option<(ExitStats, Duration, ExitStats, PageStats)> = None;
         let mut stopped = None;
         for i in 0..runs {
             plain.push(run(row, Role::Live, host_cpu).expect("plain run").0.wall);
             let path = dir.join(format!("{}-{i}.log", row.guest));
-            let (rec, wall) = match record(row, &path, host_cpu) {
+            let (rec, wall, pages) = match record(row, &path, host_cpu) {
                 Ok(recorded) => recorded,
                 Err(e) => {
                     let _ = std::fs::remove_file(&path);
@@ -338,7 +356,7 @@ fn main() {
             let rep = replay(row, &path, host_cpu);
             replayed.push(rep.wall);
             std::fs::remove_file(&path).unwrap();
-            last = Some((rec.stats, rec.wall, rep.stats));
+            last = Some((rec.stats, rec.wall, rep.stats, pages));
         }
         if let Some(why) = stopped {
             println!(
@@ -348,11 +366,12 @@ fn main() {
             );
             continue;
         }
-        let (s, rec_run, rep) = last.unwrap();
+        let (s, rec_run, rep, pages) = last.unwrap();
+        let carried = (pages.full + pages.delta + pages.same + pages.zero).max(1) as f64;
         let (plain, recorded, replayed) = (median(plain), median(recorded), median(replayed));
         let secs = rec_run.as_secs_f64();
         println!(
-            "{:<40} {:>8.2} {:>8.2} {:>8.2} {:>7.2} {:>7.2} {:>9.2} {:>8.0} {:>8.1} {:>9.0} {:>7} {:>8.2} {:>8.2}",
+            "{:<40} {:>8.2} {:>8.2} {:>8.2} {:>7.2} {:>7.2} {:>9.2} {:>8.0} {:>8.1} {:>9.0} {:>7} {:>8.2} {:>8.2} {:>6.1} {:>6.1} {:>6.1} {:>4}M",
             row.label,
             plain.as_secs_f64(),
             recorded.as_secs_f64(),
@@ -366,6 +385,10 @@ fn main() {
             rep.shadow_mmu_flushes,
             s.timer_poll_delay_total.as_secs_f64() * 1e3 / s.timer_polls.max(1) as f64,
             s.timer_poll_delay_max.as_secs_f64() * 1e3,
+            pages.full as f64 * 100.0 / carried,
+            pages.delta as f64 * 100.0 / carried,
+            pages.same as f64 * 100.0 / carried,
+            pages.cache_bytes >> 20,
         );
     }
     println!();
@@ -378,5 +401,9 @@ fn main() {
     println!(
         "tick ms / tick max: how late past its deadline the recording raised a timer tick, mean / max."
     );
+    println!(
+        "whole/delta/same%: of the pages carried, those sent whole, as a delta against the page"
+    );
+    println!("cache, unchanged (the rest are zero pages); cache: its contents at the end.");
     let _ = std::fs::remove_dir_all(&dir);
 }

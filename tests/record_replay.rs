@@ -97,6 +97,39 @@ fn ticker_replays_identically_through_interrupts_and_sync_points() {
     );
 }
 
+/// `N label` from `record`'s line about sync-point pages.
+fn page_stat(stderr: &str, name: &str) -> u64 {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("sync-point pages: "))
+        .unwrap_or_else(|| panic!("no page line in {stderr}"));
+    let before = line.split(&format!(" {name}")).next().unwrap();
+    before
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{name} in {line}"))
+}
+
+#[test]
+fn sync_point_pages_replay_identically_as_deltas_and_whole() {
+    let dir = TempDir::new("rr-deltas");
+    let (log, rec) = record(&dir, "ticker", &[]);
+    // The ticker's sync points keep writing the same few pages (its stack,
+    // its counters): after the first time, deltas or unchanged.
+    assert!(page_stat(&rec.stderr, "as deltas") >= 20, "{}", rec.stderr);
+    let rep = replay(&log, "ticker", "64M");
+    assert_identical(&rec, &rep);
+
+    let whole_dir = TempDir::new("rr-whole");
+    let (whole_log, whole) = record(&whole_dir, "ticker", &["--page-cache", "0"]);
+    assert_eq!(page_stat(&whole.stderr, "as deltas"), 0, "{}", whole.stderr);
+    assert_eq!(page_stat(&whole.stderr, "unchanged"), 0, "{}", whole.stderr);
+    let rep = replay(&whole_log, "ticker", "64M");
+    assert_identical(&whole, &rep);
+}
+
 #[test]
 fn deferred_ticks_make_fewer_sync_points_and_replay_identically() {
     // The ticker's user-mode loop takes every tick through a sync point;

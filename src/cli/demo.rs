@@ -86,6 +86,7 @@ pub fn demo() -> Result<ExitCode> {
         tick_deferral_ms: DEFAULT_TICK_DEFERRAL.as_millis() as u64,
         trace_landmarks: false,
         max_log_size: None,
+        page_cache: 64 << 20,
         run: guest_args("storm", &path_str(&recorded_console)),
     })?;
     if code != ExitCode::SUCCESS {
@@ -120,6 +121,7 @@ pub fn demo() -> Result<ExitCode> {
         tick_deferral_ms: DEFAULT_TICK_DEFERRAL.as_millis() as u64,
         trace_landmarks: false,
         max_log_size: None,
+        page_cache: 64 << 20,
         run: guest_args("rdtscuser", &path_str(&dir.0.join("r1.txt"))),
     })?;
     match replay(&ReplayArgs {

@@ -16,7 +16,7 @@ use crate::replay::engine::{
     final_records_reserve, Ending, LogSink, PerturbKind, RecordSettings, Recorder, Role, RunReport,
     Stop, TestPerturbation, DEFAULT_TICK_DEFERRAL,
 };
-use crate::replay::log::{LogHeader, LogReader, LogWriter};
+use crate::replay::log::{LogHeader, LogReader, LogWriter, PAGE_SIZE};
 use crate::replay::log_file::LogFile;
 pub use crate::replay::machine::header_for;
 use crate::replay::schedule::Schedule;
@@ -53,6 +53,12 @@ pub struct RecordArgs {
     /// free space where the log goes, less 5% (and at least 64 MiB).
     #[arg(long, value_parser = parse_size, value_name = "SIZE")]
     pub max_log_size: Option<u64>,
+    /// Memory for the last logged version of recently logged pages, which
+    /// sync points send their pages against as deltas (64M, 256M, ...; a
+    /// bare number is MiB; at most 256M; 0 sends every page whole). The
+    /// replay holds as much.
+    #[arg(long, value_parser = parse_size, value_name = "SIZE", default_value = "64M")]
+    pub page_cache: u64,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -165,6 +171,8 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
     let writer: Box<dyn LogSink> = Box::new(LogFile::new(file));
     let mut log = LogWriter::new(writer, &header)
         .with_context(|| format!("writing log {}", args.log.display()))?;
+    let cache_pages = u32::try_from(args.page_cache / PAGE_SIZE as u64).unwrap_or(u32::MAX);
+    log.set_page_cache(cache_pages).context("--page-cache")?;
     // The magic and header reach the file now: a disk that fills later
     // leaves a log that says what it is.
     log.flush()
@@ -186,6 +194,17 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
         .with_context(|| format!("recording to {}", args.log.display()))?;
     if let Some(recorder) = engine.recorder_mut() {
         recorder.log.flush().context("flushing the log")?;
+        let p = recorder.log.page_stats();
+        eprintln!(
+            "twinvm record: sync-point pages: {} whole, {} as deltas, {} unchanged, {} zero; page cache {} of {} pages ({} MiB)",
+            p.full,
+            p.delta,
+            p.same,
+            p.zero,
+            p.cache_pages,
+            p.cache_capacity,
+            p.cache_bytes >> 20
+        );
     }
     sync_handle
         .sync_all()

@@ -2,6 +2,7 @@
 
 use std::io::{self, Write};
 
+use super::pages::{encode_pages, PageCache, PageDecoder, PageStats, PageUpdate};
 use super::*;
 
 /// Little-endian payload builder. A field too long for its u32 length
@@ -166,36 +167,40 @@ pub(super) fn decode_header(d: &mut Dec) -> Result<LogHeader, String> {
     })
 }
 
-/// A page list: `u32 count`, `count × gpa`, then the contents packed.
-pub(super) fn encode_pages(e: &mut Enc, pages: &[(u64, Vec<u8>)]) {
-    if pages.len() > MAX_PAGES_PER_RECORD {
-        e.error.get_or_insert_with(|| {
-            format!(
-                "{} pages in one record, more than {MAX_PAGES_PER_RECORD}",
-                pages.len()
-            )
-        });
-    }
-    e.u32(u32::try_from(pages.len()).unwrap_or(u32::MAX));
-    let mut contents = Vec::with_capacity(pages.len() * PAGE_SIZE);
-    for (gpa, data) in pages {
-        if data.len() != PAGE_SIZE || gpa % PAGE_SIZE as u64 != 0 {
-            e.error.get_or_insert_with(|| {
-                format!(
-                    "page {gpa:#x} of {} bytes is not one aligned page",
-                    data.len()
-                )
-            });
-        }
-        e.u64(*gpa);
-        contents.extend_from_slice(data);
-    }
-    // Page contents compress well (zeroed and sparse pages, page tables);
-    // LZ4 is fast enough to stay off the critical path.
-    e.packed(&contents);
+/// How a reader decodes the pages of a sync point: format 3 sent every
+/// page whole; format 4 against the page cache (`pages.rs`).
+pub(super) enum PageReader {
+    Version3,
+    Version4(PageDecoder),
 }
 
-pub(super) fn decode_pages(d: &mut Dec) -> Result<Vec<(u64, Vec<u8>)>, String> {
+impl PageReader {
+    pub(super) fn new(version: u16, max_pages: usize) -> Self {
+        if version == 3 {
+            PageReader::Version3
+        } else {
+            PageReader::Version4(PageDecoder::new(max_pages))
+        }
+    }
+
+    fn decode(&mut self, d: &mut Dec) -> Result<Pages, String> {
+        match self {
+            PageReader::Version3 => decode_pages_v3(d),
+            PageReader::Version4(pages) => pages.decode(d),
+        }
+    }
+
+    /// A whole sync point was decoded.
+    pub(super) fn end_of_sync_point(&mut self) {
+        if let PageReader::Version4(pages) = self {
+            pages.end_of_sync_point();
+        }
+    }
+}
+
+/// Format 3's page list: `u32 count`, `count × gpa`, then the contents
+/// packed.
+fn decode_pages_v3(d: &mut Dec) -> Result<Vec<(u64, Vec<u8>)>, String> {
     let n = d.u32()? as usize;
     if n > MAX_PAGES_PER_RECORD {
         return Err(format!(
@@ -230,7 +235,52 @@ pub(super) fn decode_pages(d: &mut Dec) -> Result<Vec<(u64, Vec<u8>)>, String> {
 /// Size of `kvm_xsave`: the only XSAVE area size a sync point carries.
 const XSAVE_BYTES: usize = 4096;
 
-pub(super) fn encode_record(r: &Record) -> Result<(u8, Vec<u8>), String> {
+/// One encoded frame and the page-cache updates it makes once written.
+pub(super) type EncodedRecord<'r> = (u8, Vec<u8>, Vec<PageUpdate<'r>>);
+
+/// A sync point's vCPU state, VMM state and (some of) its pages.
+pub(super) fn encode_sync_point<'r>(
+    landmark: u64,
+    cpu: &CpuStateBytes,
+    vmm_state: &[u8],
+    pages: &'r [(u64, Vec<u8>)],
+    cache: &PageCache,
+    stats: &mut PageStats,
+) -> Result<EncodedRecord<'r>, String> {
+    if cpu.xsave.len() > XSAVE_BYTES {
+        return Err(format!("an XSAVE area of {} bytes", cpu.xsave.len()));
+    }
+    let mut e = Enc::default();
+    e.u64(landmark);
+    e.bytes(&cpu.regs);
+    e.bytes(&cpu.sregs);
+    e.bytes(&cpu.fpu);
+    e.bytes(&cpu.events);
+    e.bytes(&cpu.msrs);
+    e.packed(&cpu.xsave);
+    e.bytes(vmm_state);
+    let updates = encode_pages(&mut e, cache, pages, stats);
+    Ok((KIND_SYNC_POINT, e.finish()?, updates))
+}
+
+/// Pages of a sync point that did not fit in its record.
+pub(super) fn encode_sync_pages<'r>(
+    landmark: u64,
+    pages: &'r [(u64, Vec<u8>)],
+    cache: &PageCache,
+    stats: &mut PageStats,
+) -> Result<EncodedRecord<'r>, String> {
+    let mut e = Enc::default();
+    e.u64(landmark);
+    let updates = encode_pages(&mut e, cache, pages, stats);
+    Ok((KIND_SYNC_PAGES, e.finish()?, updates))
+}
+
+pub(super) fn encode_record<'r>(
+    r: &'r Record,
+    cache: &PageCache,
+    stats: &mut PageStats,
+) -> Result<EncodedRecord<'r>, String> {
     let mut e = Enc::default();
     e.u64(r.landmark());
     let kind = match r {
@@ -279,27 +329,13 @@ pub(super) fn encode_record(r: &Record) -> Result<(u8, Vec<u8>), String> {
             KIND_NET_TX
         }
         Record::SyncPoint {
+            landmark,
             cpu,
             vmm_state,
             pages,
-            ..
-        } => {
-            if cpu.xsave.len() > XSAVE_BYTES {
-                return Err(format!("an XSAVE area of {} bytes", cpu.xsave.len()));
-            }
-            e.bytes(&cpu.regs);
-            e.bytes(&cpu.sregs);
-            e.bytes(&cpu.fpu);
-            e.bytes(&cpu.events);
-            e.bytes(&cpu.msrs);
-            e.packed(&cpu.xsave);
-            e.bytes(vmm_state);
-            encode_pages(&mut e, pages);
-            KIND_SYNC_POINT
-        }
-        Record::SyncPages { pages, .. } => {
-            encode_pages(&mut e, pages);
-            KIND_SYNC_PAGES
+        } => return encode_sync_point(*landmark, cpu, vmm_state, pages, cache, stats),
+        Record::SyncPages { landmark, pages } => {
+            return encode_sync_pages(*landmark, pages, cache, stats)
         }
         Record::Digest { digest, .. } => {
             for part in &digest.cpu {
@@ -320,10 +356,14 @@ pub(super) fn encode_record(r: &Record) -> Result<(u8, Vec<u8>), String> {
             KIND_END
         }
     };
-    Ok((kind, e.finish()?))
+    Ok((kind, e.finish()?, Vec::new()))
 }
 
-pub(super) fn decode_record(kind: u8, d: &mut Dec) -> Result<Record, String> {
+pub(super) fn decode_record(
+    kind: u8,
+    d: &mut Dec,
+    pages: &mut PageReader,
+) -> Result<Record, String> {
     let landmark = d.u64()?;
     let record = match kind {
         KIND_IO_TIME => Record::IoTime {
@@ -382,7 +422,7 @@ pub(super) fn decode_record(kind: u8, d: &mut Dec) -> Result<Record, String> {
                     .map_err(|e| format!("XSAVE area: {e}"))?,
             };
             let vmm_state = d.bytes()?;
-            let pages = decode_pages(d)?;
+            let pages = pages.decode(d)?;
             Record::SyncPoint {
                 landmark,
                 cpu: Box::new(cpu),
@@ -392,7 +432,7 @@ pub(super) fn decode_record(kind: u8, d: &mut Dec) -> Result<Record, String> {
         }
         KIND_SYNC_PAGES => Record::SyncPages {
             landmark,
-            pages: decode_pages(d)?,
+            pages: pages.decode(d)?,
         },
         KIND_DIGEST => {
             let mut cpu = CpuHashes::default();

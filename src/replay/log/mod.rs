@@ -9,17 +9,27 @@ use std::io::{self, Read, Write};
 use thiserror::Error;
 
 mod codec;
+mod pages;
 mod stream;
 #[cfg(test)]
 mod tests;
 
-use codec::{decode_header, decode_record, encode_header, encode_record, write_frame, Dec};
+use codec::{
+    decode_header, decode_record, encode_header, encode_record, encode_sync_pages,
+    encode_sync_point, write_frame, Dec, PageReader,
+};
+use pages::{commit_pages, PageCache};
+pub use pages::{PageStats, DEFAULT_PAGE_CACHE_PAGES, MAX_PAGE_CACHE_PAGES};
 pub use stream::RecordDecoder;
 
 /// First bytes of every log.
 pub const LOG_MAGIC: [u8; 8] = *b"TWINVMLG";
-/// Format version this build writes and reads.
-pub const LOG_VERSION: u16 = 3;
+/// Format version this build writes (and reads, with [`OLDEST_LOG_VERSION`]).
+/// Version 4 sends sync-point pages as deltas against a page cache.
+pub const LOG_VERSION: u16 = 4;
+/// Oldest format version this build still reads (version 3: every
+/// sync-point page whole).
+pub const OLDEST_LOG_VERSION: u16 = 3;
 /// No frame is larger than this; a corrupted length cannot make the reader
 /// allocate gigabytes.
 pub const MAX_FRAME_BYTES: u32 = 256 << 20;
@@ -307,7 +317,7 @@ impl Record {
 pub enum LogError {
     #[error("not a twinvm log (bad magic)")]
     BadMagic,
-    #[error("log format version {0} is not supported (this build reads version {LOG_VERSION})")]
+    #[error("log format version {0} is not supported (this build reads versions {OLDEST_LOG_VERSION} to {LOG_VERSION}); record it again with this build")]
     UnsupportedVersion(u16),
     #[error("log truncated in record {index} at byte {offset} (last complete record was at landmark {last_landmark:?})")]
     Truncated {
@@ -350,6 +360,12 @@ pub struct LogWriter<W: Write> {
     records: u64,
     /// No frame is written past this many bytes of log.
     limit: Option<u64>,
+    /// The last version of recently carried pages, as every reader of this
+    /// log will hold it (sync-point pages are sent against it).
+    pages: PageCache,
+    /// Whether a page block was written (the cache's size is then fixed).
+    pages_sent: bool,
+    page_stats: PageStats,
 }
 
 impl<W: Write> LogWriter<W> {
@@ -358,23 +374,57 @@ impl<W: Write> LogWriter<W> {
         out.write_all(&LOG_VERSION.to_le_bytes())?;
         let header = encode_header(header).map_err(invalid_record)?;
         let bytes = 10 + write_frame(&mut out, KIND_HEADER, &header)?;
-        Ok(LogWriter {
+        Ok(LogWriter::with_bytes(out, bytes))
+    }
+
+    fn with_bytes(out: W, bytes: u64) -> Self {
+        LogWriter {
             out,
             bytes,
             records: 0,
             limit: None,
-        })
+            pages: PageCache::new(DEFAULT_PAGE_CACHE_PAGES),
+            pages_sent: false,
+            page_stats: PageStats::default(),
+        }
+    }
+
+    /// The most pages the page cache holds (each reader of the log holds
+    /// as many): 0 sends every page whole. Only before the first sync point.
+    pub fn set_page_cache(&mut self, pages: u32) -> io::Result<()> {
+        if pages > MAX_PAGE_CACHE_PAGES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a page cache of {pages} pages is more than a log may ask its readers for ({MAX_PAGE_CACHE_PAGES})"
+                ),
+            ));
+        }
+        if self.pages_sent {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the page cache's size cannot change once sync points are logged",
+            ));
+        }
+        self.pages = PageCache::new(pages);
+        Ok(())
+    }
+
+    /// How the pages of sync points travelled so far, and the page cache.
+    pub fn page_stats(&self) -> PageStats {
+        let (pages, bytes) = self.pages.usage();
+        PageStats {
+            cache_capacity: u64::from(self.pages.capacity()),
+            cache_pages: pages,
+            cache_bytes: bytes,
+            ..self.page_stats
+        }
     }
 
     /// A writer of records only, for a stream whose magic and header travel
     /// elsewhere (the logging channel's Hello carries the header).
     pub fn stream(out: W) -> Self {
-        LogWriter {
-            out,
-            bytes: 0,
-            records: 0,
-            limit: None,
-        }
+        LogWriter::with_bytes(out, 0)
     }
 
     /// Never write a frame that would take the log past `bytes` (the
@@ -389,39 +439,43 @@ impl<W: Write> LogWriter<W> {
     /// any of its frames is written.
     pub fn append(&mut self, record: &Record) -> io::Result<()> {
         let mut frames = Vec::new();
+        let mut stats = PageStats::default();
         match record {
             Record::SyncPoint {
                 landmark,
                 cpu,
                 vmm_state,
                 pages,
-            } if pages.len() > MAX_PAGES_PER_RECORD => {
-                let (head, last) = pages.split_at(pages.len() - MAX_PAGES_PER_RECORD);
+            } => {
+                // Every chunk is sent against the cache as it was before the
+                // sync point, so no page may come twice.
+                let mut seen = std::collections::HashSet::with_capacity(pages.len());
+                if let Some((gpa, _)) = pages.iter().find(|(gpa, _)| !seen.insert(*gpa)) {
+                    return Err(invalid_record(format!(
+                        "page {gpa:#x} appears twice in the sync point of landmark {landmark}"
+                    )));
+                }
+                let split = pages.len().saturating_sub(MAX_PAGES_PER_RECORD);
+                let (head, last) = pages.split_at(split);
                 for chunk in head.chunks(MAX_PAGES_PER_RECORD) {
                     frames.push(
-                        encode_record(&Record::SyncPages {
-                            landmark: *landmark,
-                            pages: chunk.to_vec(),
-                        })
-                        .map_err(invalid_record)?,
+                        encode_sync_pages(*landmark, chunk, &self.pages, &mut stats)
+                            .map_err(invalid_record)?,
                     );
                 }
                 frames.push(
-                    encode_record(&Record::SyncPoint {
-                        landmark: *landmark,
-                        cpu: cpu.clone(),
-                        vmm_state: vmm_state.clone(),
-                        pages: last.to_vec(),
-                    })
-                    .map_err(invalid_record)?,
+                    encode_sync_point(*landmark, cpu, vmm_state, last, &self.pages, &mut stats)
+                        .map_err(invalid_record)?,
                 );
             }
-            _ => frames.push(encode_record(record).map_err(invalid_record)?),
+            _ => {
+                frames.push(encode_record(record, &self.pages, &mut stats).map_err(invalid_record)?)
+            }
         }
         if let Some(limit) = self.limit {
             let size: u64 = frames
                 .iter()
-                .map(|(_, payload)| (payload.len() + FRAME_OVERHEAD) as u64)
+                .map(|(_, payload, _)| (payload.len() + FRAME_OVERHEAD) as u64)
                 .sum();
             if self.bytes + size > limit {
                 return Err(io::Error::new(
@@ -435,9 +489,22 @@ impl<W: Write> LogWriter<W> {
                 ));
             }
         }
-        for (kind, payload) in frames {
-            self.bytes += write_frame(&mut self.out, kind, &payload)?;
+        let carries_pages = matches!(record, Record::SyncPoint { .. } | Record::SyncPages { .. });
+        for (kind, payload, updates) in &frames {
+            self.bytes += write_frame(&mut self.out, *kind, payload)?;
             self.records += 1;
+            // Readers update their cache as they decode each frame.
+            commit_pages(&mut self.pages, updates);
+        }
+        if carries_pages {
+            self.pages_sent = true;
+            self.page_stats.full += stats.full;
+            self.page_stats.zero += stats.zero;
+            self.page_stats.same += stats.same;
+            self.page_stats.delta += stats.delta;
+        }
+        if matches!(record, Record::SyncPoint { .. }) {
+            self.pages.trim();
         }
         Ok(())
     }
@@ -497,6 +564,8 @@ struct Assembler {
     pending: Option<(u64, Pages)>,
     /// No sync point may carry more pages than guest memory has.
     max_pages: usize,
+    /// How this log's sync-point pages are sent, and the page cache.
+    pages: PageReader,
 }
 
 /// Guest pages and their contents, as records carry them.
@@ -506,14 +575,16 @@ pub type Pages = Vec<(u64, Vec<u8>)>;
 const FRAME_OVERHEAD: usize = 9;
 
 impl Assembler {
-    fn new(offset: u64, mem_bytes: u64) -> Self {
+    fn new(offset: u64, mem_bytes: u64, version: u16) -> Self {
+        let max_pages = (mem_bytes / PAGE_SIZE as u64) as usize;
         Assembler {
             at: Position {
                 offset,
                 ..Position::default()
             },
             pending: None,
-            max_pages: (mem_bytes / PAGE_SIZE as u64) as usize,
+            max_pages,
+            pages: PageReader::new(version, max_pages),
         }
     }
 
@@ -545,8 +616,11 @@ impl Assembler {
     /// Take one whole frame; Some(record) when a record is complete.
     fn take_frame(&mut self, frame: &[u8]) -> Result<Option<Record>, LogError> {
         let (kind, payload) = self.open(frame)?;
-        let record =
-            decode_record(kind, &mut Dec(payload)).map_err(|what| self.at.malformed(what))?;
+        let record = decode_record(kind, &mut Dec(payload), &mut self.pages)
+            .map_err(|what| self.at.malformed(what))?;
+        if let Record::SyncPoint { .. } = record {
+            self.pages.end_of_sync_point();
+        }
         self.at.index += 1;
         self.at.offset += frame.len() as u64;
         if let Some(last) = self.at.last_landmark {
@@ -662,7 +736,7 @@ impl<R: Read> LogReader<R> {
             return Err(LogError::BadMagic);
         }
         let version = u16::from_le_bytes([start[8], start[9]]);
-        if version != LOG_VERSION {
+        if !(OLDEST_LOG_VERSION..=LOG_VERSION).contains(&version) {
             return Err(LogError::UnsupportedVersion(version));
         }
         let mut reader = LogReader {
@@ -676,7 +750,7 @@ impl<R: Read> LogReader<R> {
                 host_cpu: 0,
                 net_mac: None,
             },
-            assembler: Assembler::new(10, 0),
+            assembler: Assembler::new(10, 0, version),
         };
         let Some(frame) = reader.next_frame()? else {
             return Err(reader.assembler.at.truncated());
@@ -689,7 +763,8 @@ impl<R: Read> LogReader<R> {
         }
         reader.header =
             decode_header(&mut Dec(payload)).map_err(|what| reader.assembler.at.malformed(what))?;
-        reader.assembler = Assembler::new(10 + frame.len() as u64, reader.header.mem_bytes);
+        reader.assembler =
+            Assembler::new(10 + frame.len() as u64, reader.header.mem_bytes, version);
         Ok(reader)
     }
 

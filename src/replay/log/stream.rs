@@ -16,7 +16,7 @@ impl RecordDecoder {
     /// A decoder for the records of a log with this header.
     pub fn new(header: &LogHeader) -> Self {
         RecordDecoder {
-            assembler: Assembler::new(0, header.mem_bytes),
+            assembler: Assembler::new(0, header.mem_bytes, super::LOG_VERSION),
             buf: Vec::new(),
             consumed: 0,
         }

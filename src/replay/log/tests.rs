@@ -165,10 +165,12 @@ fn truncation_names_record_and_last_landmark() {
     assert!(msg.contains("landmark Some(10)"), "{msg}");
 }
 
-/// A sync point with a valid frame (so the CRC passes) but bad insides:
-/// `pages` page addresses, then contents claiming `unpacked` bytes in `block`.
+/// A version-3 log (every page whole) with one sync point with a valid
+/// frame (so the CRC passes) but bad insides: `pages` page addresses, then
+/// contents claiming `unpacked` bytes in `block`.
 fn sync_point_frame(pages: u32, unpacked: u32, block: &[u8]) -> Vec<u8> {
     let mut out = LogWriter::new(Vec::new(), &header()).unwrap().into_inner();
+    out[8..10].copy_from_slice(&3u16.to_le_bytes());
     let mut e = Enc::default();
     e.u64(5);
     // regs, sregs, fpu, events, msrs
@@ -188,10 +190,15 @@ fn sync_point_frame(pages: u32, unpacked: u32, block: &[u8]) -> Vec<u8> {
 }
 
 #[test]
-fn sync_point_contents_are_checked_after_the_checksum() {
+fn version_3_sync_points_still_read_and_their_contents_are_checked() {
     let two = 2 * PAGE_SIZE as u32;
     let block = lz4_flex::block::compress(&vec![0u8; two as usize]);
-    read_all(&sync_point_frame(2, two, &block)).unwrap();
+    let (_, records) = read_all(&sync_point_frame(2, two, &block)).unwrap();
+    let Record::SyncPoint { pages, .. } = &records[0] else {
+        panic!("{records:?}")
+    };
+    assert_eq!(pages.len(), 2);
+    assert_eq!(pages[1], (PAGE_SIZE as u64, vec![0; PAGE_SIZE]));
     // Contents that are fewer bytes than the pages named.
     let err = read_all(&sync_point_frame(3, two, &block)).unwrap_err();
     assert!(
@@ -403,4 +410,100 @@ fn a_record_past_the_limit_is_refused_whole_and_nothing_of_it_is_written() {
     assert_eq!(w.written(), (start + sync_bytes, 2));
     let (_, records) = read_all(&w.into_inner()).unwrap();
     assert_eq!(records, vec![sync]);
+}
+
+fn sync_point(landmark: u64, pages: Vec<(u64, Vec<u8>)>) -> Record {
+    Record::SyncPoint {
+        landmark,
+        cpu: Box::new(CpuStateBytes::default()),
+        vmm_state: vec![],
+        pages,
+    }
+}
+
+/// Pages of incompressible bytes, each with one 8-byte word set to `word`.
+fn noisy_pages(n: usize, word: u64) -> Vec<(u64, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let mut data: Vec<u8> = (0..PAGE_SIZE)
+                .map(|b| ((b * 131 + i * 7 + (b * b) % 97) % 253) as u8)
+                .collect();
+            data[64..72].copy_from_slice(&word.to_le_bytes());
+            (i as u64 * PAGE_SIZE as u64, data)
+        })
+        .collect()
+}
+
+#[test]
+fn split_sync_points_go_as_deltas_the_second_time_and_read_back_whole() {
+    let h = LogHeader {
+        mem_bytes: 1 << 30,
+        ..header()
+    };
+    let n = MAX_PAGES_PER_RECORD + 3;
+    let mut w = LogWriter::new(Vec::new(), &h).unwrap();
+    w.set_page_cache(n as u32 + 10).unwrap();
+    let first = sync_point(2, noisy_pages(n, 1));
+    let second = sync_point(3, noisy_pages(n, 2));
+    let start = w.written().0;
+    w.append(&first).unwrap();
+    let first_bytes = w.written().0 - start;
+    w.append(&second).unwrap();
+    let second_bytes = w.written().0 - start - first_bytes;
+    let stats = w.page_stats();
+    assert_eq!((stats.full, stats.delta), (n as u64, n as u64));
+    assert_eq!(stats.cache_pages, n as u64);
+    assert!(
+        second_bytes * 50 < first_bytes,
+        "{second_bytes} bytes of deltas against {first_bytes} whole"
+    );
+    let err = w.set_page_cache(4).unwrap_err();
+    assert!(err.to_string().contains("cannot change"), "{err}");
+    let (_, records) = read_all(&w.into_inner()).unwrap();
+    assert_eq!(records, vec![first, second]);
+}
+
+#[test]
+fn a_sync_point_refused_by_the_limit_leaves_the_page_cache_as_readers_have_it() {
+    let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
+    let first = sync_point(2, noisy_pages(4, 1));
+    w.append(&first).unwrap();
+    w.set_limit(Some(w.written().0 + 10));
+    let refused = sync_point(3, noisy_pages(4, 2));
+    let err = w.append(&refused).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::StorageFull, "{err}");
+    w.set_limit(None);
+    // Sent against the first sync point's pages, which readers hold.
+    let third = sync_point(4, noisy_pages(4, 3));
+    w.append(&third).unwrap();
+    assert_eq!(w.page_stats().delta, 4);
+    let (_, records) = read_all(&w.into_inner()).unwrap();
+    assert_eq!(records, vec![first, third]);
+}
+
+#[test]
+fn page_cache_sizes_are_bounded_and_zero_sends_every_page_whole() {
+    let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
+    let err = w.set_page_cache(MAX_PAGE_CACHE_PAGES + 1).unwrap_err();
+    assert!(err.to_string().contains("more than a log may ask"), "{err}");
+    w.set_page_cache(0).unwrap();
+    let records = vec![
+        sync_point(2, noisy_pages(3, 1)),
+        sync_point(3, noisy_pages(3, 2)),
+    ];
+    for r in &records {
+        w.append(r).unwrap();
+    }
+    let stats = w.page_stats();
+    assert_eq!((stats.full, stats.delta, stats.cache_pages), (6, 0, 0));
+    assert_eq!(read_all(&w.into_inner()).unwrap().1, records);
+}
+
+#[test]
+fn a_page_twice_in_one_sync_point_is_refused() {
+    let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
+    let mut pages = noisy_pages(2, 1);
+    pages.push(pages[0].clone());
+    let err = w.append(&sync_point(2, pages)).unwrap_err();
+    assert!(err.to_string().contains("appears twice"), "{err}");
 }

@@ -1,0 +1,541 @@
+//! Sync-point pages in format 4 (docs/log-format.md, "Pages"), sans-IO.
+//!
+//! Each page travels as a zero page, as "unchanged", as a sparse XOR delta
+//! against the version of it the log carried last, or whole; the block of
+//! them is then LZ4-compressed.
+//!
+//! The base of a delta is not the backup's guest memory: the backup runs
+//! the stretch from the previous sync point to the landmark before this one
+//! itself, so for a page written in that stretch its memory holds neither
+//! the version the log carried last nor the primary's current one. The base
+//! is the page cache instead: the last version of each recently carried
+//! page, which the writer and every reader of one log (or one live stream)
+//! keep alike, because they apply the same page blocks in the same order
+//! under the same bounded, deterministic eviction rule. A reader hands out
+//! whole pages, so the backup writes them as before. Every delta and every
+//! "unchanged" page names its base by CRC-32: a cache out of step is an
+//! error naming the page, never a wrong page.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use super::codec::{Dec, Enc};
+use super::{MAX_PAGES_PER_RECORD, PAGE_SIZE};
+
+/// Pages a writer's cache holds unless told otherwise (64 MiB of contents).
+pub const DEFAULT_PAGE_CACHE_PAGES: u32 = 16_384;
+/// Most pages a log may ask its readers to cache (256 MiB): a reader
+/// refuses a larger cache before it holds a page of it.
+pub const MAX_PAGE_CACHE_PAGES: u32 = 65_536;
+
+/// How a page travels.
+const KIND_FULL: u8 = 0;
+const KIND_ZERO: u8 = 1;
+const KIND_SAME: u8 = 2;
+const KIND_XOR: u8 = 3;
+
+/// Most bytes one page entry takes unpacked: a 10-byte varint step, the
+/// kind, and a whole page (a delta is only sent when it is smaller).
+const MAX_ENTRY_BYTES: usize = 10 + 1 + PAGE_SIZE;
+/// Zero bytes between two changed stretches of a delta that are sent as
+/// part of one run rather than starting a new one (a run costs ~2 bytes).
+const MERGE_GAP: usize = 2;
+
+/// One cached page: its last contents, or all zero (which takes no memory).
+enum Cached {
+    Zero,
+    Data(Box<[u8; PAGE_SIZE]>),
+}
+
+struct Entry {
+    page: Cached,
+    crc: u32,
+    /// When it was last carried; orders eviction.
+    stamp: u64,
+}
+
+/// The last version of each recently carried page, least recently carried
+/// evicted first beyond its capacity; see the module comment.
+pub struct PageCache {
+    entries: HashMap<u64, Entry>,
+    by_stamp: BTreeMap<u64, u64>,
+    next_stamp: u64,
+    capacity: usize,
+    /// Entries holding contents (not zero pages).
+    data_pages: usize,
+}
+
+/// What the page cache holds and how the pages of sync points travelled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageStats {
+    /// Pages sent whole (not cached, or a delta would not be smaller).
+    pub full: u64,
+    /// All-zero pages.
+    pub zero: u64,
+    /// Pages equal to the version the log carried last.
+    pub same: u64,
+    /// Pages sent as a delta against it.
+    pub delta: u64,
+    /// Pages the cache may hold.
+    pub cache_capacity: u64,
+    /// Pages it holds, and the bytes of contents they take.
+    pub cache_pages: u64,
+    pub cache_bytes: u64,
+}
+
+fn zero_crc() -> u32 {
+    crc32fast::hash(&[0u8; PAGE_SIZE])
+}
+
+impl PageCache {
+    pub fn new(capacity: u32) -> Self {
+        PageCache {
+            entries: HashMap::new(),
+            by_stamp: BTreeMap::new(),
+            next_stamp: 0,
+            capacity: capacity as usize,
+            data_pages: 0,
+        }
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity as u32
+    }
+
+    /// Pages held, and the bytes of contents they take.
+    pub fn usage(&self) -> (u64, u64) {
+        (
+            self.entries.len() as u64,
+            (self.data_pages * PAGE_SIZE) as u64,
+        )
+    }
+
+    fn crc(&self, gpa: u64) -> Option<u32> {
+        self.entries.get(&gpa).map(|e| e.crc)
+    }
+
+    /// The cached contents of `gpa` (None when not cached), without copying
+    /// a zero page.
+    fn contents(&self, gpa: u64) -> Option<&[u8]> {
+        const ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+        self.entries.get(&gpa).map(|e| match &e.page {
+            Cached::Zero => &ZERO[..],
+            Cached::Data(bytes) => &bytes[..],
+        })
+    }
+
+    fn stamp(&mut self) -> u64 {
+        self.next_stamp += 1;
+        self.next_stamp
+    }
+
+    /// The page was carried again, unchanged.
+    fn touch(&mut self, gpa: u64) {
+        let stamp = self.stamp();
+        if let Some(e) = self.entries.get_mut(&gpa) {
+            self.by_stamp.remove(&e.stamp);
+            e.stamp = stamp;
+            self.by_stamp.insert(stamp, gpa);
+        }
+    }
+
+    /// The page now holds `data`.
+    fn store(&mut self, gpa: u64, data: &[u8]) {
+        if self.capacity == 0 {
+            return;
+        }
+        let stamp = self.stamp();
+        let (page, crc) = if all_zero(data) {
+            (Cached::Zero, zero_crc())
+        } else {
+            let mut bytes = match self.entries.remove(&gpa) {
+                // Reuse the old buffer.
+                Some(Entry {
+                    page: Cached::Data(b),
+                    stamp: old_stamp,
+                    ..
+                }) => {
+                    self.by_stamp.remove(&old_stamp);
+                    self.data_pages -= 1;
+                    b
+                }
+                Some(old) => {
+                    self.by_stamp.remove(&old.stamp);
+                    Box::new([0u8; PAGE_SIZE])
+                }
+                None => Box::new([0u8; PAGE_SIZE]),
+            };
+            bytes.copy_from_slice(data);
+            self.data_pages += 1;
+            (Cached::Data(bytes), crc32fast::hash(data))
+        };
+        if let Some(old) = self.entries.insert(gpa, Entry { page, crc, stamp }) {
+            self.by_stamp.remove(&old.stamp);
+            if matches!(old.page, Cached::Data(_)) {
+                self.data_pages -= 1;
+            }
+        }
+        self.by_stamp.insert(stamp, gpa);
+    }
+
+    /// Evict the least recently carried pages down to the capacity. Done
+    /// after a whole sync point only, never between the records it is split
+    /// into (a later one may need a base an earlier one would evict).
+    pub(super) fn trim(&mut self) {
+        while self.entries.len() > self.capacity {
+            let Some((_, victim)) = self.by_stamp.pop_first() else {
+                break;
+            };
+            if let Some(old) = self.entries.remove(&victim) {
+                if matches!(old.page, Cached::Data(_)) {
+                    self.data_pages -= 1;
+                }
+            }
+        }
+    }
+}
+
+/// How one page of an encoded block changes the cache, applied once its
+/// record is written (a record refused by the size limit changes nothing).
+pub(super) enum PageUpdate<'a> {
+    Same(u64),
+    Store(u64, &'a [u8]),
+}
+
+/// Apply a written block's updates, as every reader does while decoding it.
+pub(super) fn commit_pages(cache: &mut PageCache, updates: &[PageUpdate]) {
+    for update in updates {
+        match update {
+            PageUpdate::Same(gpa) => cache.touch(*gpa),
+            PageUpdate::Store(gpa, data) => cache.store(*gpa, data),
+        }
+    }
+}
+
+fn all_zero(data: &[u8]) -> bool {
+    data.chunks_exact(8)
+        .all(|w| u64::from_ne_bytes(w.try_into().unwrap()) == 0)
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn read_varint(d: &mut Dec) -> Result<u64, String> {
+    let mut v = 0u64;
+    for shift in (0..70).step_by(7) {
+        let b = d.u8()?;
+        if shift == 63 && b > 1 {
+            return Err("a varint overflows 64 bits".to_string());
+        }
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err("a varint longer than 10 bytes".to_string())
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    (v >> 1) as i64 ^ -((v & 1) as i64)
+}
+
+/// The first offset at or after `pos` whose byte is not zero (the page's
+/// end if none), a word at a time over the zeros.
+fn next_nonzero(xor: &[u8; PAGE_SIZE], mut pos: usize) -> usize {
+    while pos < PAGE_SIZE && pos % 8 != 0 {
+        if xor[pos] != 0 {
+            return pos;
+        }
+        pos += 1;
+    }
+    while pos < PAGE_SIZE {
+        let word = u64::from_le_bytes(xor[pos..pos + 8].try_into().unwrap());
+        if word != 0 {
+            return pos + (word.trailing_zeros() / 8) as usize;
+        }
+        pos += 8;
+    }
+    PAGE_SIZE
+}
+
+/// `new XOR base` as runs: `varint count`, then per run `varint skip`
+/// (unchanged bytes since the previous run's end), `varint len`, and `len`
+/// bytes of XOR. None when that is not smaller than a page.
+fn sparse_delta(base: &[u8], new: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    let mut xor = [0u8; PAGE_SIZE];
+    for ((x, a), b) in xor
+        .chunks_exact_mut(8)
+        .zip(base.chunks_exact(8))
+        .zip(new.chunks_exact(8))
+    {
+        let a = u64::from_le_bytes(a.try_into().unwrap());
+        let b = u64::from_le_bytes(b.try_into().unwrap());
+        x.copy_from_slice(&(a ^ b).to_le_bytes());
+    }
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut pos = next_nonzero(&xor, 0);
+    let mut bytes = 0;
+    while pos < PAGE_SIZE {
+        let start = pos;
+        loop {
+            while pos < PAGE_SIZE && xor[pos] != 0 {
+                pos += 1;
+            }
+            let gap = xor[pos..]
+                .iter()
+                .take(MERGE_GAP + 1)
+                .take_while(|&&b| b == 0)
+                .count();
+            if gap <= MERGE_GAP && pos + gap < PAGE_SIZE {
+                pos += gap;
+            } else {
+                break;
+            }
+        }
+        runs.push((start, pos));
+        // Two varints of up to two bytes each, and the bytes.
+        bytes += 4 + pos - start;
+        if bytes + 8 >= PAGE_SIZE {
+            return None;
+        }
+        pos = next_nonzero(&xor, pos);
+    }
+    put_varint(out, runs.len() as u64);
+    let mut end = 0;
+    for (start, stop) in runs {
+        put_varint(out, (start - end) as u64);
+        put_varint(out, (stop - start) as u64);
+        out.extend_from_slice(&xor[start..stop]);
+        end = stop;
+    }
+    Some(())
+}
+
+/// Encode `pages` against `cache` into `e`: `u32 count`, `u32` the cache's
+/// capacity in pages, then one packed field with an entry per page (see
+/// docs/log-format.md). The cache is not changed; the returned updates are
+/// for [`commit_pages`] once the record is written.
+pub(super) fn encode_pages<'a>(
+    e: &mut Enc,
+    cache: &PageCache,
+    pages: &'a [(u64, Vec<u8>)],
+    stats: &mut PageStats,
+) -> Vec<PageUpdate<'a>> {
+    if pages.len() > MAX_PAGES_PER_RECORD {
+        e.error.get_or_insert_with(|| {
+            format!(
+                "{} pages in one record, more than {MAX_PAGES_PER_RECORD}",
+                pages.len()
+            )
+        });
+    }
+    let mut block = Vec::new();
+    let mut updates = Vec::with_capacity(pages.len());
+    let mut seen = HashSet::with_capacity(pages.len());
+    let mut previous = 0i64;
+    for (gpa, data) in pages {
+        if data.len() != PAGE_SIZE || gpa % PAGE_SIZE as u64 != 0 || !seen.insert(*gpa) {
+            e.error.get_or_insert_with(|| {
+                format!(
+                    "page {gpa:#x} of {} bytes is not one aligned page, or appears twice",
+                    data.len()
+                )
+            });
+            continue;
+        }
+        let number = (gpa / PAGE_SIZE as u64) as i64;
+        put_varint(&mut block, zigzag(number.wrapping_sub(previous)));
+        previous = number;
+        let cached = cache.contents(*gpa).zip(cache.crc(*gpa));
+        match cached {
+            Some((base, crc)) if base == &data[..] => {
+                block.push(KIND_SAME);
+                block.extend_from_slice(&crc.to_le_bytes());
+                stats.same += 1;
+                updates.push(PageUpdate::Same(*gpa));
+                continue;
+            }
+            _ if all_zero(data) => {
+                block.push(KIND_ZERO);
+                stats.zero += 1;
+            }
+            Some((base, crc)) => {
+                let at = block.len();
+                block.push(KIND_XOR);
+                block.extend_from_slice(&crc.to_le_bytes());
+                if sparse_delta(base, data, &mut block).is_some() {
+                    stats.delta += 1;
+                } else {
+                    block.truncate(at);
+                    block.push(KIND_FULL);
+                    block.extend_from_slice(data);
+                    stats.full += 1;
+                }
+            }
+            None => {
+                block.push(KIND_FULL);
+                block.extend_from_slice(data);
+                stats.full += 1;
+            }
+        }
+        updates.push(PageUpdate::Store(*gpa, data));
+    }
+    e.u32(u32::try_from(pages.len()).unwrap_or(u32::MAX));
+    e.u32(cache.capacity());
+    // Whole pages of real guests compress well (page tables, sparse
+    // pages: a Linux boot's sync-point pages took ~700 bytes each under
+    // format 3); LZ4 is fast enough to stay off the critical path.
+    e.packed(&block);
+    updates
+}
+
+/// A reader's page state: the cache, once the log has said how large it
+/// is, and the most pages it may hold here (the guest's page count).
+pub(super) struct PageDecoder {
+    cache: Option<PageCache>,
+    max_pages: usize,
+}
+
+impl PageDecoder {
+    pub(super) fn new(max_pages: usize) -> Self {
+        PageDecoder {
+            cache: None,
+            max_pages,
+        }
+    }
+
+    /// A whole sync point was decoded: evict as the writer did.
+    pub(super) fn end_of_sync_point(&mut self) {
+        if let Some(cache) = &mut self.cache {
+            cache.trim();
+        }
+    }
+
+    /// The cache this log asks for: set by its first page block, the same
+    /// in every later one.
+    fn cache_for(&mut self, announced: u32) -> Result<&mut PageCache, String> {
+        if announced > MAX_PAGE_CACHE_PAGES {
+            return Err(format!(
+                "the log asks for a page cache of {announced} pages, more than {MAX_PAGE_CACHE_PAGES}"
+            ));
+        }
+        // More than the guest has pages never evicts either.
+        let expected = match u32::try_from(self.max_pages) {
+            Ok(0) => announced,
+            Ok(max) => announced.min(max),
+            Err(_) => announced,
+        };
+        let cache = self.cache.get_or_insert_with(|| PageCache::new(expected));
+        if cache.capacity() != expected {
+            return Err(format!(
+                "the page cache changes size within the log (to {announced} pages)"
+            ));
+        }
+        Ok(cache)
+    }
+
+    /// Inverse of [`encode_pages`], updating the cache as the writer did.
+    /// A block that does not decode, or whose bases are not the versions
+    /// this cache holds, is an error naming the page.
+    pub(super) fn decode(&mut self, d: &mut Dec) -> Result<Vec<(u64, Vec<u8>)>, String> {
+        let n = d.u32()? as usize;
+        if n > MAX_PAGES_PER_RECORD {
+            return Err(format!(
+                "{n} pages is more than a record can hold ({MAX_PAGES_PER_RECORD})"
+            ));
+        }
+        let announced = d.u32()?;
+        let block = d
+            .packed(n * MAX_ENTRY_BYTES)
+            .map_err(|e| format!("page contents: {e}"))?;
+        let cache = self.cache_for(announced)?;
+        let mut b = Dec(&block);
+        let mut pages = Vec::with_capacity(n);
+        let mut seen = HashSet::with_capacity(n);
+        let mut previous = 0i64;
+        for i in 0..n {
+            let step = read_varint(&mut b).map_err(|e| format!("page entry {i}: {e}"))?;
+            let number = previous.wrapping_add(unzigzag(step));
+            previous = number;
+            let gpa = u64::try_from(number)
+                .ok()
+                .and_then(|n| n.checked_mul(PAGE_SIZE as u64))
+                .ok_or_else(|| format!("page entry {i}: page number {number} is out of range"))?;
+            if !seen.insert(gpa) {
+                return Err(format!("page {gpa:#x} appears twice in one record"));
+            }
+            let kind = b.u8().map_err(|e| format!("page {gpa:#x}: {e}"))?;
+            let data = match kind {
+                KIND_FULL => b.take(PAGE_SIZE)?.to_vec(),
+                KIND_ZERO => vec![0u8; PAGE_SIZE],
+                KIND_SAME | KIND_XOR => {
+                    let crc = b.u32()?;
+                    let base = match (cache.contents(gpa), cache.crc(gpa)) {
+                        (Some(base), Some(held)) if held == crc => base,
+                        (_, held) => {
+                            return Err(format!(
+                                "page {gpa:#x} is sent against a base with CRC {crc:#010x}, but this reader holds {}: the page caches are out of step",
+                                match held {
+                                    Some(h) => format!("CRC {h:#010x}"),
+                                    None => "no copy of it".to_string(),
+                                }
+                            ))
+                        }
+                    };
+                    let mut data = base.to_vec();
+                    if kind == KIND_XOR {
+                        apply_sparse_delta(&mut b, &mut data)
+                            .map_err(|e| format!("page {gpa:#x}: delta: {e}"))?;
+                    }
+                    data
+                }
+                other => return Err(format!("page {gpa:#x}: unknown page kind {other}")),
+            };
+            if kind == KIND_SAME {
+                cache.touch(gpa);
+            } else {
+                cache.store(gpa, &data);
+            }
+            pages.push((gpa, data));
+        }
+        b.finish().map_err(|e| format!("page contents: {e}"))?;
+        Ok(pages)
+    }
+}
+
+fn apply_sparse_delta(d: &mut Dec, page: &mut [u8]) -> Result<(), String> {
+    let runs = read_varint(d)?;
+    if runs == 0 || runs > PAGE_SIZE as u64 {
+        return Err(format!("{runs} runs"));
+    }
+    let mut pos = 0u64;
+    for _ in 0..runs {
+        let skip = read_varint(d)?;
+        let len = read_varint(d)?;
+        let start = pos.saturating_add(skip);
+        let end = start.saturating_add(len);
+        if len == 0 || end > PAGE_SIZE as u64 {
+            return Err(format!(
+                "a run of {len} bytes at offset {start} does not fit in a page"
+            ));
+        }
+        let bytes = d.take(len as usize)?;
+        for (p, x) in page[start as usize..end as usize].iter_mut().zip(bytes) {
+            *p ^= x;
+        }
+        pos = end;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[path = "pages_tests.rs"]
+mod tests;
