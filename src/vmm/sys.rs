@@ -336,19 +336,14 @@ pub fn pin_current_thread(cpu: u32) -> std::io::Result<()> {
 
 /// Give the calling thread a real-time (SCHED_FIFO) priority so that its
 /// wake-ups preempt busy threads at once instead of waiting for a CFS time
-/// slice. Fails without CAP_SYS_NICE. Threads it spawns afterwards start at
-/// normal priority (SCHED_RESET_ON_FORK): a busy thread (a clone's memory
-/// copy, a vCPU) must never inherit a real-time priority, or it would starve
-/// everything else on its CPU.
+/// slice. Fails without CAP_SYS_NICE.
 pub fn make_current_thread_realtime(priority: i32) -> std::io::Result<()> {
     let param = libc::sched_param {
         sched_priority: priority,
     };
     // SAFETY: sched_setscheduler reads one sched_param from a live local;
     // pid 0 is the calling thread.
-    let ret = unsafe {
-        libc::sched_setscheduler(0, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &param)
-    };
+    let ret = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
     if ret != 0 {
         return Err(std::io::Error::last_os_error());
     }

@@ -17,9 +17,9 @@ use super::feed::ShadowFeed;
 use super::primary::{spawn_survivor_pump, SurvivorSetup};
 use super::status::{serve_status, PairStatus, StatusBoard};
 use super::{
-    apply_socket_event, open_tap, raise_link_priority, spawn_arbiter_client, spawn_socket_reader,
-    stop_for, transmit, Arbitration, Clock, EngineHandle, GuestSetup, PairConfig, SocketEvent,
-    EXIT_DIVERGED, EXIT_ERROR, EXIT_OK, EXIT_STOPPED,
+    apply_socket_event, open_tap, spawn_arbiter_client, spawn_socket_reader, stop_for, transmit,
+    Arbitration, Clock, EngineHandle, GuestSetup, PairConfig, SocketEvent, EXIT_DIVERGED,
+    EXIT_ERROR, EXIT_OK, EXIT_STOPPED,
 };
 use crate::ft::failover::{Action, Failover, FailoverConfig, FailoverEvent, Verdict};
 use crate::ft::link::{BackupEvent, BackupLink, ExpectedHello};
@@ -184,7 +184,6 @@ pub fn run_backup_from(
         thread::Builder::new()
             .name("twinvm-ft-link".into())
             .spawn(move || {
-                raise_link_priority("link");
                 let pump = BackupPump {
                     clock,
                     cfg: link_cfg,

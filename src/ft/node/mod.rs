@@ -99,31 +99,6 @@ pub fn open_tap(net: Option<&NetSpec>, kicker: &Kicker) -> anyhow::Result<Option
     Ok(Some(Arc::new(backend)))
 }
 
-/// Give the calling thread of the pair's failure detection (a link thread,
-/// a socket reader, the arbiter client) a real-time priority, as the
-/// engine's timer thread has. Why: these threads sleep nearly all the time,
-/// but a wake-up that waits behind the guest's own vCPU thread or other
-/// load for a CFS time slice delays a heartbeat or its reading, and a
-/// heartbeat starved past the peer timeout is a false failover (measured:
-/// silences of 200-310 ms at load average 9-11 on 2 cores). The vCPU thread
-/// stays at normal priority (a real-time vCPU would starve everything), and
-/// threads these spawn start at normal priority (see
-/// `make_current_thread_realtime`). Without CAP_SYS_NICE the thread runs
-/// at normal priority: a warning, not an error.
-fn raise_link_priority(thread: &str) {
-    if let Err(e) = crate::vmm::sys::make_current_thread_realtime(LINK_THREAD_PRIORITY) {
-        tracing::warn!(
-            "the {thread} thread stays at normal priority ({e}); under host load the peer \
-             may see false silences"
-        );
-    }
-}
-
-/// SCHED_FIFO priority of the failure-detection threads: the lowest, as
-/// the engine's timer thread's; anything real-time preempts every normal
-/// thread, and they never wait for one another for long.
-const LINK_THREAD_PRIORITY: i32 = 1;
-
 /// Bytes from the peer, or the end of the connection.
 #[derive(Debug)]
 enum SocketEvent {
@@ -137,7 +112,6 @@ fn spawn_socket_reader(mut stream: TcpStream, tx: Sender<SocketEvent>) -> std::i
     thread::Builder::new()
         .name("twinvm-ft-read".into())
         .spawn(move || {
-            raise_link_priority("socket reader");
             let mut buf = vec![0u8; 256 << 10];
             loop {
                 match stream.read(&mut buf) {
@@ -181,7 +155,6 @@ fn spawn_arbiter_client(
     thread::Builder::new()
         .name("twinvm-ft-arbiter".into())
         .spawn(move || {
-            raise_link_priority("arbiter client");
             let mut client = ArbiterClient::new(ClientConfig {
                 cluster_id: settings.cluster_id.clone(),
                 addrs: settings.addrs.clone(),

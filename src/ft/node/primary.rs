@@ -14,9 +14,9 @@ use crossbeam_channel::{Receiver, Select, Sender};
 use super::feed::{EngineMsg, LogFeed, OutputFeed};
 use super::status::{serve_status, CloneCommand, HoldTimes, PairStatus, StatusBoard};
 use super::{
-    apply_socket_event, open_tap, raise_link_priority, spawn_arbiter_client, spawn_socket_reader,
-    stop_for, transmit, Arbitration, Clock, EngineHandle, GuestSetup, PairConfig, SocketEvent,
-    EXIT_ERROR, EXIT_OK, EXIT_STOPPED,
+    apply_socket_event, open_tap, spawn_arbiter_client, spawn_socket_reader, stop_for, transmit,
+    Arbitration, Clock, EngineHandle, GuestSetup, PairConfig, SocketEvent, EXIT_ERROR, EXIT_OK,
+    EXIT_STOPPED,
 };
 use crate::clone::source::SourceEvent;
 use crate::ft::failover::{Action, Failover, FailoverConfig, FailoverEvent, Verdict};
@@ -217,10 +217,7 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
     };
     let link_thread = thread::Builder::new()
         .name("twinvm-ft-link".into())
-        .spawn(move || {
-            raise_link_priority("link");
-            pump.run()
-        })
+        .spawn(move || pump.run())
         .context("starting the link thread")?;
 
     // The guest boots only once the backup accepted the Hello.

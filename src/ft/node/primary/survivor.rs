@@ -13,9 +13,7 @@ use super::{CloneHost, PrimaryPump, RateMeter, ENGINE_QUEUE};
 use crate::ft::link::{Hello, PrimaryLink};
 use crate::ft::node::feed::OutputFeed;
 use crate::ft::node::status::{CloneCommand, StatusBoard};
-use crate::ft::node::{
-    raise_link_priority, spawn_arbiter_client, Arbitration, Clock, EngineHandle, PairConfig,
-};
+use crate::ft::node::{spawn_arbiter_client, Arbitration, Clock, EngineHandle, PairConfig};
 use crate::ft::output::{HeldOutputs, OutputBounds};
 use crate::net::tap::TapBackend;
 
@@ -124,10 +122,7 @@ pub(in crate::ft::node) fn spawn_survivor_pump(setup: SurvivorSetup) -> Result<O
     };
     thread::Builder::new()
         .name("twinvm-ft-survivor".into())
-        .spawn(move || {
-            raise_link_priority("survivor's link");
-            pump.run()
-        })
+        .spawn(move || pump.run())
         .context("starting the survivor's link thread")?;
     Ok(OutputFeed {
         tx: engine_tx,
