@@ -13,6 +13,7 @@
 
 use thiserror::Error;
 
+use crate::ft::codec::{CodecError, Dec, Enc};
 use crate::replay::log::PAGE_SIZE;
 
 /// Version of the clone channel's protocol.
@@ -66,6 +67,41 @@ pub enum CloneWireError {
     },
     #[error("{message} has {extra} unexpected trailing bytes")]
     Trailing { message: &'static str, extra: usize },
+}
+
+impl From<CodecError> for CloneWireError {
+    fn from(e: CodecError) -> Self {
+        match e {
+            CodecError::Truncated {
+                message,
+                field,
+                needed,
+                remaining,
+            } => CloneWireError::Truncated {
+                message,
+                field,
+                needed,
+                remaining,
+            },
+            CodecError::TooLong {
+                message,
+                field,
+                len,
+                max,
+            } => CloneWireError::TooLong {
+                message,
+                field,
+                len,
+                max,
+            },
+            CodecError::NotUtf8 { message, field } => CloneWireError::Invalid {
+                message,
+                field,
+                why: "not UTF-8".into(),
+            },
+            CodecError::Trailing { message, extra } => CloneWireError::Trailing { message, extra },
+        }
+    }
 }
 
 /// What a build must agree on to clone (checked before any pause).
@@ -135,97 +171,6 @@ pub fn bounded_text(text: &str) -> String {
     text[..end].to_owned()
 }
 
-struct Enc(Vec<u8>);
-
-impl Enc {
-    fn new(kind: u8) -> Self {
-        Enc(vec![kind])
-    }
-    fn u16(&mut self, v: u16) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn bytes(&mut self, v: &[u8]) {
-        self.u32(v.len() as u32);
-        self.0.extend_from_slice(v);
-    }
-}
-
-struct Dec<'a> {
-    rest: &'a [u8],
-    message: &'static str,
-}
-
-impl<'a> Dec<'a> {
-    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], CloneWireError> {
-        if self.rest.len() < n {
-            return Err(CloneWireError::Truncated {
-                message: self.message,
-                field,
-                needed: n,
-                remaining: self.rest.len(),
-            });
-        }
-        let (head, tail) = self.rest.split_at(n);
-        self.rest = tail;
-        Ok(head)
-    }
-    fn u16(&mut self, field: &'static str) -> Result<u16, CloneWireError> {
-        Ok(u16::from_le_bytes(
-            self.take(2, field)?.try_into().expect("2 bytes"),
-        ))
-    }
-    fn u32(&mut self, field: &'static str) -> Result<u32, CloneWireError> {
-        Ok(u32::from_le_bytes(
-            self.take(4, field)?.try_into().expect("4 bytes"),
-        ))
-    }
-    fn u64(&mut self, field: &'static str) -> Result<u64, CloneWireError> {
-        Ok(u64::from_le_bytes(
-            self.take(8, field)?.try_into().expect("8 bytes"),
-        ))
-    }
-    fn len(&mut self, field: &'static str, max: usize) -> Result<usize, CloneWireError> {
-        let n = self.u32(field)? as usize;
-        if n > max {
-            return Err(CloneWireError::TooLong {
-                message: self.message,
-                field,
-                len: n,
-                max,
-            });
-        }
-        Ok(n)
-    }
-    fn bytes(&mut self, field: &'static str, max: usize) -> Result<Vec<u8>, CloneWireError> {
-        let n = self.len(field, max)?;
-        Ok(self.take(n, field)?.to_vec())
-    }
-    fn text(&mut self, field: &'static str, max: usize) -> Result<String, CloneWireError> {
-        let bytes = self.bytes(field, max)?;
-        String::from_utf8(bytes).map_err(|_| CloneWireError::Invalid {
-            message: self.message,
-            field,
-            why: "not UTF-8".into(),
-        })
-    }
-    fn finish(self) -> Result<(), CloneWireError> {
-        if self.rest.is_empty() {
-            Ok(())
-        } else {
-            Err(CloneWireError::Trailing {
-                message: self.message,
-                extra: self.rest.len(),
-            })
-        }
-    }
-}
-
 /// `u32 count`, `count × u64 gpa`, `u32 unpacked length`, `u32 block
 /// length`, the LZ4 block of every page's contents in order.
 fn encode_pages(e: &mut Enc, pages: &[(u64, Vec<u8>)]) -> Result<(), CloneWireError> {
@@ -261,12 +206,12 @@ fn encode_pages(e: &mut Enc, pages: &[(u64, Vec<u8>)]) -> Result<(), CloneWireEr
 
 fn decode_pages(d: &mut Dec) -> Result<PageList, CloneWireError> {
     let count = d.len("count", MAX_PAGES_PER_MESSAGE)?;
-    let mut gpas = Vec::with_capacity(count.min(d.rest.len() / 8));
+    let mut gpas = Vec::with_capacity(count.min(d.remaining() / 8));
     for _ in 0..count {
         let gpa = d.u64("gpa")?;
         if gpa % PAGE_SIZE as u64 != 0 {
             return Err(CloneWireError::Invalid {
-                message: d.message,
+                message: d.message(),
                 field: "gpa",
                 why: format!("{gpa:#x} is not page-aligned"),
             });
@@ -276,7 +221,7 @@ fn decode_pages(d: &mut Dec) -> Result<PageList, CloneWireError> {
     let unpacked = d.u32("unpacked")? as usize;
     if unpacked != count * PAGE_SIZE {
         return Err(CloneWireError::Invalid {
-            message: d.message,
+            message: d.message(),
             field: "unpacked",
             why: format!("{unpacked} bytes for {count} pages"),
         });
@@ -288,7 +233,7 @@ fn decode_pages(d: &mut Dec) -> Result<PageList, CloneWireError> {
     )?;
     if unpacked > block.len().saturating_mul(LZ4_MAX_RATIO) + 16 {
         return Err(CloneWireError::Invalid {
-            message: d.message,
+            message: d.message(),
             field: "block",
             why: format!(
                 "{unpacked} bytes cannot come from a {}-byte LZ4 block",
@@ -297,16 +242,16 @@ fn decode_pages(d: &mut Dec) -> Result<PageList, CloneWireError> {
         });
     }
     let mut contents = vec![0u8; unpacked];
-    let got = lz4_flex::block::decompress_into(&block, &mut contents).map_err(|e| {
+    let got = lz4_flex::block::decompress_into(block, &mut contents).map_err(|e| {
         CloneWireError::Invalid {
-            message: d.message,
+            message: d.message(),
             field: "block",
             why: format!("does not decompress: {e}"),
         }
     })?;
     if got != unpacked {
         return Err(CloneWireError::Invalid {
-            message: d.message,
+            message: d.message(),
             field: "block",
             why: format!("decompresses to {got} bytes, expected {unpacked}"),
         });
@@ -361,21 +306,21 @@ impl ToNewBackup {
                 e.u32(build.platform_state_version);
                 e.u32(build.snapshot_version);
                 e.u16(build.log_version);
-                e.0.extend_from_slice(&build.cpu_model);
+                e.raw(&build.cpu_model);
                 e.u32(*host_cpu);
-                e.0
+                e.into_bytes()
             }
             ToNewBackup::Pages { round, pages } => {
                 let mut e = Enc::new(KIND_PAGES);
                 e.u32(*round);
                 encode_pages(&mut e, pages)?;
-                e.0
+                e.into_bytes()
             }
             ToNewBackup::Round { round, dirty_pages } => {
                 let mut e = Enc::new(KIND_ROUND);
                 e.u32(*round);
                 e.u64(*dirty_pages);
-                e.0
+                e.into_bytes()
             }
             ToNewBackup::Final {
                 snapshot,
@@ -392,7 +337,7 @@ impl ToNewBackup {
                 let mut e = Enc::new(KIND_FINAL);
                 e.bytes(snapshot);
                 e.u64(*pages_sent);
-                e.0
+                e.into_bytes()
             }
         })
     }
@@ -411,19 +356,19 @@ impl ToNewBackup {
                 })
             }
         };
-        let mut d = Dec { rest, message };
+        let mut d = Dec::new(rest, message);
         let msg = match kind {
             KIND_HELLO => ToNewBackup::Hello {
                 protocol_version: d.u16("protocol_version")?,
-                vm: d.text("vm", crate::ft::wire::MAX_VM_NAME_BYTES)?,
+                vm: d.string("vm", crate::ft::wire::MAX_VM_NAME_BYTES)?,
                 generation: d.u64("generation")?,
-                log_header: d.bytes("log_header", MAX_LOG_HEADER_BYTES)?,
+                log_header: d.bytes("log_header", MAX_LOG_HEADER_BYTES)?.to_vec(),
                 build: BuildInfo {
-                    twinvm_version: d.text("twinvm_version", MAX_TEXT_BYTES)?,
+                    twinvm_version: d.string("twinvm_version", MAX_TEXT_BYTES)?,
                     platform_state_version: d.u32("platform_state_version")?,
                     snapshot_version: d.u32("snapshot_version")?,
                     log_version: d.u16("log_version")?,
-                    cpu_model: d.take(32, "cpu_model")?.try_into().expect("32 bytes"),
+                    cpu_model: d.array("cpu_model")?,
                 },
                 host_cpu: d.u32("host_cpu")?,
             },
@@ -436,7 +381,7 @@ impl ToNewBackup {
                 dirty_pages: d.u64("dirty_pages")?,
             },
             _ => ToNewBackup::Final {
-                snapshot: d.bytes("snapshot", MAX_SNAPSHOT_BYTES)?,
+                snapshot: d.bytes("snapshot", MAX_SNAPSHOT_BYTES)?.to_vec(),
                 pages_sent: d.u64("pages_sent")?,
             },
         };
@@ -467,7 +412,7 @@ impl ToClonePrimary {
                 };
                 let mut e = Enc::new(kind);
                 e.bytes(bounded_text(reason).as_bytes());
-                e.0
+                e.into_bytes()
             }
         }
     }
@@ -486,15 +431,15 @@ impl ToClonePrimary {
                 })
             }
         };
-        let mut d = Dec { rest, message };
+        let mut d = Dec::new(rest, message);
         let msg = match kind {
             KIND_HELLO_OK => ToClonePrimary::HelloOk,
             KIND_FINAL_OK => ToClonePrimary::FinalOk,
             KIND_REFUSED => ToClonePrimary::Refused {
-                reason: d.text("reason", MAX_TEXT_BYTES)?,
+                reason: d.string("reason", MAX_TEXT_BYTES)?,
             },
             _ => ToClonePrimary::Failed {
-                reason: d.text("reason", MAX_TEXT_BYTES)?,
+                reason: d.string("reason", MAX_TEXT_BYTES)?,
             },
         };
         d.finish()?;

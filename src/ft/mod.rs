@@ -48,6 +48,7 @@
 //!    → the engine reports `LogExhausted{landmark}` at the end of what it
 //!    has; `Promote` → `take_for_go_live`, write them, unmute, run live.
 
+pub(crate) mod codec;
 pub mod drill;
 pub mod failover;
 pub mod histogram;

@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+use super::codec::{CodecError, Dec, Enc};
 use thiserror::Error;
 
 /// Version of this protocol; a backup refuses a Hello with another one.
@@ -67,6 +68,37 @@ pub enum WireError {
     },
     #[error("{message} has {extra} unexpected trailing bytes")]
     Trailing { message: &'static str, extra: usize },
+}
+
+impl From<CodecError> for WireError {
+    fn from(e: CodecError) -> Self {
+        match e {
+            CodecError::Truncated {
+                message,
+                field,
+                needed,
+                remaining,
+            } => WireError::Truncated {
+                message,
+                field,
+                needed,
+                remaining,
+            },
+            CodecError::TooLong {
+                message,
+                field,
+                len,
+                max,
+            } => WireError::TooLong {
+                message,
+                field,
+                len,
+                max,
+            },
+            CodecError::NotUtf8 { message, field } => WireError::NotUtf8 { message, field },
+            CodecError::Trailing { message, extra } => WireError::Trailing { message, extra },
+        }
+    }
 }
 
 /// Primary → backup.
@@ -156,7 +188,7 @@ impl ToBackup {
                 released,
                 log_bytes,
             } => {
-                e.0.reserve(RECORDS_OVERHEAD + log_bytes.len());
+                e.reserve(RECORDS_OVERHEAD + log_bytes.len());
                 e.u8(KIND_RECORDS);
                 e.u64(*watermark);
                 e.u64(*released);
@@ -177,7 +209,7 @@ impl ToBackup {
                 e.bytes(reason.as_bytes());
             }
         }
-        e.0
+        e.into_bytes()
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
@@ -194,7 +226,7 @@ impl ToBackup {
                 })
             }
         };
-        let mut d = Dec { rest, message };
+        let mut d = Dec::new(rest, message);
         let msg = match kind {
             KIND_HELLO => ToBackup::Hello {
                 protocol_version: d.u16("protocol_version")?,
@@ -263,7 +295,7 @@ impl ToPrimary {
                 e.bytes(detail.as_bytes());
             }
         }
-        e.0
+        e.into_bytes()
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
@@ -281,7 +313,7 @@ impl ToPrimary {
                 })
             }
         };
-        let mut d = Dec { rest, message };
+        let mut d = Dec::new(rest, message);
         let msg = match kind {
             KIND_HELLO_OK => ToPrimary::HelloOk,
             KIND_HELLO_REFUSED => ToPrimary::HelloRefused {
@@ -316,92 +348,6 @@ pub fn bounded_text(text: &str) -> String {
         end -= 1;
     }
     text[..end].to_owned()
-}
-
-#[derive(Default)]
-struct Enc(Vec<u8>);
-
-impl Enc {
-    fn u8(&mut self, v: u8) {
-        self.0.push(v);
-    }
-    fn u16(&mut self, v: u16) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn bytes(&mut self, v: &[u8]) {
-        // Callers bound every field far below 4 GiB (frame limit, text limits).
-        self.0
-            .extend_from_slice(&u32::try_from(v.len()).unwrap_or(u32::MAX).to_le_bytes());
-        self.0.extend_from_slice(v);
-    }
-}
-
-struct Dec<'a> {
-    rest: &'a [u8],
-    message: &'static str,
-}
-
-impl<'a> Dec<'a> {
-    fn take(&mut self, field: &'static str, n: usize) -> Result<&'a [u8], WireError> {
-        if self.rest.len() < n {
-            return Err(WireError::Truncated {
-                message: self.message,
-                field,
-                needed: n,
-                remaining: self.rest.len(),
-            });
-        }
-        let (head, rest) = self.rest.split_at(n);
-        self.rest = rest;
-        Ok(head)
-    }
-    fn u16(&mut self, field: &'static str) -> Result<u16, WireError> {
-        let b = self.take(field, 2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
-    }
-    fn u64(&mut self, field: &'static str) -> Result<u64, WireError> {
-        let mut v = [0u8; 8];
-        v.copy_from_slice(self.take(field, 8)?);
-        Ok(u64::from_le_bytes(v))
-    }
-    /// A length-prefixed byte string, borrowed: nothing is allocated before
-    /// the length has been checked against `max` and the bytes left.
-    fn bytes(&mut self, field: &'static str, max: usize) -> Result<&'a [u8], WireError> {
-        let mut len = [0u8; 4];
-        len.copy_from_slice(self.take(field, 4)?);
-        let len = u32::from_le_bytes(len) as usize;
-        if len > max {
-            return Err(WireError::TooLong {
-                message: self.message,
-                field,
-                len,
-                max,
-            });
-        }
-        self.take(field, len)
-    }
-    fn string(&mut self, field: &'static str, max: usize) -> Result<String, WireError> {
-        let bytes = self.bytes(field, max)?;
-        std::str::from_utf8(bytes)
-            .map(str::to_owned)
-            .map_err(|_| WireError::NotUtf8 {
-                message: self.message,
-                field,
-            })
-    }
-    fn finish(&self) -> Result<(), WireError> {
-        if self.rest.is_empty() {
-            Ok(())
-        } else {
-            Err(WireError::Trailing {
-                message: self.message,
-                extra: self.rest.len(),
-            })
-        }
-    }
 }
 
 #[cfg(test)]

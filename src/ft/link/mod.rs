@@ -39,6 +39,12 @@ use super::wire::WireError;
 pub const HANDSHAKE_LABEL: &str = "twinvm-ft-log/1";
 /// Largest sealed frame (length field) either side sends or accepts.
 pub const MAX_FRAME_BYTES: u32 = 16 << 20;
+
+/// Log bytes per Records frame at most (a sender's choice; the receiver
+/// takes any frame up to `max_frame_bytes`): 1 MiB crosses a loopback link
+/// in milliseconds even on a loaded host, well inside the peer timeout.
+const RECORDS_CHUNK_BYTES: usize = 1 << 20;
+
 /// Default largest single `push_log` (one log record at the log's own frame
 /// limit, plus its framing): a push into an empty window is always accepted,
 /// so a record larger than the window cannot stall the primary.
@@ -105,9 +111,14 @@ impl LinkConfig {
         Ok(())
     }
 
-    /// Most log bytes in one Records frame.
+    /// Most log bytes in one Records frame: what fits the frame limit, and
+    /// at most `RECORDS_CHUNK_BYTES`. The peer counts only whole frames as
+    /// signs of life, so a burst of log must not travel as one 16 MiB frame
+    /// that takes longer than the peer timeout to arrive on a loaded host.
     pub(crate) fn records_chunk(&self) -> usize {
-        self.max_frame_bytes as usize - arbiter::auth::TAG_LEN - super::wire::RECORDS_OVERHEAD
+        let fits =
+            self.max_frame_bytes as usize - arbiter::auth::TAG_LEN - super::wire::RECORDS_OVERHEAD;
+        fits.min(RECORDS_CHUNK_BYTES)
     }
 
     /// The most log bytes that may be unacknowledged at once.

@@ -563,3 +563,14 @@ fn the_output_rule_end_to_end_ack_release_marker_and_go_live() {
     // The primary dies here: the backup goes live with exactly landmark 4's output.
     assert_eq!(shadow.take_for_go_live(), vec![vec![4]]);
 }
+
+#[test]
+fn records_frames_are_at_most_a_mebibyte_and_always_fit_the_frame_limit() {
+    let default = LinkConfig::default();
+    assert_eq!(default.records_chunk(), RECORDS_CHUNK_BYTES);
+    let small = config();
+    assert_eq!(
+        small.records_chunk(),
+        1024 - arbiter::auth::TAG_LEN - crate::ft::wire::RECORDS_OVERHEAD
+    );
+}
