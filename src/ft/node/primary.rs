@@ -307,6 +307,20 @@ struct CloneJob {
     started: Instant,
 }
 
+impl CloneJob {
+    /// The engine's log for the new backup waits from the moment the cut is
+    /// asked for until its link is up. It starts with the cut landmark's own
+    /// records, which the engine writes right after its reply; the cut's
+    /// landmark reaches the pump by another path (the clone thread's
+    /// `SourceEvent::Cut`), so those records can come first, and pushed to
+    /// the closed link of a primary running alone they were lost: the new
+    /// backup skipped the cut landmark's received frames and diverged a few
+    /// landmarks later.
+    fn log_waits(&self) -> bool {
+        self.holding_all || self.awaiting_link
+    }
+}
+
 impl CloneHost {
     /// The new backup's link is up and the clone not finished: link
     /// trouble fails the clone rather than the pair.
@@ -443,9 +457,9 @@ impl PrimaryPump {
                     }
                 }
                 EngineMsg::Log { bytes, watermark } => {
-                    // The clone's log waits for its link (the engine waits
-                    // once the channel is full).
-                    if self.clone.job.as_ref().is_some_and(|j| j.awaiting_link) {
+                    // The clone's log waits for the cut's landmark and its
+                    // link (the engine waits once the channel is full).
+                    if self.clone.job.as_ref().is_some_and(CloneJob::log_waits) {
                         self.pending = Some(EngineMsg::Log { bytes, watermark });
                         return Ok(());
                     }
