@@ -340,6 +340,9 @@ pub fn run_backup_from(
                 // From here this side is a primary running alone: its
                 // outputs go through a primary's link thread, which can
                 // clone it (`twinvm clone`).
+                // Before the survivor's pump publishes: from here the link
+                // thread leaves the status board to it.
+                survivor.store(true, Ordering::SeqCst);
                 let mut survivor_cfg = cfg.clone();
                 survivor_cfg.generation =
                     board.lock().unwrap_or_else(|p| p.into_inner()).generation;
@@ -360,7 +363,6 @@ pub fn run_backup_from(
                     memory: engine.guest_memory(),
                     commands: clone_cmd_rx.clone(),
                 })?;
-                survivor.store(true, Ordering::Relaxed);
                 engine
                     .promote(Role::Live, Box::new(outputs), None, net)
                     .context("going live")?;
@@ -805,12 +807,16 @@ impl BackupPump {
     }
 
     fn publish_status(&mut self) {
-        if self.survivor.load(Ordering::Relaxed) {
-            return;
-        }
         let now = self.clock.now();
         let landmark = self.landmark.load(Ordering::Relaxed);
         let mut b = self.board.lock().unwrap_or_else(|p| p.into_inner());
+        // Checked under the board's lock: the survivor's pump is started
+        // after the flag is set, so its `live` is never overwritten with
+        // this link's last state (seen: a clone live and serving, its
+        // status stuck at asking-arbiter).
+        if self.survivor.load(Ordering::SeqCst) {
+            return;
+        }
         self.arbitration.publish(&mut b);
         b.landmark = landmark;
         if let Some(link) = &self.link {

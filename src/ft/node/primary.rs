@@ -728,3 +728,47 @@ impl PrimaryPump {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> CloneJob {
+        let (_events_tx, events) = crossbeam_channel::unbounded();
+        let (acked_tx, _acked_rx) = crossbeam_channel::unbounded();
+        CloneJob {
+            events,
+            acked_tx,
+            status: Default::default(),
+            holding_all: false,
+            cut_outputs: Vec::new(),
+            engine_cut: false,
+            landmark: None,
+            awaiting_link: false,
+            linked: false,
+            generation: 2,
+            started: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn the_clones_log_waits_from_the_cut_request_until_its_link_is_up() {
+        let mut j = job();
+        // Copying: the engine runs alone and writes no log.
+        assert!(!j.log_waits());
+        // The cut is asked for (`SourceEvent::CutNow`): the engine's next
+        // log is the cut landmark's, before the pump knows the landmark.
+        j.holding_all = true;
+        j.engine_cut = true;
+        assert!(j.log_waits());
+        // The cut's landmark is known (`SourceEvent::Cut`), no link yet.
+        j.holding_all = false;
+        j.awaiting_link = true;
+        j.landmark = Some(1724);
+        assert!(j.log_waits());
+        // The link is up (`SourceEvent::LinkReady`): the log flows.
+        j.awaiting_link = false;
+        j.linked = true;
+        assert!(!j.log_waits());
+    }
+}
