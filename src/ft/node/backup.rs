@@ -795,6 +795,11 @@ impl BackupPump {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .take_for_go_live();
+                    // The board says `live` before the main thread hears of
+                    // it: once it has, the survivor's pump owns the board
+                    // and this thread publishes no more (without this the
+                    // board could keep `asking-arbiter` for good).
+                    self.publish_status();
                     let _ = self.news_tx.send(LinkNews::Promote { outputs });
                 }
                 Action::Stop { exit_code, message } => {
