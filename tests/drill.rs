@@ -539,8 +539,6 @@ fn arbiter_leader_drill() {
 }
 
 #[test]
-#[ignore = "the clone diverges intermittently a few landmarks after the cut (see tests/clone.rs); \
-            run with --ignored"]
 fn double_failure_drill() {
     // Kill the primary, clone the live backup to a new backup, kill the
     // survivor: the clone serves, nothing lost (issue 13).

@@ -341,6 +341,9 @@ pub fn run_backup_from(
                 // From here this side is a primary running alone: its
                 // outputs go through a primary's link thread, which can
                 // clone it (`twinvm clone`).
+                // Before the survivor's pump publishes: from here the link
+                // thread leaves the status board to it.
+                survivor.store(true, Ordering::SeqCst);
                 let mut survivor_cfg = cfg.clone();
                 survivor_cfg.generation =
                     board.lock().unwrap_or_else(|p| p.into_inner()).generation;
@@ -361,7 +364,6 @@ pub fn run_backup_from(
                     memory: engine.guest_memory(),
                     commands: clone_cmd_rx.clone(),
                 })?;
-                survivor.store(true, Ordering::Relaxed);
                 engine
                     .promote(Role::Live, Box::new(outputs), None, net)
                     .context("going live")?;
@@ -794,6 +796,11 @@ impl BackupPump {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .take_for_go_live();
+                    // The board says `live` before the main thread hears of
+                    // it: once it has, the survivor's pump owns the board
+                    // and this thread publishes no more (without this the
+                    // board could keep `asking-arbiter` for good).
+                    self.publish_status();
                     let _ = self.news_tx.send(LinkNews::Promote { outputs });
                 }
                 Action::Stop { exit_code, message } => {
@@ -806,12 +813,16 @@ impl BackupPump {
     }
 
     fn publish_status(&mut self) {
-        if self.survivor.load(Ordering::Relaxed) {
-            return;
-        }
         let now = self.clock.now();
         let landmark = self.landmark.load(Ordering::Relaxed);
         let mut b = self.board.lock().unwrap_or_else(|p| p.into_inner());
+        // Checked under the board's lock: the survivor's pump is started
+        // after the flag is set, so its `live` is never overwritten with
+        // this link's last state (seen: a clone live and serving, its
+        // status stuck at asking-arbiter).
+        if self.survivor.load(Ordering::SeqCst) {
+            return;
+        }
         self.arbitration.publish(&mut b);
         b.landmark = landmark;
         if let Some(link) = &self.link {

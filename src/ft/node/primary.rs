@@ -308,6 +308,20 @@ struct CloneJob {
     started: Instant,
 }
 
+impl CloneJob {
+    /// The engine's log for the new backup waits from the moment the cut is
+    /// asked for until its link is up. It starts with the cut landmark's own
+    /// records, which the engine writes right after its reply; the cut's
+    /// landmark reaches the pump by another path (the clone thread's
+    /// `SourceEvent::Cut`), so those records can come first, and pushed to
+    /// the closed link of a primary running alone they were lost: the new
+    /// backup skipped the cut landmark's received frames and diverged a few
+    /// landmarks later.
+    fn log_waits(&self) -> bool {
+        self.holding_all || self.awaiting_link
+    }
+}
+
 impl CloneHost {
     /// The new backup's link is up and the clone not finished: link
     /// trouble fails the clone rather than the pair.
@@ -444,9 +458,9 @@ impl PrimaryPump {
                     }
                 }
                 EngineMsg::Log { bytes, watermark } => {
-                    // The clone's log waits for its link (the engine waits
-                    // once the channel is full).
-                    if self.clone.job.as_ref().is_some_and(|j| j.awaiting_link) {
+                    // The clone's log waits for the cut's landmark and its
+                    // link (the engine waits once the channel is full).
+                    if self.clone.job.as_ref().is_some_and(CloneJob::log_waits) {
                         self.pending = Some(EngineMsg::Log { bytes, watermark });
                         return Ok(());
                     }
@@ -713,5 +727,49 @@ impl PrimaryPump {
         }
         self.link.handle_timeout(self.clock.now());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> CloneJob {
+        let (_events_tx, events) = crossbeam_channel::unbounded();
+        let (acked_tx, _acked_rx) = crossbeam_channel::unbounded();
+        CloneJob {
+            events,
+            acked_tx,
+            status: Default::default(),
+            holding_all: false,
+            cut_outputs: Vec::new(),
+            engine_cut: false,
+            landmark: None,
+            awaiting_link: false,
+            linked: false,
+            generation: 2,
+            started: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn the_clones_log_waits_from_the_cut_request_until_its_link_is_up() {
+        let mut j = job();
+        // Copying: the engine runs alone and writes no log.
+        assert!(!j.log_waits());
+        // The cut is asked for (`SourceEvent::CutNow`): the engine's next
+        // log is the cut landmark's, before the pump knows the landmark.
+        j.holding_all = true;
+        j.engine_cut = true;
+        assert!(j.log_waits());
+        // The cut's landmark is known (`SourceEvent::Cut`), no link yet.
+        j.holding_all = false;
+        j.awaiting_link = true;
+        j.landmark = Some(1724);
+        assert!(j.log_waits());
+        // The link is up (`SourceEvent::LinkReady`): the log flows.
+        j.awaiting_link = false;
+        j.linked = true;
+        assert!(!j.log_waits());
     }
 }

@@ -38,8 +38,8 @@ pub struct CloneSnapshot {
     pub devices: PlatformState,
     /// The VMM's own state (the syscall fix's trap).
     pub vmm_state: Vec<u8>,
-    /// The landmark is a sync point (whether the guest can take an
-    /// interrupt is judged from `cpu`, as after loading one).
+    /// Always true since the cut judges "can take an interrupt" from `cpu`
+    /// on both sides, as at a sync point (kept for the format).
     pub at_sync_point: bool,
 }
 
@@ -129,6 +129,12 @@ impl Engine {
             Some(cpu) => cpu.clone(),
             None => self.vm.cpu_state()?,
         };
+        // Whether the guest can take an interrupt at the cut is judged from
+        // this state on both sides: the new backup's `kvm_run` has never
+        // been filled by a KVM_RUN (it says "no"), while this side's says
+        // what the last exit left (seen: the primary injected at the cut
+        // landmark, the new backup refused the record).
+        self.sync_state = Some(cpu.clone());
         Ok(CloneCut {
             snapshot: CloneSnapshot {
                 version: CLONE_SNAPSHOT_VERSION,
@@ -139,7 +145,7 @@ impl Engine {
                 cpu,
                 devices: self.platform.save(),
                 vmm_state: self.syscall_fix.save(),
-                at_sync_point: self.sync_state.is_some(),
+                at_sync_point: true,
             },
             pages,
             held: std::time::Duration::ZERO,
@@ -159,7 +165,9 @@ impl Engine {
         self.clock = snapshot.clock;
         self.signature
             .restore(snapshot.signature, snapshot.signature_last);
-        self.sync_state = snapshot.at_sync_point.then(|| snapshot.cpu.clone());
+        // Judged from the snapshot's state, as the primary does at the cut
+        // (this vCPU's `kvm_run` has never been filled).
+        self.sync_state = Some(snapshot.cpu.clone());
         self.injected_here = false;
         self.vm.flush_shadow_for_clone();
         // Whether an interrupt can go in at this landmark is read from

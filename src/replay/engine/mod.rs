@@ -636,6 +636,11 @@ impl Engine {
 
     fn log(&mut self, record: Record) -> Result<(), RunError> {
         if let Role::Record(rec) = &mut self.role {
+            tracing::trace!(
+                landmark = record.landmark(),
+                kind = record.kind_name(),
+                "log"
+            );
             rec.log.append(&record).map_err(RunError::LogWrite)?;
         }
         Ok(())
@@ -692,8 +697,13 @@ impl Engine {
     /// A stop while waiting for one ends the run ([`RunError::Stopped`]).
     fn take_here(&mut self) -> Result<Option<Record>, RunError> {
         let landmark = self.landmark;
-        self.ask(|s| s.take_at(landmark))?
-            .map_err(|_| RunError::Stopped)
+        let taken = self
+            .ask(|s| s.take_at(landmark))?
+            .map_err(|_| RunError::Stopped);
+        if let Ok(Some(r)) = &taken {
+            tracing::trace!(landmark, kind = r.kind_name(), "took");
+        }
+        taken
     }
 
     /// The guest clock at this landmark: the primary reads it and logs it,
@@ -840,6 +850,7 @@ impl Engine {
                     })
                 }
             };
+            tracing::trace!(landmark = self.landmark, ?exit, "exit");
             match exit {
                 Exit::IoIn { port, size, count } => {
                     self.stats.io += 1;

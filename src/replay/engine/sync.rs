@@ -31,6 +31,7 @@ impl Engine {
         self.injected_here = false;
         self.signature.fold(self.landmark, LandmarkKind::SyncPoint);
         self.vm.note_sync_point();
+        tracing::trace!(landmark = self.landmark, "sync point made");
         if !self.role.recording() {
             return Ok(true);
         }
@@ -100,6 +101,7 @@ impl Engine {
         self.stats.sync_points += 1;
         self.stats.sync_point_pages += pages.len() as u64;
         self.landmark = landmark;
+        tracing::trace!(landmark, pages = pages.len(), "sync point loaded");
         self.injected_here = false;
         self.signature.fold(self.landmark, LandmarkKind::SyncPoint);
         self.sync_state = Some(*cpu);
