@@ -170,11 +170,6 @@ impl Engine {
         self.sync_state = Some(snapshot.cpu.clone());
         self.injected_here = false;
         self.vm.flush_shadow_for_clone();
-        // Whether an interrupt can go in at this landmark is read from
-        // kvm_run, which KVM fills in only when KVM_RUN returns: run to an
-        // immediate exit, as the primary did at its cut, so both judge from
-        // the same vCPU state (a fresh vCPU's kvm_run says "never").
-        self.vm.complete_pending_exit()?;
         Ok(())
     }
 }
