@@ -3,14 +3,17 @@
 //!
 //! Each mode boots Debian's kernel in the networked mode
 //! (guest-images/linux/init, `twinvm.ip=`) behind a TAP in its own network
-//! namespace, one mode after the other, and measures from the host side:
+//! namespace. The two boot side by side, each pinned to its own host CPU
+//! (a boot takes 20-40 minutes here); once both serve, the transfers run
+//! one mode after the other, the other guest idle, and measure from the
+//! host side:
 //! echo round trips, a bulk transfer to the guest's discard service (it
 //! answers the byte count), and one from its source service (the guest's
 //! /bin/busybox, about 1.9 MB). While recording, the log's growth during
 //! each transfer gives log bytes per received frame and the log's rate.
 //!
-//! Run: `cargo bench --bench linux_tcp` (root, /dev/kvm; two boots of
-//! Debian's kernel, 25-40 minutes here). `TWINVM_BENCH_TCP_KB` sets the
+//! Run: `cargo bench --bench linux_tcp` (root, /dev/kvm, 2 host CPUs; two
+//! boots of Debian's kernel at once, 25-45 minutes here). `TWINVM_BENCH_TCP_KB` sets the
 //! kilobytes sent to the guest (default 4096); the image and timeouts are
 //! set as for tests/linux_boot.rs.
 
@@ -22,10 +25,13 @@ mod linux_guest;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{Running, TempDir};
-use linux_guest::{guest_args, net_cmdline, number_after, pseudo_random, tail, timeout, GuestNet};
+use linux_guest::{
+    guest_args, net_cmdline, number_after, pinned, pseudo_random, tail, timeout, GuestNet,
+};
 use twinvm::replay::log::{LogReader, Record};
 
 #[derive(Clone, Copy, PartialEq)]
@@ -64,7 +70,9 @@ struct Figures {
 
 const ECHO_ROUNDS: usize = 10;
 
-fn measure(mode: Mode, to_guest: &[u8]) -> Figures {
+/// Boot `mode`'s guest on host CPU `cpu`; once it serves, take `turn`
+/// (one mode measures at a time) and measure.
+fn measure(mode: Mode, cpu: u32, to_guest: &[u8], turn: &Mutex<()>) -> Figures {
     let net = GuestNet::create();
     let dir = TempDir::new(&format!("linux-tcp-{}", mode.name()));
     let log = dir.0.join("linux-tcp.log");
@@ -85,13 +93,14 @@ fn measure(mode: Mode, to_guest: &[u8]) -> Figures {
     args.extend(guest_args(&net_cmdline(3600)));
 
     let started = Instant::now();
-    let mut guest = Running::spawn_command(net.twinvm(&args));
+    let mut guest = Running::spawn_command(pinned(net.twinvm(&args), cpu));
     guest.wait_for_stdout("TWINVM-NET-SERVING", timeout());
     let serving_after = started.elapsed();
     eprintln!(
         "linux_tcp: {}: serving after {serving_after:.1?}",
         mode.name()
     );
+    let _turn = turn.lock().unwrap_or_else(|p| p.into_inner());
 
     let lines: Vec<String> = (0..ECHO_ROUNDS)
         .map(|i| format!("round trip {i}"))
@@ -181,10 +190,20 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(4096);
     let data = pseudo_random(kib << 10);
-    let figures: Vec<Figures> = [Mode::Run, Mode::Record]
-        .into_iter()
-        .map(|mode| measure(mode, &data))
-        .collect();
+    let turn = Mutex::new(());
+    let figures: Vec<Figures> = std::thread::scope(|s| {
+        let boots: Vec<_> = [(Mode::Run, 0), (Mode::Record, 1)]
+            .into_iter()
+            .map(|(mode, cpu)| {
+                let (data, turn) = (&data, &turn);
+                s.spawn(move || measure(mode, cpu, data, turn))
+            })
+            .collect();
+        boots
+            .into_iter()
+            .map(|b| b.join().expect("a mode's measurement failed"))
+            .collect()
+    });
     assert_eq!(
         figures[0].from_guest_hash, figures[1].from_guest_hash,
         "the source service sent different bytes"
