@@ -41,67 +41,18 @@ const KIND_FAILED: u8 = 0x94;
 /// A message that does not decode (or cannot be encoded).
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum CloneWireError {
+    #[error(transparent)]
+    Codec(#[from] CodecError),
     #[error("empty message (no kind byte)")]
     Empty,
     #[error("unknown clone message kind {kind:#04x} from the {from}")]
     UnknownKind { kind: u8, from: &'static str },
-    #[error("{message}.{field} is truncated: needs {needed} bytes, {remaining} left")]
-    Truncated {
-        message: &'static str,
-        field: &'static str,
-        needed: usize,
-        remaining: usize,
-    },
-    #[error("{message}.{field} is {len}, more than the limit of {max}")]
-    TooLong {
-        message: &'static str,
-        field: &'static str,
-        len: usize,
-        max: usize,
-    },
     #[error("{message}.{field} is invalid: {why}")]
     Invalid {
         message: &'static str,
         field: &'static str,
         why: String,
     },
-    #[error("{message} has {extra} unexpected trailing bytes")]
-    Trailing { message: &'static str, extra: usize },
-}
-
-impl From<CodecError> for CloneWireError {
-    fn from(e: CodecError) -> Self {
-        match e {
-            CodecError::Truncated {
-                message,
-                field,
-                needed,
-                remaining,
-            } => CloneWireError::Truncated {
-                message,
-                field,
-                needed,
-                remaining,
-            },
-            CodecError::TooLong {
-                message,
-                field,
-                len,
-                max,
-            } => CloneWireError::TooLong {
-                message,
-                field,
-                len,
-                max,
-            },
-            CodecError::NotUtf8 { message, field } => CloneWireError::Invalid {
-                message,
-                field,
-                why: "not UTF-8".into(),
-            },
-            CodecError::Trailing { message, extra } => CloneWireError::Trailing { message, extra },
-        }
-    }
 }
 
 /// What a build must agree on to clone (checked before any pause).
@@ -180,12 +131,12 @@ fn encode_pages(e: &mut Enc, pages: &[(u64, Vec<u8>)]) -> Result<(), CloneWireEr
         why,
     };
     if pages.len() > MAX_PAGES_PER_MESSAGE {
-        return Err(CloneWireError::TooLong {
+        return Err(CloneWireError::from(CodecError::TooLong {
             message: "Pages",
             field: "count",
             len: pages.len(),
             max: MAX_PAGES_PER_MESSAGE,
-        });
+        }));
     }
     e.u32(pages.len() as u32);
     let mut contents = Vec::with_capacity(pages.len() * PAGE_SIZE);
@@ -275,12 +226,12 @@ impl ToNewBackup {
 
     pub fn encode(&self) -> Result<Vec<u8>, CloneWireError> {
         let too_long = |field, len, max| {
-            Err(CloneWireError::TooLong {
+            Err(CloneWireError::from(CodecError::TooLong {
                 message: "Hello",
                 field,
                 len,
                 max,
-            })
+            }))
         };
         Ok(match self {
             ToNewBackup::Hello {
@@ -327,12 +278,12 @@ impl ToNewBackup {
                 pages_sent,
             } => {
                 if snapshot.len() > MAX_SNAPSHOT_BYTES {
-                    return Err(CloneWireError::TooLong {
+                    return Err(CloneWireError::from(CodecError::TooLong {
                         message: "Final",
                         field: "snapshot",
                         len: snapshot.len(),
                         max: MAX_SNAPSHOT_BYTES,
-                    });
+                    }));
                 }
                 let mut e = Enc::new(KIND_FINAL);
                 e.bytes(snapshot);
@@ -510,7 +461,7 @@ mod tests {
             long.push(0);
             assert!(matches!(
                 ToNewBackup::decode(&long),
-                Err(CloneWireError::Trailing { .. })
+                Err(CloneWireError::Codec(CodecError::Trailing { .. }))
             ));
         }
         for m in [
@@ -552,17 +503,20 @@ mod tests {
         bytes.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             ToNewBackup::decode(&bytes),
-            Err(CloneWireError::TooLong { field: "count", .. })
+            Err(CloneWireError::Codec(CodecError::TooLong {
+                field: "count",
+                ..
+            }))
         ));
         // A Final whose snapshot claims 4 GiB.
         let mut bytes = vec![KIND_FINAL];
         bytes.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             ToNewBackup::decode(&bytes),
-            Err(CloneWireError::TooLong {
+            Err(CloneWireError::Codec(CodecError::TooLong {
                 field: "snapshot",
                 ..
-            })
+            }))
         ));
         // Too many pages to encode.
         let pages = vec![(0, page(0)); MAX_PAGES_PER_MESSAGE + 1];

@@ -2,7 +2,7 @@
 //! clone protocol (`clone::protocol`): little-endian integers and byte
 //! strings with a `u32` length prefix. Decoding checks every length against
 //! the bytes left and the caller's limit before anything is allocated; each
-//! protocol maps `CodecError` into its own error enum.
+//! protocol's error wraps `CodecError` (its `Codec` variant).
 
 /// What was wrong with a message's bytes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -14,7 +14,7 @@ pub enum CodecError {
         needed: usize,
         remaining: usize,
     },
-    #[error("{message}.{field} is {len} bytes, more than the limit of {max}")]
+    #[error("{message}.{field} is {len}, more than the limit of {max}")]
     TooLong {
         message: &'static str,
         field: &'static str,

@@ -43,62 +43,12 @@ pub const RECORDS_OVERHEAD: usize = 1 + 8 + 8 + 4;
 /// A message that does not decode.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum WireError {
+    #[error(transparent)]
+    Codec(#[from] CodecError),
     #[error("empty message (no kind byte)")]
     Empty,
     #[error("unknown {direction} message kind {kind:#04x}")]
     UnknownKind { kind: u8, direction: &'static str },
-    #[error("{message}.{field} is truncated: needs {needed} bytes, {remaining} left")]
-    Truncated {
-        message: &'static str,
-        field: &'static str,
-        needed: usize,
-        remaining: usize,
-    },
-    #[error("{message}.{field} is {len} bytes, more than the limit of {max}")]
-    TooLong {
-        message: &'static str,
-        field: &'static str,
-        len: usize,
-        max: usize,
-    },
-    #[error("{message}.{field} is not UTF-8")]
-    NotUtf8 {
-        message: &'static str,
-        field: &'static str,
-    },
-    #[error("{message} has {extra} unexpected trailing bytes")]
-    Trailing { message: &'static str, extra: usize },
-}
-
-impl From<CodecError> for WireError {
-    fn from(e: CodecError) -> Self {
-        match e {
-            CodecError::Truncated {
-                message,
-                field,
-                needed,
-                remaining,
-            } => WireError::Truncated {
-                message,
-                field,
-                needed,
-                remaining,
-            },
-            CodecError::TooLong {
-                message,
-                field,
-                len,
-                max,
-            } => WireError::TooLong {
-                message,
-                field,
-                len,
-                max,
-            },
-            CodecError::NotUtf8 { message, field } => WireError::NotUtf8 { message, field },
-            CodecError::Trailing { message, extra } => WireError::Trailing { message, extra },
-        }
-    }
 }
 
 /// Primary → backup.
@@ -446,7 +396,9 @@ mod tests {
                 let err = ToBackup::decode(&bytes[..cut]).unwrap_err();
                 match (cut, &err) {
                     (0, WireError::Empty) => {}
-                    (_, WireError::Truncated { message, .. }) => assert_eq!(*message, m.name()),
+                    (_, WireError::Codec(CodecError::Truncated { message, .. })) => {
+                        assert_eq!(*message, m.name())
+                    }
                     _ => panic!("{} cut at {cut}: unexpected {err}", m.name()),
                 }
             }
@@ -458,7 +410,7 @@ mod tests {
                 assert!(
                     matches!(
                         (cut, &err),
-                        (0, WireError::Empty) | (_, WireError::Truncated { .. })
+                        (0, WireError::Empty) | (_, WireError::Codec(CodecError::Truncated { .. }))
                     ),
                     "{} cut at {cut}: unexpected {err}",
                     m.name()
@@ -479,10 +431,10 @@ mod tests {
             bytes.push(0);
             assert_eq!(
                 ToBackup::decode(&bytes),
-                Err(WireError::Trailing {
+                Err(WireError::Codec(CodecError::Trailing {
                     message: m.name(),
                     extra: 1
-                })
+                }))
             );
         }
         for m in to_primary_samples() {
@@ -490,7 +442,7 @@ mod tests {
             bytes.extend_from_slice(&[0, 0]);
             assert!(matches!(
                 ToPrimary::decode(&bytes),
-                Err(WireError::Trailing { extra: 2, .. })
+                Err(WireError::Codec(CodecError::Trailing { extra: 2, .. }))
             ));
         }
     }
@@ -502,12 +454,12 @@ mod tests {
         bytes.extend_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(
             ToBackup::decode(&bytes),
-            Err(WireError::TooLong {
+            Err(WireError::Codec(CodecError::TooLong {
                 message: "Hello",
                 field: "vm",
                 len: u32::MAX as usize,
                 max: MAX_VM_NAME_BYTES
-            })
+            }))
         );
         // Records claim more log bytes than the message holds.
         let mut bytes = vec![KIND_RECORDS];
@@ -516,22 +468,22 @@ mod tests {
         bytes.extend_from_slice(&[0; 10]);
         assert_eq!(
             ToBackup::decode(&bytes),
-            Err(WireError::Truncated {
+            Err(WireError::Codec(CodecError::Truncated {
                 message: "Records",
                 field: "log_bytes",
                 needed: 1000,
                 remaining: 10
-            })
+            }))
         );
         let mut bytes = vec![KIND_DIVERGED];
         bytes.extend_from_slice(&[0; 8]);
         bytes.extend_from_slice(&(MAX_TEXT_BYTES as u32 + 1).to_le_bytes());
         assert!(matches!(
             ToPrimary::decode(&bytes),
-            Err(WireError::TooLong {
+            Err(WireError::Codec(CodecError::TooLong {
                 field: "detail",
                 ..
-            })
+            }))
         ));
     }
 
@@ -542,10 +494,10 @@ mod tests {
         bytes.extend_from_slice(&[0xff, 0xfe]);
         assert_eq!(
             ToBackup::decode(&bytes),
-            Err(WireError::NotUtf8 {
+            Err(WireError::Codec(CodecError::NotUtf8 {
                 message: "Bye",
                 field: "reason"
-            })
+            }))
         );
         // A backup-to-primary kind sent to a backup (reflection) is unknown there.
         assert!(matches!(
