@@ -22,22 +22,24 @@
 //! 256M); `TWINVM_CLONE_BENCH_ONLY=TEXT` runs only the workloads whose
 //! name contains TEXT.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
 use twinvm::clone::CloneStatus;
-use twinvm::ft::drill::client::{wait_for_service, Client, ClientSettings};
+use twinvm::ft::drill::client::{Client, ClientSettings};
 use twinvm::ft::drill::history::analyze;
 use twinvm::ft::drill::local::guest_target;
 use twinvm::ft::drill::topology::{addr, Host};
 use twinvm::ft::drill::{LocalOptions, LocalPair};
 use twinvm::ft::node::query_status;
-use twinvm::net::CounterClient;
+
+#[path = "common/interrupt.rs"]
+mod interrupt;
+use interrupt::{check_interrupted, interrupt_flag};
 
 const PREFIX: &str = "tvcb";
 /// How long a clone's pair must stay whole before it counts.
@@ -116,15 +118,6 @@ fn main() {
     }
 }
 
-fn interrupt_flag() -> Result<Arc<AtomicBool>> {
-    let flag = Arc::new(AtomicBool::new(false));
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone())?;
-        signal_hook::flag::register(sig, flag.clone())?;
-    }
-    Ok(flag)
-}
-
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
     match std::env::var(name) {
         Ok(v) => v
@@ -146,9 +139,7 @@ fn bench(interrupted: &AtomicBool) -> Result<bool> {
         .into_iter()
         .filter(|w| w.name.contains(only.as_str()))
     {
-        if interrupted.load(Ordering::SeqCst) {
-            bail!("interrupted");
-        }
+        check_interrupted(interrupted)?;
         println!("== {}", w.name);
         match run_workload(&exe, &w, &mem, reps, interrupted) {
             Ok((samples, lost)) => {
@@ -204,7 +195,7 @@ fn run_workload(
     opts.guest.mem = mem.into();
     let mut lp = LocalPair::start(&opts, interrupted).context("starting the pair")?;
     let client = if w.client {
-        Some(start_client(&lp)?)
+        Some(start_client(&mut lp, interrupted)?)
     } else {
         None
     };
@@ -271,18 +262,8 @@ fn run_workload(
 
 /// A client in the client namespace asking the counter guest every 1 ms,
 /// started once the guest answers.
-fn start_client(lp: &LocalPair) -> Result<Client> {
-    let probe = lp
-        .topo
-        .client
-        .enter_on_thread(|| {
-            CounterClient::new(SocketAddr::from((addr::CLIENT, 0)), guest_target())
-        })?
-        .context("the client's socket")?;
-    if !wait_for_service(&probe, TIMEOUT, || Ok(()))? {
-        bail!("the guest never answered");
-    }
-    drop(probe);
+fn start_client(lp: &mut LocalPair, interrupted: &AtomicBool) -> Result<Client> {
+    lp.wait_for_guest(TIMEOUT, interrupted)?;
     let socket = lp
         .topo
         .client

@@ -40,23 +40,23 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use twinvm::ft::drill::client::wait_for_service;
 use twinvm::ft::drill::local::guest_target;
 use twinvm::ft::drill::report::RepeatSummary;
 use twinvm::ft::drill::topology::{addr, Host};
 use twinvm::ft::drill::verdict::{spread, Spread};
 use twinvm::ft::drill::{run_local, DrillError, DrillKind, LocalOptions, LocalPair, Protection};
 use twinvm::ft::node::{query_status, PairStatus};
-use twinvm::net::CounterClient;
 
 #[path = "common/counter_load.rs"]
 mod counter_load;
+#[path = "common/interrupt.rs"]
+mod interrupt;
 use counter_load::{closed_loop, open_loop, LoopFigures};
+use interrupt::{check_interrupted, interrupt_flag};
 
 #[path = "pair/soak.rs"]
 mod soak;
@@ -181,54 +181,13 @@ fn loadavg() -> String {
 
 /// SIGINT/SIGTERM set the flag the drill library's waits poll (everything is
 /// then torn down); a second one ends the process at once.
-fn interrupt_flag() -> Result<Arc<AtomicBool>> {
-    let flag = Arc::new(AtomicBool::new(false));
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone())?;
-        signal_hook::flag::register(sig, flag.clone())?;
-    }
-    Ok(flag)
-}
-
-fn check_interrupted(interrupted: &AtomicBool) -> Result<()> {
-    if interrupted.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
 /// Start the guest as `protection` on the drill's topology and wait until
 /// it answers from the client's namespace.
 fn start(exe: &Path, protection: Protection, interrupted: &AtomicBool) -> Result<LocalPair> {
     let opts = options(exe, protection)?;
     let mut lp = LocalPair::start(&opts, interrupted)
         .with_context(|| format!("starting the {}", protection_name(protection)))?;
-    let probe = lp
-        .topo
-        .client
-        .enter_on_thread(|| CounterClient::new(client_bind(), guest_target()))??;
-    let up = wait_for_service(&probe, READY_TIMEOUT, || {
-        if interrupted.load(Ordering::SeqCst) {
-            return Err(DrillError::Interrupted);
-        }
-        for role in roles(protection) {
-            let side = lp.side(role).expect("LocalPair started this role");
-            if !side.running() {
-                return Err(DrillError::EndedEarly {
-                    what: (*role).to_owned(),
-                    status: format!("{:?}", side.exit_code_and_signal()),
-                    tail: format!("; its last lines:\n  {}", side.stderr_tail(20).join("\n  ")),
-                });
-            }
-        }
-        Ok(())
-    })?;
-    if !up {
-        bail!(
-            "the guest did not answer within {READY_TIMEOUT:?} (files in {})",
-            lp.dir().display()
-        );
-    }
+    lp.wait_for_guest(READY_TIMEOUT, interrupted)?;
     Ok(lp)
 }
 

@@ -12,19 +12,18 @@
 
 use std::ffi::OsString;
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{TcpStream, UdpSocket};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use twinvm::ft::drill::client::{wait_for_service, Client, ClientSettings};
+use twinvm::ft::drill::client::{Client, ClientSettings};
 use twinvm::ft::drill::history::analyze;
 use twinvm::ft::drill::local::{guest_target, LocalOptions, LocalPair, GENERATION, VM_NAME};
 use twinvm::ft::drill::pair::{backup_args, PairSpec, Proc, SideFiles};
 use twinvm::ft::drill::topology::{addr, Host, Topology};
 use twinvm::ft::node::query_status;
-use twinvm::net::CounterClient;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -205,18 +204,9 @@ fn start(prefix: &str) -> (LocalPair, LocalOptions, Client) {
     let interrupted = AtomicBool::new(false);
     let mut opts = LocalOptions::new(exe());
     opts.prefix = prefix.into();
-    let lp = LocalPair::start(&opts, &interrupted).expect("starting the pair");
-    let probe = lp
-        .topo
-        .client
-        .enter_on_thread(|| CounterClient::new(SocketAddr::from((addr::CLIENT, 0)), guest_target()))
-        .unwrap()
-        .unwrap();
-    assert!(
-        wait_for_service(&probe, TIMEOUT, || Ok(())).unwrap(),
-        "the guest never answered"
-    );
-    drop(probe);
+    let mut lp = LocalPair::start(&opts, &interrupted).expect("starting the pair");
+    lp.wait_for_guest(TIMEOUT, &interrupted)
+        .expect("the guest answering");
     let socket = lp
         .topo
         .client

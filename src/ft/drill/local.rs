@@ -256,6 +256,39 @@ impl LocalPair {
         }
     }
 
+    /// Wait until the guest answers a probe from the client's namespace,
+    /// every side still running; a timeout names where its console is.
+    pub fn wait_for_guest(
+        &mut self,
+        within: Duration,
+        interrupted: &AtomicBool,
+    ) -> Result<(), DrillError> {
+        let probe = self
+            .topo
+            .client
+            .enter_on_thread(|| {
+                CounterClient::new(SocketAddr::from((addr::CLIENT, 0)), guest_target())
+            })?
+            .map_err(|e| DrillError::Client {
+                op: "opening the readiness probe",
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        let up = wait_for_service(&probe, within, || {
+            if interrupted.load(Ordering::SeqCst) {
+                return Err(DrillError::Interrupted);
+            }
+            self.check_running()
+        })?;
+        if !up {
+            return Err(DrillError::Timeout {
+                what: format!("the guest answering at {}", guest_target()),
+                after: within,
+                detail: format!(" (its console: {})", self.dir().display()),
+            });
+        }
+        Ok(())
+    }
+
     /// The process of `role` (`primary`, `backup`, `unprotected`).
     pub fn side(&mut self, role: &str) -> Option<&mut Proc> {
         self.sides.iter_mut().find(|p| p.role == role)
@@ -493,30 +526,7 @@ pub fn run_local(
     let mut lp = LocalPair::start(opts, interrupted)?;
 
     // The guest answers: a probe from the client's namespace.
-    let probe = lp
-        .topo
-        .client
-        .enter_on_thread(|| {
-            CounterClient::new(SocketAddr::from((addr::CLIENT, 0)), guest_target())
-        })?
-        .map_err(|e| DrillError::Client {
-            op: "opening the readiness probe",
-            source: std::io::Error::other(e.to_string()),
-        })?;
-    let up = wait_for_service(&probe, phases.ready_timeout, || {
-        if interrupted.load(Ordering::SeqCst) {
-            return Err(DrillError::Interrupted);
-        }
-        lp.check_running()
-    })?;
-    if !up {
-        return Err(DrillError::Timeout {
-            what: format!("the guest answering at {}", guest_target()),
-            after: phases.ready_timeout,
-            detail: format!(" (its console: {})", lp.dir().display()),
-        });
-    }
-    drop(probe);
+    lp.wait_for_guest(phases.ready_timeout, interrupted)?;
     let setup = setup_start.elapsed();
 
     let client = Client::start(lp.client_socket()?, settings, Instant::now())?;
