@@ -188,13 +188,7 @@ fn clone_until_whole(
     );
     assert_eq!(b.generation, generation);
     // Requests were answered during the copy.
-    std::thread::sleep(Duration::from_secs(1));
-    assert!(
-        client.answered() > before + 50,
-        "{} -> {}",
-        before,
-        client.answered()
-    );
+    assert_answering_since(client, before);
     generation
 }
 
@@ -225,6 +219,18 @@ fn start(prefix: &str) -> (LocalPair, LocalOptions, Client) {
     )
     .unwrap();
     (lp, opts, client)
+}
+
+/// A second on, the client has had more than 50 answers since `before`
+/// (its count then).
+fn assert_answering_since(client: &Client, before: u64) {
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        client.answered() > before + 50,
+        "{} -> {}",
+        before,
+        client.answered()
+    );
 }
 
 /// Bad input on the clone channel, with the pair's backup lost on the way:
@@ -308,13 +314,7 @@ fn bad_input_on_the_clone_channel_is_refused_and_the_primary_goes_on_alone() {
     assert!(waiting.running(), "{}", waiting.stderr_text());
     // The primary still serves alone.
     let before = client.answered();
-    std::thread::sleep(Duration::from_secs(1));
-    assert!(
-        client.answered() > before + 50,
-        "{} -> {}",
-        before,
-        client.answered()
-    );
+    assert_answering_since(&client, before);
     let s = wait_state(&lp.control(Host::A), "the primary alone", TIMEOUT, |s| {
         s.state == "alone"
     });

@@ -309,6 +309,28 @@ struct CloneJob {
 }
 
 impl CloneJob {
+    /// A clone just asked for: copying, nothing held yet.
+    fn new(
+        events: Receiver<SourceEvent>,
+        acked_tx: Sender<u64>,
+        status: Arc<Mutex<crate::clone::CloneStatus>>,
+        generation: u64,
+    ) -> CloneJob {
+        CloneJob {
+            events,
+            acked_tx,
+            status,
+            holding_all: false,
+            cut_outputs: Vec::new(),
+            engine_cut: false,
+            landmark: None,
+            awaiting_link: false,
+            linked: false,
+            generation,
+            started: Instant::now(),
+        }
+    }
+
     /// The engine's log for the new backup waits from the moment the cut is
     /// asked for until its link is up. It starts with the cut landmark's own
     /// records, which the engine writes right after its reply; the cut's
@@ -737,19 +759,7 @@ mod tests {
     fn job() -> CloneJob {
         let (_events_tx, events) = crossbeam_channel::unbounded();
         let (acked_tx, _acked_rx) = crossbeam_channel::unbounded();
-        CloneJob {
-            events,
-            acked_tx,
-            status: Default::default(),
-            holding_all: false,
-            cut_outputs: Vec::new(),
-            engine_cut: false,
-            landmark: None,
-            awaiting_link: false,
-            linked: false,
-            generation: 2,
-            started: Instant::now(),
-        }
+        CloneJob::new(events, acked_tx, Default::default(), 2)
     }
 
     #[test]

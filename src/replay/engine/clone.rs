@@ -17,7 +17,7 @@ use crate::replay::log::{CpuStateBytes, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress};
 
 /// Version of [`CloneSnapshot`] this build writes and reads.
-pub const CLONE_SNAPSHOT_VERSION: u32 = 1;
+pub const CLONE_SNAPSHOT_VERSION: u32 = 2;
 
 /// What a new backup needs, besides guest memory, to go on from the
 /// primary's landmark `landmark` exactly as the primary does.
@@ -38,9 +38,6 @@ pub struct CloneSnapshot {
     pub devices: PlatformState,
     /// The VMM's own state (the syscall fix's trap).
     pub vmm_state: Vec<u8>,
-    /// Always true since the cut judges "can take an interrupt" from `cpu`
-    /// on both sides, as at a sync point (kept for the format).
-    pub at_sync_point: bool,
 }
 
 /// The engine's answer to `Control::CloneAt`: the snapshot, and the pages
@@ -145,7 +142,6 @@ impl Engine {
                 cpu,
                 devices: self.platform.save(),
                 vmm_state: self.syscall_fix.save(),
-                at_sync_point: true,
             },
             pages,
             held: std::time::Duration::ZERO,

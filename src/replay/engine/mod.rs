@@ -850,7 +850,6 @@ impl Engine {
                     })
                 }
             };
-            tracing::trace!(landmark = self.landmark, ?exit, "exit");
             match exit {
                 Exit::IoIn { port, size, count } => {
                     self.stats.io += 1;

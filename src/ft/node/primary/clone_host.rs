@@ -5,7 +5,6 @@
 
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Instant;
 
 use anyhow::{Context, Result};
 
@@ -90,19 +89,7 @@ impl PrimaryPump {
             command.to
         );
         self.clone.status = Some(status.clone());
-        self.clone.job = Some(CloneJob {
-            events: events_rx,
-            acked_tx,
-            status,
-            holding_all: false,
-            cut_outputs: Vec::new(),
-            engine_cut: false,
-            landmark: None,
-            awaiting_link: false,
-            linked: false,
-            generation,
-            started: Instant::now(),
-        });
+        self.clone.job = Some(CloneJob::new(events_rx, acked_tx, status, generation));
         let _ = command.reply.send(Ok(()));
     }
 
