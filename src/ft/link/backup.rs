@@ -143,6 +143,13 @@ impl BackupLink {
         self.expire(now);
     }
 
+    /// This side's own thread ran `stalled` late: that time is not the
+    /// peer's silence (see `Channel::credit_local_stall`). Returns the time
+    /// credited.
+    pub fn credit_local_stall(&mut self, stalled: Duration, now: Duration) -> Duration {
+        self.chan.credit_local_stall(stalled, now)
+    }
+
     pub fn poll_timeout(&self) -> Option<Duration> {
         let deadline = self.chan.deadline()?;
         Some(match self.phase {

@@ -243,6 +243,22 @@ impl Channel {
         self.auth = Auth::Done;
     }
 
+    /// This side could not run for `stalled` (its host overloaded): what
+    /// the peer sent meanwhile may still sit in a buffer on the way, so that
+    /// time does not count as the peer's silence. Returns the time credited.
+    pub fn credit_local_stall(&mut self, stalled: Duration, now: Duration) -> Duration {
+        if self.established_at.is_none() || self.closed.is_some() {
+            return Duration::ZERO;
+        }
+        let credited = (self.last_rx + stalled)
+            .min(now)
+            .saturating_sub(self.last_rx);
+        self.last_rx += credited;
+        self.stats.local_stalls += 1;
+        self.stats.longest_local_stall = self.stats.longest_local_stall.max(stalled);
+        credited
+    }
+
     /// When the peer (or the handshake) is due to be given up on.
     pub fn deadline(&self) -> Option<Duration> {
         if self.closed.is_some() {

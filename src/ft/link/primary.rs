@@ -186,6 +186,13 @@ impl PrimaryLink {
         self.expire(now);
     }
 
+    /// This side's own thread ran `stalled` late: that time is not the
+    /// peer's silence (see `Channel::credit_local_stall`). Returns the time
+    /// credited.
+    pub fn credit_local_stall(&mut self, stalled: Duration, now: Duration) -> Duration {
+        self.chan.credit_local_stall(stalled, now)
+    }
+
     /// When `handle_timeout` (and `poll_transmit`) must next be called.
     pub fn poll_timeout(&self) -> Option<Duration> {
         let deadline = self.chan.deadline()?;

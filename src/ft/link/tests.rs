@@ -301,6 +301,38 @@ fn heartbeats_go_out_every_interval_and_the_backup_sends_its_own_while_acking() 
 }
 
 #[test]
+fn a_local_stall_is_not_counted_as_the_peers_silence() {
+    let mut pair = Pair::established(config());
+    let timeout = config().peer_timeout;
+    let last_rx = pair.now;
+    // The backup's thread could not run for 150 ms: the primary gets that
+    // time back, so the deadline moves from last_rx + 200 to last_rx + 350.
+    pair.now = last_rx + ms(250);
+    assert_eq!(pair.b.credit_local_stall(ms(150), pair.now), ms(150));
+    pair.b.handle_timeout(pair.now);
+    assert!(pair.b.poll_event().is_none() && !pair.b.is_closed());
+    pair.now = last_rx + ms(150) + timeout - Duration::from_nanos(1);
+    pair.b.handle_timeout(pair.now);
+    assert!(pair.b.poll_event().is_none() && !pair.b.is_closed());
+    // A credit never moves the last word past now.
+    pair.now = last_rx + ms(300);
+    assert_eq!(pair.b.credit_local_stall(ms(500), pair.now), ms(150));
+    assert_eq!(pair.b.status(pair.now).stats.local_stalls, 2);
+    assert_eq!(pair.b.status(pair.now).stats.longest_local_stall, ms(500));
+    // Without further credit or word the peer is suspected on time.
+    pair.now += timeout;
+    pair.b.handle_timeout(pair.now);
+    assert_eq!(
+        pair.b.poll_event(),
+        Some(BackupEvent::PeerSuspected {
+            silent_for: timeout
+        })
+    );
+    // A closed link takes no credit.
+    assert_eq!(pair.b.credit_local_stall(ms(50), pair.now), Duration::ZERO);
+}
+
+#[test]
 fn the_peer_is_suspected_exactly_after_peer_timeout_and_nothing_is_applied_after() {
     let mut pair = Pair::established(config());
     let timeout = config().peer_timeout;

@@ -17,9 +17,9 @@ use super::feed::ShadowFeed;
 use super::primary::{spawn_survivor_pump, SurvivorSetup};
 use super::status::{serve_status, PairStatus, StatusBoard};
 use super::{
-    apply_socket_event, open_tap, spawn_arbiter_client, spawn_socket_reader, stop_for, transmit,
-    Arbitration, Clock, EngineHandle, GuestSetup, PairConfig, SocketEvent, EXIT_DIVERGED,
-    EXIT_ERROR, EXIT_OK, EXIT_STOPPED,
+    apply_socket_event, open_tap, spawn_arbiter_client, spawn_socket_reader, stop_for, Arbitration,
+    Clock, EngineHandle, GuestSetup, LinkEdge, PairConfig, SocketEvent, EXIT_DIVERGED, EXIT_ERROR,
+    EXIT_OK, EXIT_STOPPED, WRITE_SLICE,
 };
 use crate::ft::failover::{Action, Failover, FailoverConfig, FailoverEvent, Verdict};
 use crate::ft::link::{BackupEvent, BackupLink, ExpectedHello};
@@ -189,6 +189,7 @@ pub fn run_backup_from(
                     cfg: link_cfg,
                     link: None,
                     stream: None,
+                    edge: LinkEdge::default(),
                     socket_rx: None,
                     arbitration: Arbitration {
                         failover: None,
@@ -479,6 +480,7 @@ struct BackupPump {
     cfg: PairConfig,
     link: Option<BackupLink>,
     stream: Option<TcpStream>,
+    edge: LinkEdge,
     socket_rx: Option<Receiver<SocketEvent>>,
     arbitration: Arbitration,
     decoder: Option<RecordDecoder>,
@@ -541,7 +543,7 @@ impl BackupPump {
             };
             stream.set_nonblocking(false)?;
             stream.set_nodelay(true)?;
-            stream.set_write_timeout(Some(self.cfg.link.peer_timeout))?;
+            stream.set_write_timeout(Some(WRITE_SLICE))?;
             let link = BackupLink::new(
                 self.cfg.link,
                 &self.cfg.key,
@@ -556,6 +558,7 @@ impl BackupPump {
             spawn_socket_reader(stream.try_clone()?, tx)?;
             self.link = Some(link);
             self.stream = Some(stream);
+            self.edge.reset();
             self.socket_rx = Some(rx);
             match self.await_hello()? {
                 Some(header) => {
@@ -623,14 +626,14 @@ impl BackupPump {
                         tracing::warn!(
                             "a connection ended before its Hello was accepted: {reason}"
                         );
-                        self.transmit();
+                        self.flush();
                         return Ok(None);
                     }
                     BackupEvent::PeerSuspected { silent_for } => {
                         tracing::warn!(
                             "a connection went silent for {silent_for:?} before its Hello"
                         );
-                        self.transmit();
+                        self.flush();
                         return Ok(None);
                     }
                     other => bail!("{other:?} before the Hello"),
@@ -655,7 +658,7 @@ impl BackupPump {
             self.perform_actions()?;
             self.publish_status();
             if let Some(done) = self.done.take() {
-                self.transmit();
+                self.flush();
                 return Ok(done);
             }
             self.wait()?;
@@ -664,7 +667,21 @@ impl BackupPump {
 
     fn transmit(&mut self) {
         if let (Some(link), Some(stream)) = (self.link.as_mut(), self.stream.as_mut()) {
-            transmit(link, stream, self.clock.now());
+            self.edge.transmit(link, stream, self.clock.now());
+        }
+    }
+
+    /// The last words on this connection, for up to the peer timeout.
+    fn flush(&mut self) {
+        if let (Some(link), Some(stream)) = (self.link.as_mut(), self.stream.as_mut()) {
+            let limit = self.cfg.link.peer_timeout;
+            self.edge.flush(link, stream, &self.clock, limit);
+        }
+    }
+
+    fn judge_link(&mut self) {
+        if let Some(link) = self.link.as_mut() {
+            self.edge.judge(link, self.socket_rx.as_ref(), &self.clock);
         }
     }
 
@@ -845,6 +862,8 @@ impl BackupPump {
             thread::sleep(timeout);
             return Ok(());
         };
+        let now = self.clock.now();
+        let timeout = self.edge.plan_wait(now, now + timeout);
         match rx.recv_timeout(timeout) {
             Ok(event) => {
                 let now = self.clock.now();
@@ -855,8 +874,7 @@ impl BackupPump {
                 self.socket_rx = None;
             }
         }
-        let now = self.clock.now();
-        self.link().handle_timeout(now);
+        self.judge_link();
         Ok(())
     }
 
@@ -879,7 +897,7 @@ impl BackupPump {
         {
             deadline = deadline.min(t);
         }
-        let timeout = deadline.saturating_sub(now);
+        let timeout = self.edge.plan_wait(now, deadline);
         let socket_rx = self.socket_rx.clone();
         let (verdict_rx, main_rx) = (self.verdict_rx.clone(), self.main_rx.clone());
         let mut sel = Select::new();
@@ -925,10 +943,7 @@ impl BackupPump {
                 }
             }
         }
-        let now = self.clock.now();
-        if let Some(link) = self.link.as_mut() {
-            link.handle_timeout(now);
-        }
+        self.judge_link();
         Ok(())
     }
 }

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod backup;
+mod edge;
 mod feed;
 mod primary;
 mod status;
@@ -25,6 +26,8 @@ use std::time::{Duration, Instant};
 use arbiter::auth::Key;
 use arbiter::{ArbiterClient, ClientConfig};
 use crossbeam_channel::{Receiver, Sender};
+
+use edge::{LinkEdge, WRITE_SLICE};
 
 pub use backup::{run_backup, run_backup_from};
 pub use primary::run_primary;
@@ -192,6 +195,8 @@ trait LinkEnd {
     fn on_bytes_received(&mut self, bytes: &[u8], now: Duration);
     fn connection_lost(&mut self, reason: &str);
     fn poll_transmit(&mut self, now: Duration) -> Option<Vec<u8>>;
+    fn handle_timeout(&mut self, now: Duration);
+    fn credit_local_stall(&mut self, stalled: Duration, now: Duration) -> Duration;
 }
 
 macro_rules! link_end {
@@ -206,21 +211,17 @@ macro_rules! link_end {
             fn poll_transmit(&mut self, now: Duration) -> Option<Vec<u8>> {
                 <$t>::poll_transmit(self, now)
             }
+            fn handle_timeout(&mut self, now: Duration) {
+                <$t>::handle_timeout(self, now)
+            }
+            fn credit_local_stall(&mut self, stalled: Duration, now: Duration) -> Duration {
+                <$t>::credit_local_stall(self, stalled, now)
+            }
         }
     };
 }
 link_end!(super::link::PrimaryLink);
 link_end!(super::link::BackupLink);
-
-/// Write everything the link wants sent; a failed write is a lost connection.
-fn transmit(link: &mut dyn LinkEnd, stream: &mut TcpStream, now: Duration) {
-    while let Some(bytes) = link.poll_transmit(now) {
-        if let Err(e) = stream.write_all(&bytes) {
-            link.connection_lost(&format!("writing to the connection: {e}"));
-            break;
-        }
-    }
-}
 
 /// Feed what the socket reader delivered (or its end) to the link.
 fn apply_socket_event(

@@ -14,9 +14,9 @@ use crossbeam_channel::{Receiver, Select, Sender};
 use super::feed::{EngineMsg, LogFeed, OutputFeed};
 use super::status::{serve_status, CloneCommand, HoldTimes, PairStatus, StatusBoard};
 use super::{
-    apply_socket_event, open_tap, spawn_arbiter_client, spawn_socket_reader, stop_for, transmit,
-    Arbitration, Clock, EngineHandle, GuestSetup, PairConfig, SocketEvent, EXIT_ERROR, EXIT_OK,
-    EXIT_STOPPED,
+    apply_socket_event, open_tap, spawn_arbiter_client, spawn_socket_reader, stop_for, Arbitration,
+    Clock, EngineHandle, GuestSetup, LinkEdge, PairConfig, SocketEvent, EXIT_ERROR, EXIT_OK,
+    EXIT_STOPPED, WRITE_SLICE,
 };
 use crate::clone::source::SourceEvent;
 use crate::ft::failover::{Action, Failover, FailoverConfig, FailoverEvent, Verdict};
@@ -111,7 +111,7 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
     let stream = connect(backup_addr)?;
     stream.set_nodelay(true).context("setting TCP_NODELAY")?;
     stream
-        .set_write_timeout(Some(cfg.link.peer_timeout))
+        .set_write_timeout(Some(WRITE_SLICE))
         .context("setting the write timeout")?;
     let log_header = header.encode().context("encoding the log header")?;
     let link = PrimaryLink::new(
@@ -179,6 +179,7 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
         cfg: cfg.clone(),
         link,
         stream: Some(stream),
+        edge: LinkEdge::default(),
         arbitration: Arbitration {
             failover: None,
             arbiter_tx,
@@ -382,6 +383,7 @@ struct PrimaryPump {
     link: PrimaryLink,
     /// None for a survivor that never had a backup of its own.
     stream: Option<TcpStream>,
+    edge: LinkEdge,
     arbitration: Arbitration,
     held: HeldOutputs<Output>,
     console: Box<dyn std::io::Write + Send>,
@@ -430,7 +432,10 @@ impl PrimaryPump {
             self.try_bye()?;
             self.publish_status();
             if let Some(done) = self.done.take() {
-                self.transmit();
+                if let Some(stream) = self.stream.as_mut() {
+                    let limit = self.cfg.link.peer_timeout;
+                    self.edge.flush(&mut self.link, stream, &self.clock, limit);
+                }
                 return Ok(done);
             }
             self.wait()?;
@@ -439,7 +444,7 @@ impl PrimaryPump {
 
     fn transmit(&mut self) {
         if let Some(stream) = self.stream.as_mut() {
-            transmit(&mut self.link, stream, self.clock.now());
+            self.edge.transmit(&mut self.link, stream, self.clock.now());
         }
     }
 
@@ -697,7 +702,7 @@ impl PrimaryPump {
         {
             deadline = deadline.min(t);
         }
-        let timeout = deadline.saturating_sub(now);
+        let timeout = self.edge.plan_wait(now, deadline);
         let (socket_rx, engine_rx, verdict_rx, main_rx) = (
             self.socket_rx.clone(),
             self.engine_rx.clone(),
@@ -714,7 +719,7 @@ impl PrimaryPump {
         let command = sel.recv(&commands_rx);
         let clone_event = clone_rx.as_ref().map(|rx| sel.recv(rx));
         let Ok(op) = sel.select_timeout(timeout) else {
-            self.link.handle_timeout(self.clock.now());
+            self.judge_link();
             return Ok(());
         };
         let index = op.index();
@@ -747,8 +752,13 @@ impl PrimaryPump {
                 Err(_) => {}
             }
         }
-        self.link.handle_timeout(self.clock.now());
+        self.judge_link();
         Ok(())
+    }
+
+    fn judge_link(&mut self) {
+        self.edge
+            .judge(&mut self.link, Some(&self.socket_rx), &self.clock);
     }
 }
 

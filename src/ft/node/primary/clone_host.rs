@@ -14,8 +14,8 @@ use crate::clone::{CloneStatus, RoundBounds};
 use crate::ft::failover::{Failover, FailoverConfig};
 use crate::ft::link::{Hello, PrimaryEvent, PrimaryLink};
 use crate::ft::node::feed::LogFeed;
-use crate::ft::node::spawn_socket_reader;
 use crate::ft::node::status::CloneCommand;
+use crate::ft::node::{spawn_socket_reader, WRITE_SLICE};
 use crate::ft::output::{HeldOutputs, OutputBounds};
 use crate::replay::engine::{Control, Recorder};
 use crate::replay::log::LogWriter;
@@ -132,7 +132,7 @@ impl PrimaryPump {
             SourceEvent::LinkReady { stream, landmark } => {
                 let generation = job.generation;
                 stream
-                    .set_write_timeout(Some(self.cfg.link.peer_timeout))
+                    .set_write_timeout(Some(WRITE_SLICE))
                     .context("setting the write timeout")?;
                 let link = PrimaryLink::new(
                     self.cfg.link,
@@ -166,6 +166,7 @@ impl PrimaryPump {
                 job.linked = true;
                 self.link = link;
                 self.stream = Some(stream);
+                self.edge.reset();
                 self.socket_rx = rx;
             }
             SourceEvent::Rearmed { generation } => {

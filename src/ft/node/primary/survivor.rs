@@ -86,6 +86,7 @@ pub(in crate::ft::node) fn spawn_survivor_pump(setup: SurvivorSetup) -> Result<O
         cfg,
         link,
         stream: None,
+        edge: Default::default(),
         arbitration: Arbitration {
             failover: None,
             arbiter_tx,
