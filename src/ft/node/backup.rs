@@ -864,7 +864,11 @@ impl BackupPump {
         };
         let now = self.clock.now();
         let timeout = self.edge.plan_wait(now, now + timeout);
-        match rx.recv_timeout(timeout) {
+        let received = rx.recv_timeout(timeout);
+        if let Some(link) = self.link.as_mut() {
+            self.edge.woke(link, &self.clock);
+        }
+        match received {
             Ok(event) => {
                 let now = self.clock.now();
                 apply_socket_event(self.link(), Ok(event), now);
@@ -904,7 +908,11 @@ impl BackupPump {
         let socket = socket_rx.as_ref().map(|rx| sel.recv(rx));
         let verdict = sel.recv(&verdict_rx);
         let main = sel.recv(&main_rx);
-        if let Ok(op) = sel.select_timeout(timeout) {
+        let selected = sel.select_timeout(timeout);
+        if let Some(link) = self.link.as_mut() {
+            self.edge.woke(link, &self.clock);
+        }
+        if let Ok(op) = selected {
             let index = op.index();
             if Some(index) == socket {
                 let rx = socket_rx.as_ref().expect("selected");

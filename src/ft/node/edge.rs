@@ -124,9 +124,31 @@ impl LinkEdge {
         timeout
     }
 
-    /// Let the link judge its timers: first take in every byte the socket
-    /// reader has already delivered, and credit the thread's own lateness
-    /// beyond [`STALL_SLACK`].
+    /// The thread is back from its wait: before anything reaches the link
+    /// (a frame applied late would find its deadline passed), credit the
+    /// link with the thread's own lateness beyond [`STALL_SLACK`].
+    pub(super) fn woke(&mut self, link: &mut dyn LinkEnd, clock: &Clock) {
+        let now = clock.now();
+        let planned = self.planned_wait.take();
+        let (Some(at), Some(planned)) = (self.judged_at, planned) else {
+            return;
+        };
+        let late = now.saturating_sub(at).saturating_sub(planned);
+        if late <= STALL_SLACK {
+            return;
+        }
+        let credited = link.credit_local_stall(late, now);
+        if !credited.is_zero() {
+            tracing::warn!(
+                "the link thread ran {:.0} ms late (host overloaded?): {:.0} ms not counted as the peer's silence",
+                late.as_secs_f64() * 1e3,
+                credited.as_secs_f64() * 1e3
+            );
+        }
+    }
+
+    /// Let the link judge its timers, after taking in every byte the socket
+    /// reader has already delivered.
     pub(super) fn judge(
         &mut self,
         link: &mut dyn LinkEnd,
@@ -139,20 +161,6 @@ impl LinkEdge {
             }
         }
         let now = clock.now();
-        let planned = self.planned_wait.take();
-        if let (Some(at), Some(planned)) = (self.judged_at, planned) {
-            let late = now.saturating_sub(at).saturating_sub(planned);
-            if late > STALL_SLACK {
-                let credited = link.credit_local_stall(late, now);
-                if !credited.is_zero() {
-                    tracing::info!(
-                        "the link thread ran {:.0} ms late (host overloaded?): {:.0} ms not counted as the peer's silence",
-                        late.as_secs_f64() * 1e3,
-                        credited.as_secs_f64() * 1e3
-                    );
-                }
-            }
-        }
         link.handle_timeout(now);
         self.judged_at = Some(now);
     }
@@ -259,7 +267,7 @@ mod tests {
     }
 
     #[test]
-    fn the_link_hears_what_was_read_before_it_judges_and_the_threads_lateness_is_credited() {
+    fn the_threads_lateness_is_credited_before_the_link_hears_anything_and_judges() {
         let mut link = Recorded::default();
         let mut edge = LinkEdge::default();
         let clock = Clock(Instant::now());
@@ -269,6 +277,7 @@ mod tests {
         let now = clock.now();
         let wait = edge.plan_wait(now, now + Duration::from_millis(5));
         std::thread::sleep(wait);
+        edge.woke(&mut link, &clock);
         edge.judge(&mut link, Some(&rx), &clock);
         assert!(link.credits.is_empty());
         // Bytes the reader delivered while the thread was away are taken
@@ -277,6 +286,12 @@ mod tests {
         edge.plan_wait(now, now + Duration::from_millis(5));
         std::thread::sleep(Duration::from_millis(155));
         tx.send(SocketEvent::Bytes(vec![0; 42])).unwrap();
+        edge.woke(&mut link, &clock);
+        assert_eq!(
+            link.received, 0,
+            "credited before any byte reaches the link"
+        );
+        assert_eq!(link.credits.len(), 1);
         edge.judge(&mut link, Some(&rx), &clock);
         assert_eq!(link.received, 42);
         assert_eq!(link.credits.len(), 1);

@@ -718,7 +718,9 @@ impl PrimaryPump {
         let main = sel.recv(&main_rx);
         let command = sel.recv(&commands_rx);
         let clone_event = clone_rx.as_ref().map(|rx| sel.recv(rx));
-        let Ok(op) = sel.select_timeout(timeout) else {
+        let selected = sel.select_timeout(timeout);
+        self.edge.woke(&mut self.link, &self.clock);
+        let Ok(op) = selected else {
             self.judge_link();
             return Ok(());
         };
