@@ -250,12 +250,17 @@ impl Channel {
         if self.established_at.is_none() || self.closed.is_some() {
             return Duration::ZERO;
         }
-        let credited = (self.last_rx + stalled)
+        let credited = self
+            .last_rx
+            .saturating_add(stalled)
             .min(now)
             .saturating_sub(self.last_rx);
+        if credited.is_zero() {
+            return credited;
+        }
         self.last_rx += credited;
         self.stats.local_stalls += 1;
-        self.stats.longest_local_stall = self.stats.longest_local_stall.max(stalled);
+        self.stats.longest_local_stall = self.stats.longest_local_stall.max(credited);
         credited
     }
 

@@ -206,8 +206,8 @@ pub struct LinkStats {
     pub log_bytes: u64,
     /// Primary: `push_log` calls; backup: Records frames received.
     pub log_chunks: u64,
-    /// Times this side's own thread ran late enough that the lateness was
-    /// not counted as the peer's silence, and the longest such stall.
+    /// Times this side's own threads ran late (or its socket reader fell
+    /// behind) and the peer's silence was credited, and the largest credit.
     pub local_stalls: u64,
     pub longest_local_stall: Duration,
 }

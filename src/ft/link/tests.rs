@@ -318,7 +318,12 @@ fn a_local_stall_is_not_counted_as_the_peers_silence() {
     pair.now = last_rx + ms(300);
     assert_eq!(pair.b.credit_local_stall(ms(500), pair.now), ms(150));
     assert_eq!(pair.b.status(pair.now).stats.local_stalls, 2);
-    assert_eq!(pair.b.status(pair.now).stats.longest_local_stall, ms(500));
+    assert_eq!(pair.b.status(pair.now).stats.longest_local_stall, ms(150));
+    // Input waiting unread in the kernel: silence credited up to now.
+    assert_eq!(
+        pair.b.credit_local_stall(Duration::MAX, pair.now),
+        Duration::ZERO
+    );
     // Without further credit or word the peer is suspected on time.
     pair.now += timeout;
     pair.b.handle_timeout(pair.now);

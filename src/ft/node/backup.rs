@@ -681,7 +681,12 @@ impl BackupPump {
 
     fn judge_link(&mut self) {
         if let Some(link) = self.link.as_mut() {
-            self.edge.judge(link, self.socket_rx.as_ref(), &self.clock);
+            self.edge.judge(
+                link,
+                self.socket_rx.as_ref(),
+                self.stream.as_ref(),
+                &self.clock,
+            );
         }
     }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use crossbeam_channel::Receiver;
 
 use super::{apply_socket_event, Clock, LinkEnd, SocketEvent};
+use crate::vmm::sys;
 
 /// Longest one write may block the link thread (the socket's write
 /// timeout); what the kernel has not taken by then waits for the thread's
@@ -148,11 +149,16 @@ impl LinkEdge {
     }
 
     /// Let the link judge its timers, after taking in every byte the socket
-    /// reader has already delivered.
+    /// reader has already delivered. If the kernel still holds bytes the
+    /// reader has not taken (the reader thread starved on an overloaded
+    /// host), the peer spoke since: its silence so far is credited (once
+    /// the reader catches up the bytes are gone, so a peer that really went
+    /// silent is judged one timeout later at most).
     pub(super) fn judge(
         &mut self,
         link: &mut dyn LinkEnd,
         socket_rx: Option<&Receiver<SocketEvent>>,
+        stream: Option<&TcpStream>,
         clock: &Clock,
     ) {
         if let Some(rx) = socket_rx {
@@ -161,6 +167,16 @@ impl LinkEdge {
             }
         }
         let now = clock.now();
+        let unread = stream.map_or(Ok(0), sys::unread_socket_bytes);
+        if unread.is_ok_and(|n| n > 0) {
+            let credited = link.credit_local_stall(Duration::MAX, now);
+            if !credited.is_zero() {
+                tracing::debug!(
+                    "the socket reader is behind: {:.0} ms of silence credited",
+                    credited.as_secs_f64() * 1e3
+                );
+            }
+        }
         link.handle_timeout(now);
         self.judged_at = Some(now);
     }
@@ -249,6 +265,25 @@ mod tests {
     }
 
     #[test]
+    fn bytes_the_reader_has_not_taken_yet_credit_the_peers_silence() {
+        let (mut peer, ours) = connected();
+        let mut link = Recorded::default();
+        let mut edge = LinkEdge::default();
+        let clock = Clock(Instant::now());
+        edge.judge(&mut link, None, Some(&ours), &clock);
+        assert!(link.credits.is_empty(), "nothing unread yet");
+        peer.write_all(b"heartbeat").unwrap();
+        let until = Instant::now() + Duration::from_secs(5);
+        while sys::unread_socket_bytes(&ours).unwrap() == 0 {
+            assert!(Instant::now() < until, "the bytes never arrived");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        edge.judge(&mut link, None, Some(&ours), &clock);
+        assert_eq!(link.credits, vec![Duration::MAX]);
+        assert_eq!(link.judged, 2);
+    }
+
+    #[test]
     fn a_closed_connection_is_a_lost_one_and_nothing_is_owed_after() {
         let (mut writer, reader) = connected();
         drop(reader);
@@ -272,13 +307,13 @@ mod tests {
         let mut edge = LinkEdge::default();
         let clock = Clock(Instant::now());
         let (tx, rx) = crossbeam_channel::unbounded();
-        edge.judge(&mut link, Some(&rx), &clock);
+        edge.judge(&mut link, Some(&rx), None, &clock);
         // On time: no credit.
         let now = clock.now();
         let wait = edge.plan_wait(now, now + Duration::from_millis(5));
         std::thread::sleep(wait);
         edge.woke(&mut link, &clock);
-        edge.judge(&mut link, Some(&rx), &clock);
+        edge.judge(&mut link, Some(&rx), None, &clock);
         assert!(link.credits.is_empty());
         // Bytes the reader delivered while the thread was away are taken
         // in before the judgement; the 150 ms it overslept are credited.
@@ -292,7 +327,7 @@ mod tests {
             "credited before any byte reaches the link"
         );
         assert_eq!(link.credits.len(), 1);
-        edge.judge(&mut link, Some(&rx), &clock);
+        edge.judge(&mut link, Some(&rx), None, &clock);
         assert_eq!(link.received, 42);
         assert_eq!(link.credits.len(), 1);
         assert!(

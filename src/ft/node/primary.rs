@@ -759,8 +759,12 @@ impl PrimaryPump {
     }
 
     fn judge_link(&mut self) {
-        self.edge
-            .judge(&mut self.link, Some(&self.socket_rx), &self.clock);
+        self.edge.judge(
+            &mut self.link,
+            Some(&self.socket_rx),
+            self.stream.as_ref(),
+            &self.clock,
+        );
     }
 }
 
