@@ -8,7 +8,9 @@
 //! with another memory size) is refused and the primary goes on alone.
 //! The same for a backup gone live after its primary was lost (the double
 //! failure: the clone on the first primary's host survives the second).
-//! Needs root and /dev/kvm.
+//! A guest dirtying memory at several rates is cloned: the slow one's copy
+//! converges, the fast one's ends by a bound with a longer pause, and the
+//! report says which. Needs root and /dev/kvm.
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -73,15 +75,17 @@ fn ft_addr(host: Host) -> String {
     format!("{}:{}", host.ft_addr(), addr::FT_PORT)
 }
 
-fn spec(lp: &LocalPair, host: Host) -> PairSpec {
+/// The pair's settings for a new backup on `host`, with the link timings
+/// of `opts` (those of the pair's first sides).
+fn spec(lp: &LocalPair, opts: &LocalOptions, host: Host) -> PairSpec {
     PairSpec {
         vm: VM_NAME.into(),
         generation: GENERATION,
         backup_listen: ft_addr(host),
         key_file: lp.key_file().expect("a pair has a key").to_owned(),
         arbiters: Topology::arbiter_addrs(),
-        heartbeat_ms: None,
-        peer_timeout_ms: None,
+        heartbeat_ms: opts.heartbeat_ms,
+        peer_timeout_ms: opts.peer_timeout_ms,
     }
 }
 
@@ -94,7 +98,7 @@ fn clone_backup(
     change: impl FnOnce(&mut Vec<OsString>),
 ) -> Proc {
     let files = SideFiles::in_dir(lp.dir(), name);
-    let mut args = backup_args(&spec(lp, host), &opts.guest, name, &files);
+    let mut args = backup_args(&spec(lp, opts, host), &opts.guest, name, &files);
     args.push("--from-clone".into());
     change(&mut args);
     let ns = match host {
@@ -446,12 +450,12 @@ struct DirtyRate {
     expected: Expected,
 }
 
-/// Slow to fast; the store rates are this loaded 2-core machine's (a loop
-/// round took about 8 ns; 2-3 times faster when idle). The slow and the
-/// middle rate dirty a page of a 16 MiB working set per store (while few
-/// pages are dirty); the slow one's dirty set converges (a few dozen pages
-/// a round after the first), the middle one's is near the policy's 512
-/// pages after the first round (it converged in 2 rounds here, and may
+/// Slow to fast; the store rates are this shared 2-core machine's (a loop
+/// round took about 8 ns at a load average of 7). The slow and the middle
+/// rate dirty a page of a 16 MiB working set per store (while few pages
+/// are dirty); the slow one's dirty set converges (a few dozen pages a
+/// round after the first), the middle one's is near the policy's 512
+/// pages in the second round (it converged in 2 or 3 rounds here, and may
 /// take more or stall on a slower machine). The fast one is `cargo bench
 /// --bench clone`'s ~100 MiB/s over 4 MiB: every page of the working set
 /// is written during any round, so the dirty set never shrinks.
@@ -524,6 +528,12 @@ fn clone_at_rate(rate: &DirtyRate) {
         "ws={} every={} rounds=1000000000000 hz=250",
         rate.ws_kib, rate.every
     );
+    // A side silent for the default 200 ms is suspected: on this shared
+    // 2-core host, with the file's other tests running beside this one, a
+    // new backup loading its VM went silent for 211 ms after the cut, and
+    // the clone failed for a scheduling delay, not for its copy. The copy
+    // is what this test is about.
+    opts.peer_timeout_ms = Some(1000);
     let mut lp = LocalPair::start(&opts, &interrupted).expect("starting the pair");
     let primary_control = lp.control(Host::A);
     lp.side("backup").unwrap().kill();
