@@ -21,6 +21,14 @@
 //! namespaces). `TWINVM_CLONE_BENCH_MEM` sets the guest memory (default
 //! 256M); `TWINVM_CLONE_BENCH_ONLY=TEXT` runs only the workloads whose
 //! name contains TEXT.
+//!
+//! Opt-in, `TWINVM_CLONE_BENCH_LINUX=1` adds two Linux rows (benches/clone/
+//! linux.rs): Debian's kernel (tests/linux_guest's image, built or reused as
+//! for tests/linux_boot.rs) as a pair serving TCP, cloned with its client's
+//! TCP session idle, then busy. Its boot takes 15-45 minutes here (both
+//! replicas on one host CPU); `TWINVM_LINUX_TIMEOUT` bounds the wait for it
+//! to serve (seconds, default 2400). `TWINVM_CLONE_BENCH_LINUX=1
+//! TWINVM_CLONE_BENCH_ONLY=Linux` runs only those.
 
 use std::net::UdpSocket;
 use std::path::PathBuf;
@@ -40,6 +48,10 @@ use twinvm::ft::node::query_status;
 #[path = "common/interrupt.rs"]
 mod interrupt;
 use interrupt::{check_interrupted, interrupt_flag};
+#[path = "clone/linux.rs"]
+mod linux;
+#[path = "../tests/linux_guest/mod.rs"]
+mod linux_guest;
 
 const PREFIX: &str = "tvcb";
 /// How long a clone's pair must stay whole before it counts.
@@ -94,6 +106,9 @@ fn workloads() -> Vec<Workload> {
     ]
 }
 
+/// A table row: a workload's name, its clones, the client's requests lost.
+type Row = (&'static str, Vec<Sample>, Option<u64>);
+
 /// One clone's figures, and whether its pair stayed whole.
 struct Sample {
     report: CloneStatus,
@@ -133,7 +148,7 @@ fn bench(interrupted: &AtomicBool) -> Result<bool> {
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_twinvm"));
     println!("clone benchmark: guest memory {mem}, {reps} clones per workload");
     let mut all_ok = true;
-    let mut table = Vec::new();
+    let mut table: Vec<Row> = Vec::new();
     let only = std::env::var("TWINVM_CLONE_BENCH_ONLY").unwrap_or_default();
     for w in workloads()
         .into_iter()
@@ -145,6 +160,29 @@ fn bench(interrupted: &AtomicBool) -> Result<bool> {
             Ok((samples, lost)) => {
                 all_ok &= samples.iter().all(|s| s.stayed_whole) && lost.unwrap_or(0) == 0;
                 table.push((w.name, samples, lost));
+            }
+            Err(e) => {
+                println!("   failed: {e:#}");
+                all_ok = false;
+            }
+        }
+    }
+    let linux = std::env::var("TWINVM_CLONE_BENCH_LINUX").is_ok_and(|v| v == "1");
+    if linux
+        && [linux::IDLE, linux::BUSY]
+            .iter()
+            .any(|n| n.contains(only.as_str()))
+    {
+        check_interrupted(interrupted)?;
+        println!(
+            "== Linux: booting Debian's kernel as a pair ({mem}, both replicas on one host CPU)"
+        );
+        match linux::run(&exe, &mem, &only, interrupted) {
+            Ok(rows) => {
+                all_ok &= rows
+                    .iter()
+                    .all(|(_, s, _)| s.iter().all(|s| s.stayed_whole));
+                table.extend(rows);
             }
             Err(e) => {
                 println!("   failed: {e:#}");
@@ -207,44 +245,7 @@ fn run_workload(
     let mut samples = Vec::new();
     for i in 0..reps {
         let node = format!("clone{i}");
-        let (report, stayed_whole) =
-            match lp.clone_alone_side(&opts, Host::A, Host::B, &node, interrupted) {
-                Ok(report) => {
-                    // The pair stays whole for a while: the clone follows.
-                    std::thread::sleep(SETTLE);
-                    let control =
-                        twinvm::ft::drill::pair::SideFiles::in_dir(lp.dir(), &node).control;
-                    let whole = query_status(&control).is_ok_and(|s| s.state == "following")
-                        && query_status(&primary).is_ok_and(|s| s.state == "replicating");
-                    (report, whole)
-                }
-                Err(e) => {
-                    // The source's report of the failed clone.
-                    println!("   clone {} failed: {e}", i + 1);
-                    let report = query_status(&primary)
-                        .ok()
-                        .and_then(|s| s.clone)
-                        .ok_or_else(|| anyhow!("no report of the failed clone: {e}"))?;
-                    (report, false)
-                }
-            };
-        println!(
-            "   clone {}: {}, total {:.0} ms, pause {:.1} ms, {} rounds, {} pages, {:.1} MiB, cut: {}; pair whole {:?} later: {}",
-            i + 1,
-            report.phase,
-            report.total_ms,
-            report.pause_ms,
-            report.round,
-            report.pages_sent,
-            report.bytes_sent as f64 / (1 << 20) as f64,
-            report.cut_reason,
-            SETTLE,
-            stayed_whole
-        );
-        samples.push(Sample {
-            report,
-            stayed_whole,
-        });
+        samples.push(clone_once(&mut lp, &opts, &node, i + 1, interrupted)?);
         // Lose the clone: the primary is alone again for the next one.
         lp.kill_node(&node);
         wait_state(&primary, "the primary alone again", |s| s.state == "alone")?;
@@ -258,6 +259,55 @@ fn run_workload(
     };
     lp.stop(Duration::from_secs(2));
     Ok((samples, lost))
+}
+
+/// Clone the primary (on hostA, alone) to `node` on hostB, then check the
+/// pair is still whole [`SETTLE`] later; prints the figures. A failed clone
+/// is a sample (the source's report of it), not an error.
+fn clone_once(
+    lp: &mut LocalPair,
+    opts: &LocalOptions,
+    node: &str,
+    number: usize,
+    interrupted: &AtomicBool,
+) -> Result<Sample> {
+    let primary = lp.control(Host::A);
+    let (report, stayed_whole) =
+        match lp.clone_alone_side(opts, Host::A, Host::B, node, interrupted) {
+            Ok(report) => {
+                // The pair stays whole for a while: the clone follows.
+                std::thread::sleep(SETTLE);
+                let control = twinvm::ft::drill::pair::SideFiles::in_dir(lp.dir(), node).control;
+                let whole = query_status(&control).is_ok_and(|s| s.state == "following")
+                    && query_status(&primary).is_ok_and(|s| s.state == "replicating");
+                (report, whole)
+            }
+            Err(e) => {
+                // The source's report of the failed clone.
+                println!("   clone {number} failed: {e}");
+                let report = query_status(&primary)
+                    .ok()
+                    .and_then(|s| s.clone)
+                    .ok_or_else(|| anyhow!("no report of the failed clone: {e}"))?;
+                (report, false)
+            }
+        };
+    println!(
+        "   clone {number}: {}, total {:.0} ms, pause {:.1} ms, {} rounds, {} pages, {:.1} MiB, cut: {}; pair whole {:?} later: {}",
+        report.phase,
+        report.total_ms,
+        report.pause_ms,
+        report.round,
+        report.pages_sent,
+        report.bytes_sent as f64 / (1 << 20) as f64,
+        report.cut_reason,
+        SETTLE,
+        stayed_whole
+    );
+    Ok(Sample {
+        report,
+        stayed_whole,
+    })
 }
 
 /// A client in the client namespace asking the counter guest every 1 ms,
