@@ -26,6 +26,9 @@
 //!   and the recording (default: the engine's default).
 //! - `TWINVM_LOGBW_PAGE_CACHE_MIB=N` the recording's page cache (default
 //!   64; 0 sends every sync-point page whole, as log format 3 did).
+//! - `TWINVM_LOGBW_HOT_PAGES=N` the recording's hot-page budget (pages
+//!   its dirty-log harvests leave write-enabled; default: the engine's;
+//!   0 re-protects every page at every harvest, as before).
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -149,6 +152,12 @@ fn settings() -> RecordSettings {
         .and_then(|v| v.parse::<u64>().ok())
     {
         settings.tick_deferral = Duration::from_millis(ms);
+    }
+    if let Some(pages) = std::env::var("TWINVM_LOGBW_HOT_PAGES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        settings.hot_page_budget = pages;
     }
     settings
 }
@@ -312,11 +321,12 @@ fn main() {
     let host_cpu = sys::current_cpu().unwrap();
 
     println!(
-        "twinvm log bandwidth benchmark, median of {runs} run(s) per mode, tick deferral {} ms",
-        settings().tick_deferral.as_millis()
+        "twinvm log bandwidth benchmark, median of {runs} run(s) per mode, tick deferral {} ms, hot-page budget {}",
+        settings().tick_deferral.as_millis(),
+        settings().hot_page_budget
     );
     println!(
-        "{:<40} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>8} {:>9} {:>7} {:>8} {:>8} {:>6} {:>6} {:>6} {:>5}",
+        "{:<40} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>8} {:>9} {:>7} {:>8} {:>8} {:>6} {:>6} {:>6} {:>5} {:>7}",
         "workload",
         "plain s",
         "rec s",
@@ -333,7 +343,8 @@ fn main() {
         "whole%",
         "delta%",
         "same%",
-        "cache"
+        "cache",
+        "sync us"
     );
     for row in ROWS.iter().filter(|r| wanted(r)) {
         let mut plain = Vec::new();
@@ -371,7 +382,7 @@ fn main() {
         let (plain, recorded, replayed) = (median(plain), median(recorded), median(replayed));
         let secs = rec_run.as_secs_f64();
         println!(
-            "{:<40} {:>8.2} {:>8.2} {:>8.2} {:>7.2} {:>7.2} {:>9.2} {:>8.0} {:>8.1} {:>9.0} {:>7} {:>8.2} {:>8.2} {:>6.1} {:>6.1} {:>6.1} {:>4}M",
+            "{:<40} {:>8.2} {:>8.2} {:>8.2} {:>7.2} {:>7.2} {:>9.2} {:>8.0} {:>8.1} {:>9.0} {:>7} {:>8.2} {:>8.2} {:>6.1} {:>6.1} {:>6.1} {:>4}M {:>7.0}",
             row.label,
             plain.as_secs_f64(),
             recorded.as_secs_f64(),
@@ -389,6 +400,7 @@ fn main() {
             pages.delta as f64 * 100.0 / carried,
             pages.same as f64 * 100.0 / carried,
             pages.cache_bytes >> 20,
+            s.sync_point_time.as_secs_f64() * 1e6 / s.sync_points.max(1) as f64,
         );
     }
     println!();
@@ -405,5 +417,8 @@ fn main() {
         "whole/delta/same%: of the pages carried, those sent whole, as a delta against the page"
     );
     println!("cache, unchanged (the rest are zero pages); cache: its contents at the end.");
+    println!(
+        "sync us: the recording's mean time making one sync point (dirty log, pages, log write)."
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

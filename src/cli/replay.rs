@@ -183,6 +183,7 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
         tick_deferral: Duration::from_millis(args.tick_deferral_ms),
         trace_landmarks: args.trace_landmarks,
         max_log_bytes: Some(max_log_bytes),
+        ..RecordSettings::default()
     };
     let (report, mut engine) = session
         .run(

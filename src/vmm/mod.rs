@@ -9,6 +9,7 @@ pub mod emulate;
 pub mod exit;
 pub mod fallback;
 pub mod guest_cpu;
+pub mod hot_pages;
 pub mod layout;
 pub mod sys;
 pub mod syscall_fix;

@@ -7,7 +7,7 @@ use kvm_bindings::{kvm_interrupt, KVMIO};
 use kvm_ioctls::VcpuFd;
 use vmm_sys_util::errno;
 use vmm_sys_util::ioctl::ioctl_with_ref;
-use vmm_sys_util::ioctl_iow_nr;
+use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
 
 ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
 
@@ -19,6 +19,46 @@ pub fn inject_interrupt(vcpu: &VcpuFd, vector: u8) -> Result<(), errno::Error> {
     // SAFETY: KVM_INTERRUPT reads one `kvm_interrupt` from the pointer, which
     // refers to a live local; the fd is a vCPU fd owned by `vcpu`.
     let ret = unsafe { ioctl_with_ref(vcpu, KVM_INTERRUPT(), &irq) };
+    if ret < 0 {
+        return Err(errno::Error::last());
+    }
+    Ok(())
+}
+
+ioctl_iowr_nr!(
+    KVM_CLEAR_DIRTY_LOG,
+    KVMIO,
+    0xc0,
+    kvm_bindings::kvm_clear_dirty_log
+);
+
+/// Clear (and write-protect again) the pages of memslot `slot` whose bits
+/// are set in `bitmap` (bit i: the slot's page i), when manual dirty-log
+/// protection is on (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`). `pages` is the
+/// slot's size in pages; `bitmap` must cover it.
+pub fn clear_dirty_log(
+    vm: &kvm_ioctls::VmFd,
+    slot: u32,
+    pages: u32,
+    bitmap: &mut [u64],
+) -> Result<(), errno::Error> {
+    if (bitmap.len() as u64) * 64 < u64::from(pages) {
+        return Err(errno::Error::new(libc::EINVAL));
+    }
+    let clear = kvm_bindings::kvm_clear_dirty_log {
+        slot,
+        num_pages: pages,
+        first_page: 0,
+        __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
+            dirty_bitmap: bitmap.as_mut_ptr().cast(),
+        },
+    };
+    // SAFETY: KVM_CLEAR_DIRTY_LOG reads one `kvm_clear_dirty_log` (a live
+    // local) and, through its pointer, ceil(pages / 64) u64 words of
+    // bitmap, which `bitmap` holds (checked above) and which is borrowed
+    // mutably for the call, so nothing else sees it meanwhile. The fd is
+    // a VM fd.
+    let ret = unsafe { ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &clear) };
     if ret < 0 {
         return Err(errno::Error::last());
     }

@@ -5,7 +5,7 @@ use std::cell::{Cell, RefCell};
 
 use kvm_bindings::{
     kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events,
-    kvm_xsave, Msrs, KVM_MEM_LOG_DIRTY_PAGES,
+    kvm_xsave, Msrs,
 };
 use kvm_ioctls::{
     Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
@@ -19,11 +19,14 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use super::boot::{self, BootError, LoadedKernel, PreparedKernel};
 use super::cpuid;
+use super::hot_pages::HotPages;
 use super::layout::{self, ram_ranges, MAX_MEM_BYTES, MIN_MEM_BYTES, SHADOW_FLUSH_SLOT_GPA};
 use super::traps::PlantedTrap;
 use crate::devices::virtio::{GuestRam, GuestRamError};
 use crate::replay::digest::DirtyPages;
 use crate::replay::log::CpuStateBytes;
+
+mod dirty_log;
 
 /// Everything needed to build a guest.
 #[derive(Debug, Clone)]
@@ -279,6 +282,10 @@ pub struct Vm {
     /// while dirty tracking is on (drained by `collect_dirty_pages`).
     userspace_dirty: RefCell<DirtyPages>,
     dirty_tracking: bool,
+    /// KVM's manual dirty-log protection is on: a harvest re-protects only
+    /// the pages `hot_pages` lets go (see `hot_pages.rs`).
+    manual_protect: bool,
+    hot_pages: HotPages,
     /// The scratch memslot of [`Vm::invalidate_shadow_mmu`] and the one
     /// page behind it (kept alive while the Vm is).
     shadow_flush_slot: kvm_userspace_memory_region,
@@ -359,6 +366,7 @@ impl Vm {
             }
         }
         let vm_fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        let manual_protect = dirty_log::enable_manual_protect(&vm_fd);
         // Only needed by VMX for real-mode emulation; harmless elsewhere.
         vm_fd
             .set_tss_address(0xfffb_d000)
@@ -445,6 +453,8 @@ impl Vm {
             shadow_asymmetric: Cell::new(false),
             device_unflushed: Cell::new(false),
             dirty_tracking: false,
+            manual_protect,
+            hot_pages: HotPages::new(0),
             state_msrs,
             vcpu,
             vm_fd,
@@ -456,23 +466,6 @@ impl Vm {
             slots,
             userspace_dirty: RefCell::new(DirtyPages::default()),
         })
-    }
-
-    /// Turn KVM dirty-page logging (and the noting of the VMM's own writes)
-    /// on (record/replay needs it) or off.
-    pub fn set_dirty_logging(&mut self, on: bool) -> Result<(), VmError> {
-        self.dirty_tracking = on;
-        if !on {
-            self.userspace_dirty.borrow_mut().take();
-        }
-        for slot in &mut self.slots {
-            slot.flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
-            // SAFETY: the same slot, address range and host mapping as
-            // registered in `create`; only the flags change.
-            unsafe { self.vm_fd.set_user_memory_region(*slot) }
-                .map_err(kvm_err("set dirty logging"))?;
-        }
-        Ok(())
     }
 
     /// Make KVM drop its shadow copies of the guest's page tables.
@@ -595,25 +588,6 @@ impl Vm {
                 gpa,
                 len: buf.len(),
             })
-    }
-
-    /// Fetch-and-reset KVM's dirty log (and the VMM's own writes) into every set in `into`.
-    pub fn collect_dirty_pages(&self, into: &mut [&mut DirtyPages]) -> Result<(), VmError> {
-        let mut found = std::mem::take(&mut *self.userspace_dirty.borrow_mut());
-        for slot in &self.slots {
-            if slot.flags & KVM_MEM_LOG_DIRTY_PAGES == 0 {
-                continue;
-            }
-            let bitmap = self
-                .vm_fd
-                .get_dirty_log(slot.slot, slot.memory_size as usize)
-                .map_err(kvm_err("get dirty log"))?;
-            found.add_bitmap(slot.guest_phys_addr, &bitmap);
-        }
-        for set in into.iter_mut() {
-            set.merge(&found);
-        }
-        Ok(())
     }
 
     /// The vCPU's architectural state as raw KVM uapi bytes.

@@ -661,7 +661,9 @@ impl Engine {
     /// this point. Fetch the dirty log (at most once per [`HARVEST_EVERY`],
     /// to bound the ioctl cost), keep it for the next digest, and restart
     /// the sync-point set. Any superset stays correct, so the timing need
-    /// not be deterministic.
+    /// not be deterministic; hot pages (`vmm::hot_pages`), left
+    /// write-enabled, are reported by every harvest and so by every sync
+    /// point until let go.
     fn harvest_dirty_pages(&mut self) -> Result<(), RunError> {
         self.last_harvest = std::time::Instant::now();
         self.vm.collect_dirty_pages(&mut [&mut self.since_digest])?;

@@ -146,6 +146,9 @@ pub struct ExitStats {
     pub sync_point_pages: u64,
     /// Log bytes taken by sync points (recording only).
     pub sync_point_bytes: u64,
+    /// Time the primary spent making sync points (state, dirty log, pages,
+    /// log write).
+    pub sync_point_time: Duration,
     /// Kicks that found only a timer tick owed to a guest in user mode and
     /// let it run on (tick_deferral.rs).
     pub tick_deferrals: u64,
@@ -264,7 +267,8 @@ pub(super) fn kvm_err(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Er
 }
 
 /// Least time between two dirty-log harvests at landmarks (recording).
-/// Each harvest write-protects the dirtied pages again, and under shadow
+/// Each harvest write-protects the dirtied pages again (all of them, or
+/// those not hot: `RecordSettings::hot_page_budget`), and under shadow
 /// paging every next write to them faults: every 1 ms slowed a Linux boot
 /// about threefold here; 10 ms is close to the sync-point rate Linux has.
 const HARVEST_EVERY: Duration = Duration::from_millis(10);
@@ -279,6 +283,9 @@ const MAX_HELD_SERIAL_INPUT: usize = 4096;
 /// measured sweet spot for guests that do not (docs/benchmarks.md, "after
 /// fewer sync points").
 pub const DEFAULT_TICK_DEFERRAL: Duration = Duration::ZERO;
+
+/// The default [`RecordSettings::hot_page_budget`], in pages.
+pub const DEFAULT_HOT_PAGE_BUDGET: usize = 2048;
 
 /// Settings of a recording.
 #[derive(Debug, Clone, Copy)]
@@ -299,6 +306,14 @@ pub struct RecordSettings {
     /// End the recording cleanly (at a landmark, with its End record)
     /// before its log passes this many bytes.
     pub max_log_bytes: Option<u64>,
+    /// Most guest pages a recording's dirty-log harvests leave
+    /// write-enabled ("hot": reported dirty at every harvest, so sent with
+    /// every sync point, unchanged ones as a few bytes against the page
+    /// cache) instead of re-protecting them, which under shadow paging
+    /// makes the guest's next store to each fault. 0: re-protect every
+    /// page at every harvest. Needs KVM's manual dirty-log protection
+    /// (`src/vmm/hot_pages.rs`); other roles re-protect everything.
+    pub hot_page_budget: usize,
 }
 
 impl Default for RecordSettings {
@@ -309,6 +324,7 @@ impl Default for RecordSettings {
             tick_deferral: DEFAULT_TICK_DEFERRAL,
             trace_landmarks: false,
             max_log_bytes: None,
+            hot_page_budget: DEFAULT_HOT_PAGE_BUDGET,
         }
     }
 }
@@ -543,6 +559,14 @@ impl Engine {
     fn set_role(&mut self, role: Role) -> Result<(), RunError> {
         let tracking = !matches!(role, Role::Live);
         self.vm.set_dirty_logging(tracking)?;
+        // Only a recording gains from pages left write-enabled: the clone's
+        // copy rounds want the dirty set to shrink, and a backup harvests
+        // only at digests.
+        self.vm.set_hot_page_budget(if role.recording() {
+            self.settings.hot_page_budget
+        } else {
+            0
+        });
         // After dirty logging is on: whatever changes from here is noted.
         if tracking && self.memory.is_none() {
             self.memory = Some(sync::memory_hash_of(&self.vm));

@@ -35,6 +35,7 @@ impl Engine {
         if !self.role.recording() {
             return Ok(true);
         }
+        let started = Instant::now();
         let cpu = self.vm.cpu_state()?;
         self.vm
             .collect_dirty_pages(&mut [&mut self.since_sync, &mut self.since_digest])?;
@@ -71,6 +72,7 @@ impl Engine {
         self.stats.sync_points += 1;
         self.stats.sync_point_pages += page_count;
         self.stats.sync_point_bytes += self.log_bytes_written() - before;
+        self.stats.sync_point_time += started.elapsed();
         // Judge "can take an interrupt" from this state, as the backup will.
         self.sync_state = Some(cpu);
         Ok(true)
