@@ -136,6 +136,44 @@ mod tests {
         }
     }
 
+    /// A sync point with RIP (the first bytes of `kvm_regs`) at `rip`.
+    fn sync_point(landmark: u64, rip: u8) -> Record {
+        let mut regs = vec![0; 144];
+        regs[0] = rip;
+        Record::SyncPoint {
+            landmark,
+            cpu: Box::new(super::super::CpuStateBytes {
+                regs,
+                xsave: vec![0; 4096],
+                ..Default::default()
+            }),
+            vmm_state: vec![0; 26],
+            pages: vec![],
+        }
+    }
+
+    /// What a clone does: a new stream (a new writer) for the new backup,
+    /// whose reader starts afresh. Its first sync point carries the state
+    /// whole, so the new backup needs nothing of the old stream.
+    #[test]
+    fn a_new_stream_starts_with_a_whole_state() {
+        let mut old = LogWriter::stream(Vec::new());
+        old.append(&sync_point(1, 1)).unwrap();
+        old.append(&sync_point(2, 2)).unwrap();
+        assert_eq!((old.state_stats().whole, old.state_stats().delta), (1, 1));
+
+        let mut new = LogWriter::stream(Vec::new());
+        let records = vec![sync_point(3, 3), sync_point(4, 4)];
+        for r in &records {
+            new.append(r).unwrap();
+        }
+        assert_eq!((new.state_stats().whole, new.state_stats().delta), (1, 1));
+        let mut d = RecordDecoder::new(&header());
+        d.push(&new.into_inner());
+        assert_eq!(d.next_record().unwrap().as_ref(), Some(&records[0]));
+        assert_eq!(d.next_record().unwrap().as_ref(), Some(&records[1]));
+    }
+
     #[test]
     fn a_cut_inside_a_frame_is_not_a_record_boundary() {
         let bytes = stream();
