@@ -222,6 +222,15 @@ impl SyncPointReader {
         }
     }
 
+    /// How the pages read so far travelled, and the page cache (None for
+    /// a format-3 log, which has none).
+    pub(super) fn page_stats(&self) -> Option<PageStats> {
+        match &self.pages {
+            PageReader::Version3 => None,
+            PageReader::Cached(pages) => Some(pages.stats()),
+        }
+    }
+
     /// A whole sync point was decoded.
     pub(super) fn end_of_sync_point(&mut self) {
         if let PageReader::Cached(pages) = &mut self.pages {

@@ -305,6 +305,8 @@ pub(super) fn encode_pages<'a>(
 pub(super) struct PageDecoder {
     cache: Option<PageCache>,
     max_pages: usize,
+    /// How the pages decoded so far travelled.
+    carried: PageStats,
 }
 
 impl PageDecoder {
@@ -312,6 +314,21 @@ impl PageDecoder {
         PageDecoder {
             cache: None,
             max_pages,
+            carried: PageStats::default(),
+        }
+    }
+
+    /// How the pages decoded so far travelled, and the cache.
+    pub(super) fn stats(&self) -> PageStats {
+        let (capacity, (pages, bytes)) = match &self.cache {
+            Some(cache) => (u64::from(cache.capacity()), cache.usage()),
+            None => (0, (0, 0)),
+        };
+        PageStats {
+            cache_capacity: capacity,
+            cache_pages: pages,
+            cache_bytes: bytes,
+            ..self.carried
         }
     }
 
@@ -360,6 +377,7 @@ impl PageDecoder {
             .packed(n * MAX_ENTRY_BYTES)
             .map_err(|e| format!("page contents: {e}"))?;
         let cache = self.cache_for(announced)?;
+        let mut carried = PageStats::default();
         let mut b = Dec(&block);
         let mut pages = Vec::with_capacity(n);
         let mut seen = HashSet::with_capacity(n);
@@ -402,6 +420,12 @@ impl PageDecoder {
                 }
                 other => return Err(format!("page {gpa:#x}: unknown page kind {other}")),
             };
+            match kind {
+                KIND_FULL => carried.full += 1,
+                KIND_ZERO => carried.zero += 1,
+                KIND_SAME => carried.same += 1,
+                _ => carried.delta += 1,
+            }
             if kind == KIND_SAME {
                 cache.touch(gpa);
             } else {
@@ -410,6 +434,10 @@ impl PageDecoder {
             pages.push((gpa, data));
         }
         b.finish().map_err(|e| format!("page contents: {e}"))?;
+        self.carried.full += carried.full;
+        self.carried.zero += carried.zero;
+        self.carried.same += carried.same;
+        self.carried.delta += carried.delta;
         Ok(pages)
     }
 }
