@@ -4,7 +4,8 @@
 //! For each workload, side by side in one run: a plain run, a recording
 //! to a real file (fsynced) and its replay. Reported: log Mbit/s (log
 //! bytes over the recording's run time), sync points per second, pages per
-//! sync point, log bytes per sync point, record/plain and replay/record
+//! sync point, log bytes per sync point and the vCPU state's share of
+//! them, record/plain and replay/record
 //! wall time, the shadow page-table flushes of the replay, and whether the
 //! replay was identical (it must be: a replay that is not fails the run).
 //!
@@ -41,7 +42,7 @@ use twinvm::replay::engine::{
     Connections, ConsoleAndNet, Ending, Engine, ExitStats, Inputs, LogSink, RecordSettings,
     Recorder, Role, RunReport, Stop,
 };
-use twinvm::replay::log::{LogHeader, LogReader, LogWriter, PageStats};
+use twinvm::replay::log::{LogHeader, LogReader, LogWriter, PageStats, StateStats};
 use twinvm::replay::schedule::Schedule;
 use twinvm::vmm::{sys, Kicker, Vm, VmConfig};
 
@@ -58,6 +59,14 @@ const ROWS: &[Row] = &[
         label: "compute only (no stores), 4 MiB",
         guest: "memwrite",
         cmdline: "ws=4096 every=0 rounds=600000000",
+        mem_mib: 64,
+    },
+    // The same loop without the 4 MiB of random data the row above writes
+    // (and logs, ~34 Mbit) before it: a CPU-bound guest's steady state.
+    Row {
+        label: "compute only (no stores), 4 KiB",
+        guest: "memwrite",
+        cmdline: "ws=4 every=0 rounds=600000000",
         mem_mib: 64,
     },
     Row {
@@ -238,12 +247,13 @@ fn log_cap() -> u64 {
 
 /// Record `row` to `path` (fsynced): the report and the wall time of the
 /// run plus the final flush and fsync.
-/// Also how its sync-point pages travelled (whole, as deltas, ...).
+/// Also how its sync-point pages and vCPU states travelled (whole, as
+/// deltas, ...).
 fn record(
     row: &Row,
     path: &Path,
     host_cpu: u32,
-) -> Result<(RunReport, Duration, PageStats), String> {
+) -> Result<(RunReport, Duration, PageStats, StateStats), String> {
     let file = File::create(path).unwrap();
     let sync = file.try_clone().unwrap();
     let cfg = config(row);
@@ -274,8 +284,9 @@ fn record(
     let log = &mut engine.recorder_mut().unwrap().log;
     log.flush().unwrap();
     let pages = log.page_stats();
+    let states = log.state_stats();
     sync.sync_all().unwrap();
-    Ok((report, report.wall + started.elapsed(), pages))
+    Ok((report, report.wall + started.elapsed(), pages, states))
 }
 
 /// Replay the log at `path` to its end; it must be identical.
@@ -326,7 +337,7 @@ fn main() {
         settings().hot_page_budget
     );
     println!(
-        "{:<40} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>8} {:>9} {:>7} {:>8} {:>8} {:>6} {:>6} {:>6} {:>5} {:>7}",
+        "{:<40} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>8} {:>9} {:>6} {:>7} {:>8} {:>8} {:>6} {:>6} {:>6} {:>5} {:>7}",
         "workload",
         "plain s",
         "rec s",
@@ -337,6 +348,7 @@ fn main() {
         "syncs/s",
         "pg/sync",
         "B/sync",
+        "cpu B",
         "flushes",
         "tick ms",
         "tick max",
@@ -350,12 +362,12 @@ fn main() {
         let mut plain = Vec::new();
         let mut recorded = Vec::new();
         let mut replayed = Vec::new();
-        let mut last: Option<(ExitStats, Duration, ExitStats, PageStats)> = None;
+        let mut last: Option<(ExitStats, Duration, ExitStats, PageStats, StateStats)> = None;
         let mut stopped = None;
         for i in 0..runs {
             plain.push(run(row, Role::Live, host_cpu).expect("plain run").0.wall);
             let path = dir.join(format!("{}-{i}.log", row.guest));
-            let (rec, wall, pages) = match record(row, &path, host_cpu) {
+            let (rec, wall, pages, states) = match record(row, &path, host_cpu) {
                 Ok(recorded) => recorded,
                 Err(e) => {
                     let _ = std::fs::remove_file(&path);
@@ -367,7 +379,7 @@ fn main() {
             let rep = replay(row, &path, host_cpu);
             replayed.push(rep.wall);
             std::fs::remove_file(&path).unwrap();
-            last = Some((rec.stats, rec.wall, rep.stats, pages));
+            last = Some((rec.stats, rec.wall, rep.stats, pages, states));
         }
         if let Some(why) = stopped {
             println!(
@@ -377,12 +389,12 @@ fn main() {
             );
             continue;
         }
-        let (s, rec_run, rep, pages) = last.unwrap();
+        let (s, rec_run, rep, pages, states) = last.unwrap();
         let carried = (pages.full + pages.delta + pages.same + pages.zero).max(1) as f64;
         let (plain, recorded, replayed) = (median(plain), median(recorded), median(replayed));
         let secs = rec_run.as_secs_f64();
         println!(
-            "{:<40} {:>8.2} {:>8.2} {:>8.2} {:>7.2} {:>7.2} {:>9.2} {:>8.0} {:>8.1} {:>9.0} {:>7} {:>8.2} {:>8.2} {:>6.1} {:>6.1} {:>6.1} {:>4}M {:>7.0}",
+            "{:<40} {:>8.2} {:>8.2} {:>8.2} {:>7.2} {:>7.2} {:>9.2} {:>8.0} {:>8.1} {:>9.0} {:>6.0} {:>7} {:>8.2} {:>8.2} {:>6.1} {:>6.1} {:>6.1} {:>4}M {:>7.0}",
             row.label,
             plain.as_secs_f64(),
             recorded.as_secs_f64(),
@@ -393,6 +405,7 @@ fn main() {
             s.sync_points as f64 / secs,
             s.sync_point_pages as f64 / s.sync_points.max(1) as f64,
             s.sync_point_bytes as f64 / s.sync_points.max(1) as f64,
+            states.bytes as f64 / (states.whole + states.delta).max(1) as f64,
             rep.shadow_mmu_flushes,
             s.timer_poll_delay_total.as_secs_f64() * 1e3 / s.timer_polls.max(1) as f64,
             s.timer_poll_delay_max.as_secs_f64() * 1e3,
@@ -408,7 +421,10 @@ fn main() {
         "log Mb/s: log bytes x 8 / the recording's run time / 1e6. pg/sync: pages a sync point"
     );
     println!(
-        "carries; B/sync: log bytes per sync point. flushes: the replay's shadow page-table zaps."
+        "carries; B/sync: log bytes per sync point, cpu B the vCPU state's share (log format 5:"
+    );
+    println!(
+        "whole or a delta against the previous sync point's). flushes: the replay's shadow page-table zaps."
     );
     println!(
         "tick ms / tick max: how late past its deadline the recording raised a timer tick, mean / max."

@@ -198,6 +198,25 @@ fn clone_until_whole(
         |s| s.state == "following",
     );
     assert_eq!(b.generation, generation);
+    // Both ends of the new stream report its page cache (`twinvm status`):
+    // the survivor's writer and the new backup's reader, bounded alike.
+    let cache = |control: &Path, who: &str| {
+        wait_state(
+            control,
+            &format!("{who} reporting its page cache"),
+            TIMEOUT,
+            |s| s.page_cache.is_some_and(|c| c.hits + c.whole > 0),
+        )
+        .page_cache
+        .unwrap()
+    };
+    let (writer, reader) = (
+        cache(survivor_control, "the survivor"),
+        cache(&new_backup.files.control, "the clone"),
+    );
+    assert_eq!(writer.limit_pages, 16_384, "{writer:?}");
+    assert_eq!(reader.limit_pages, writer.limit_pages, "{reader:?}");
+    assert!(reader.pages <= reader.limit_pages, "{reader:?}");
     // Requests were answered during the copy.
     assert_answering_since(client, before);
     generation

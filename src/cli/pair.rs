@@ -389,7 +389,7 @@ pub fn describe(s: &PairStatus) -> String {
          landmark {}  watermark {}  acked {}  released {}\n\
          lag {} landmarks, {:.1} ms   log {:.2} Mbit/s ({} bytes)\n\
          held outputs {}  hold p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms ({} released)\n\
-         peer {}   up {:.1} s\n",
+         peer {}   up {:.1} s\n{}",
         s.vm,
         s.generation,
         s.node,
@@ -418,13 +418,48 @@ pub fn describe(s: &PairStatus) -> String {
         } else {
             "not connected"
         },
-        s.uptime_s
+        s.uptime_s,
+        match &s.page_cache {
+            Some(c) => format!(
+                "page cache {:.1} of {:.1} MiB ({} of {} pages); pages of sync points: {} from the cache, {} whole, {} zero\n",
+                c.bytes as f64 / (1 << 20) as f64,
+                (c.limit_pages * 4096) as f64 / (1 << 20) as f64,
+                c.pages,
+                c.limit_pages,
+                c.hits,
+                c.whole,
+                c.zero
+            ),
+            None => String::new(),
+        }
     )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_page_cache_line_appears_once_there_is_one() {
+        let mut s = PairStatus::default();
+        assert!(!describe(&s).contains("page cache"));
+        s.page_cache = Some(crate::ft::node::PageCacheStatus {
+            pages: 1028,
+            bytes: 4 << 20,
+            limit_pages: 16_384,
+            hits: 1295,
+            whole: 1028,
+            zero: 4,
+        });
+        let text = describe(&s);
+        assert!(
+            text.contains("page cache 4.0 of 64.0 MiB (1028 of 16384 pages)")
+                && text.contains("1295 from the cache, 1028 whole, 4 zero"),
+            "{text}"
+        );
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<PairStatus>(&json).unwrap(), s);
+    }
 
     #[test]
     fn a_config_file_with_an_unknown_key_is_refused_naming_it() {

@@ -206,6 +206,13 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
             p.cache_capacity,
             p.cache_bytes >> 20
         );
+        let st = recorder.log.state_stats();
+        eprintln!(
+            "twinvm record: sync-point vCPU states: {} whole, {} as deltas; {:.0} bytes each on average",
+            st.whole,
+            st.delta,
+            st.bytes as f64 / (st.whole + st.delta).max(1) as f64
+        );
     }
     sync_handle
         .sync_all()

@@ -18,7 +18,9 @@ use thiserror::Error;
 /// Version of this protocol; a backup refuses a Hello with another one.
 /// Version 2: the records are log format 4 (sync-point pages as deltas
 /// against a page cache both sides keep), which a version-1 peer cannot read.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version 3: log format 5 (the vCPU state of a sync point as a delta
+/// against the previous one's).
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Longest VM name (the arbiter's own limit, so every name we accept can be arbitrated).
 pub const MAX_VM_NAME_BYTES: usize = arbiter::state_machine::MAX_NAME_LEN;
 /// Longest reason or divergence detail; longer texts are cut when sent.

@@ -857,6 +857,9 @@ impl BackupPump {
             b.log_bytes = st.stats.log_bytes;
             b.peer_connected = st.established && st.closed.is_none();
         }
+        if let Some(decoder) = &self.decoder {
+            b.page_cache = Some((&decoder.page_stats()).into());
+        }
         b.held_outputs = self.shadow.lock().map(|s| s.len() as u64).unwrap_or(0);
         b.uptime_s = now.as_secs_f64();
     }

@@ -13,6 +13,7 @@ use crossbeam_channel::{SendTimeoutError, Sender};
 use crate::ft::output::{ByteSize, OutputError, ShadowOutputs};
 use crate::net;
 use crate::replay::engine::{LogSink, Output, OutputSink};
+use crate::replay::log::PageStats;
 
 impl ByteSize for Output {
     fn byte_size(&self) -> usize {
@@ -62,6 +63,8 @@ pub struct LogFeed {
     /// The log's magic and header go in the Hello, not the stream.
     started: bool,
     last_watermark: Option<u64>,
+    /// Where the page cache is reported after each sync point.
+    status: Option<super::status::StatusBoard>,
 }
 
 impl LogFeed {
@@ -72,7 +75,13 @@ impl LogFeed {
             buf: Vec::new(),
             started: false,
             last_watermark: None,
+            status: None,
         }
+    }
+
+    /// Report the log's page cache on `board` (`twinvm status`).
+    pub fn report_to(&mut self, board: super::status::StatusBoard) {
+        self.status = Some(board);
     }
 
     /// From here on the bytes written are the stream (call after the
@@ -95,6 +104,12 @@ impl Write for LogFeed {
 }
 
 impl LogSink for LogFeed {
+    fn sync_point_logged(&mut self, pages: &PageStats) {
+        if let Some(board) = &self.status {
+            board.lock().unwrap_or_else(|p| p.into_inner()).page_cache = Some(pages.into());
+        }
+    }
+
     fn landmark_done(&mut self, landmark: u64) -> io::Result<()> {
         if !self.started
             || (self.buf.is_empty() && self.last_watermark.is_some_and(|w| w >= landmark))

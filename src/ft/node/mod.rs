@@ -31,7 +31,7 @@ use edge::{LinkEdge, WRITE_SLICE};
 
 pub use backup::{run_backup, run_backup_from};
 pub use primary::run_primary;
-pub use status::{query_status, request_clone, PairStatus};
+pub use status::{query_status, request_clone, PageCacheStatus, PairStatus};
 
 use super::failover::{Action, Failover, FailoverEvent, Verdict};
 use super::link::LinkConfig;

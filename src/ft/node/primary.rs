@@ -145,6 +145,7 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
     let clone_engine_tx = engine_tx.clone();
     let mut feed = LogFeed::new(engine_tx.clone(), stopping.clone());
     feed.start_stream();
+    feed.report_to(board.clone());
     let recorder = Recorder {
         log: LogWriter::stream(Box::new(feed)),
     };

@@ -20,6 +20,36 @@ pub struct HoldTimes {
     pub max: f64,
 }
 
+/// The sync-point page cache of this replica's log (docs/log-format.md,
+/// "Pages"): the primary's writer or the backup's reader, which hold the
+/// same pages.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct PageCacheStatus {
+    /// Pages and bytes of contents it holds (all-zero pages take none).
+    pub pages: u64,
+    pub bytes: u64,
+    /// The most pages it may hold.
+    pub limit_pages: u64,
+    /// Pages sync points carried that it held a version of (sent as a
+    /// delta or unchanged), and those sent whole or as zero pages.
+    pub hits: u64,
+    pub whole: u64,
+    pub zero: u64,
+}
+
+impl From<&crate::replay::log::PageStats> for PageCacheStatus {
+    fn from(s: &crate::replay::log::PageStats) -> Self {
+        PageCacheStatus {
+            pages: s.cache_pages,
+            bytes: s.cache_bytes,
+            limit_pages: s.cache_capacity,
+            hits: s.delta + s.same,
+            whole: s.full,
+            zero: s.zero,
+        }
+    }
+}
+
 /// What `twinvm status` reports (docs/operations.md, "Status").
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct PairStatus {
@@ -56,6 +86,9 @@ pub struct PairStatus {
     /// The last clone of this replica (`twinvm clone`), if any.
     #[serde(default)]
     pub clone: Option<crate::clone::CloneStatus>,
+    /// The log's page cache, once a sync point went through it.
+    #[serde(default)]
+    pub page_cache: Option<PageCacheStatus>,
 }
 
 /// `clone HOST:PORT` on the control socket: the pump answers whether it

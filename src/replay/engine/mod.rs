@@ -338,6 +338,10 @@ pub trait LogSink: Write + Send {
     fn landmark_done(&mut self, _landmark: u64) -> std::io::Result<()> {
         Ok(())
     }
+
+    /// A sync point was logged; `pages` is how sync-point pages travelled
+    /// so far and the page cache (a pair reports it in its status).
+    fn sync_point_logged(&mut self, _pages: &crate::replay::log::PageStats) {}
 }
 
 impl<W: Write + Send> LogSink for std::io::BufWriter<W> {}

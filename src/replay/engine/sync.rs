@@ -7,7 +7,7 @@ use std::time::Instant;
 use vm_memory::Bytes;
 
 use super::landmark::hex;
-use super::{Engine, RunError};
+use super::{Engine, Role, RunError};
 use crate::replay::digest::{self, LandmarkKind, MemoryHash};
 use crate::replay::log::{PageHash, Record, StateDigest, PAGE_SIZE};
 use crate::vmm::layout;
@@ -73,6 +73,10 @@ impl Engine {
         self.stats.sync_point_pages += page_count;
         self.stats.sync_point_bytes += self.log_bytes_written() - before;
         self.stats.sync_point_time += started.elapsed();
+        if let Role::Record(rec) = &mut self.role {
+            let pages = rec.log.page_stats();
+            rec.log.get_mut().sync_point_logged(&pages);
+        }
         // Judge "can take an interrupt" from this state, as the backup will.
         self.sync_state = Some(cpu);
         Ok(true)

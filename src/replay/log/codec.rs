@@ -2,6 +2,7 @@
 
 use std::io::{self, Write};
 
+use super::cpu_state::{EncodedState, StateDecoder, StateEncoder, XSAVE_BYTES};
 use super::pages::{encode_pages, PageCache, PageDecoder, PageStats, PageUpdate};
 use super::*;
 
@@ -168,31 +169,71 @@ pub(super) fn decode_header(d: &mut Dec) -> Result<LogHeader, String> {
 }
 
 /// How a reader decodes the pages of a sync point: format 3 sent every
-/// page whole; format 4 against the page cache (`pages.rs`).
-pub(super) enum PageReader {
+/// page whole; formats 4 and 5 against the page cache (`pages.rs`).
+enum PageReader {
     Version3,
-    Version4(PageDecoder),
+    Cached(PageDecoder),
 }
 
-impl PageReader {
+/// How a reader decodes sync points: their pages as its format sends them
+/// and, from format 5, the vCPU state against the previous one.
+pub(super) struct SyncPointReader {
+    pages: PageReader,
+    /// None before format 5 (every part of the state whole).
+    state: Option<StateDecoder>,
+}
+
+impl SyncPointReader {
     pub(super) fn new(version: u16, max_pages: usize) -> Self {
-        if version == 3 {
-            PageReader::Version3
-        } else {
-            PageReader::Version4(PageDecoder::new(max_pages))
+        SyncPointReader {
+            pages: if version == 3 {
+                PageReader::Version3
+            } else {
+                PageReader::Cached(PageDecoder::new(max_pages))
+            },
+            state: (version >= 5).then(StateDecoder::default),
         }
     }
 
-    fn decode(&mut self, d: &mut Dec) -> Result<Pages, String> {
-        match self {
+    fn pages(&mut self, d: &mut Dec) -> Result<Pages, String> {
+        match &mut self.pages {
             PageReader::Version3 => decode_pages_v3(d),
-            PageReader::Version4(pages) => pages.decode(d),
+            PageReader::Cached(pages) => pages.decode(d),
+        }
+    }
+
+    /// The vCPU and VMM state of a sync point.
+    fn state(&mut self, d: &mut Dec) -> Result<(CpuStateBytes, Vec<u8>), String> {
+        match &mut self.state {
+            Some(state) => state.decode(d),
+            None => {
+                let cpu = CpuStateBytes {
+                    regs: d.bytes()?,
+                    sregs: d.bytes()?,
+                    fpu: d.bytes()?,
+                    events: d.bytes()?,
+                    msrs: d.bytes()?,
+                    xsave: d
+                        .packed(XSAVE_BYTES)
+                        .map_err(|e| format!("XSAVE area: {e}"))?,
+                };
+                Ok((cpu, d.bytes()?))
+            }
+        }
+    }
+
+    /// How the pages read so far travelled, and the page cache (None for
+    /// a format-3 log, which has none).
+    pub(super) fn page_stats(&self) -> Option<PageStats> {
+        match &self.pages {
+            PageReader::Version3 => None,
+            PageReader::Cached(pages) => Some(pages.stats()),
         }
     }
 
     /// A whole sync point was decoded.
     pub(super) fn end_of_sync_point(&mut self) {
-        if let PageReader::Version4(pages) = self {
+        if let PageReader::Cached(pages) = &mut self.pages {
             pages.end_of_sync_point();
         }
     }
@@ -232,35 +273,34 @@ fn decode_pages_v3(d: &mut Dec) -> Result<Vec<(u64, Vec<u8>)>, String> {
         .collect())
 }
 
-/// Size of `kvm_xsave`: the only XSAVE area size a sync point carries.
-const XSAVE_BYTES: usize = 4096;
+/// One encoded frame, and what it changes in the writer's page cache and
+/// vCPU state base once written.
+pub(super) struct EncodedRecord<'r> {
+    pub(super) kind: u8,
+    pub(super) payload: Vec<u8>,
+    pub(super) pages: Vec<PageUpdate<'r>>,
+    pub(super) state: Option<EncodedState>,
+}
 
-/// One encoded frame and the page-cache updates it makes once written.
-pub(super) type EncodedRecord<'r> = (u8, Vec<u8>, Vec<PageUpdate<'r>>);
-
-/// A sync point's vCPU state, VMM state and (some of) its pages.
+/// A sync point's vCPU and VMM state (encoded by the writer against its
+/// base) and (some of) its pages.
 pub(super) fn encode_sync_point<'r>(
     landmark: u64,
-    cpu: &CpuStateBytes,
-    vmm_state: &[u8],
+    state: EncodedState,
     pages: &'r [(u64, Vec<u8>)],
     cache: &PageCache,
     stats: &mut PageStats,
 ) -> Result<EncodedRecord<'r>, String> {
-    if cpu.xsave.len() > XSAVE_BYTES {
-        return Err(format!("an XSAVE area of {} bytes", cpu.xsave.len()));
-    }
     let mut e = Enc::default();
     e.u64(landmark);
-    e.bytes(&cpu.regs);
-    e.bytes(&cpu.sregs);
-    e.bytes(&cpu.fpu);
-    e.bytes(&cpu.events);
-    e.bytes(&cpu.msrs);
-    e.packed(&cpu.xsave);
-    e.bytes(vmm_state);
+    e.raw(&state.bytes);
     let updates = encode_pages(&mut e, cache, pages, stats);
-    Ok((KIND_SYNC_POINT, e.finish()?, updates))
+    Ok(EncodedRecord {
+        kind: KIND_SYNC_POINT,
+        payload: e.finish()?,
+        pages: updates,
+        state: Some(state),
+    })
 }
 
 /// Pages of a sync point that did not fit in its record.
@@ -273,12 +313,18 @@ pub(super) fn encode_sync_pages<'r>(
     let mut e = Enc::default();
     e.u64(landmark);
     let updates = encode_pages(&mut e, cache, pages, stats);
-    Ok((KIND_SYNC_PAGES, e.finish()?, updates))
+    Ok(EncodedRecord {
+        kind: KIND_SYNC_PAGES,
+        payload: e.finish()?,
+        pages: updates,
+        state: None,
+    })
 }
 
 pub(super) fn encode_record<'r>(
     r: &'r Record,
     cache: &PageCache,
+    states: &StateEncoder,
     stats: &mut PageStats,
 ) -> Result<EncodedRecord<'r>, String> {
     let mut e = Enc::default();
@@ -333,7 +379,10 @@ pub(super) fn encode_record<'r>(
             cpu,
             vmm_state,
             pages,
-        } => return encode_sync_point(*landmark, cpu, vmm_state, pages, cache, stats),
+        } => {
+            let state = states.encode(cpu, vmm_state)?;
+            return encode_sync_point(*landmark, state, pages, cache, stats);
+        }
         Record::SyncPages { landmark, pages } => {
             return encode_sync_pages(*landmark, pages, cache, stats)
         }
@@ -356,13 +405,18 @@ pub(super) fn encode_record<'r>(
             KIND_END
         }
     };
-    Ok((kind, e.finish()?, Vec::new()))
+    Ok(EncodedRecord {
+        kind,
+        payload: e.finish()?,
+        pages: Vec::new(),
+        state: None,
+    })
 }
 
 pub(super) fn decode_record(
     kind: u8,
     d: &mut Dec,
-    pages: &mut PageReader,
+    sync: &mut SyncPointReader,
 ) -> Result<Record, String> {
     let landmark = d.u64()?;
     let record = match kind {
@@ -411,18 +465,8 @@ pub(super) fn decode_record(
             hash: d.array()?,
         },
         KIND_SYNC_POINT => {
-            let cpu = CpuStateBytes {
-                regs: d.bytes()?,
-                sregs: d.bytes()?,
-                fpu: d.bytes()?,
-                events: d.bytes()?,
-                msrs: d.bytes()?,
-                xsave: d
-                    .packed(XSAVE_BYTES)
-                    .map_err(|e| format!("XSAVE area: {e}"))?,
-            };
-            let vmm_state = d.bytes()?;
-            let pages = pages.decode(d)?;
+            let (cpu, vmm_state) = sync.state(d)?;
+            let pages = sync.pages(d)?;
             Record::SyncPoint {
                 landmark,
                 cpu: Box::new(cpu),
@@ -432,7 +476,7 @@ pub(super) fn decode_record(
         }
         KIND_SYNC_PAGES => Record::SyncPages {
             landmark,
-            pages: pages.decode(d)?,
+            pages: sync.pages(d)?,
         },
         KIND_DIGEST => {
             let mut cpu = CpuHashes::default();

@@ -9,6 +9,8 @@ use std::io::{self, Read, Write};
 use thiserror::Error;
 
 mod codec;
+mod cpu_state;
+mod delta;
 mod pages;
 mod stream;
 #[cfg(test)]
@@ -16,8 +18,10 @@ mod tests;
 
 use codec::{
     decode_header, decode_record, encode_header, encode_record, encode_sync_pages,
-    encode_sync_point, write_frame, Dec, PageReader,
+    encode_sync_point, write_frame, Dec, SyncPointReader,
 };
+use cpu_state::StateEncoder;
+pub use cpu_state::StateStats;
 use pages::{commit_pages, PageCache};
 pub use pages::{PageStats, DEFAULT_PAGE_CACHE_PAGES, MAX_PAGE_CACHE_PAGES};
 pub use stream::RecordDecoder;
@@ -25,10 +29,11 @@ pub use stream::RecordDecoder;
 /// First bytes of every log.
 pub const LOG_MAGIC: [u8; 8] = *b"TWINVMLG";
 /// Format version this build writes (and reads, with [`OLDEST_LOG_VERSION`]).
-/// Version 4 sends sync-point pages as deltas against a page cache.
-pub const LOG_VERSION: u16 = 4;
+/// Version 4 sends sync-point pages as deltas against a page cache; version
+/// 5 also the vCPU state, against the previous sync point's.
+pub const LOG_VERSION: u16 = 5;
 /// Oldest format version this build still reads (version 3: every
-/// sync-point page whole).
+/// sync-point page whole; 3 and 4: every vCPU state whole).
 pub const OLDEST_LOG_VERSION: u16 = 3;
 /// No frame is larger than this; a corrupted length cannot make the reader
 /// allocate gigabytes.
@@ -366,6 +371,9 @@ pub struct LogWriter<W: Write> {
     /// Whether a page block was written (the cache's size is then fixed).
     pages_sent: bool,
     page_stats: PageStats,
+    /// The last sync point's vCPU state, as every reader of this log will
+    /// hold it (the next one is sent against it).
+    states: StateEncoder,
 }
 
 impl<W: Write> LogWriter<W> {
@@ -386,6 +394,7 @@ impl<W: Write> LogWriter<W> {
             pages: PageCache::new(DEFAULT_PAGE_CACHE_PAGES),
             pages_sent: false,
             page_stats: PageStats::default(),
+            states: StateEncoder::default(),
         }
     }
 
@@ -419,6 +428,11 @@ impl<W: Write> LogWriter<W> {
             cache_bytes: bytes,
             ..self.page_stats
         }
+    }
+
+    /// How the vCPU states of sync points travelled so far.
+    pub fn state_stats(&self) -> StateStats {
+        self.states.stats()
     }
 
     /// A writer of records only, for a stream whose magic and header travel
@@ -463,19 +477,21 @@ impl<W: Write> LogWriter<W> {
                             .map_err(invalid_record)?,
                     );
                 }
+                let state = self.states.encode(cpu, vmm_state).map_err(invalid_record)?;
                 frames.push(
-                    encode_sync_point(*landmark, cpu, vmm_state, last, &self.pages, &mut stats)
+                    encode_sync_point(*landmark, state, last, &self.pages, &mut stats)
                         .map_err(invalid_record)?,
                 );
             }
-            _ => {
-                frames.push(encode_record(record, &self.pages, &mut stats).map_err(invalid_record)?)
-            }
+            _ => frames.push(
+                encode_record(record, &self.pages, &self.states, &mut stats)
+                    .map_err(invalid_record)?,
+            ),
         }
         if let Some(limit) = self.limit {
             let size: u64 = frames
                 .iter()
-                .map(|(_, payload, _)| (payload.len() + FRAME_OVERHEAD) as u64)
+                .map(|frame| (frame.payload.len() + FRAME_OVERHEAD) as u64)
                 .sum();
             if self.bytes + size > limit {
                 return Err(io::Error::new(
@@ -490,11 +506,15 @@ impl<W: Write> LogWriter<W> {
             }
         }
         let carries_pages = matches!(record, Record::SyncPoint { .. } | Record::SyncPages { .. });
-        for (kind, payload, updates) in &frames {
-            self.bytes += write_frame(&mut self.out, *kind, payload)?;
+        for frame in frames {
+            self.bytes += write_frame(&mut self.out, frame.kind, &frame.payload)?;
             self.records += 1;
-            // Readers update their cache as they decode each frame.
-            commit_pages(&mut self.pages, updates);
+            // Readers update their cache and state base as they decode
+            // each frame.
+            commit_pages(&mut self.pages, &frame.pages);
+            if let Some(state) = frame.state {
+                self.states.commit(state);
+            }
         }
         if carries_pages {
             self.pages_sent = true;
@@ -564,8 +584,9 @@ struct Assembler {
     pending: Option<(u64, Pages)>,
     /// No sync point may carry more pages than guest memory has.
     max_pages: usize,
-    /// How this log's sync-point pages are sent, and the page cache.
-    pages: PageReader,
+    /// How this log's sync points are sent: the page cache, the vCPU
+    /// state base.
+    sync: SyncPointReader,
 }
 
 /// Guest pages and their contents, as records carry them.
@@ -584,7 +605,7 @@ impl Assembler {
             },
             pending: None,
             max_pages,
-            pages: PageReader::new(version, max_pages),
+            sync: SyncPointReader::new(version, max_pages),
         }
     }
 
@@ -616,10 +637,10 @@ impl Assembler {
     /// Take one whole frame; Some(record) when a record is complete.
     fn take_frame(&mut self, frame: &[u8]) -> Result<Option<Record>, LogError> {
         let (kind, payload) = self.open(frame)?;
-        let record = decode_record(kind, &mut Dec(payload), &mut self.pages)
+        let record = decode_record(kind, &mut Dec(payload), &mut self.sync)
             .map_err(|what| self.at.malformed(what))?;
         if let Record::SyncPoint { .. } = record {
-            self.pages.end_of_sync_point();
+            self.sync.end_of_sync_point();
         }
         self.at.index += 1;
         self.at.offset += frame.len() as u64;

@@ -1,4 +1,4 @@
-//! Sync-point pages in format 4 (docs/log-format.md, "Pages"), sans-IO.
+//! Sync-point pages in formats 4 and 5 (docs/log-format.md, "Pages"), sans-IO.
 //!
 //! Each page travels as a zero page, as "unchanged", as a sparse XOR delta
 //! against the version of it the log carried last, or whole; the block of
@@ -19,6 +19,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::codec::{Dec, Enc};
+use super::delta::{apply_runs, encode_runs, put_varint, read_varint};
 use super::{MAX_PAGES_PER_RECORD, PAGE_SIZE};
 
 /// Pages a writer's cache holds unless told otherwise (64 MiB of contents).
@@ -36,9 +37,6 @@ const KIND_XOR: u8 = 3;
 /// Most bytes one page entry takes unpacked: a 10-byte varint step, the
 /// kind, and a whole page (a delta is only sent when it is smaller).
 const MAX_ENTRY_BYTES: usize = 10 + 1 + PAGE_SIZE;
-/// Zero bytes between two changed stretches of a delta that are sent as
-/// part of one run rather than starting a new one (a run costs ~2 bytes).
-const MERGE_GAP: usize = 2;
 
 /// One cached page: its last contents, or all zero (which takes no memory).
 enum Cached {
@@ -216,107 +214,12 @@ fn all_zero(data: &[u8]) -> bool {
         .all(|w| u64::from_ne_bytes(w.try_into().unwrap()) == 0)
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn read_varint(d: &mut Dec) -> Result<u64, String> {
-    let mut v = 0u64;
-    for shift in (0..70).step_by(7) {
-        let b = d.u8()?;
-        if shift == 63 && b > 1 {
-            return Err("a varint overflows 64 bits".to_string());
-        }
-        v |= u64::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            return Ok(v);
-        }
-    }
-    Err("a varint longer than 10 bytes".to_string())
-}
-
 fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
 }
 
 fn unzigzag(v: u64) -> i64 {
     (v >> 1) as i64 ^ -((v & 1) as i64)
-}
-
-/// The first offset at or after `pos` whose byte is not zero (the page's
-/// end if none), a word at a time over the zeros.
-fn next_nonzero(xor: &[u8; PAGE_SIZE], mut pos: usize) -> usize {
-    while pos < PAGE_SIZE && pos % 8 != 0 {
-        if xor[pos] != 0 {
-            return pos;
-        }
-        pos += 1;
-    }
-    while pos < PAGE_SIZE {
-        let word = u64::from_le_bytes(xor[pos..pos + 8].try_into().unwrap());
-        if word != 0 {
-            return pos + (word.trailing_zeros() / 8) as usize;
-        }
-        pos += 8;
-    }
-    PAGE_SIZE
-}
-
-/// `new XOR base` as runs: `varint count`, then per run `varint skip`
-/// (unchanged bytes since the previous run's end), `varint len`, and `len`
-/// bytes of XOR. None when that is not smaller than a page.
-fn sparse_delta(base: &[u8], new: &[u8], out: &mut Vec<u8>) -> Option<()> {
-    let mut xor = [0u8; PAGE_SIZE];
-    for ((x, a), b) in xor
-        .chunks_exact_mut(8)
-        .zip(base.chunks_exact(8))
-        .zip(new.chunks_exact(8))
-    {
-        let a = u64::from_le_bytes(a.try_into().unwrap());
-        let b = u64::from_le_bytes(b.try_into().unwrap());
-        x.copy_from_slice(&(a ^ b).to_le_bytes());
-    }
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    let mut pos = next_nonzero(&xor, 0);
-    let mut bytes = 0;
-    while pos < PAGE_SIZE {
-        let start = pos;
-        loop {
-            while pos < PAGE_SIZE && xor[pos] != 0 {
-                pos += 1;
-            }
-            let gap = xor[pos..]
-                .iter()
-                .take(MERGE_GAP + 1)
-                .take_while(|&&b| b == 0)
-                .count();
-            if gap <= MERGE_GAP && pos + gap < PAGE_SIZE {
-                pos += gap;
-            } else {
-                break;
-            }
-        }
-        runs.push((start, pos));
-        // Two varints of up to two bytes each, and the bytes.
-        bytes += 4 + pos - start;
-        if bytes + 8 >= PAGE_SIZE {
-            return None;
-        }
-        pos = next_nonzero(&xor, pos);
-    }
-    put_varint(out, runs.len() as u64);
-    let mut end = 0;
-    for (start, stop) in runs {
-        put_varint(out, (start - end) as u64);
-        put_varint(out, (stop - start) as u64);
-        out.extend_from_slice(&xor[start..stop]);
-        end = stop;
-    }
-    Some(())
 }
 
 /// Encode `pages` against `cache` into `e`: `u32 count`, `u32` the cache's
@@ -371,7 +274,7 @@ pub(super) fn encode_pages<'a>(
                 let at = block.len();
                 block.push(KIND_XOR);
                 block.extend_from_slice(&crc.to_le_bytes());
-                if sparse_delta(base, data, &mut block).is_some() {
+                if encode_runs(base, data, PAGE_SIZE, &mut block).is_some() {
                     stats.delta += 1;
                 } else {
                     block.truncate(at);
@@ -402,6 +305,8 @@ pub(super) fn encode_pages<'a>(
 pub(super) struct PageDecoder {
     cache: Option<PageCache>,
     max_pages: usize,
+    /// How the pages decoded so far travelled.
+    carried: PageStats,
 }
 
 impl PageDecoder {
@@ -409,6 +314,21 @@ impl PageDecoder {
         PageDecoder {
             cache: None,
             max_pages,
+            carried: PageStats::default(),
+        }
+    }
+
+    /// How the pages decoded so far travelled, and the cache.
+    pub(super) fn stats(&self) -> PageStats {
+        let (capacity, (pages, bytes)) = match &self.cache {
+            Some(cache) => (u64::from(cache.capacity()), cache.usage()),
+            None => (0, (0, 0)),
+        };
+        PageStats {
+            cache_capacity: capacity,
+            cache_pages: pages,
+            cache_bytes: bytes,
+            ..self.carried
         }
     }
 
@@ -457,6 +377,7 @@ impl PageDecoder {
             .packed(n * MAX_ENTRY_BYTES)
             .map_err(|e| format!("page contents: {e}"))?;
         let cache = self.cache_for(announced)?;
+        let mut carried = PageStats::default();
         let mut b = Dec(&block);
         let mut pages = Vec::with_capacity(n);
         let mut seen = HashSet::with_capacity(n);
@@ -492,13 +413,19 @@ impl PageDecoder {
                     };
                     let mut data = base.to_vec();
                     if kind == KIND_XOR {
-                        apply_sparse_delta(&mut b, &mut data)
+                        apply_runs(&mut b, &mut data, 1)
                             .map_err(|e| format!("page {gpa:#x}: delta: {e}"))?;
                     }
                     data
                 }
                 other => return Err(format!("page {gpa:#x}: unknown page kind {other}")),
             };
+            match kind {
+                KIND_FULL => carried.full += 1,
+                KIND_ZERO => carried.zero += 1,
+                KIND_SAME => carried.same += 1,
+                _ => carried.delta += 1,
+            }
             if kind == KIND_SAME {
                 cache.touch(gpa);
             } else {
@@ -507,33 +434,12 @@ impl PageDecoder {
             pages.push((gpa, data));
         }
         b.finish().map_err(|e| format!("page contents: {e}"))?;
+        self.carried.full += carried.full;
+        self.carried.zero += carried.zero;
+        self.carried.same += carried.same;
+        self.carried.delta += carried.delta;
         Ok(pages)
     }
-}
-
-fn apply_sparse_delta(d: &mut Dec, page: &mut [u8]) -> Result<(), String> {
-    let runs = read_varint(d)?;
-    if runs == 0 || runs > PAGE_SIZE as u64 {
-        return Err(format!("{runs} runs"));
-    }
-    let mut pos = 0u64;
-    for _ in 0..runs {
-        let skip = read_varint(d)?;
-        let len = read_varint(d)?;
-        let start = pos.saturating_add(skip);
-        let end = start.saturating_add(len);
-        if len == 0 || end > PAGE_SIZE as u64 {
-            return Err(format!(
-                "a run of {len} bytes at offset {start} does not fit in a page"
-            ));
-        }
-        let bytes = d.take(len as usize)?;
-        for (p, x) in page[start as usize..end as usize].iter_mut().zip(bytes) {
-            *p ^= x;
-        }
-        pos = end;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

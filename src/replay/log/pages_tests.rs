@@ -187,7 +187,7 @@ fn malformed_entries_are_clear_errors() {
         // A run past the end of the page.
         (
             [&[2, KIND_XOR][..], &crc, &[1, 0xff, 0x1f, 4, 1, 2, 3, 4]].concat(),
-            "does not fit in a page",
+            "does not fit in 4096 bytes",
         ),
         // No runs.
         ([&[2, KIND_XOR][..], &crc, &[0]].concat(), "0 runs"),

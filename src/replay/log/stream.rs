@@ -2,7 +2,7 @@
 //! backup): the same frames and checks as a log file, without the file's
 //! magic and header (the channel's handshake carries the header).
 
-use super::{Assembler, LogError, LogHeader, Record, FRAME_OVERHEAD};
+use super::{Assembler, LogError, LogHeader, PageStats, Record, FRAME_OVERHEAD};
 
 /// Decodes records from a byte stream pushed in pieces of any size.
 pub struct RecordDecoder {
@@ -29,6 +29,12 @@ impl RecordDecoder {
             self.consumed = 0;
         }
         self.buf.extend_from_slice(bytes);
+    }
+
+    /// How the sync-point pages decoded so far travelled, and the page
+    /// cache this reader holds.
+    pub fn page_stats(&self) -> PageStats {
+        self.assembler.sync.page_stats().unwrap_or_default()
     }
 
     /// Bytes received but not yet decoded (a partial frame).
@@ -134,6 +140,81 @@ mod tests {
             assert_eq!(out, records(), "pieces of {piece}");
             assert!(d.at_record_boundary());
         }
+    }
+
+    /// A sync point with RIP (the first bytes of `kvm_regs`) at `rip`.
+    fn sync_point(landmark: u64, rip: u8) -> Record {
+        let mut regs = vec![0; 144];
+        regs[0] = rip;
+        Record::SyncPoint {
+            landmark,
+            cpu: Box::new(super::super::CpuStateBytes {
+                regs,
+                xsave: vec![0; 4096],
+                ..Default::default()
+            }),
+            vmm_state: vec![0; 26],
+            pages: vec![],
+        }
+    }
+
+    /// What a clone does: a new stream (a new writer) for the new backup,
+    /// whose reader starts afresh. Its first sync point carries the state
+    /// whole, so the new backup needs nothing of the old stream.
+    #[test]
+    fn a_new_stream_starts_with_a_whole_state() {
+        let mut old = LogWriter::stream(Vec::new());
+        old.append(&sync_point(1, 1)).unwrap();
+        old.append(&sync_point(2, 2)).unwrap();
+        assert_eq!((old.state_stats().whole, old.state_stats().delta), (1, 1));
+
+        let mut new = LogWriter::stream(Vec::new());
+        let records = vec![sync_point(3, 3), sync_point(4, 4)];
+        for r in &records {
+            new.append(r).unwrap();
+        }
+        assert_eq!((new.state_stats().whole, new.state_stats().delta), (1, 1));
+        let mut d = RecordDecoder::new(&header());
+        d.push(&new.into_inner());
+        assert_eq!(d.next_record().unwrap().as_ref(), Some(&records[0]));
+        assert_eq!(d.next_record().unwrap().as_ref(), Some(&records[1]));
+    }
+
+    #[test]
+    fn the_reader_reports_its_page_cache_as_the_writer_does() {
+        let mut w = LogWriter::stream(Vec::new());
+        let page = |fill: u8| vec![fill; super::super::PAGE_SIZE];
+        for (landmark, pages) in [
+            (1, vec![(0x1000, page(1)), (0x2000, page(0))]),
+            (2, vec![(0x1000, page(1)), (0x3000, page(3))]),
+        ] {
+            let Record::SyncPoint { cpu, vmm_state, .. } = sync_point(landmark, 0) else {
+                unreachable!()
+            };
+            w.append(&Record::SyncPoint {
+                landmark,
+                cpu,
+                vmm_state,
+                pages,
+            })
+            .unwrap();
+        }
+        let mut d = RecordDecoder::new(&header());
+        assert_eq!(d.page_stats().cache_capacity, 0, "no block read yet");
+        d.push(&w.get_mut()[..]);
+        while d.next_record().unwrap().is_some() {}
+        let (read, written) = (d.page_stats(), w.page_stats());
+        assert_eq!(read, written);
+        assert_eq!(
+            (
+                read.full,
+                read.zero,
+                read.same,
+                read.cache_pages,
+                read.cache_bytes
+            ),
+            (2, 1, 1, 3, 2 * 4096)
+        );
     }
 
     #[test]

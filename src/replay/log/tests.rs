@@ -507,3 +507,104 @@ fn a_page_twice_in_one_sync_point_is_refused() {
     let err = w.append(&sync_point(2, pages)).unwrap_err();
     assert!(err.to_string().contains("appears twice"), "{err}");
 }
+
+/// A sync point of no pages whose vCPU state is the sample's with RIP
+/// (the first 8 bytes of `kvm_regs`) set to `rip`.
+fn sync_point_at(landmark: u64, rip: u64) -> Record {
+    let Record::SyncPoint { cpu, vmm_state, .. } = &sample_records()[9] else {
+        unreachable!("the sample's sync point")
+    };
+    let mut cpu = cpu.clone();
+    cpu.regs[..8].copy_from_slice(&rip.to_le_bytes());
+    Record::SyncPoint {
+        landmark,
+        cpu,
+        vmm_state: vmm_state.clone(),
+        pages: vec![],
+    }
+}
+
+#[test]
+fn states_after_the_first_go_as_deltas_and_need_their_base() {
+    let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
+    let records = vec![
+        sync_point_at(2, 0x1000),
+        sync_point_at(3, 0x2000),
+        sync_point_at(4, 0x2008),
+    ];
+    let mut ends = vec![w.written().0];
+    for r in &records {
+        w.append(r).unwrap();
+        ends.push(w.written().0);
+    }
+    let stats = w.state_stats();
+    assert_eq!((stats.whole, stats.delta), (1, 2));
+    // Frame, landmark, form, base CRC, one run of a byte or two, and an
+    // empty page block.
+    let last = ends[3] - ends[2];
+    assert!(last < 50, "a delta sync point of {last} bytes");
+    let bytes = w.into_inner();
+    assert_eq!(read_all(&bytes).unwrap().1, records);
+
+    // A stream that starts after the first sync point has no base.
+    let mut d = RecordDecoder::new(&header());
+    d.push(&bytes[ends[1] as usize..]);
+    let err = d.next_record().unwrap_err().to_string();
+    assert!(
+        err.contains("vCPU state") && err.contains("holds none"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_sync_point_refused_by_the_limit_leaves_the_state_base_as_readers_have_it() {
+    let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
+    let first = sync_point_at(2, 0x1000);
+    w.append(&first).unwrap();
+    w.set_limit(Some(w.written().0 + 10));
+    let err = w.append(&sync_point_at(3, 0x2000)).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::StorageFull, "{err}");
+    w.set_limit(None);
+    let third = sync_point_at(4, 0x3000);
+    w.append(&third).unwrap();
+    assert_eq!(w.state_stats().delta, 1);
+    let (_, records) = read_all(&w.into_inner()).unwrap();
+    assert_eq!(records, vec![first, third]);
+}
+
+#[test]
+fn version_4_sync_points_still_read() {
+    let mut out = LogWriter::new(Vec::new(), &header()).unwrap().into_inner();
+    out[8..10].copy_from_slice(&4u16.to_le_bytes());
+    for landmark in [5u64, 6] {
+        let mut e = Enc::default();
+        e.u64(landmark);
+        for (fill, len) in [(1u8, 144), (2, 312), (3, 416), (4, 64), (5, 24)] {
+            e.bytes(&vec![fill; len]);
+        }
+        e.packed(&[6; 4096]);
+        e.bytes(&[7, 8]);
+        // One page entry: page 1 (step zigzag(1) = 2), all zero.
+        e.u32(1);
+        e.u32(16);
+        e.packed(&[2, 1]);
+        write_frame(&mut out, KIND_SYNC_POINT, &e.finish().unwrap()).unwrap();
+    }
+    let (_, records) = read_all(&out).unwrap();
+    assert_eq!(records.len(), 2);
+    for (r, landmark) in records.iter().zip([5, 6]) {
+        let Record::SyncPoint {
+            landmark: l,
+            cpu,
+            vmm_state,
+            pages,
+        } = r
+        else {
+            panic!("{r:?}")
+        };
+        assert_eq!(*l, landmark);
+        assert_eq!((cpu.regs.len(), cpu.msrs[0], cpu.xsave[4095]), (144, 5, 6));
+        assert_eq!(vmm_state, &[7, 8]);
+        assert_eq!(pages, &vec![(PAGE_SIZE as u64, vec![0; PAGE_SIZE])]);
+    }
+}

@@ -53,6 +53,7 @@ impl PrimaryPump {
         let (acked_tx, acked_rx) = crossbeam_channel::unbounded();
         let mut feed = LogFeed::new(self.clone.engine_tx.clone(), self.stopping.clone());
         feed.start_stream();
+        feed.report_to(self.board.clone());
         let recorder = Recorder {
             log: LogWriter::stream(Box::new(feed)),
         };
