@@ -406,6 +406,20 @@ pub fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
+/// Bytes the kernel holds for `stream` that no read has taken yet: the
+/// pair's link thread asks when its socket reader seems behind.
+pub fn unread_socket_bytes(stream: &std::net::TcpStream) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut unread: libc::c_int = 0;
+    // SAFETY: FIONREAD on a socket writes one c_int through the pointer,
+    // which points at `unread`, alive and writable for the call.
+    let ret = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut unread) };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(usize::try_from(unread).unwrap_or(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,18 +495,4 @@ mod tests {
         };
         assert_eq!(other.instruction_bytes(), None);
     }
-}
-
-/// Bytes the kernel holds for `stream` that no read has taken yet: the
-/// pair's link thread asks when its socket reader seems behind.
-pub fn unread_socket_bytes(stream: &std::net::TcpStream) -> std::io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    let mut unread: libc::c_int = 0;
-    // SAFETY: FIONREAD on a socket writes one c_int through the pointer,
-    // which points at `unread`, alive and writable for the call.
-    let ret = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut unread) };
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(usize::try_from(unread).unwrap_or(0))
 }
