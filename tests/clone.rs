@@ -12,17 +12,19 @@
 //! converges, the fast one's ends by a bound with a longer pause, and the
 //! report says which. Needs root and /dev/kvm.
 
+mod common;
+
 use std::ffi::OsString;
 use std::io::Write;
-use std::net::{TcpStream, UdpSocket};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use twinvm::ft::drill::client::{Client, ClientSettings};
+use twinvm::ft::drill::client::Client;
 use twinvm::ft::drill::history::analyze;
-use twinvm::ft::drill::local::{guest_target, LocalOptions, LocalPair, GENERATION, VM_NAME};
+use twinvm::ft::drill::local::{LocalOptions, LocalPair, GENERATION, VM_NAME};
 use twinvm::ft::drill::pair::{backup_args, PairSpec, Proc, SideFiles};
 use twinvm::ft::drill::topology::{addr, Host, Topology};
 use twinvm::ft::drill::verdict::SERVING_STATES;
@@ -225,29 +227,9 @@ fn clone_until_whole(
 /// The counter guest's pair in the local drill's topology, answering a
 /// client that keeps asking.
 fn start(prefix: &str) -> (LocalPair, LocalOptions, Client) {
-    let interrupted = AtomicBool::new(false);
     let mut opts = LocalOptions::new(exe());
     opts.prefix = prefix.into();
-    let mut lp = LocalPair::start(&opts, &interrupted).expect("starting the pair");
-    lp.wait_for_guest(TIMEOUT, &interrupted)
-        .expect("the guest answering");
-    let socket = lp
-        .topo
-        .client
-        .enter_on_thread(|| UdpSocket::bind((addr::CLIENT, 0)))
-        .unwrap()
-        .unwrap();
-    let client = Client::start(
-        socket,
-        ClientSettings {
-            target: guest_target(),
-            interval: Duration::from_millis(5),
-            retry_after: Duration::from_millis(30),
-            window: 64,
-        },
-        Instant::now(),
-    )
-    .unwrap();
+    let (lp, client) = common::counter_pair_with_client(&opts, TIMEOUT);
     (lp, opts, client)
 }
 

@@ -7,14 +7,14 @@
 //! backup is, by its primary, which goes on alone): the stall credit only
 //! covers the judging side's own lateness. Needs root and /dev/kvm.
 
-use std::net::UdpSocket;
+mod common;
+
 use std::process::Command;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use twinvm::ft::drill::client::{Client, ClientSettings};
-use twinvm::ft::drill::local::{guest_target, LocalOptions, LocalPair};
-use twinvm::ft::drill::topology::{addr, Host};
+use twinvm::ft::drill::client::Client;
+use twinvm::ft::drill::local::{LocalOptions, LocalPair};
+use twinvm::ft::drill::topology::Host;
 use twinvm::ft::node::{query_status, PairStatus};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -50,30 +50,9 @@ fn signal(sig: &str, pids: &[u32]) {
 }
 
 fn start(prefix: &str) -> (LocalPair, Client) {
-    let interrupted = AtomicBool::new(false);
     let mut opts = LocalOptions::new(exe());
     opts.prefix = prefix.into();
-    let mut lp = LocalPair::start(&opts, &interrupted).expect("starting the pair");
-    lp.wait_for_guest(TIMEOUT, &interrupted)
-        .expect("the guest answering");
-    let socket = lp
-        .topo
-        .client
-        .enter_on_thread(|| UdpSocket::bind((addr::CLIENT, 0)))
-        .unwrap()
-        .unwrap();
-    let client = Client::start(
-        socket,
-        ClientSettings {
-            target: guest_target(),
-            interval: Duration::from_millis(5),
-            retry_after: Duration::from_millis(30),
-            window: 64,
-        },
-        Instant::now(),
-    )
-    .unwrap();
-    (lp, client)
+    common::counter_pair_with_client(&opts, TIMEOUT)
 }
 
 fn wait_answers(client: &Client, more_than: u64) {

@@ -202,3 +202,40 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The counter guest's FT pair in the local drill's topology (`opts`: its
+/// namespace prefix and guest), answering, and a client asking it every
+/// 5 ms.
+pub fn counter_pair_with_client(
+    opts: &twinvm::ft::drill::LocalOptions,
+    timeout: Duration,
+) -> (
+    twinvm::ft::drill::local::LocalPair,
+    twinvm::ft::drill::client::Client,
+) {
+    use twinvm::ft::drill::client::{Client, ClientSettings};
+    use twinvm::ft::drill::local::{guest_target, LocalPair};
+    use twinvm::ft::drill::topology::addr;
+    let interrupted = std::sync::atomic::AtomicBool::new(false);
+    let mut lp = LocalPair::start(opts, &interrupted).expect("starting the pair");
+    lp.wait_for_guest(timeout, &interrupted)
+        .expect("the guest answering");
+    let socket = lp
+        .topo
+        .client
+        .enter_on_thread(|| std::net::UdpSocket::bind((addr::CLIENT, 0)))
+        .unwrap()
+        .unwrap();
+    let client = Client::start(
+        socket,
+        ClientSettings {
+            target: guest_target(),
+            interval: Duration::from_millis(5),
+            retry_after: Duration::from_millis(30),
+            window: 64,
+        },
+        Instant::now(),
+    )
+    .unwrap();
+    (lp, client)
+}
