@@ -24,7 +24,7 @@ const UNSENT_RETRY: Duration = Duration::from_millis(2);
 const STALL_SLACK: Duration = Duration::from_millis(30);
 
 /// The link thread's hold on its socket: bytes the kernel has not taken
-/// yet, and when the thread meant to judge the peer next.
+/// yet, and when it last judged the peer and how long it then meant to wait.
 ///
 /// Writes never block the thread for long: a peer that reads slowly backs
 /// the link up (its window fills, the engine waits) while the thread goes
