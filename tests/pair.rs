@@ -2,7 +2,8 @@
 //! namespace with a real 3-node arbiter: strangers and a primary running
 //! another guest are refused (the backup keeps waiting), a pair whose guest
 //! powers off ends together with identical consoles, a backup whose replay
-//! diverges stops while the primary goes on alone, `twinvm status` and a
+//! diverges stops while the primary goes on alone, an idle pair's lag,
+//! `twinvm status` and a
 //! `--config` file. The failover drills (tests/drill.rs) cover the faults.
 //! Needs root and /dev/kvm.
 
@@ -247,6 +248,58 @@ fn a_pair_whose_guest_powers_off_ends_together_with_the_same_console() {
     // The backup emitted nothing (the primary released everything), but it
     // produced the same console: its replay would have, had it gone live.
     assert_eq!(site.console("bye", "backup"), "");
+}
+
+#[test]
+fn an_idle_pair_shows_its_backup_one_landmark_behind_with_no_lag() {
+    let site = Site::new("pair-idle");
+    // The echo guest waits in `hlt` for console input that never comes:
+    // no landmark for seconds, and the backup one landmark behind by design.
+    let guest = ["--kernel", "builtin:echo", "--mem", "64M"];
+    let backup = site.backup("idle", &guest);
+    let mut primary = site.primary("idle", &guest);
+    primary.wait_for_stderr("backup connected (generation 1)", TIMEOUT);
+    let backup_control = PathBuf::from(site.path("idle-backup.sock"));
+    let deadline = Instant::now() + TIMEOUT;
+    while site.status(&backup_control)["state"] != "following" {
+        assert!(Instant::now() < deadline, "the backup never followed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Booted and settled: the backup's landmark stands still for a second.
+    let mut landmark = site.status(&backup_control)["landmark"].clone();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = site.status(&backup_control)["landmark"].clone();
+        if now == landmark && now.as_u64() > Some(0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the guest never went idle");
+        landmark = now;
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let b = site.status(&backup_control);
+    let p = site.status(Path::new(&site.path("idle-primary.sock")));
+    assert_eq!(b["landmark"], landmark, "the guest was not idle: {b}");
+    assert!(b["lag_landmarks"].as_u64() <= Some(1), "{b}");
+    // Before the lag counted only replayable work, this read 3,000 ms and
+    // more: the age of the landmark the backup waits one behind.
+    let lag = |s: &serde_json::Value| s["lag_ms"].as_f64().unwrap_or(f64::MAX);
+    assert!(lag(&b) < 100.0, "an idle backup reports lag: {b}");
+    assert!(
+        lag(&p) < 100.0,
+        "the primary reports its idle backup's lag: {p}"
+    );
+    let term = Command::new("kill")
+        .args(["-TERM", &primary.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    // A stopped primary exits 130 (docs/operations.md); it says goodbye
+    // first, so its backup ends with it rather than going live.
+    let primary = finish(primary);
+    let backup = finish(backup);
+    assert_eq!(primary.status.code(), Some(130), "{primary:?}");
+    assert_eq!(backup.status.code(), Some(0), "{backup:?}");
 }
 
 #[test]

@@ -321,10 +321,17 @@ impl BackupLink {
         }
     }
 
-    /// How long the oldest received-but-unreplayed watermark has waited.
+    /// How long replay work has been waiting: since the first watermark
+    /// that let the engine pass its next landmark arrived. The engine stays
+    /// one landmark behind the watermark by design (it needs the next
+    /// landmark to know where the last one ends), so a watermark only one
+    /// past the replayed landmark is not work left to do: counting it made
+    /// an idle pair's lag grow without bound while nothing was waiting.
     fn lag(&self, now: Duration) -> Duration {
+        let next = self.replayed.saturating_add(1);
         self.unreplayed
-            .front()
+            .iter()
+            .find(|&&(w, _)| w > next)
             .map_or(Duration::ZERO, |&(_, at)| now.saturating_sub(at))
     }
 

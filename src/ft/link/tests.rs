@@ -271,7 +271,8 @@ fn heartbeats_go_out_every_interval_and_the_backup_sends_its_own_while_acking() 
     pair.pump();
     assert_eq!(pair.p.poll_timeout(), Some(pair.now + ms(20)));
     assert_eq!(pair.b.poll_timeout(), Some(start + ms(40)));
-    // Lag: landmark 1 arrived at 35 ms and is not replayed at 40 ms.
+    // Lag: watermark 1 arrived at 35 ms. The engine stays one landmark
+    // behind the watermark by design, so at 40 ms nothing waits yet.
     pair.now = start + ms(40);
     pair.pe.clear();
     pair.pump();
@@ -279,11 +280,31 @@ fn heartbeats_go_out_every_interval_and_the_backup_sends_its_own_while_acking() 
         pair.pe,
         vec![PrimaryEvent::PeerHeartbeat {
             replayed_landmark: 0,
-            lag_ns: 5_000_000
+            lag_ns: 0
         }]
     );
+    // Watermark 2 at 40 ms lets the engine pass landmark 1: from then on
+    // that work waits, and the heartbeat says so.
+    pair.p.push_log(b"y", 2).unwrap();
+    pair.pump();
+    pair.take_records();
+    pair.pump();
+    pair.now = start + ms(45);
+    assert_eq!(pair.b.status(pair.now).lag_ns, 5_000_000);
+    pair.now = start + ms(60);
+    pair.pe.clear();
+    pair.pump();
+    assert_eq!(
+        pair.pe,
+        vec![PrimaryEvent::PeerHeartbeat {
+            replayed_landmark: 0,
+            lag_ns: 20_000_000
+        }]
+    );
+    // An idle backup one landmark behind waits for nothing, however long.
     pair.b.set_replayed(1).unwrap();
     assert_eq!(pair.b.status(pair.now).lag_ns, 0);
+    assert_eq!(pair.b.status(pair.now + ms(60_000)).lag_ns, 0);
     assert_eq!(
         pair.b.set_replayed(0),
         Err(LinkError::ReplayedBackwards {
@@ -292,10 +313,10 @@ fn heartbeats_go_out_every_interval_and_the_backup_sends_its_own_while_acking() 
         })
     );
     assert_eq!(
-        pair.b.set_replayed(2),
+        pair.b.set_replayed(3),
         Err(LinkError::ReplayedBeyondWatermark {
-            landmark: 2,
-            watermark: 1
+            landmark: 3,
+            watermark: 2
         })
     );
 }
