@@ -230,10 +230,8 @@ pub fn run_existing(
         if Instant::now() >= end {
             break;
         }
-        if answered_when_settled.is_none() {
-            if Seen::at(&survivor.control).settled() {
-                answered_when_settled = Some(client.answered());
-            }
+        if answered_when_settled.is_none() && Seen::at(&survivor.control).settled() {
+            answered_when_settled = Some(client.answered());
         }
         if answered_when_settled.is_some_and(|n| client.answered() >= n + opts.phases.after_replies)
         {
