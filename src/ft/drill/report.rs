@@ -142,14 +142,16 @@ pub struct RepeatSummary {
     pub passed: usize,
     /// Runs whose pair failed over by itself before the fault (not passed).
     pub inconclusive: usize,
-    /// Failover times of the runs that measured one.
+    /// Failover times of the runs that measured one (inconclusive runs left out).
     pub failover: Option<Spread>,
 }
 
 impl RepeatSummary {
     pub fn of(drill: DrillKind, reports: &[DrillReport]) -> RepeatSummary {
+        // An inconclusive run measured the pair's own failover, not the drill's.
         let times: Vec<f64> = reports
             .iter()
+            .filter(|r| !r.verdict.inconclusive())
             .filter_map(|r| r.verdict.failover_ms)
             .collect();
         RepeatSummary {
@@ -318,7 +320,13 @@ mod tests {
             j["verdict"]["pre_fault_failover"]["evidence"],
             "hostB (backup) lost the arbitration and exited"
         );
+        r.verdict.failover_ms = Some(900.0);
         let s = RepeatSummary::of(DrillKind::KillPrimary, &[report(true, Some(200.0)), r]);
+        assert_eq!(
+            s.failover.map(|f| f.max_ms),
+            Some(200.0),
+            "its own failover left out"
+        );
         assert_eq!((s.runs, s.passed, s.inconclusive), (2, 1, 1));
         assert!(
             s.to_text().starts_with(
