@@ -278,7 +278,9 @@ fn an_unprotected_guest_killed_fails_the_drill() {
     // ...and nothing after: the verdict fails on exactly what was lost.
     assert!(!report.passed(), "{text}");
     assert!(a.lost >= 1, "{text}");
-    assert_eq!(a.replies_after_fault, 0, "{text}");
+    // (Replies already on their way when it was killed may still arrive;
+    // nothing asked after the kill is answered.)
+    assert_eq!(a.answered_sent_after_fault, 0, "{text}");
     let failed: Vec<_> = report
         .verdict
         .checks
@@ -488,19 +490,48 @@ fn repeats(var: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// Most extra runs `drill_pair` makes for runs whose pair failed over by
+/// itself before the fault (an overloaded host can starve a side past its
+/// peer timeout).
+const INCONCLUSIVE_RERUNS: usize = 3;
+
 /// Run `kind` `n` times on a fresh local pair each; every run must pass.
+/// A run whose pair failed over by itself before the fault tested another
+/// failure than the drill's: it must still have been safe (no split-brain,
+/// the counter never backwards or repeated, and nothing lost when the fault
+/// was not injected at all), and is run again, at most
+/// `INCONCLUSIVE_RERUNS` times in all.
 fn drill_pair(kind: DrillKind, n: usize) -> Vec<DrillReport> {
     let mut o = LocalOptions::new(exe());
     o.prefix = format!("tvd{}", kind.name().replace('-', ""));
     o.prefix.truncate(12);
-    let reports: Vec<DrillReport> = (0..n)
-        .map(|_| run_local(kind, &o, &AtomicBool::new(false)).unwrap())
-        .collect();
-    for r in &reports {
-        assert!(r.passed(), "{}", r.to_text());
-        assert_eq!(r.analysis.lost, 0);
+    let mut reports = Vec::new();
+    let mut inconclusive = Vec::new();
+    while reports.len() < n {
+        let r = run_local(kind, &o, &AtomicBool::new(false)).unwrap();
+        match &r.verdict.pre_fault_failover {
+            Some(early) => {
+                assert!(r.verdict.safe(), "{}", r.to_text());
+                if !early.fault_injected {
+                    assert_eq!(r.analysis.lost, 0, "{}", r.to_text());
+                }
+                eprint!("{}", r.to_text());
+                inconclusive.push(r);
+                assert!(
+                    inconclusive.len() <= INCONCLUSIVE_RERUNS,
+                    "{} runs of {kind} failed over by themselves before the fault",
+                    inconclusive.len()
+                );
+            }
+            None => {
+                assert!(r.passed(), "{}", r.to_text());
+                assert_eq!(r.analysis.lost, 0);
+                reports.push(r);
+            }
+        }
     }
-    eprint!("{}", RepeatSummary::of(kind, &reports).to_text());
+    let all: Vec<DrillReport> = reports.iter().chain(&inconclusive).cloned().collect();
+    eprint!("{}", RepeatSummary::of(kind, &all).to_text());
     reports
 }
 

@@ -58,6 +58,10 @@ pub struct DrillArgs {
     /// Steady traffic before the fault (ms).
     #[arg(long, default_value_t = 2000.0, value_name = "MS")]
     pub warmup_ms: f64,
+    /// ...and at least this many answers during it (a slow host makes the warm-up longer, up to
+    /// --ready-timeout-s).
+    #[arg(long, default_value_t = 100)]
+    pub warmup_answers: u64,
     /// Answers to wait for once the pair has settled after the fault (loser stopped, survivor serving).
     #[arg(long, default_value_t = 200)]
     pub after_replies: u64,
@@ -111,6 +115,7 @@ fn millis(name: &str, v: f64) -> Result<Duration> {
 fn phases(args: &DrillArgs) -> Result<crate::ft::drill::Phases> {
     Ok(crate::ft::drill::Phases {
         warmup: millis("warmup-ms", args.warmup_ms)?,
+        warmup_answers: args.warmup_answers,
         after_replies: args.after_replies,
         ready_timeout: millis("ready-timeout-s", args.ready_timeout_s * 1e3)?,
         recovery_timeout: millis("recovery-timeout-s", args.recovery_timeout_s * 1e3)?,

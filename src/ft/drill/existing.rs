@@ -27,6 +27,44 @@ use super::{sleep_checked, wait_until, DrillError, DrillKind, Phases, POLL};
 use crate::net::CounterClient;
 
 const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
+/// Once the drill ends, how long a survivor not (yet) serving gets to
+/// answer in a serving state (an overloaded host answers late).
+const OUTCOME_WAIT: Duration = Duration::from_secs(5);
+
+/// What a control socket said.
+enum Seen {
+    Answered(PairStatus),
+    /// Nothing listens there any more: its process is gone.
+    Gone,
+    /// No answer in time (an overloaded host): no evidence either way.
+    Silent,
+}
+
+impl Seen {
+    fn at(control: &Path) -> Seen {
+        match query_status(control, STATUS_TIMEOUT) {
+            Ok(s) => Seen::Answered(s),
+            Err(DrillError::Io { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                Seen::Gone
+            }
+            Err(_) => Seen::Silent,
+        }
+    }
+
+    /// Serving, or gone: nothing more to wait for.
+    fn settled(&self) -> bool {
+        match self {
+            Seen::Answered(s) => SERVING_STATES.contains(&s.state.as_str()),
+            Seen::Gone => true,
+            Seen::Silent => false,
+        }
+    }
+}
 
 /// Settings of a drill against a running pair.
 #[derive(Debug, Clone)]
@@ -148,13 +186,21 @@ pub fn run_existing(
         interrupted,
         || Ok((client.answered() > 0).then_some(())),
     )?;
+    let before_warmup = client.answered();
     sleep_checked(opts.phases.warmup, interrupted, || Ok(()))?;
+    // Steady service before the fault, however slowly the host answers.
+    let want = opts.phases.warmup_answers;
+    wait_until(
+        &format!("{want} answers before the fault"),
+        opts.phases.ready_timeout,
+        interrupted,
+        || Ok((client.answered() - before_warmup >= want).then_some(())),
+    )?;
 
     let (victim, survivor) = match kind {
         DrillKind::KillBackup => (&backup, &primary),
         _ => (&primary, &backup),
     };
-    let fault_at = client.epoch().elapsed();
     // SAFETY: kill(2) takes no pointers. The PID is the one serving the
     // victim's control socket, read just before; the operator named it.
     if unsafe { libc::kill(victim.pid as libc::pid_t, libc::SIGKILL) } != 0 {
@@ -164,6 +210,8 @@ pub fn run_existing(
             source: std::io::Error::last_os_error(),
         });
     }
+    // Once the kill is sent: the victim answers nothing asked from here on.
+    let fault_at = client.epoch().elapsed();
     let fault = format!(
         "SIGKILL of the {} on {} (pid {})",
         victim.status.role, victim.status.node, victim.pid
@@ -175,7 +223,6 @@ pub fn run_existing(
     let fault_instant = Instant::now();
     let end = fault_instant + opts.phases.recovery_timeout;
     let mut answered_when_settled: Option<u64> = None;
-    let survivor_status = || query_status(&survivor.control, STATUS_TIMEOUT).ok();
     loop {
         if interrupted.load(Ordering::SeqCst) {
             return Err(DrillError::Interrupted);
@@ -183,12 +230,8 @@ pub fn run_existing(
         if Instant::now() >= end {
             break;
         }
-        if answered_when_settled.is_none() {
-            let settled =
-                survivor_status().is_none_or(|s| SERVING_STATES.contains(&s.state.as_str()));
-            if settled {
-                answered_when_settled = Some(client.answered());
-            }
+        if answered_when_settled.is_none() && Seen::at(&survivor.control).settled() {
+            answered_when_settled = Some(client.answered());
         }
         if answered_when_settled.is_some_and(|n| client.answered() >= n + opts.phases.after_replies)
         {
@@ -200,23 +243,35 @@ pub fn run_existing(
     if interrupted.load(Ordering::SeqCst) {
         return Err(DrillError::Interrupted);
     }
-    let final_status = survivor_status();
+    let outcome_end = Instant::now() + OUTCOME_WAIT;
+    let mut seen = Seen::at(&survivor.control);
+    while !seen.settled() && Instant::now() < outcome_end {
+        std::thread::sleep(POLL);
+        match Seen::at(&survivor.control) {
+            Seen::Silent => {}
+            other => seen = other,
+        }
+    }
 
-    let outcome_of = |s: &Side, killed: bool, status: Option<&PairStatus>| SideOutcome {
+    let outcome_of = |s: &Side, killed: bool, seen: &Seen| SideOutcome {
         node: s.status.node.clone(),
         role: s.status.role.clone(),
         killed_by_drill: killed,
-        running: status.is_some(),
+        // A silent socket is still there: running, state unknown.
+        running: !killed && !matches!(seen, Seen::Gone),
         exit_code: None,
         exit_signal: killed.then_some(libc::SIGKILL),
-        final_state: status.map(|st| st.state.clone()),
+        final_state: match seen {
+            Seen::Answered(st) => Some(st.state.clone()),
+            _ => None,
+        },
         // Not our child: its stderr is not ours to read.
         claimed_vm: false,
         reported_lost: false,
     };
     let mut sides = vec![
-        outcome_of(victim, true, None),
-        outcome_of(survivor, false, final_status.as_ref()),
+        outcome_of(victim, true, &Seen::Gone),
+        outcome_of(survivor, false, &seen),
     ];
     if kind == DrillKind::KillBackup {
         sides.reverse();
@@ -242,7 +297,7 @@ pub fn run_existing(
     };
     let analysis = analyze(&history, Some(fault_at));
     let expect = Expectation::for_drill(kind, &primary.status.node, &backup.status.node);
-    let verdict = judge(&analysis, &pair, &expect, opts.limits);
+    let verdict = judge(&analysis, &pair, &expect, opts.limits, None);
     Ok(DrillReport {
         drill: kind,
         mode: "existing",

@@ -123,10 +123,15 @@ pub struct Analysis {
     /// another request, or for the same one with another meaning.
     pub repeated: u64,
     pub repeated_examples: Vec<CounterAnomaly>,
-    /// Replies that arrived after the fault.
+    /// Replies that arrived after the fault (some may be the killed side's,
+    /// already on their way).
     pub replies_after_fault: u64,
+    /// Requests first sent after the fault that were answered: only a side
+    /// alive after the fault can have answered them — the proof that the
+    /// service resumed.
+    pub answered_sent_after_fault: u64,
     /// The service interruption from the fault on; `None` without a fault,
-    /// or when no reply came after it.
+    /// or when the service did not resume (`answered_sent_after_fault` 0).
     pub interruption: Option<Interruption>,
     /// The first reply after the fault, if any.
     #[serde(rename = "first_reply_after_fault_ms", serialize_with = "opt_ms")]
@@ -136,7 +141,8 @@ pub struct Analysis {
     pub last_reply_before_fault: Option<Duration>,
 }
 
-/// Analyse `history`; `fault_at` is when the fault was injected (same origin).
+/// Analyse `history`; `fault_at` is when the fault was complete (the killed
+/// process reaped, the link down; same origin).
 pub fn analyze(history: &History, fault_at: Option<Duration>) -> Analysis {
     let mut a = Analysis {
         requests: history.requests.len() as u64,
@@ -158,6 +164,11 @@ pub fn analyze(history: &History, fault_at: Option<Duration>) -> Analysis {
 
     if let Some(fault) = fault_at {
         a.replies_after_fault = history.replies.iter().filter(|r| r.at > fault).count() as u64;
+        a.answered_sent_after_fault = history
+            .requests
+            .iter()
+            .filter(|r| r.first_sent > fault && r.answered.is_some())
+            .count() as u64;
         a.last_reply_before_fault = history
             .replies
             .iter()
@@ -165,7 +176,11 @@ pub fn analyze(history: &History, fault_at: Option<Duration>) -> Analysis {
             .find(|r| r.at <= fault)
             .map(|r| r.at);
         a.first_reply_after_fault = history.replies.iter().find(|r| r.at > fault).map(|r| r.at);
-        a.interruption = interruption(&history.replies, fault);
+        // Replies after the fault to older requests alone may all be the
+        // killed side's, in flight: no silence ended, nothing to measure.
+        if a.answered_sent_after_fault > 0 {
+            a.interruption = interruption(&history.replies, fault);
+        }
     }
     a
 }
@@ -422,7 +437,16 @@ mod tests {
         // A 100 ms gap before the fault, a 20 ms one after it.
         let times = [10, 110, 115, 120, 140, 145];
         let h = History {
-            requests: requests(6, |_| Some(1)),
+            requests: times
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| RequestRecord {
+                    id: i as u64 + 1,
+                    first_sent: ms(t - 1),
+                    sends: 1,
+                    answered: Some(ms(t)),
+                })
+                .collect(),
             replies: times
                 .iter()
                 .enumerate()
@@ -438,7 +462,12 @@ mod tests {
     #[test]
     fn without_replies_before_the_fault_the_gap_starts_at_the_fault() {
         let h = History {
-            requests: requests(1, |_| Some(300)),
+            requests: vec![RequestRecord {
+                id: 1,
+                first_sent: ms(101),
+                sends: 5,
+                answered: Some(ms(300)),
+            }],
             replies: vec![reply(1, 1, 300)],
             ..History::default()
         };
@@ -446,5 +475,32 @@ mod tests {
         let gap = a.interruption.unwrap();
         assert_eq!((gap.last_before, gap.first_after), (ms(100), ms(300)));
         assert_eq!(a.last_reply_before_fault, None);
+    }
+
+    #[test]
+    fn replies_in_flight_after_a_kill_are_not_a_resumed_service() {
+        // Requests every 5 ms; the only server is killed at 100 ms; two of
+        // its replies (to requests sent before) arrive after, then nothing.
+        let mut h = History {
+            requests: requests(30, |id| (id <= 20).then_some(5 * id + 1)),
+            replies: (1..=20).map(|id| reply(id, id, 5 * id + 1)).collect(),
+            ..History::default()
+        };
+        h.requests[18].answered = Some(ms(101));
+        h.requests[19].answered = Some(ms(102));
+        h.replies[18].at = ms(101);
+        h.replies[19].at = ms(102);
+        let a = analyze(&h, Some(ms(100)));
+        assert_eq!(a.replies_after_fault, 2);
+        assert_eq!(a.answered_sent_after_fault, 0);
+        assert_eq!(a.interruption, None, "no silence ended");
+        assert_eq!(a.first_reply_after_fault, Some(ms(101)));
+        // One request sent after the fault answered: the service resumed.
+        h.requests[20].answered = Some(ms(400));
+        h.replies.push(reply(21, 21, 400));
+        let a = analyze(&h, Some(ms(100)));
+        assert_eq!(a.answered_sent_after_fault, 1);
+        let gap = a.interruption.unwrap();
+        assert_eq!((gap.last_before, gap.first_after), (ms(102), ms(400)));
     }
 }

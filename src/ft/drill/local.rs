@@ -21,11 +21,16 @@ use super::pair::{
 };
 use super::report::{DrillReport, ProcessLog};
 use super::topology::{self, addr, Host, Topology};
-use super::verdict::{judge, Expectation, Limits, PairOutcome, SideOutcome};
-use super::{sleep_checked, wait_until, DrillError, DrillKind, Phases};
+use super::verdict::{
+    judge, Expectation, Limits, PairOutcome, PreFaultFailover, SideOutcome, SERVING_STATES,
+};
+use super::{wait_until, DrillError, DrillKind, Phases};
 use crate::net::CounterClient;
 
 mod repair;
+mod whole;
+
+use whole::{not_injected, warm_up, Injected};
 
 /// The node name of the double-failure drill's clone (it runs in hostA's
 /// namespace, the first primary's host, once that primary is dead).
@@ -43,6 +48,11 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 const NOTHING_LEFT_GRACE: Duration = Duration::from_secs(1);
 /// Stderr lines kept from each process in a failed drill's report.
 const LOG_TAIL: usize = 20;
+/// Once the drill ends, how long the sides still running get to answer a
+/// status query in a settled state (an overloaded host answers late).
+const OUTCOME_WAIT: Duration = Duration::from_secs(5);
+/// The states of a whole pair (the primary's, the backup's).
+const WHOLE_STATES: [&str; 2] = ["replicating", "following"];
 
 /// Whether the guest runs as an FT pair or alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +144,9 @@ pub struct LocalPair {
     pub topo: Topology,
     dir: tempfile::TempDir,
     protection: Protection,
+    /// Per node, how many suspicion lines ([`suspicions`]) it had written
+    /// when the pair was last known whole ([`LocalPair::mark_whole`]).
+    whole_marks: std::collections::HashMap<String, usize>,
 }
 
 impl LocalPair {
@@ -161,6 +174,7 @@ impl LocalPair {
             topo,
             dir,
             protection: opts.protection,
+            whole_marks: Default::default(),
         };
         if interrupted.load(Ordering::SeqCst) {
             return Err(DrillError::Interrupted);
@@ -235,22 +249,19 @@ impl LocalPair {
                         .ok()
                         .map(|s| s.state)
                 };
-                let ready = state(&self.sides[0]).as_deref() == Some("replicating")
-                    && state(&self.sides[1]).as_deref() == Some("following");
+                let ready = state(&self.sides[0]).as_deref() == Some(WHOLE_STATES[0])
+                    && state(&self.sides[1]).as_deref() == Some(WHOLE_STATES[1]);
                 Ok(ready.then_some(()))
             },
-        )
+        )?;
+        self.mark_whole();
+        Ok(())
     }
 
     /// An error if one of the sides has ended (before the fault), with the
     /// last lines it wrote.
     fn check_running(&mut self) -> Result<(), DrillError> {
-        self.check_running_after(0)
-    }
-
-    /// As `check_running`, for the sides from index `first` on.
-    fn check_running_after(&mut self, first: usize) -> Result<(), DrillError> {
-        match self.sides.iter_mut().skip(first).find_map(ended_early) {
+        match self.sides.iter_mut().find_map(ended_early) {
             Some(e) => Err(e),
             None => Ok(()),
         }
@@ -363,15 +374,42 @@ impl LocalPair {
         self.sides.iter_mut().all(|p| {
             !p.running()
                 || query_status(&p.files.control, STATUS_TIMEOUT)
-                    .is_ok_and(|s| super::verdict::SERVING_STATES.contains(&s.state.as_str()))
+                    .is_ok_and(|s| SERVING_STATES.contains(&s.state.as_str()))
         })
     }
 
+    /// What became of each side. A side still running and not (yet)
+    /// serving — a loser on its way out, a status query an overloaded host
+    /// answered late — is asked again until it has settled (ended, or a
+    /// serving state) or `OUTCOME_WAIT` has passed: its last answer is
+    /// what is judged.
     fn outcome(&mut self) -> PairOutcome {
+        let end = Instant::now() + OUTCOME_WAIT;
+        let mut states: Vec<Option<String>> = vec![None; self.sides.len()];
+        loop {
+            let mut settled = true;
+            for (p, state) in self.sides.iter_mut().zip(states.iter_mut()) {
+                if !p.running() {
+                    *state = None;
+                    continue;
+                }
+                if let Ok(s) = query_status(&p.files.control, STATUS_TIMEOUT) {
+                    *state = Some(s.state);
+                }
+                settled &= state
+                    .as_deref()
+                    .is_some_and(|s| SERVING_STATES.contains(&s));
+            }
+            if settled || Instant::now() >= end {
+                break;
+            }
+            std::thread::sleep(super::POLL);
+        }
         let sides = self
             .sides
             .iter_mut()
-            .map(|p| {
+            .zip(states)
+            .map(|(p, final_state)| {
                 let running = p.running();
                 let (exit_code, exit_signal) = p.exit_code_and_signal();
                 let (claimed_vm, reported_lost) = read_claims(&p.stderr_text());
@@ -382,13 +420,7 @@ impl LocalPair {
                     running,
                     exit_code,
                     exit_signal,
-                    final_state: if running {
-                        query_status(&p.files.control, STATUS_TIMEOUT)
-                            .ok()
-                            .map(|s| s.state)
-                    } else {
-                        None
-                    },
+                    final_state: final_state.filter(|_| running),
                     claimed_vm,
                     reported_lost,
                 }
@@ -539,19 +571,32 @@ pub fn run_local(
             Ok((client.answered() > 0).then_some(()))
         },
     )?;
-    let before_warmup = client.answered();
-    sleep_checked(phases.warmup, interrupted, || lp.check_running())?;
-    if client.answered() == before_warmup {
-        return Err(DrillError::Timeout {
-            what: "steady answers before the fault".into(),
-            after: phases.warmup,
-            detail: " (the guest stopped answering)".into(),
-        });
+    let early = warm_up(&mut lp, &client, &phases, 0, interrupted)?;
+    // The fault only into a whole pair: one that failed over by itself
+    // is judged as such, not as the drill's fault.
+    let injected = match early.map_or_else(|| lp.not_whole(0), |e| Ok(Some(e)))? {
+        Some(evidence) => not_injected(&client, "the fault", evidence),
+        None => inject(kind, &mut lp, &client, opts, interrupted)?,
+    };
+    let Injected {
+        what: fault,
+        at: fault_at,
+        mut pre_fault,
+    } = injected;
+    if pre_fault.is_none() {
+        pre_fault = lp
+            .killed_side_had_suspected()
+            .map(|evidence| PreFaultFailover {
+                evidence,
+                fault_injected: true,
+            });
     }
-
-    // The fault.
-    let (fault, fault_at) = inject(kind, &mut lp, &client, opts, interrupted)?;
-    info!(%fault, "fault injected");
+    match &pre_fault {
+        None => info!(%fault, "fault injected"),
+        Some(p) => {
+            tracing::warn!(evidence = %p.evidence, "the pair failed over by itself before the fault")
+        }
+    }
 
     // After the fault the client goes on while the pair settles (the loser
     // stops, the survivor reports `alone`/`live`), and then for
@@ -588,7 +633,7 @@ pub fn run_local(
     let pair = lp.outcome();
     let analysis = analyze(&history, Some(fault_at));
     let expect = Expectation::for_drill(kind, Host::A.node(), Host::B.node());
-    let verdict = judge(&analysis, &pair, &expect, opts.limits);
+    let verdict = judge(&analysis, &pair, &expect, opts.limits, pre_fault.as_ref());
     let logs = if verdict.passed {
         Vec::new()
     } else {
@@ -625,33 +670,38 @@ fn ended_early(p: &mut Proc) -> Option<DrillError> {
     })
 }
 
-/// Inject `kind`'s fault; returns what was done and when (from the client's epoch).
+/// Inject `kind`'s fault into the whole pair; returns what was done and when.
 fn inject(
     kind: DrillKind,
     lp: &mut LocalPair,
     client: &Client,
     opts: &LocalOptions,
     interrupted: &AtomicBool,
-) -> Result<(String, Duration), DrillError> {
+) -> Result<Injected, DrillError> {
     let kill = |lp: &mut LocalPair, role: &str| -> Result<(String, Duration), DrillError> {
         let p = lp
             .side(role)
             .ok_or_else(|| DrillError::Usage(format!("this drill has no {role}")))?;
         let what = format!("SIGKILL of the {role} on {} (pid {})", p.node, p.pid());
-        let at = client.epoch().elapsed();
         p.kill();
-        Ok((what, at))
+        // Once it is reaped: whatever is asked from here on, it cannot answer.
+        Ok((what, client.epoch().elapsed()))
+    };
+    let injected = |(what, at): (String, Duration)| Injected {
+        what,
+        at,
+        pre_fault: None,
     };
     match kind {
         DrillKind::KillPrimary => match lp.protection {
-            Protection::Pair => kill(lp, "primary"),
-            Protection::Unprotected => kill(lp, "unprotected"),
+            Protection::Pair => kill(lp, "primary").map(injected),
+            Protection::Unprotected => kill(lp, "unprotected").map(injected),
         },
-        DrillKind::KillBackup => kill(lp, "backup"),
+        DrillKind::KillBackup => kill(lp, "backup").map(injected),
         DrillKind::Partition => {
-            let at = client.epoch().elapsed();
             lp.topo.cut_logging_link()?;
-            Ok((
+            let at = client.epoch().elapsed();
+            Ok(injected((
                 format!(
                     "logging link cut ({} {} <-> {}, link down; LAN and arbiter still reachable)",
                     topology::FT_LINK,
@@ -659,25 +709,33 @@ fn inject(
                     addr::FT_B
                 ),
                 at,
-            ))
+            )))
         }
         DrillKind::DoubleFailure => {
             let first = kill(lp, "primary")?;
             let clone = clone_survivor(lp, opts, interrupted)?;
-            sleep_checked(opts.phases.warmup, interrupted, || {
-                lp.check_running_after(1)
-            })?;
+            // The survivor and its clone are the pair now (sides 1 and 2).
+            lp.mark_whole();
+            let early = warm_up(lp, client, &opts.phases, 1, interrupted)?;
+            if let Some(evidence) = early.map_or_else(|| lp.not_whole(1), |e| Ok(Some(e)))? {
+                let mut i = not_injected(client, "the second fault", evidence);
+                i.what = format!("{}; {clone}; then {}", first.0, i.what);
+                return Ok(i);
+            }
             let (second, at) = kill(lp, "backup")?;
-            Ok((format!("{}; {clone}; then {second}", first.0), at))
+            Ok(injected((
+                format!("{}; {clone}; then {second}", first.0),
+                at,
+            )))
         }
         DrillKind::ArbiterLeader => {
             let leader = lp.arbiter_leader()?;
             lp.kill_arbiter(leader);
             let (what, at) = kill(lp, "primary")?;
-            Ok((
+            Ok(injected((
                 format!("SIGKILL of arbiter node {leader} (the Raft leader), then {what}"),
                 at,
-            ))
+            )))
         }
     }
 }

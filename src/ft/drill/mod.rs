@@ -118,8 +118,12 @@ pub enum DrillError {
 /// Timings and amounts of a drill (the defaults suit the `counter` guest).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Phases {
-    /// Steady traffic before the fault.
+    /// Steady traffic before the fault: at least this long...
     pub warmup: Duration,
+    /// ...and until the client has had this many answers (an overloaded
+    /// host answers slowly; the fault waits for steady service, within
+    /// `ready_timeout`).
+    pub warmup_answers: u64,
     /// Answers after the pair has settled (the loser stopped, the survivor
     /// serving) before the drill ends.
     pub after_replies: u64,
@@ -136,6 +140,7 @@ impl Default for Phases {
     fn default() -> Self {
         Phases {
             warmup: Duration::from_secs(2),
+            warmup_answers: 100,
             after_replies: 200,
             ready_timeout: Duration::from_secs(60),
             recovery_timeout: Duration::from_secs(30),

@@ -176,6 +176,23 @@ pub const CLAIM_LINES: [&str; 3] = [
 /// The stderr prefix of a side that lost the arbitration.
 pub const LOST_LINE: &str = "twinvm: lost the arbitration";
 
+/// The stderr prefixes of a side that suspected its peer (it then asks the
+/// arbiter): the start of a failover.
+pub const SUSPECT_LINES: [&str; 4] = [
+    "twinvm primary: backup lost",
+    "twinvm backup: primary lost",
+    "twinvm primary: the backup diverged",
+    "twinvm backup: this replica diverged",
+];
+
+/// The lines of `stderr` that say the side suspected its peer, in order.
+pub fn suspicions(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| SUSPECT_LINES.iter().any(|p| l.starts_with(p)))
+        .collect()
+}
+
 /// What a side's stderr says about the arbitration: (claimed the VM, lost it).
 pub fn read_claims(stderr: &str) -> (bool, bool) {
     let claimed = stderr
@@ -513,6 +530,24 @@ mod tests {
         );
         // Only at the start of a line.
         assert_eq!(read_claims("note: twinvm backup: live\n"), (false, false));
+    }
+
+    #[test]
+    fn suspicions_are_the_lines_that_start_a_failover() {
+        let stderr = "twinvm primary: backup connected (generation 1)\n\
+            WARN FT link closed reason=no valid frame from the peer for 200ms\n\
+            twinvm primary: backup lost (silent for 200 ms); asking the arbiter\n\
+            twinvm: lost the arbitration (held by hostB/backup): stopping\n";
+        assert_eq!(
+            suspicions(stderr),
+            ["twinvm primary: backup lost (silent for 200 ms); asking the arbiter"]
+        );
+        assert_eq!(
+            suspicions("twinvm backup: primary lost (connection reset); asking the arbiter\n")
+                .len(),
+            1
+        );
+        assert!(suspicions("twinvm backup: waiting for the primary on 1.2.3.4:7300\n").is_empty());
     }
 
     #[test]

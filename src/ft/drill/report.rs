@@ -64,7 +64,13 @@ impl DrillReport {
             "drill {} ({}, {protection}): {}",
             self.drill,
             self.mode,
-            if v.passed { "PASS" } else { "FAIL" }
+            if v.passed {
+                "PASS"
+            } else if v.inconclusive() {
+                "INCONCLUSIVE (the pair failed over by itself before the fault)"
+            } else {
+                "FAIL"
+            }
         );
         if let Some(net) = &self.network {
             let _ = writeln!(out, "  network:   {net}");
@@ -134,20 +140,25 @@ pub struct RepeatSummary {
     pub drill: DrillKind,
     pub runs: usize,
     pub passed: usize,
-    /// Failover times of the runs that measured one.
+    /// Runs whose pair failed over by itself before the fault (not passed).
+    pub inconclusive: usize,
+    /// Failover times of the runs that measured one (inconclusive runs left out).
     pub failover: Option<Spread>,
 }
 
 impl RepeatSummary {
     pub fn of(drill: DrillKind, reports: &[DrillReport]) -> RepeatSummary {
+        // An inconclusive run measured the pair's own failover, not the drill's.
         let times: Vec<f64> = reports
             .iter()
+            .filter(|r| !r.verdict.inconclusive())
             .filter_map(|r| r.verdict.failover_ms)
             .collect();
         RepeatSummary {
             drill,
             runs: reports.len(),
             passed: reports.iter().filter(|r| r.passed()).count(),
+            inconclusive: reports.iter().filter(|r| r.verdict.inconclusive()).count(),
             failover: spread(&times),
         }
     }
@@ -161,6 +172,13 @@ impl RepeatSummary {
             "drill {}: {} of {} runs passed",
             self.drill, self.passed, self.runs
         );
+        if self.inconclusive > 0 {
+            let _ = write!(
+                out,
+                " ({} inconclusive: the pair failed over by itself before the fault)",
+                self.inconclusive
+            );
+        }
         match &self.failover {
             Some(s) => {
                 let _ = write!(
@@ -179,7 +197,7 @@ impl RepeatSummary {
 #[cfg(test)]
 mod tests {
     use super::super::history::Interruption;
-    use super::super::verdict::{Check, SideOutcome};
+    use super::super::verdict::{Check, PreFaultFailover, SideOutcome};
     use super::*;
 
     fn report(passed: bool, failover_ms: Option<f64>) -> DrillReport {
@@ -200,6 +218,7 @@ mod tests {
                     passed,
                     detail: "0 of 10".into(),
                 }],
+                pre_fault_failover: None,
             },
             analysis: Analysis {
                 requests: 10,
@@ -279,5 +298,42 @@ mod tests {
             "drill kill-primary: 3 of 4 runs passed; failover time over 3 runs: min 100.0 ms, median 200.0 ms, max 300.0 ms\n"
         );
         assert!(!RepeatSummary::of(DrillKind::Partition, &[]).all_passed());
+    }
+
+    #[test]
+    fn a_pre_fault_failover_is_reported_apart() {
+        let mut r = report(false, None);
+        r.verdict.pre_fault_failover = Some(PreFaultFailover {
+            evidence: "hostB (backup) lost the arbitration and exited".into(),
+            fault_injected: false,
+        });
+        let t = r.to_text();
+        assert!(
+            t.starts_with(
+                "drill kill-primary (local, FT pair): INCONCLUSIVE (the pair failed over by itself before the fault)\n"
+            ),
+            "{t}"
+        );
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["verdict"]["passed"], false);
+        assert_eq!(
+            j["verdict"]["pre_fault_failover"]["evidence"],
+            "hostB (backup) lost the arbitration and exited"
+        );
+        r.verdict.failover_ms = Some(900.0);
+        let s = RepeatSummary::of(DrillKind::KillPrimary, &[report(true, Some(200.0)), r]);
+        assert_eq!(
+            s.failover.map(|f| f.max_ms),
+            Some(200.0),
+            "its own failover left out"
+        );
+        assert_eq!((s.runs, s.passed, s.inconclusive), (2, 1, 1));
+        assert!(
+            s.to_text().starts_with(
+                "drill kill-primary: 1 of 2 runs passed (1 inconclusive: the pair failed over by itself before the fault);"
+            ),
+            "{}",
+            s.to_text()
+        );
     }
 }

@@ -147,7 +147,50 @@ pub struct Verdict {
     /// The service interruption from the fault on, in milliseconds.
     pub failover_ms: Option<f64>,
     pub checks: Vec<Check>,
+    /// Set when the pair failed over by itself before the fault: the run
+    /// does not pass, and says so apart from a failed drill.
+    pub pre_fault_failover: Option<PreFaultFailover>,
 }
+
+impl Verdict {
+    /// The pair failed over by itself before the fault: the drill's fault
+    /// was not what it judged.
+    pub fn inconclusive(&self) -> bool {
+        self.pre_fault_failover.is_some()
+    }
+
+    /// Every check in [`SAFETY_CHECKS`] that is present held.
+    pub fn safe(&self) -> bool {
+        self.checks
+            .iter()
+            .filter(|c| SAFETY_CHECKS.contains(&c.name))
+            .all(|c| c.passed)
+    }
+}
+
+/// A failover the pair made by itself before the drill's fault: a side
+/// suspected its peer while both were alive and linked (the failure
+/// detector's false alarm, seen on overloaded hosts). What the drill then
+/// saw is not the outcome of its fault.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PreFaultFailover {
+    /// What showed it: a side's state or exit, or the line it wrote.
+    pub evidence: String,
+    /// The drill injected its fault anyway (the failover showed only
+    /// afterwards, in what a killed side had written before it died).
+    pub fault_injected: bool,
+}
+
+/// The name of the check a pre-fault failover fails.
+pub const PAIR_WHOLE_CHECK: &str = "pair whole until the fault";
+
+/// Checks that must hold whatever happened, a pre-fault failover included:
+/// the pair's safety, not the drill's expected outcome.
+pub const SAFETY_CHECKS: [&str; 3] = [
+    "counter never went backwards",
+    "no acknowledged value repeated",
+    "no split-brain",
+];
 
 /// Lost request ids named in the check's text (the report's analysis keeps more).
 const LOST_IDS_SHOWN: usize = 10;
@@ -157,12 +200,22 @@ fn millis(d: Duration) -> f64 {
 }
 
 /// Judge a drill from the client's analysis and the pair's outcome.
+///
+/// With `pre_fault` (the pair failed over by itself before the fault) the
+/// run cannot pass: a failed [`PAIR_WHOLE_CHECK`] says why, and the other
+/// checks judge what happened. When the fault was not injected, that was
+/// the pair's own failover, so either side may have won it.
 pub fn judge(
     analysis: &Analysis,
     pair: &PairOutcome,
     expect: &Expectation,
     limits: Limits,
+    pre_fault: Option<&PreFaultFailover>,
 ) -> Verdict {
+    let expect = match pre_fault {
+        Some(p) if !p.fault_injected => &Expectation::EitherSide,
+        _ => expect,
+    };
     let mut checks = Vec::new();
     let failover = analysis.interruption.map(|i| i.length());
 
@@ -188,14 +241,19 @@ pub fn judge(
     });
     checks.push(Check {
         name: "service resumed",
-        passed: analysis.replies_after_fault > 0,
+        passed: analysis.answered_sent_after_fault > 0,
         detail: match failover {
-            Some(d) => format!(
+            Some(d) if analysis.answered_sent_after_fault > 0 => format!(
                 "{} answers after the fault; longest silence {:.1} ms",
                 analysis.replies_after_fault,
                 millis(d)
             ),
-            None => "no answer after the fault".to_owned(),
+            _ if analysis.replies_after_fault > 0 => format!(
+                "no request sent after the fault was answered (the {} replies after it \
+                 answered earlier requests: in flight from the side that was stopped)",
+                analysis.replies_after_fault
+            ),
+            _ => "no answer after the fault".to_owned(),
         },
     });
     checks.push(Check {
@@ -251,11 +309,29 @@ pub fn judge(
         });
     }
 
+    if let Some(p) = pre_fault {
+        checks.push(Check {
+            name: PAIR_WHOLE_CHECK,
+            passed: false,
+            detail: format!(
+                "the pair failed over by itself before the fault: {}; {}",
+                p.evidence,
+                if p.fault_injected {
+                    "the fault was injected anyway, so the other checks judge two failures, \
+                     not the drill's one"
+                } else {
+                    "the fault was not injected, so the other checks judge that failover"
+                }
+            ),
+        });
+    }
+
     Verdict {
-        passed: checks.iter().all(|c| c.passed),
+        passed: pre_fault.is_none() && checks.iter().all(|c| c.passed),
         went_live: survivor.map(|s| s.node.clone()),
         failover_ms: failover.map(millis),
         checks,
+        pre_fault_failover: pre_fault.cloned(),
     }
 }
 
@@ -494,7 +570,7 @@ mod tests {
             Some("hostB/backup"),
         );
         let expect = Expectation::for_drill(DrillKind::KillPrimary, "hostA", "hostB");
-        let v = judge(&a, &p, &expect, Limits::default());
+        let v = judge(&a, &p, &expect, Limits::default(), None);
         assert!(v.passed, "{v:#?}");
         assert_eq!(v.went_live.as_deref(), Some("hostB"));
         assert_eq!(v.failover_ms, Some(200.0));
@@ -521,7 +597,7 @@ mod tests {
             Some("hostB/backup"),
         );
         let expect = Expectation::Survivor("hostB".into());
-        let v = judge(&a, &p, &expect, Limits::default());
+        let v = judge(&a, &p, &expect, Limits::default(), None);
         assert!(!v.passed);
         assert_eq!(failed(&v), ["requests lost"]);
         let c = &v.checks[0];
@@ -547,6 +623,7 @@ mod tests {
             &p,
             &Expectation::for_drill(DrillKind::KillPrimary, "hostA", "hostB"),
             Limits::default(),
+            None,
         );
         assert_eq!(failed(&v), ["who went live"]);
         // The same outcome is fine for a partition: either side may win.
@@ -555,6 +632,7 @@ mod tests {
             &p,
             &Expectation::for_drill(DrillKind::Partition, "hostA", "hostB"),
             Limits::default(),
+            None,
         );
         assert!(v.passed, "{v:#?}");
     }
@@ -569,7 +647,7 @@ mod tests {
             ],
             Some("hostB/backup"),
         );
-        let v = judge(&a, &p, &Expectation::EitherSide, Limits::default());
+        let v = judge(&a, &p, &Expectation::EitherSide, Limits::default(), None);
         assert_eq!(failed(&v), ["no split-brain", "who went live"]);
         let c = v
             .checks
@@ -593,7 +671,7 @@ mod tests {
             vec![loser, serving("hostB", "backup", "live")],
             Some("hostB/backup"),
         );
-        let v = judge(&a, &p, &Expectation::EitherSide, Limits::default());
+        let v = judge(&a, &p, &Expectation::EitherSide, Limits::default(), None);
         assert_eq!(failed(&v), ["no split-brain"]);
         assert!(
             v.checks[4].detail.contains("exited with code 1"),
@@ -611,7 +689,7 @@ mod tests {
             vec![stuck, serving("hostB", "backup", "live")],
             Some("hostB/backup"),
         );
-        let v = judge(&a, &p, &Expectation::EitherSide, Limits::default());
+        let v = judge(&a, &p, &Expectation::EitherSide, Limits::default(), None);
         assert_eq!(failed(&v), ["no split-brain"]);
         assert!(
             v.checks[4].detail.contains("state asking"),
@@ -632,6 +710,7 @@ mod tests {
             &pair(sides.clone(), Some("hostA/primary")),
             &Expectation::EitherSide,
             Limits::default(),
+            None,
         );
         assert_eq!(failed(&v), ["no split-brain"]);
         let v = judge(
@@ -639,6 +718,7 @@ mod tests {
             &pair(sides.clone(), None),
             &Expectation::EitherSide,
             Limits::default(),
+            None,
         );
         assert_eq!(failed(&v), ["no split-brain"]);
         // Not asked (an existing pair without --arbiters): not held against it.
@@ -647,7 +727,7 @@ mod tests {
             arbiter_holder: None,
             arbiter_error: Some("no --arbiters given".into()),
         };
-        let v = judge(&a, &p, &Expectation::EitherSide, Limits::default());
+        let v = judge(&a, &p, &Expectation::EitherSide, Limits::default(), None);
         assert!(v.passed, "{v:#?}");
     }
 
@@ -680,6 +760,7 @@ mod tests {
             &p,
             &Expectation::Survivor("hostB".into()),
             Limits::default(),
+            None,
         );
         assert!(!v.passed);
         assert_eq!(
@@ -704,12 +785,102 @@ mod tests {
         let tight = Limits {
             max_failover: Some(ms(150)),
         };
-        let v = judge(&a, &p, &expect, tight);
+        let v = judge(&a, &p, &expect, tight, None);
         assert_eq!(failed(&v), ["failover time within the limit"]);
         let loose = Limits {
             max_failover: Some(ms(300)),
         };
-        assert!(judge(&a, &p, &expect, loose).passed);
+        assert!(judge(&a, &p, &expect, loose, None).passed);
+    }
+
+    #[test]
+    fn a_failover_before_the_fault_is_inconclusive_not_passed() {
+        // Before a kill-backup's fault, the backup suspected the primary and
+        // won: the fault was not injected, and the pair's own failover is
+        // judged as one (either side may win it).
+        let a = failover_history(false);
+        let p = pair(
+            vec![
+                lost_arbitration("hostA", "primary"),
+                serving("hostB", "backup", "live"),
+            ],
+            Some("hostB/backup"),
+        );
+        let expect = Expectation::for_drill(DrillKind::KillBackup, "hostA", "hostB");
+        let early = PreFaultFailover {
+            evidence: "hostA (primary) lost the arbitration and exited".into(),
+            fault_injected: false,
+        };
+        let v = judge(&a, &p, &expect, Limits::default(), Some(&early));
+        assert!(!v.passed && v.inconclusive() && v.safe(), "{v:#?}");
+        assert_eq!(failed(&v), [PAIR_WHOLE_CHECK]);
+        assert_eq!(v.went_live.as_deref(), Some("hostB"));
+        let c = v.checks.last().unwrap();
+        assert!(
+            c.detail.contains("hostA (primary) lost the arbitration")
+                && c.detail.contains("the fault was not injected"),
+            "{}",
+            c.detail
+        );
+        assert_eq!(v.pre_fault_failover, Some(early));
+        // Without it, the same outcome fails a kill-backup drill plainly.
+        let v = judge(&a, &p, &expect, Limits::default(), None);
+        assert!(!v.passed && !v.inconclusive(), "{v:#?}");
+        assert_eq!(failed(&v), ["who went live"]);
+    }
+
+    #[test]
+    fn a_failover_seen_only_after_the_fault_keeps_the_expectation() {
+        // The killed backup had already won when the drill killed it; the
+        // primary had lost: nobody serves. Inconclusive, and still safe.
+        let a = failover_history(false);
+        let p = pair(
+            vec![
+                lost_arbitration("hostA", "primary"),
+                killed("hostB", "backup"),
+            ],
+            Some("hostB/backup"),
+        );
+        let expect = Expectation::for_drill(DrillKind::KillBackup, "hostA", "hostB");
+        let late = PreFaultFailover {
+            evidence: "hostB (backup) had written `twinvm backup: primary lost` before the drill killed it".into(),
+            fault_injected: true,
+        };
+        let v = judge(&a, &p, &expect, Limits::default(), Some(&late));
+        assert!(!v.passed && v.inconclusive() && v.safe(), "{v:#?}");
+        assert_eq!(failed(&v), ["who went live", PAIR_WHOLE_CHECK]);
+        assert!(
+            v.checks.last().unwrap().detail.contains("injected anyway"),
+            "{v:#?}"
+        );
+    }
+
+    #[test]
+    fn a_pre_fault_failover_does_not_excuse_a_split_brain() {
+        let a = failover_history(false);
+        let p = pair(
+            vec![
+                serving("hostA", "primary", "alone"),
+                serving("hostB", "backup", "live"),
+            ],
+            Some("hostB/backup"),
+        );
+        let early = PreFaultFailover {
+            evidence: "hostB (backup) wrote `twinvm backup: primary lost`".into(),
+            fault_injected: false,
+        };
+        let v = judge(
+            &a,
+            &p,
+            &Expectation::EitherSide,
+            Limits::default(),
+            Some(&early),
+        );
+        assert!(v.inconclusive() && !v.safe(), "{v:#?}");
+        assert_eq!(
+            failed(&v),
+            ["no split-brain", "who went live", PAIR_WHOLE_CHECK]
+        );
     }
 
     #[test]
