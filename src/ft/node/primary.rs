@@ -426,11 +426,17 @@ impl PrimaryPump {
 
     fn pump(&mut self) -> Result<(i32, String)> {
         loop {
+            let open = !self.link.is_closed();
             self.place_engine_messages()?;
-            self.transmit();
             self.handle_events()?;
             self.perform_actions();
+            // An ack may have made room for what waited (the engine's
+            // channel is not watched while a message waits).
+            self.place_engine_messages()?;
             self.try_bye()?;
+            // Last, so what this turn produced (the log placed after an
+            // ack made room, a Bye) is not left for the next wake-up.
+            self.transmit();
             self.publish_status();
             if let Some(done) = self.done.take() {
                 if let Some(stream) = self.stream.as_mut() {
@@ -438,6 +444,10 @@ impl PrimaryPump {
                     self.edge.flush(&mut self.link, stream, &self.clock, limit);
                 }
                 return Ok(done);
+            }
+            // A write that lost the connection is the next turn's news, now.
+            if open && self.link.is_closed() {
+                continue;
             }
             self.wait()?;
         }
@@ -499,6 +509,7 @@ impl PrimaryPump {
                         self.pending = Some(EngineMsg::Log { bytes, watermark });
                         return Ok(());
                     }
+                    tracing::trace!(watermark, bytes = bytes.len(), "primary: log pushed");
                     self.link
                         .push_log(&bytes, watermark)
                         .context("pushing the log")?;
@@ -544,9 +555,12 @@ impl PrimaryPump {
                 }
                 PrimaryEvent::Acked { watermark, .. } => {
                     if !self.holding && !self.alone {
+                        let mut released = 0;
                         for output in self.held.release_through(watermark, now) {
                             self.emit(output);
+                            released += 1;
                         }
+                        tracing::trace!(watermark, released, "primary: acked");
                         // Every output of landmarks <= watermark has been
                         // pushed before the log through watermark was: all out.
                         self.link
