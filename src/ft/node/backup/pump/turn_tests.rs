@@ -3,13 +3,17 @@
 
 use std::io::Read;
 use std::net::TcpListener;
+use std::time::Instant;
 
 use arbiter::auth::Key;
 
 use super::*;
 use crate::ft::link::{Hello, LinkConfig, PrimaryEvent, PrimaryLink};
+use crate::ft::node::status::PairStatus;
 use crate::ft::node::{ArbiterRequest, ArbiterSettings};
+use crate::ft::output::OutputBounds;
 use crate::replay::log::LogHeader;
+use crate::vmm::Kicker;
 
 const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 const VM: &str = "vm-turn";
