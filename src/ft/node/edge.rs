@@ -76,7 +76,10 @@ impl LinkEdge {
                     link.connection_lost("writing to the connection: it takes no more bytes");
                     return;
                 }
-                Ok(n) => self.sent += n,
+                Ok(n) => {
+                    tracing::trace!(bytes = n, "link: written");
+                    self.sent += n;
+                }
                 Err(e)
                     if matches!(
                         e.kind(),

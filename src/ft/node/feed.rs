@@ -118,6 +118,11 @@ impl LogSink for LogFeed {
         }
         self.last_watermark = Some(landmark);
         let bytes = std::mem::take(&mut self.buf);
+        tracing::trace!(
+            watermark = landmark,
+            bytes = bytes.len(),
+            "engine: log done"
+        );
         send_waiting(
             &self.tx,
             &self.stopped,
@@ -138,6 +143,7 @@ pub struct OutputFeed {
 
 impl OutputSink for OutputFeed {
     fn emit(&mut self, landmark: u64, output: Output) -> io::Result<()> {
+        tracing::trace!(landmark, "engine: output");
         send_waiting(
             &self.tx,
             &self.stopped,

@@ -127,6 +127,7 @@ fn spawn_socket_reader(mut stream: TcpStream, tx: Sender<SocketEvent>) -> std::i
                         return;
                     }
                     Ok(n) => {
+                        tracing::trace!(bytes = n, "link: read");
                         if tx.send(SocketEvent::Bytes(buf[..n].to_vec())).is_err() {
                             return;
                         }

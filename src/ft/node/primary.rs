@@ -12,13 +12,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use crossbeam_channel::{Receiver, Select, Sender};
 
 use super::feed::{EngineMsg, LogFeed, OutputFeed};
-use super::status::{serve_status, CloneCommand, HoldTimes, PairStatus, StatusBoard};
+use super::status::{serve_status, HoldTimes, PairStatus, StatusBoard};
 use super::{
     apply_socket_event, open_tap, spawn_arbiter_client, spawn_socket_reader, stop_for, Arbitration,
     Clock, EngineHandle, GuestSetup, LinkEdge, PairConfig, SocketEvent, EXIT_ERROR, EXIT_OK,
     EXIT_STOPPED, WRITE_SLICE,
 };
-use crate::clone::source::SourceEvent;
 use crate::ft::failover::{Action, Failover, FailoverConfig, FailoverEvent, Verdict};
 use crate::ft::link::{Hello, PrimaryEvent, PrimaryLink};
 use crate::ft::output::{HeldOutputs, OutputBounds};
@@ -33,6 +32,7 @@ use crate::vmm::{sys, Kicker};
 
 mod clone_host;
 mod survivor;
+use clone_host::{CloneHost, CloneJob};
 
 pub(super) use survivor::{spawn_survivor_pump, SurvivorSetup};
 
@@ -274,86 +274,6 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
     Ok(code)
 }
 
-/// The primary's side of `twinvm clone` (src/clone): the job's thread and
-/// what the pump holds for it.
-struct CloneHost {
-    commands: Receiver<CloneCommand>,
-    /// For the clone's log feed (ordered with the outputs).
-    engine_tx: Sender<EngineMsg>,
-    memory: vm_memory::GuestMemoryMmap,
-    log_header: Vec<u8>,
-    host_cpu: u32,
-    job: Option<CloneJob>,
-    /// The last clone's progress (kept for `twinvm status` once over).
-    status: Option<Arc<Mutex<crate::clone::CloneStatus>>>,
-    /// The highest generation a clone was started with.
-    last_generation: u64,
-}
-
-/// A clone under way.
-struct CloneJob {
-    events: Receiver<SourceEvent>,
-    acked_tx: Sender<u64>,
-    status: Arc<Mutex<crate::clone::CloneStatus>>,
-    /// The engine was asked for the cut: every output waits.
-    holding_all: bool,
-    cut_outputs: Vec<(u64, Output)>,
-    /// The engine records for the clone (a failure must drop that log).
-    engine_cut: bool,
-    /// The cut's landmark, once known.
-    landmark: Option<u64>,
-    /// The clone's log waits for the logging channel.
-    awaiting_link: bool,
-    /// The logging channel to the new backup is up, the arbiter not re-armed yet.
-    linked: bool,
-    generation: u64,
-    started: Instant,
-}
-
-impl CloneJob {
-    /// A clone just asked for: copying, nothing held yet.
-    fn new(
-        events: Receiver<SourceEvent>,
-        acked_tx: Sender<u64>,
-        status: Arc<Mutex<crate::clone::CloneStatus>>,
-        generation: u64,
-    ) -> CloneJob {
-        CloneJob {
-            events,
-            acked_tx,
-            status,
-            holding_all: false,
-            cut_outputs: Vec::new(),
-            engine_cut: false,
-            landmark: None,
-            awaiting_link: false,
-            linked: false,
-            generation,
-            started: Instant::now(),
-        }
-    }
-
-    /// The engine's log for the new backup waits from the moment the cut is
-    /// asked for until its link is up. It starts with the cut landmark's own
-    /// records, which the engine writes right after its reply; the cut's
-    /// landmark reaches the pump by another path (the clone thread's
-    /// `SourceEvent::Cut`), so those records can come first, and pushed to
-    /// the closed link of a primary running alone they were lost: the new
-    /// backup skipped the cut landmark's received frames and diverged a few
-    /// landmarks later.
-    fn log_waits(&self) -> bool {
-        self.holding_all || self.awaiting_link
-    }
-}
-
-impl CloneHost {
-    /// The new backup's link is up and the clone not finished: link
-    /// trouble fails the clone rather than the pair.
-    fn syncing(&self) -> bool {
-        self.job.as_ref().is_some_and(|j| j.linked)
-    }
-}
-
 /// Log bandwidth over roughly the last second.
 #[derive(Default)]
 struct RateMeter {
@@ -426,11 +346,17 @@ impl PrimaryPump {
 
     fn pump(&mut self) -> Result<(i32, String)> {
         loop {
+            let open = !self.link.is_closed();
             self.place_engine_messages()?;
-            self.transmit();
             self.handle_events()?;
             self.perform_actions();
+            // An ack may have made room for what waited (the engine's
+            // channel is not watched while a message waits).
+            self.place_engine_messages()?;
             self.try_bye()?;
+            // Last, so what this turn produced (the log placed after an
+            // ack made room, a Bye) is not left for the next wake-up.
+            self.transmit();
             self.publish_status();
             if let Some(done) = self.done.take() {
                 if let Some(stream) = self.stream.as_mut() {
@@ -438,6 +364,10 @@ impl PrimaryPump {
                     self.edge.flush(&mut self.link, stream, &self.clock, limit);
                 }
                 return Ok(done);
+            }
+            // A write that lost the connection is the next turn's news, now.
+            if open && self.link.is_closed() {
+                continue;
             }
             self.wait()?;
         }
@@ -499,6 +429,7 @@ impl PrimaryPump {
                         self.pending = Some(EngineMsg::Log { bytes, watermark });
                         return Ok(());
                     }
+                    tracing::trace!(watermark, bytes = bytes.len(), "primary: log pushed");
                     self.link
                         .push_log(&bytes, watermark)
                         .context("pushing the log")?;
@@ -544,9 +475,12 @@ impl PrimaryPump {
                 }
                 PrimaryEvent::Acked { watermark, .. } => {
                     if !self.holding && !self.alone {
+                        let mut released = 0;
                         for output in self.held.release_through(watermark, now) {
                             self.emit(output);
+                            released += 1;
                         }
+                        tracing::trace!(watermark, released, "primary: acked");
                         // Every output of landmarks <= watermark has been
                         // pushed before the log through watermark was: all out.
                         self.link
@@ -766,37 +700,5 @@ impl PrimaryPump {
             self.stream.as_ref(),
             &self.clock,
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn job() -> CloneJob {
-        let (_events_tx, events) = crossbeam_channel::unbounded();
-        let (acked_tx, _acked_rx) = crossbeam_channel::unbounded();
-        CloneJob::new(events, acked_tx, Default::default(), 2)
-    }
-
-    #[test]
-    fn the_clones_log_waits_from_the_cut_request_until_its_link_is_up() {
-        let mut j = job();
-        // Copying: the engine runs alone and writes no log.
-        assert!(!j.log_waits());
-        // The cut is asked for (`SourceEvent::CutNow`): the engine's next
-        // log is the cut landmark's, before the pump knows the landmark.
-        j.holding_all = true;
-        j.engine_cut = true;
-        assert!(j.log_waits());
-        // The cut's landmark is known (`SourceEvent::Cut`), no link yet.
-        j.holding_all = false;
-        j.awaiting_link = true;
-        j.landmark = Some(1724);
-        assert!(j.log_waits());
-        // The link is up (`SourceEvent::LinkReady`): the log flows.
-        j.awaiting_link = false;
-        j.linked = true;
-        assert!(!j.log_waits());
     }
 }

@@ -5,19 +5,21 @@
 
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Instant;
 
 use anyhow::{Context, Result};
+use crossbeam_channel::{Receiver, Sender};
 
-use super::{CloneJob, PrimaryPump};
+use super::PrimaryPump;
 use crate::clone::source::{run_source, SourceEvent, SourceParams};
 use crate::clone::{CloneStatus, RoundBounds};
 use crate::ft::failover::{Failover, FailoverConfig};
 use crate::ft::link::{Hello, PrimaryEvent, PrimaryLink};
-use crate::ft::node::feed::LogFeed;
+use crate::ft::node::feed::{EngineMsg, LogFeed};
 use crate::ft::node::status::CloneCommand;
 use crate::ft::node::{spawn_socket_reader, WRITE_SLICE};
 use crate::ft::output::{HeldOutputs, OutputBounds};
-use crate::replay::engine::{Control, Recorder};
+use crate::replay::engine::{Control, Output, Recorder};
 use crate::replay::log::LogWriter;
 
 impl PrimaryPump {
@@ -274,5 +276,117 @@ impl PrimaryPump {
         } else {
             self.engine_handle.send(Control::TrackDirty(false));
         }
+    }
+}
+
+/// The primary's side of `twinvm clone` (src/clone): the job's thread and
+/// what the pump holds for it.
+pub(super) struct CloneHost {
+    pub(super) commands: Receiver<CloneCommand>,
+    /// For the clone's log feed (ordered with the outputs).
+    pub(super) engine_tx: Sender<EngineMsg>,
+    pub(super) memory: vm_memory::GuestMemoryMmap,
+    pub(super) log_header: Vec<u8>,
+    pub(super) host_cpu: u32,
+    pub(super) job: Option<CloneJob>,
+    /// The last clone's progress (kept for `twinvm status` once over).
+    pub(super) status: Option<Arc<Mutex<crate::clone::CloneStatus>>>,
+    /// The highest generation a clone was started with.
+    pub(super) last_generation: u64,
+}
+
+/// A clone under way.
+pub(super) struct CloneJob {
+    pub(super) events: Receiver<SourceEvent>,
+    pub(super) acked_tx: Sender<u64>,
+    pub(super) status: Arc<Mutex<crate::clone::CloneStatus>>,
+    /// The engine was asked for the cut: every output waits.
+    pub(super) holding_all: bool,
+    pub(super) cut_outputs: Vec<(u64, Output)>,
+    /// The engine records for the clone (a failure must drop that log).
+    pub(super) engine_cut: bool,
+    /// The cut's landmark, once known.
+    pub(super) landmark: Option<u64>,
+    /// The clone's log waits for the logging channel.
+    pub(super) awaiting_link: bool,
+    /// The logging channel to the new backup is up, the arbiter not re-armed yet.
+    pub(super) linked: bool,
+    pub(super) generation: u64,
+    pub(super) started: Instant,
+}
+
+impl CloneJob {
+    /// A clone just asked for: copying, nothing held yet.
+    pub(super) fn new(
+        events: Receiver<SourceEvent>,
+        acked_tx: Sender<u64>,
+        status: Arc<Mutex<crate::clone::CloneStatus>>,
+        generation: u64,
+    ) -> CloneJob {
+        CloneJob {
+            events,
+            acked_tx,
+            status,
+            holding_all: false,
+            cut_outputs: Vec::new(),
+            engine_cut: false,
+            landmark: None,
+            awaiting_link: false,
+            linked: false,
+            generation,
+            started: Instant::now(),
+        }
+    }
+
+    /// The engine's log for the new backup waits from the moment the cut is
+    /// asked for until its link is up. It starts with the cut landmark's own
+    /// records, which the engine writes right after its reply; the cut's
+    /// landmark reaches the pump by another path (the clone thread's
+    /// `SourceEvent::Cut`), so those records can come first, and pushed to
+    /// the closed link of a primary running alone they were lost: the new
+    /// backup skipped the cut landmark's received frames and diverged a few
+    /// landmarks later.
+    pub(super) fn log_waits(&self) -> bool {
+        self.holding_all || self.awaiting_link
+    }
+}
+
+impl CloneHost {
+    /// The new backup's link is up and the clone not finished: link
+    /// trouble fails the clone rather than the pair.
+    pub(super) fn syncing(&self) -> bool {
+        self.job.as_ref().is_some_and(|j| j.linked)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> CloneJob {
+        let (_events_tx, events) = crossbeam_channel::unbounded();
+        let (acked_tx, _acked_rx) = crossbeam_channel::unbounded();
+        CloneJob::new(events, acked_tx, Default::default(), 2)
+    }
+
+    #[test]
+    fn the_clones_log_waits_from_the_cut_request_until_its_link_is_up() {
+        let mut j = job();
+        // Copying: the engine runs alone and writes no log.
+        assert!(!j.log_waits());
+        // The cut is asked for (`SourceEvent::CutNow`): the engine's next
+        // log is the cut landmark's, before the pump knows the landmark.
+        j.holding_all = true;
+        j.engine_cut = true;
+        assert!(j.log_waits());
+        // The cut's landmark is known (`SourceEvent::Cut`), no link yet.
+        j.holding_all = false;
+        j.awaiting_link = true;
+        j.landmark = Some(1724);
+        assert!(j.log_waits());
+        // The link is up (`SourceEvent::LinkReady`): the log flows.
+        j.awaiting_link = false;
+        j.linked = true;
+        assert!(!j.log_waits());
     }
 }
