@@ -13,6 +13,11 @@ use crate::replay::log::{PageHash, Record, StateDigest, PAGE_SIZE};
 use crate::vmm::layout;
 use crate::vmm::vm::{GuestWrite, Vm};
 
+/// Pages of contents the sync-point buffer keeps between sync points
+/// (8 MiB, the default hot-page budget's worth), so a steady recording
+/// reuses it.
+const MAX_KEPT_SYNC_PAGES: usize = 2048;
+
 /// The whole-memory hash of a freshly built VM.
 pub(super) fn memory_hash_of(vm: &Vm) -> MemoryHash {
     MemoryHash::new(layout::ram_pages(vm.mem_bytes), |i, buf| {
@@ -39,26 +44,51 @@ impl Engine {
         let cpu = self.vm.cpu_state()?;
         self.vm
             .collect_dirty_pages(&mut [&mut self.since_sync, &mut self.since_digest])?;
-        let mut pages = Vec::new();
-        for gpa in self.since_sync.take() {
-            let mut data = vec![0u8; PAGE_SIZE];
+        // One buffer for every page (no allocation, zeroing and freeing of
+        // a page each: docs/benchmarks.md, "sync-point cost").
+        let gpas = self.since_sync.take();
+        let mut contents = std::mem::take(&mut self.sync_pages);
+        contents.resize(gpas.len() * PAGE_SIZE, 0);
+        let mut read = Vec::with_capacity(gpas.len());
+        for gpa in gpas {
+            // The next free slot: one per page read.
+            let at = read.len() * PAGE_SIZE;
             if self
                 .vm
                 .mem
-                .read_slice(&mut data, vm_memory::GuestAddress(gpa))
+                .read_slice(
+                    &mut contents[at..at + PAGE_SIZE],
+                    vm_memory::GuestAddress(gpa),
+                )
                 .is_ok()
             {
-                pages.push((gpa, data));
+                read.push(gpa);
             }
         }
+        let pages: Vec<(u64, &[u8])> = read
+            .iter()
+            .copied()
+            .zip(contents.chunks_exact(PAGE_SIZE))
+            .collect();
         let page_count = pages.len() as u64;
         let before = self.log_bytes_written();
-        match self.log(Record::SyncPoint {
-            landmark: self.landmark,
-            cpu: Box::new(cpu.clone()),
-            vmm_state: self.syscall_fix.save(),
-            pages,
-        }) {
+        let vmm_state = self.syscall_fix.save();
+        let logged = match &mut self.role {
+            Role::Record(rec) => {
+                tracing::trace!(landmark = self.landmark, kind = "sync-point", "log");
+                rec.log
+                    .append_sync_point(self.landmark, &cpu, &vmm_state, &pages)
+                    .map_err(RunError::LogWrite)
+            }
+            _ => Ok(()),
+        };
+        drop(pages);
+        // A sync point of all of a large guest's memory does not keep its
+        // buffer.
+        contents.truncate(MAX_KEPT_SYNC_PAGES * PAGE_SIZE);
+        contents.shrink_to(MAX_KEPT_SYNC_PAGES * PAGE_SIZE);
+        self.sync_pages = contents;
+        match logged {
             Err(RunError::LogWrite(e))
                 if e.kind() == std::io::ErrorKind::StorageFull
                     && self.settings.max_log_bytes.is_some() =>

@@ -284,10 +284,10 @@ pub(super) struct EncodedRecord<'r> {
 
 /// A sync point's vCPU and VMM state (encoded by the writer against its
 /// base) and (some of) its pages.
-pub(super) fn encode_sync_point<'r>(
+pub(super) fn encode_sync_point<'r, D: AsRef<[u8]>>(
     landmark: u64,
     state: EncodedState,
-    pages: &'r [(u64, Vec<u8>)],
+    pages: &'r [(u64, D)],
     cache: &PageCache,
     stats: &mut PageStats,
 ) -> Result<EncodedRecord<'r>, String> {
@@ -304,9 +304,9 @@ pub(super) fn encode_sync_point<'r>(
 }
 
 /// Pages of a sync point that did not fit in its record.
-pub(super) fn encode_sync_pages<'r>(
+pub(super) fn encode_sync_pages<'r, D: AsRef<[u8]>>(
     landmark: u64,
-    pages: &'r [(u64, Vec<u8>)],
+    pages: &'r [(u64, D)],
     cache: &PageCache,
     stats: &mut PageStats,
 ) -> Result<EncodedRecord<'r>, String> {
