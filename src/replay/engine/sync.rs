@@ -9,7 +9,7 @@ use vm_memory::Bytes;
 use super::landmark::hex;
 use super::{Engine, Role, RunError};
 use crate::replay::digest::{self, LandmarkKind, MemoryHash};
-use crate::replay::log::{PageHash, Record, StateDigest, PAGE_SIZE};
+use crate::replay::log::{PageHash, Record, StateDigest, SyncPage, PAGE_SIZE};
 use crate::vmm::layout;
 use crate::vmm::vm::{GuestWrite, Vm};
 
@@ -44,31 +44,50 @@ impl Engine {
         let cpu = self.vm.cpu_state()?;
         self.vm
             .collect_dirty_pages(&mut [&mut self.since_sync, &mut self.since_digest])?;
-        // One buffer for every page (no allocation, zeroing and freeing of
-        // a page each: docs/benchmarks.md, "sync-point cost").
+        // Each page is read into one reused buffer and compared with the
+        // log's page cache right away; only changed pages keep their copy
+        // (no allocation, zeroing and freeing of a page each, and an
+        // unchanged page is read once: docs/benchmarks.md, "sync-point
+        // cost").
+        let Role::Record(rec) = &self.role else {
+            return Ok(true);
+        };
         let gpas = self.since_sync.take();
         let mut contents = std::mem::take(&mut self.sync_pages);
-        contents.resize(gpas.len() * PAGE_SIZE, 0);
-        let mut read = Vec::with_capacity(gpas.len());
+        // Slot i holds the i-th changed page; the slot after the last is
+        // where the next page is read.
+        let mut read: Vec<(u64, Option<usize>)> = Vec::with_capacity(gpas.len());
+        let mut changed = 0;
         for gpa in gpas {
-            // The next free slot: one per page read.
-            let at = read.len() * PAGE_SIZE;
+            let at = changed * PAGE_SIZE;
+            if contents.len() < at + PAGE_SIZE {
+                contents.resize(at + PAGE_SIZE, 0);
+            }
+            let slot = &mut contents[at..at + PAGE_SIZE];
             if self
                 .vm
                 .mem
-                .read_slice(
-                    &mut contents[at..at + PAGE_SIZE],
-                    vm_memory::GuestAddress(gpa),
-                )
-                .is_ok()
+                .read_slice(slot, vm_memory::GuestAddress(gpa))
+                .is_err()
             {
-                read.push(gpa);
+                continue;
+            }
+            if rec.log.holds_page(gpa, slot) {
+                read.push((gpa, None));
+            } else {
+                read.push((gpa, Some(changed)));
+                changed += 1;
             }
         }
-        let pages: Vec<(u64, &[u8])> = read
+        let pages: Vec<(u64, SyncPage)> = read
             .iter()
-            .copied()
-            .zip(contents.chunks_exact(PAGE_SIZE))
+            .map(|&(gpa, slot)| {
+                let page = match slot {
+                    Some(i) => SyncPage::Contents(&contents[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]),
+                    None => SyncPage::Unchanged,
+                };
+                (gpa, page)
+            })
             .collect();
         let page_count = pages.len() as u64;
         let before = self.log_bytes_written();

@@ -23,7 +23,9 @@ use codec::{
 use cpu_state::StateEncoder;
 pub use cpu_state::StateStats;
 use pages::{commit_pages, PageCache};
-pub use pages::{PageStats, DEFAULT_PAGE_CACHE_PAGES, MAX_PAGE_CACHE_PAGES};
+pub use pages::{
+    PageContents, PageStats, SyncPage, DEFAULT_PAGE_CACHE_PAGES, MAX_PAGE_CACHE_PAGES,
+};
 pub use stream::RecordDecoder;
 
 /// First bytes of every log.
@@ -477,7 +479,7 @@ impl<W: Write> LogWriter<W> {
     /// (the same bytes), from pages the caller holds in any buffers (a
     /// recording reads them into one reused buffer instead of a `Vec` per
     /// page).
-    pub fn append_sync_point<D: AsRef<[u8]>>(
+    pub fn append_sync_point<D: PageContents>(
         &mut self,
         landmark: u64,
         cpu: &CpuStateBytes,
@@ -513,6 +515,14 @@ impl<W: Write> LogWriter<W> {
         self.write_frames("sync-point", landmark, frames, Some(stats))?;
         self.pages.trim();
         Ok(())
+    }
+
+    /// Whether the page cache holds `data` as the last version of `gpa`
+    /// this log carried: such a page may be handed to
+    /// [`LogWriter::append_sync_point`] as [`SyncPage::Unchanged`] (until
+    /// that sync point is appended), without keeping a copy.
+    pub fn holds_page(&self, gpa: u64, data: &[u8]) -> bool {
+        self.pages.holds(gpa, data)
     }
 
     /// Write a record's frames whole or not at all (the size limit), and

@@ -189,6 +189,11 @@ impl PageCache {
         self.entries.insert(gpa, Entry { page, crc, stamp });
     }
 
+    /// Whether the cache holds `data` as the page's last version.
+    pub(super) fn holds(&self, gpa: u64, data: &[u8]) -> bool {
+        self.get(gpa).is_some_and(|(held, _)| held == data)
+    }
+
     /// Evict the least recently carried pages down to the capacity. Done
     /// after a whole sync point only, never between the records it is split
     /// into (a later one may need a base an earlier one would evict).
@@ -212,6 +217,42 @@ fn boxed_page(data: &[u8]) -> Box<[u8; PAGE_SIZE]> {
     let mut bytes = Box::new([0u8; PAGE_SIZE]);
     bytes.copy_from_slice(data);
     bytes
+}
+
+/// A sync-point page as a writer is handed it: its contents, or
+/// "unchanged": the caller found it equal to the version the page cache
+/// holds ([`super::LogWriter::holds_page`]) and need not keep a copy.
+#[derive(Debug, Clone, Copy)]
+pub enum SyncPage<'a> {
+    Unchanged,
+    Contents(&'a [u8]),
+}
+
+/// A page's contents as [`encode_pages`] takes them: None for a page known
+/// to be unchanged.
+pub trait PageContents {
+    fn contents(&self) -> Option<&[u8]>;
+}
+
+impl PageContents for Vec<u8> {
+    fn contents(&self) -> Option<&[u8]> {
+        Some(self)
+    }
+}
+
+impl PageContents for &[u8] {
+    fn contents(&self) -> Option<&[u8]> {
+        Some(self)
+    }
+}
+
+impl PageContents for SyncPage<'_> {
+    fn contents(&self) -> Option<&[u8]> {
+        match self {
+            SyncPage::Unchanged => None,
+            SyncPage::Contents(data) => Some(data),
+        }
+    }
 }
 
 /// How one page of an encoded block changes the cache, applied once its
@@ -248,7 +289,7 @@ fn unzigzag(v: u64) -> i64 {
 /// capacity in pages, then one packed field with an entry per page (see
 /// docs/log-format.md). The cache is not changed; the returned updates are
 /// for [`commit_pages`] once the record is written.
-pub(super) fn encode_pages<'a, D: AsRef<[u8]>>(
+pub(super) fn encode_pages<'a, D: PageContents>(
     e: &mut Enc,
     cache: &PageCache,
     pages: &'a [(u64, D)],
@@ -270,8 +311,29 @@ pub(super) fn encode_pages<'a, D: AsRef<[u8]>>(
     let ascending = pages.windows(2).all(|w| w[0].0 < w[1].0);
     let mut seen = HashSet::with_capacity(if ascending { 0 } else { pages.len() });
     let mut previous = 0i64;
-    for (gpa, data) in pages {
-        let data = data.as_ref();
+    for (gpa, page) in pages {
+        let Some(data) = page.contents() else {
+            // Known unchanged: the cache must hold it.
+            let number = (gpa / PAGE_SIZE as u64) as i64;
+            match cache.get(*gpa) {
+                Some((_, crc))
+                    if gpa % PAGE_SIZE as u64 == 0 && (ascending || seen.insert(*gpa)) =>
+                {
+                    put_varint(&mut block, zigzag(number.wrapping_sub(previous)));
+                    previous = number;
+                    block.push(KIND_SAME);
+                    block.extend_from_slice(&crc.to_le_bytes());
+                    stats.same += 1;
+                    updates.push(PageUpdate::Same(*gpa));
+                }
+                _ => {
+                    e.error.get_or_insert_with(|| {
+                        format!("page {gpa:#x} is sent as unchanged, but the page cache has no copy of it (or it is not aligned, or appears twice)")
+                    });
+                }
+            }
+            continue;
+        };
         if data.len() != PAGE_SIZE
             || gpa % PAGE_SIZE as u64 != 0
             || (!ascending && !seen.insert(*gpa))

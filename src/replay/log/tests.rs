@@ -646,6 +646,45 @@ fn sync_points_from_borrowed_pages_are_the_same_bytes_as_from_records() {
         assert_eq!(from_slices.page_stats(), from_records.page_stats());
     }
     assert_eq!(from_slices.into_inner(), from_records.into_inner());
+    // Pages the caller found unchanged (holds_page) need no copy and give
+    // the same bytes; one the cache does not hold is refused, writing
+    // nothing.
+    let mut with_copies = LogWriter::new(Vec::new(), &h).unwrap();
+    let mut without = LogWriter::new(Vec::new(), &h).unwrap();
+    let cpu = CpuStateBytes::default();
+    for (landmark, word) in [(2, 1), (3, 1), (4, 2)] {
+        let pages = noisy_pages(4, word);
+        let marked: Vec<(u64, SyncPage)> = pages
+            .iter()
+            .map(|(gpa, data)| {
+                let page = if without.holds_page(*gpa, data) {
+                    SyncPage::Unchanged
+                } else {
+                    SyncPage::Contents(data)
+                };
+                (*gpa, page)
+            })
+            .collect();
+        assert_eq!(
+            marked
+                .iter()
+                .filter(|(_, p)| matches!(p, SyncPage::Unchanged))
+                .count(),
+            if landmark == 3 { 4 } else { 0 }
+        );
+        without
+            .append_sync_point(landmark, &cpu, &[], &marked)
+            .unwrap();
+        with_copies.append(&sync_point(landmark, pages)).unwrap();
+    }
+    let before = without.written();
+    let uncached = [(0x40_0000u64, SyncPage::Unchanged)];
+    let err = without
+        .append_sync_point(5, &cpu, &[], &uncached)
+        .unwrap_err();
+    assert!(err.to_string().contains("has no copy of it"), "{err}");
+    assert_eq!(without.written(), before);
+    assert_eq!(without.into_inner(), with_copies.into_inner());
     // A page listed twice is refused in any order.
     let mut w = LogWriter::new(Vec::new(), &h).unwrap();
     let page = vec![1u8; PAGE_SIZE];
