@@ -15,7 +15,7 @@ use super::replay::{record, replay, RecordArgs, ReplayArgs};
 use super::run::{boot_and_run, describe, print_stats, RunArgs};
 use crate::ft::drill::{run_local, DrillKind, LocalOptions};
 use crate::guests::BUILTIN_PREFIX;
-use crate::replay::engine::{Ending, DEFAULT_TICK_DEFERRAL};
+use crate::replay::engine::{Ending, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_TICK_DEFERRAL};
 
 fn guest_args(name: &str, serial: &str) -> RunArgs {
     RunArgs {
@@ -87,6 +87,7 @@ pub fn demo() -> Result<ExitCode> {
         trace_landmarks: false,
         max_log_size: None,
         page_cache: 64 << 20,
+        hot_pages: DEFAULT_HOT_PAGE_BUDGET,
         run: guest_args("storm", &path_str(&recorded_console)),
     })?;
     if code != ExitCode::SUCCESS {
@@ -122,6 +123,7 @@ pub fn demo() -> Result<ExitCode> {
         trace_landmarks: false,
         max_log_size: None,
         page_cache: 64 << 20,
+        hot_pages: DEFAULT_HOT_PAGE_BUDGET,
         run: guest_args("rdtscuser", &path_str(&dir.0.join("r1.txt"))),
     })?;
     match replay(&ReplayArgs {

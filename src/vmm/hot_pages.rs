@@ -31,7 +31,9 @@
 //! their period go first. Budget 0 re-protects every page at every
 //! harvest, as KVM does by itself without manual protection.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet};
 
 /// Harvests a page is first kept.
 pub const BASE_PERIOD: u32 = 8;
@@ -172,7 +174,7 @@ impl HotPages {
     /// (never the case while the caller reports every set bit and resets
     /// this policy whenever dirty logging restarts).
     fn drop_unreported(&mut self, dirty: &[u64]) {
-        let reported: std::collections::HashSet<u64> = dirty.iter().copied().collect();
+        let reported: FxHashSet<u64> = dirty.iter().copied().collect();
         let gone: Vec<u64> = self
             .kept
             .keys()

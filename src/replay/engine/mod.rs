@@ -284,8 +284,13 @@ const MAX_HELD_SERIAL_INPUT: usize = 4096;
 /// fewer sync points").
 pub const DEFAULT_TICK_DEFERRAL: Duration = Duration::ZERO;
 
-/// The default [`RecordSettings::hot_page_budget`], in pages.
+/// The default [`RecordSettings::hot_page_budget`], in pages (chosen by the
+/// sweep in docs/benchmarks.md, "sync-point cost").
 pub const DEFAULT_HOT_PAGE_BUDGET: usize = 2048;
+
+/// The largest hot-page budget `twinvm record --hot-pages` takes (256 MiB
+/// of guest memory): every kept page is carried by every sync point.
+pub const MAX_HOT_PAGE_BUDGET: usize = 65_536;
 
 /// Settings of a recording.
 #[derive(Debug, Clone, Copy)]
@@ -474,6 +479,9 @@ pub struct Engine {
     settings: RecordSettings,
     since_sync: DirtyPages,
     since_digest: DirtyPages,
+    /// The contents of a sync point's pages, read here one after the other
+    /// and kept between sync points (sync.rs).
+    sync_pages: Vec<u8>,
     log_room: log_limit::LogRoom,
     last_harvest: Instant,
     /// A kick let the guest run on with only a timer tick owed: kick again
@@ -540,6 +548,7 @@ impl Engine {
             settings,
             since_sync: DirtyPages::default(),
             since_digest: DirtyPages::default(),
+            sync_pages: Vec::new(),
             log_room: log_limit::LogRoom::default(),
             last_harvest: now,
             deferred_until: None,

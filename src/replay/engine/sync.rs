@@ -9,9 +9,14 @@ use vm_memory::Bytes;
 use super::landmark::hex;
 use super::{Engine, Role, RunError};
 use crate::replay::digest::{self, LandmarkKind, MemoryHash};
-use crate::replay::log::{PageHash, Record, StateDigest, PAGE_SIZE};
+use crate::replay::log::{PageHash, Record, StateDigest, SyncPage, PAGE_SIZE};
 use crate::vmm::layout;
 use crate::vmm::vm::{GuestWrite, Vm};
+
+/// Pages of contents the sync-point buffer keeps between sync points
+/// (8 MiB, the default hot-page budget's worth), so a steady recording
+/// reuses it.
+const MAX_KEPT_SYNC_PAGES: usize = 2048;
 
 /// The whole-memory hash of a freshly built VM.
 pub(super) fn memory_hash_of(vm: &Vm) -> MemoryHash {
@@ -39,26 +44,70 @@ impl Engine {
         let cpu = self.vm.cpu_state()?;
         self.vm
             .collect_dirty_pages(&mut [&mut self.since_sync, &mut self.since_digest])?;
-        let mut pages = Vec::new();
-        for gpa in self.since_sync.take() {
-            let mut data = vec![0u8; PAGE_SIZE];
+        // Each page is read into one reused buffer and compared with the
+        // log's page cache right away; only changed pages keep their copy
+        // (no allocation, zeroing and freeing of a page each, and an
+        // unchanged page is read once: docs/benchmarks.md, "sync-point
+        // cost").
+        let Role::Record(rec) = &self.role else {
+            return Ok(true);
+        };
+        let gpas = self.since_sync.take();
+        let mut contents = std::mem::take(&mut self.sync_pages);
+        // Slot i holds the i-th changed page; the slot after the last is
+        // where the next page is read.
+        let mut read: Vec<(u64, Option<usize>)> = Vec::with_capacity(gpas.len());
+        let mut changed = 0;
+        for gpa in gpas {
+            let at = changed * PAGE_SIZE;
+            if contents.len() < at + PAGE_SIZE {
+                contents.resize(at + PAGE_SIZE, 0);
+            }
+            let slot = &mut contents[at..at + PAGE_SIZE];
             if self
                 .vm
                 .mem
-                .read_slice(&mut data, vm_memory::GuestAddress(gpa))
-                .is_ok()
+                .read_slice(slot, vm_memory::GuestAddress(gpa))
+                .is_err()
             {
-                pages.push((gpa, data));
+                continue;
+            }
+            if rec.log.holds_page(gpa, slot) {
+                read.push((gpa, None));
+            } else {
+                read.push((gpa, Some(changed)));
+                changed += 1;
             }
         }
+        let pages: Vec<(u64, SyncPage)> = read
+            .iter()
+            .map(|&(gpa, slot)| {
+                let page = match slot {
+                    Some(i) => SyncPage::Contents(&contents[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]),
+                    None => SyncPage::Unchanged,
+                };
+                (gpa, page)
+            })
+            .collect();
         let page_count = pages.len() as u64;
         let before = self.log_bytes_written();
-        match self.log(Record::SyncPoint {
-            landmark: self.landmark,
-            cpu: Box::new(cpu.clone()),
-            vmm_state: self.syscall_fix.save(),
-            pages,
-        }) {
+        let vmm_state = self.syscall_fix.save();
+        let logged = match &mut self.role {
+            Role::Record(rec) => {
+                tracing::trace!(landmark = self.landmark, kind = "sync-point", "log");
+                rec.log
+                    .append_sync_point(self.landmark, &cpu, &vmm_state, &pages)
+                    .map_err(RunError::LogWrite)
+            }
+            _ => Ok(()),
+        };
+        drop(pages);
+        // A sync point of all of a large guest's memory does not keep its
+        // buffer.
+        contents.truncate(MAX_KEPT_SYNC_PAGES * PAGE_SIZE);
+        contents.shrink_to(MAX_KEPT_SYNC_PAGES * PAGE_SIZE);
+        self.sync_pages = contents;
+        match logged {
             Err(RunError::LogWrite(e))
                 if e.kind() == std::io::ErrorKind::StorageFull
                     && self.settings.max_log_bytes.is_some() =>

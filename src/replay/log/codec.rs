@@ -3,7 +3,7 @@
 use std::io::{self, Write};
 
 use super::cpu_state::{EncodedState, StateDecoder, StateEncoder, XSAVE_BYTES};
-use super::pages::{encode_pages, PageCache, PageDecoder, PageStats, PageUpdate};
+use super::pages::{encode_pages, PageCache, PageContents, PageDecoder, PageStats, PageUpdate};
 use super::*;
 
 /// Little-endian payload builder. A field too long for its u32 length
@@ -284,10 +284,10 @@ pub(super) struct EncodedRecord<'r> {
 
 /// A sync point's vCPU and VMM state (encoded by the writer against its
 /// base) and (some of) its pages.
-pub(super) fn encode_sync_point<'r>(
+pub(super) fn encode_sync_point<'r, D: PageContents>(
     landmark: u64,
     state: EncodedState,
-    pages: &'r [(u64, Vec<u8>)],
+    pages: &'r [(u64, D)],
     cache: &PageCache,
     stats: &mut PageStats,
 ) -> Result<EncodedRecord<'r>, String> {
@@ -304,9 +304,9 @@ pub(super) fn encode_sync_point<'r>(
 }
 
 /// Pages of a sync point that did not fit in its record.
-pub(super) fn encode_sync_pages<'r>(
+pub(super) fn encode_sync_pages<'r, D: PageContents>(
     landmark: u64,
-    pages: &'r [(u64, Vec<u8>)],
+    pages: &'r [(u64, D)],
     cache: &PageCache,
     stats: &mut PageStats,
 ) -> Result<EncodedRecord<'r>, String> {

@@ -41,6 +41,15 @@ pub(super) fn read_varint(d: &mut Dec) -> Result<u64, String> {
 /// length if none), a word at a time over equal stretches.
 fn next_difference(base: &[u8], new: &[u8], mut pos: usize) -> usize {
     let n = base.len();
+    // 32 bytes a step over long equal stretches (a page mostly unchanged).
+    while pos + 32 <= n {
+        let a: &[u8; 32] = base[pos..pos + 32].try_into().unwrap();
+        let b: &[u8; 32] = new[pos..pos + 32].try_into().unwrap();
+        if a != b {
+            break;
+        }
+        pos += 32;
+    }
     while pos + 8 <= n {
         let a = u64::from_le_bytes(base[pos..pos + 8].try_into().unwrap());
         let b = u64::from_le_bytes(new[pos..pos + 8].try_into().unwrap());

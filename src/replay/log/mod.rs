@@ -23,7 +23,9 @@ use codec::{
 use cpu_state::StateEncoder;
 pub use cpu_state::StateStats;
 use pages::{commit_pages, PageCache};
-pub use pages::{PageStats, DEFAULT_PAGE_CACHE_PAGES, MAX_PAGE_CACHE_PAGES};
+pub use pages::{
+    PageContents, PageStats, SyncPage, DEFAULT_PAGE_CACHE_PAGES, MAX_PAGE_CACHE_PAGES,
+};
 pub use stream::RecordDecoder;
 
 /// First bytes of every log.
@@ -452,42 +454,87 @@ impl<W: Write> LogWriter<W> {
     /// With a limit set, a record that does not fit whole is refused before
     /// any of its frames is written.
     pub fn append(&mut self, record: &Record) -> io::Result<()> {
+        if let Record::SyncPoint {
+            landmark,
+            cpu,
+            vmm_state,
+            pages,
+        } = record
+        {
+            return self.append_sync_point(*landmark, cpu, vmm_state, pages);
+        }
+        let mut stats = PageStats::default();
+        let frame =
+            encode_record(record, &self.pages, &self.states, &mut stats).map_err(invalid_record)?;
+        let carries_pages = matches!(record, Record::SyncPages { .. });
+        self.write_frames(
+            record.kind_name(),
+            record.landmark(),
+            vec![frame],
+            carries_pages.then_some(stats),
+        )
+    }
+
+    /// Append a sync point, as `append(&Record::SyncPoint { .. })` does
+    /// (the same bytes), from pages the caller holds in any buffers (a
+    /// recording reads them into one reused buffer instead of a `Vec` per
+    /// page).
+    pub fn append_sync_point<D: PageContents>(
+        &mut self,
+        landmark: u64,
+        cpu: &CpuStateBytes,
+        vmm_state: &[u8],
+        pages: &[(u64, D)],
+    ) -> io::Result<()> {
+        // Every chunk is sent against the cache as it was before the sync
+        // point, so no page may come twice (ascending pages, as sync points
+        // list them, cannot).
+        if !pages.windows(2).all(|w| w[0].0 < w[1].0) {
+            let mut seen = std::collections::HashSet::with_capacity(pages.len());
+            if let Some((gpa, _)) = pages.iter().find(|(gpa, _)| !seen.insert(*gpa)) {
+                return Err(invalid_record(format!(
+                    "page {gpa:#x} appears twice in the sync point of landmark {landmark}"
+                )));
+            }
+        }
         let mut frames = Vec::new();
         let mut stats = PageStats::default();
-        match record {
-            Record::SyncPoint {
-                landmark,
-                cpu,
-                vmm_state,
-                pages,
-            } => {
-                // Every chunk is sent against the cache as it was before the
-                // sync point, so no page may come twice.
-                let mut seen = std::collections::HashSet::with_capacity(pages.len());
-                if let Some((gpa, _)) = pages.iter().find(|(gpa, _)| !seen.insert(*gpa)) {
-                    return Err(invalid_record(format!(
-                        "page {gpa:#x} appears twice in the sync point of landmark {landmark}"
-                    )));
-                }
-                let split = pages.len().saturating_sub(MAX_PAGES_PER_RECORD);
-                let (head, last) = pages.split_at(split);
-                for chunk in head.chunks(MAX_PAGES_PER_RECORD) {
-                    frames.push(
-                        encode_sync_pages(*landmark, chunk, &self.pages, &mut stats)
-                            .map_err(invalid_record)?,
-                    );
-                }
-                let state = self.states.encode(cpu, vmm_state).map_err(invalid_record)?;
-                frames.push(
-                    encode_sync_point(*landmark, state, last, &self.pages, &mut stats)
-                        .map_err(invalid_record)?,
-                );
-            }
-            _ => frames.push(
-                encode_record(record, &self.pages, &self.states, &mut stats)
+        let split = pages.len().saturating_sub(MAX_PAGES_PER_RECORD);
+        let (head, last) = pages.split_at(split);
+        for chunk in head.chunks(MAX_PAGES_PER_RECORD) {
+            frames.push(
+                encode_sync_pages(landmark, chunk, &self.pages, &mut stats)
                     .map_err(invalid_record)?,
-            ),
+            );
         }
+        let state = self.states.encode(cpu, vmm_state).map_err(invalid_record)?;
+        frames.push(
+            encode_sync_point(landmark, state, last, &self.pages, &mut stats)
+                .map_err(invalid_record)?,
+        );
+        self.write_frames("sync-point", landmark, frames, Some(stats))?;
+        self.pages.trim();
+        Ok(())
+    }
+
+    /// Whether the page cache holds `data` as the last version of `gpa`
+    /// this log carried: such a page may be handed to
+    /// [`LogWriter::append_sync_point`] as [`SyncPage::Unchanged`] (until
+    /// that sync point is appended), without keeping a copy.
+    pub fn holds_page(&self, gpa: u64, data: &[u8]) -> bool {
+        self.pages.holds(gpa, data)
+    }
+
+    /// Write a record's frames whole or not at all (the size limit), and
+    /// apply what they change in the page cache and state base; `pages`:
+    /// how the pages of a record that carries some travelled.
+    fn write_frames(
+        &mut self,
+        kind_name: &str,
+        landmark: u64,
+        frames: Vec<codec::EncodedRecord<'_>>,
+        pages: Option<PageStats>,
+    ) -> io::Result<()> {
         if let Some(limit) = self.limit {
             let size: u64 = frames
                 .iter()
@@ -497,15 +544,12 @@ impl<W: Write> LogWriter<W> {
                 return Err(io::Error::new(
                     io::ErrorKind::StorageFull,
                     format!(
-                        "the log reached its size limit of {limit} bytes: the {} record of landmark {} ({size} bytes) does not fit after {} bytes",
-                        record.kind_name(),
-                        record.landmark(),
+                        "the log reached its size limit of {limit} bytes: the {kind_name} record of landmark {landmark} ({size} bytes) does not fit after {} bytes",
                         self.bytes
                     ),
                 ));
             }
         }
-        let carries_pages = matches!(record, Record::SyncPoint { .. } | Record::SyncPages { .. });
         for frame in frames {
             self.bytes += write_frame(&mut self.out, frame.kind, &frame.payload)?;
             self.records += 1;
@@ -516,15 +560,12 @@ impl<W: Write> LogWriter<W> {
                 self.states.commit(state);
             }
         }
-        if carries_pages {
+        if let Some(stats) = pages {
             self.pages_sent = true;
             self.page_stats.full += stats.full;
             self.page_stats.zero += stats.zero;
             self.page_stats.same += stats.same;
             self.page_stats.delta += stats.delta;
-        }
-        if matches!(record, Record::SyncPoint { .. }) {
-            self.pages.trim();
         }
         Ok(())
     }

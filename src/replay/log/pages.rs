@@ -16,7 +16,9 @@
 //! "unchanged" page names its base by CRC-32: a cache out of step is an
 //! error naming the page, never a wrong page.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashSet, VecDeque};
+
+use rustc_hash::FxHashMap;
 
 use super::codec::{Dec, Enc};
 use super::delta::{apply_runs, encode_runs, put_varint, read_varint};
@@ -54,8 +56,13 @@ struct Entry {
 /// The last version of each recently carried page, least recently carried
 /// evicted first beyond its capacity; see the module comment.
 pub struct PageCache {
-    entries: HashMap<u64, Entry>,
-    by_stamp: BTreeMap<u64, u64>,
+    entries: FxHashMap<u64, Entry>,
+    /// (stamp, page) in stamp order, oldest first; an item whose stamp is
+    /// no longer its page's (carried again since, or evicted) is stale and
+    /// skipped. Cheaper than an ordered map: a sync point touches every
+    /// page it carries (docs/benchmarks.md, "sync-point cost"), and the
+    /// eviction order is the same.
+    by_stamp: VecDeque<(u64, u64)>,
     next_stamp: u64,
     capacity: usize,
     /// Entries holding contents (not zero pages).
@@ -87,8 +94,8 @@ fn zero_crc() -> u32 {
 impl PageCache {
     pub fn new(capacity: u32) -> Self {
         PageCache {
-            entries: HashMap::new(),
-            by_stamp: BTreeMap::new(),
+            entries: FxHashMap::default(),
+            by_stamp: VecDeque::new(),
             next_stamp: 0,
             capacity: capacity as usize,
             data_pages: 0,
@@ -107,32 +114,40 @@ impl PageCache {
         )
     }
 
-    fn crc(&self, gpa: u64) -> Option<u32> {
-        self.entries.get(&gpa).map(|e| e.crc)
-    }
-
-    /// The cached contents of `gpa` (None when not cached), without copying
-    /// a zero page.
-    fn contents(&self, gpa: u64) -> Option<&[u8]> {
+    /// The cached contents of `gpa` and their CRC (None when not cached),
+    /// without copying a zero page.
+    fn get(&self, gpa: u64) -> Option<(&[u8], u32)> {
         const ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
-        self.entries.get(&gpa).map(|e| match &e.page {
-            Cached::Zero => &ZERO[..],
-            Cached::Data(bytes) => &bytes[..],
+        self.entries.get(&gpa).map(|e| {
+            let bytes = match &e.page {
+                Cached::Zero => &ZERO[..],
+                Cached::Data(bytes) => &bytes[..],
+            };
+            (bytes, e.crc)
         })
     }
 
-    fn stamp(&mut self) -> u64 {
+    /// A new stamp for `gpa`, queued; the queue is compacted when stale
+    /// items outnumber live ones, so it stays within twice the entries.
+    fn stamp(&mut self, gpa: u64) -> u64 {
+        // Before queueing the new item: its page's stamp is set after.
+        if self.by_stamp.len() > 2 * self.entries.len() + 64 {
+            let entries = &self.entries;
+            self.by_stamp
+                .retain(|(stamp, gpa)| entries.get(gpa).is_some_and(|e| e.stamp == *stamp));
+        }
         self.next_stamp += 1;
+        self.by_stamp.push_back((self.next_stamp, gpa));
         self.next_stamp
     }
 
     /// The page was carried again, unchanged.
     fn touch(&mut self, gpa: u64) {
-        let stamp = self.stamp();
-        if let Some(e) = self.entries.get_mut(&gpa) {
-            self.by_stamp.remove(&e.stamp);
-            e.stamp = stamp;
-            self.by_stamp.insert(stamp, gpa);
+        if self.entries.contains_key(&gpa) {
+            let stamp = self.stamp(gpa);
+            if let Some(e) = self.entries.get_mut(&gpa) {
+                e.stamp = stamp;
+            }
         }
     }
 
@@ -141,38 +156,42 @@ impl PageCache {
         if self.capacity == 0 {
             return;
         }
-        let stamp = self.stamp();
-        let (page, crc) = if all_zero(data) {
-            (Cached::Zero, zero_crc())
+        let zero = all_zero(data);
+        let crc = if zero {
+            zero_crc()
         } else {
-            let mut bytes = match self.entries.remove(&gpa) {
-                // Reuse the old buffer.
-                Some(Entry {
-                    page: Cached::Data(b),
-                    stamp: old_stamp,
-                    ..
-                }) => {
-                    self.by_stamp.remove(&old_stamp);
-                    self.data_pages -= 1;
-                    b
-                }
-                Some(old) => {
-                    self.by_stamp.remove(&old.stamp);
-                    Box::new([0u8; PAGE_SIZE])
-                }
-                None => Box::new([0u8; PAGE_SIZE]),
-            };
-            bytes.copy_from_slice(data);
-            self.data_pages += 1;
-            (Cached::Data(bytes), crc32fast::hash(data))
+            crc32fast::hash(data)
         };
-        if let Some(old) = self.entries.insert(gpa, Entry { page, crc, stamp }) {
-            self.by_stamp.remove(&old.stamp);
-            if matches!(old.page, Cached::Data(_)) {
-                self.data_pages -= 1;
+        let stamp = self.stamp(gpa);
+        if let Some(e) = self.entries.get_mut(&gpa) {
+            e.stamp = stamp;
+            e.crc = crc;
+            match (&mut e.page, zero) {
+                (Cached::Data(bytes), false) => bytes.copy_from_slice(data),
+                (Cached::Data(_), true) => {
+                    e.page = Cached::Zero;
+                    self.data_pages -= 1;
+                }
+                (Cached::Zero, false) => {
+                    e.page = Cached::Data(boxed_page(data));
+                    self.data_pages += 1;
+                }
+                (Cached::Zero, true) => {}
             }
+            return;
         }
-        self.by_stamp.insert(stamp, gpa);
+        let page = if zero {
+            Cached::Zero
+        } else {
+            self.data_pages += 1;
+            Cached::Data(boxed_page(data))
+        };
+        self.entries.insert(gpa, Entry { page, crc, stamp });
+    }
+
+    /// Whether the cache holds `data` as the page's last version.
+    pub(super) fn holds(&self, gpa: u64, data: &[u8]) -> bool {
+        self.get(gpa).is_some_and(|(held, _)| held == data)
     }
 
     /// Evict the least recently carried pages down to the capacity. Done
@@ -180,14 +199,58 @@ impl PageCache {
     /// into (a later one may need a base an earlier one would evict).
     pub(super) fn trim(&mut self) {
         while self.entries.len() > self.capacity {
-            let Some((_, victim)) = self.by_stamp.pop_first() else {
+            let Some((stamp, victim)) = self.by_stamp.pop_front() else {
                 break;
             };
-            if let Some(old) = self.entries.remove(&victim) {
-                if matches!(old.page, Cached::Data(_)) {
-                    self.data_pages -= 1;
+            if self.entries.get(&victim).is_some_and(|e| e.stamp == stamp) {
+                if let Some(old) = self.entries.remove(&victim) {
+                    if matches!(old.page, Cached::Data(_)) {
+                        self.data_pages -= 1;
+                    }
                 }
             }
+        }
+    }
+}
+
+fn boxed_page(data: &[u8]) -> Box<[u8; PAGE_SIZE]> {
+    let mut bytes = Box::new([0u8; PAGE_SIZE]);
+    bytes.copy_from_slice(data);
+    bytes
+}
+
+/// A sync-point page as a writer is handed it: its contents, or
+/// "unchanged": the caller found it equal to the version the page cache
+/// holds ([`super::LogWriter::holds_page`]) and need not keep a copy.
+#[derive(Debug, Clone, Copy)]
+pub enum SyncPage<'a> {
+    Unchanged,
+    Contents(&'a [u8]),
+}
+
+/// A page's contents as [`encode_pages`] takes them: None for a page known
+/// to be unchanged.
+pub trait PageContents {
+    fn contents(&self) -> Option<&[u8]>;
+}
+
+impl PageContents for Vec<u8> {
+    fn contents(&self) -> Option<&[u8]> {
+        Some(self)
+    }
+}
+
+impl PageContents for &[u8] {
+    fn contents(&self) -> Option<&[u8]> {
+        Some(self)
+    }
+}
+
+impl PageContents for SyncPage<'_> {
+    fn contents(&self) -> Option<&[u8]> {
+        match self {
+            SyncPage::Unchanged => None,
+            SyncPage::Contents(data) => Some(data),
         }
     }
 }
@@ -226,10 +289,10 @@ fn unzigzag(v: u64) -> i64 {
 /// capacity in pages, then one packed field with an entry per page (see
 /// docs/log-format.md). The cache is not changed; the returned updates are
 /// for [`commit_pages`] once the record is written.
-pub(super) fn encode_pages<'a>(
+pub(super) fn encode_pages<'a, D: PageContents>(
     e: &mut Enc,
     cache: &PageCache,
-    pages: &'a [(u64, Vec<u8>)],
+    pages: &'a [(u64, D)],
     stats: &mut PageStats,
 ) -> Vec<PageUpdate<'a>> {
     if pages.len() > MAX_PAGES_PER_RECORD {
@@ -240,12 +303,41 @@ pub(super) fn encode_pages<'a>(
             )
         });
     }
-    let mut block = Vec::new();
+    // Room for a few deltas' worth per page without regrowing.
+    let mut block = Vec::with_capacity(pages.len() * 64);
     let mut updates = Vec::with_capacity(pages.len());
-    let mut seen = HashSet::with_capacity(pages.len());
+    // Ascending pages (as sync points list them) cannot repeat; any other
+    // order is checked with a set.
+    let ascending = pages.windows(2).all(|w| w[0].0 < w[1].0);
+    let mut seen = HashSet::with_capacity(if ascending { 0 } else { pages.len() });
     let mut previous = 0i64;
-    for (gpa, data) in pages {
-        if data.len() != PAGE_SIZE || gpa % PAGE_SIZE as u64 != 0 || !seen.insert(*gpa) {
+    for (gpa, page) in pages {
+        let Some(data) = page.contents() else {
+            // Known unchanged: the cache must hold it.
+            let number = (gpa / PAGE_SIZE as u64) as i64;
+            match cache.get(*gpa) {
+                Some((_, crc))
+                    if gpa % PAGE_SIZE as u64 == 0 && (ascending || seen.insert(*gpa)) =>
+                {
+                    put_varint(&mut block, zigzag(number.wrapping_sub(previous)));
+                    previous = number;
+                    block.push(KIND_SAME);
+                    block.extend_from_slice(&crc.to_le_bytes());
+                    stats.same += 1;
+                    updates.push(PageUpdate::Same(*gpa));
+                }
+                _ => {
+                    e.error.get_or_insert_with(|| {
+                        format!("page {gpa:#x} is sent as unchanged, but the page cache has no copy of it (or it is not aligned, or appears twice)")
+                    });
+                }
+            }
+            continue;
+        };
+        if data.len() != PAGE_SIZE
+            || gpa % PAGE_SIZE as u64 != 0
+            || (!ascending && !seen.insert(*gpa))
+        {
             e.error.get_or_insert_with(|| {
                 format!(
                     "page {gpa:#x} of {} bytes is not one aligned page, or appears twice",
@@ -257,9 +349,8 @@ pub(super) fn encode_pages<'a>(
         let number = (gpa / PAGE_SIZE as u64) as i64;
         put_varint(&mut block, zigzag(number.wrapping_sub(previous)));
         previous = number;
-        let cached = cache.contents(*gpa).zip(cache.crc(*gpa));
-        match cached {
-            Some((base, crc)) if base == &data[..] => {
+        match cache.get(*gpa) {
+            Some((base, crc)) if base == data => {
                 block.push(KIND_SAME);
                 block.extend_from_slice(&crc.to_le_bytes());
                 stats.same += 1;
@@ -399,13 +490,14 @@ impl PageDecoder {
                 KIND_ZERO => vec![0u8; PAGE_SIZE],
                 KIND_SAME | KIND_XOR => {
                     let crc = b.u32()?;
-                    let base = match (cache.contents(gpa), cache.crc(gpa)) {
-                        (Some(base), Some(held)) if held == crc => base,
-                        (_, held) => {
+                    let held = cache.get(gpa);
+                    let base = match held {
+                        Some((base, held)) if held == crc => base,
+                        _ => {
                             return Err(format!(
                                 "page {gpa:#x} is sent against a base with CRC {crc:#010x}, but this reader holds {}: the page caches are out of step",
                                 match held {
-                                    Some(h) => format!("CRC {h:#010x}"),
+                                    Some((_, h)) => format!("CRC {h:#010x}"),
                                     None => "no copy of it".to_string(),
                                 }
                             ))

@@ -275,3 +275,39 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// The cache evicts exactly what a plain least-recently-carried list
+    /// would, however often pages are carried again (its stamp queue is
+    /// compacted along the way).
+    #[test]
+    fn eviction_is_least_recently_carried_first(
+        capacity in 1u32..6,
+        ops in prop::collection::vec((0u64..10, any::<bool>(), any::<bool>()), 1..400),
+    ) {
+        let mut cache = PageCache::new(capacity);
+        // Most recently carried last.
+        let mut model: Vec<u64> = Vec::new();
+        for (number, stored, end_of_sync_point) in ops {
+            let gpa = number * PAGE_SIZE as u64;
+            let held = cache.get(gpa).is_some();
+            if stored || !held {
+                cache.store(gpa, &page(number as u8));
+            } else {
+                cache.touch(gpa);
+            }
+            model.retain(|&g| g != gpa);
+            model.push(gpa);
+            if end_of_sync_point {
+                cache.trim();
+                let excess = model.len().saturating_sub(capacity as usize);
+                model.drain(..excess);
+            }
+            for &g in &model {
+                prop_assert!(cache.get(g).is_some(), "{:#x} evicted early", g);
+            }
+            prop_assert_eq!(cache.entries.len(), model.len());
+            prop_assert!(cache.by_stamp.len() <= 2 * cache.entries.len() + 65);
+        }
+    }
+}

@@ -608,3 +608,89 @@ fn version_4_sync_points_still_read() {
         assert_eq!(pages, &vec![(PAGE_SIZE as u64, vec![0; PAGE_SIZE])]);
     }
 }
+
+#[test]
+fn sync_points_from_borrowed_pages_are_the_same_bytes_as_from_records() {
+    let h = LogHeader {
+        mem_bytes: 1 << 30,
+        ..header()
+    };
+    let mut from_records = LogWriter::new(Vec::new(), &h).unwrap();
+    let mut from_slices = LogWriter::new(Vec::new(), &h).unwrap();
+    // Whole, then deltas, unchanged and zero pages; the last one split.
+    let rounds = [
+        noisy_pages(5, 1),
+        noisy_pages(7, 2),
+        noisy_pages(7, 2),
+        vec![(0x2000, vec![0; PAGE_SIZE]), (0x9000, vec![3; PAGE_SIZE])],
+        noisy_pages(MAX_PAGES_PER_RECORD + 2, 5),
+    ];
+    for (i, pages) in rounds.into_iter().enumerate() {
+        let landmark = 2 + i as u64;
+        let cpu = CpuStateBytes {
+            regs: vec![i as u8; 144],
+            ..CpuStateBytes::default()
+        };
+        let borrowed: Vec<(u64, &[u8])> = pages.iter().map(|(g, d)| (*g, &d[..])).collect();
+        from_slices
+            .append_sync_point(landmark, &cpu, &[i as u8], &borrowed)
+            .unwrap();
+        from_records
+            .append(&Record::SyncPoint {
+                landmark,
+                cpu: Box::new(cpu),
+                vmm_state: vec![i as u8],
+                pages,
+            })
+            .unwrap();
+        assert_eq!(from_slices.page_stats(), from_records.page_stats());
+    }
+    assert_eq!(from_slices.into_inner(), from_records.into_inner());
+    // Pages the caller found unchanged (holds_page) need no copy and give
+    // the same bytes; one the cache does not hold is refused, writing
+    // nothing.
+    let mut with_copies = LogWriter::new(Vec::new(), &h).unwrap();
+    let mut without = LogWriter::new(Vec::new(), &h).unwrap();
+    let cpu = CpuStateBytes::default();
+    for (landmark, word) in [(2, 1), (3, 1), (4, 2)] {
+        let pages = noisy_pages(4, word);
+        let marked: Vec<(u64, SyncPage)> = pages
+            .iter()
+            .map(|(gpa, data)| {
+                let page = if without.holds_page(*gpa, data) {
+                    SyncPage::Unchanged
+                } else {
+                    SyncPage::Contents(data)
+                };
+                (*gpa, page)
+            })
+            .collect();
+        assert_eq!(
+            marked
+                .iter()
+                .filter(|(_, p)| matches!(p, SyncPage::Unchanged))
+                .count(),
+            if landmark == 3 { 4 } else { 0 }
+        );
+        without
+            .append_sync_point(landmark, &cpu, &[], &marked)
+            .unwrap();
+        with_copies.append(&sync_point(landmark, pages)).unwrap();
+    }
+    let before = without.written();
+    let uncached = [(0x40_0000u64, SyncPage::Unchanged)];
+    let err = without
+        .append_sync_point(5, &cpu, &[], &uncached)
+        .unwrap_err();
+    assert!(err.to_string().contains("has no copy of it"), "{err}");
+    assert_eq!(without.written(), before);
+    assert_eq!(without.into_inner(), with_copies.into_inner());
+    // A page listed twice is refused in any order.
+    let mut w = LogWriter::new(Vec::new(), &h).unwrap();
+    let page = vec![1u8; PAGE_SIZE];
+    let twice: Vec<(u64, &[u8])> = vec![(0x3000, &page), (0x1000, &page), (0x3000, &page)];
+    let err = w
+        .append_sync_point(9, &CpuStateBytes::default(), &[], &twice)
+        .unwrap_err();
+    assert!(err.to_string().contains("0x3000 appears twice"), "{err}");
+}
