@@ -16,7 +16,7 @@ use super::size::parse_size;
 use crate::ft::link::LinkConfig;
 use crate::ft::node::{self, query_status, ArbiterSettings, GuestSetup, PairConfig, PairStatus};
 use crate::net::NetSpec;
-use crate::replay::engine::{TestPerturbation, DEFAULT_TICK_DEFERRAL};
+use crate::replay::engine::{TestPerturbation, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_TICK_DEFERRAL};
 
 /// Settings of a replica; flags override the `--config` file.
 #[derive(Debug, Clone, Args, Default)]
@@ -67,6 +67,10 @@ pub struct PairArgs {
     /// (see `record`; default 0 = off, up to 1000).
     #[arg(long)]
     pub tick_deferral_ms: Option<u64>,
+    /// Most guest pages the primary's recording leaves write-enabled
+    /// between dirty-log harvests (see `record --hot-pages`; default 2048).
+    #[arg(long, value_name = "PAGES", value_parser = super::replay::parse_hot_pages)]
+    pub hot_pages: Option<usize>,
     /// Guest kernel (as for `twinvm run`).
     #[arg(long)]
     pub kernel: Option<String>,
@@ -141,6 +145,7 @@ struct ConfigFile {
     host_cpu: Option<u32>,
     sync_bound_us: Option<u64>,
     tick_deferral_ms: Option<u64>,
+    hot_pages: Option<usize>,
     backup: Option<String>,
     listen: Option<String>,
     #[serde(default)]
@@ -258,6 +263,7 @@ fn resolve(
         Some(ms) => Duration::from_millis(ms),
         None => DEFAULT_TICK_DEFERRAL,
     };
+    let hot_pages = hot_pages_setting(args.hot_pages, file.hot_pages)?;
     let address = match side {
         Side::Primary => need("backup", address.map(str::to_string).or(file.backup))?,
         Side::Backup | Side::ClonedBackup => {
@@ -329,8 +335,22 @@ fn resolve(
         host_cpu: args.host_cpu.or(file.host_cpu),
         sync_bound,
         tick_deferral,
+        hot_pages,
     };
     Ok((config, guest, address))
+}
+
+/// The primary's hot-page budget: the flag (checked by clap), else the
+/// config file's `hot_pages` (checked here against the same bound), else
+/// the default.
+fn hot_pages_setting(flag: Option<usize>, file: Option<usize>) -> Result<usize> {
+    match (flag, file) {
+        (Some(pages), _) => Ok(pages),
+        (None, Some(pages)) => super::replay::parse_hot_pages(&pages.to_string())
+            .map_err(anyhow::Error::msg)
+            .context("`hot_pages` in --config"),
+        (None, None) => Ok(DEFAULT_HOT_PAGE_BUDGET),
+    }
 }
 
 fn hostname() -> String {
@@ -476,6 +496,25 @@ mod tests {
         assert_eq!(ok.guest.mem.as_deref(), Some("64M"));
         let ok: ConfigFile = toml::from_str("tick_deferral_ms = 0\n").unwrap();
         assert_eq!(ok.tick_deferral_ms, Some(0));
+    }
+
+    #[test]
+    fn the_hot_page_budget_comes_from_the_flag_the_file_or_the_default() {
+        let file: ConfigFile = toml::from_str("hot_pages = 512\n").unwrap();
+        assert_eq!(hot_pages_setting(None, file.hot_pages).unwrap(), 512);
+        assert_eq!(hot_pages_setting(Some(0), file.hot_pages).unwrap(), 0);
+        assert_eq!(
+            hot_pages_setting(None, None).unwrap(),
+            DEFAULT_HOT_PAGE_BUDGET
+        );
+        let err = format!("{:#}", hot_pages_setting(None, Some(1 << 20)).unwrap_err());
+        assert!(err.contains("hot_pages") && err.contains("65536"), "{err}");
+        let argv = ["twinvm", "primary", "--hot-pages", "lots"];
+        let err = <crate::cli::Cli as clap::Parser>::try_parse_from(argv)
+            .err()
+            .expect("a bad --hot-pages is refused")
+            .to_string();
+        assert!(err.contains("not a number of pages"), "{err}");
     }
 
     #[test]

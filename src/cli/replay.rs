@@ -72,7 +72,7 @@ pub struct RecordArgs {
 }
 
 /// `--hot-pages`: a page count from 0 to [`MAX_HOT_PAGE_BUDGET`].
-fn parse_hot_pages(text: &str) -> Result<usize, String> {
+pub(crate) fn parse_hot_pages(text: &str) -> Result<usize, String> {
     let pages: usize = text
         .trim()
         .parse()

@@ -79,6 +79,9 @@ pub struct PairConfig {
     /// How long a tick owed to a user-mode guest may wait (the primary's;
     /// `RecordSettings::tick_deferral`).
     pub tick_deferral: Duration,
+    /// The primary's hot-page budget (`RecordSettings::hot_page_budget`;
+    /// a backup re-protects every page whatever it says).
+    pub hot_pages: usize,
 }
 
 /// The guest both replicas run.

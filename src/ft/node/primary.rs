@@ -170,6 +170,7 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
         RecordSettings {
             sync_bound: cfg.sync_bound,
             tick_deferral: cfg.tick_deferral,
+            hot_page_budget: cfg.hot_pages,
             ..RecordSettings::default()
         },
         Some(host_cpu),

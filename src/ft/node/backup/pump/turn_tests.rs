@@ -71,6 +71,7 @@ fn established_pump() -> (BackupPump, Around) {
         host_cpu: None,
         sync_bound: Duration::from_micros(200),
         tick_deferral: Duration::from_millis(1),
+        hot_pages: 0,
     };
     let mut primary = PrimaryLink::new(
         link_config(),
