@@ -511,8 +511,7 @@ mod tests {
         assert!(err.contains("hot_pages") && err.contains("65536"), "{err}");
         let argv = ["twinvm", "primary", "--hot-pages", "lots"];
         let err = <crate::cli::Cli as clap::Parser>::try_parse_from(argv)
-            .err()
-            .expect("a bad --hot-pages is refused")
+            .unwrap_err()
             .to_string();
         assert!(err.contains("not a number of pages"), "{err}");
     }
