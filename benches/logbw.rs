@@ -30,21 +30,33 @@
 //! - `TWINVM_LOGBW_HOT_PAGES=N` the recording's hot-page budget (pages
 //!   its dirty-log harvests leave write-enabled; default: the engine's;
 //!   0 re-protects every page at every harvest, as before).
+//! - `TWINVM_LOGBW_LINUX=1` adds the opt-in Linux row (a user-space
+//!   workload in Debian's kernel: three boots, 30-60 minutes here; its own
+//!   variables in benches/logbw/linux.rs); `TWINVM_LOGBW_ROWS=Linux` runs
+//!   only it.
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
 use std::time::{Duration, Instant};
 
-use twinvm::devices::Platform;
 use twinvm::guests;
 use twinvm::replay::engine::{
-    Connections, ConsoleAndNet, Ending, Engine, ExitStats, Inputs, LogSink, RecordSettings,
-    Recorder, Role, RunReport, Stop,
+    Connections, ConsoleAndNet, Control, Ending, Engine, ExitStats, Inputs, LogSink,
+    RecordSettings, Recorder, Role, RunReport, Stop,
 };
-use twinvm::replay::log::{LogHeader, LogReader, LogWriter, PageStats, StateStats};
+use twinvm::replay::log::{LogReader, LogWriter, PageStats, StateStats};
+use twinvm::replay::machine;
 use twinvm::replay::schedule::Schedule;
-use twinvm::vmm::{sys, Kicker, Vm, VmConfig};
+use twinvm::vmm::{sys, Kicker, VmConfig};
+
+#[path = "logbw/linux.rs"]
+mod linux;
+#[path = "../tests/linux_guest/mod.rs"]
+mod linux_guest;
 
 /// One workload.
 struct Row {
@@ -171,62 +183,111 @@ fn settings() -> RecordSettings {
     settings
 }
 
-/// Run `row` in `role` with the vCPU thread on `host_cpu`; the console
-/// output comes back with the report.
-fn run(row: &Row, role: Role, host_cpu: u32) -> Result<(RunReport, Engine), String> {
-    let vm = Vm::create(&config(row)).expect("create VM");
-    let platform = Platform::new(Vec::new(), 1_700_000_000);
-    let (_tx, rx) = crossbeam_channel::bounded(1);
+/// The RTC's boot time of every run (the same in a recording and its
+/// replay).
+const BOOT_UNIX_SECS: u64 = 1_700_000_000;
+
+/// How one run is set up besides its guest and role.
+struct Setup {
+    settings: RecordSettings,
+    /// Where the guest's console goes.
+    console: Box<dyn Write + Send>,
+    /// Stop the guest after this long (the run then fails).
+    timeout: Option<Duration>,
+}
+
+impl Setup {
+    /// The memwrite and test-guest rows: the bench's settings, no console,
+    /// no timeout (they end by themselves in seconds).
+    fn quiet() -> Setup {
+        Setup {
+            settings: settings(),
+            console: Box::new(std::io::sink()),
+            timeout: None,
+        }
+    }
+}
+
+/// Run `cfg` (named `label` in messages) in `role` with the vCPU thread on
+/// `host_cpu`.
+fn run(
+    cfg: &VmConfig,
+    label: &str,
+    role: Role,
+    host_cpu: u32,
+    setup: Setup,
+) -> Result<(RunReport, Engine), String> {
+    let (vm, platform) = machine::build(cfg, BOOT_UNIX_SECS, None).expect("create VM");
+    let (control, rx) = crossbeam_channel::bounded(1);
     let inputs = Inputs {
         control: rx,
         serial: None,
         net: None,
     };
     let outputs = Box::new(ConsoleAndNet {
-        console: Box::new(std::io::sink()),
+        console: setup.console,
         net: None,
     });
+    let kicker = Kicker::new();
     let mut engine = Engine::new(
         vm,
         platform,
         Connections {
             inputs,
             outputs,
-            kicker: Kicker::new(),
+            kicker: kicker.clone(),
         },
         role,
-        settings(),
+        setup.settings,
         Some(host_cpu),
     )
     .expect("engine");
-    let report = engine.run().map_err(|e| e.to_string())?;
-    assert_ne!(
-        report.ending(),
-        Some(Ending::Stopped),
-        "{} did not finish",
-        row.label
-    );
+    // A watchdog stops the guest at the timeout; the run's end (its
+    // sender dropped) ends the watchdog.
+    let (done, finished) = crossbeam_channel::bounded::<()>(0);
+    let watchdog = setup.timeout.map(|limit| {
+        thread::spawn(move || {
+            if finished.recv_timeout(limit).is_err_and(|e| e.is_timeout()) {
+                let _ = control.try_send(Control::Stop);
+                kicker.kick();
+            }
+        })
+    });
+    let report = engine.run().map_err(|e| e.to_string());
+    drop(done);
+    if let Some(watchdog) = watchdog {
+        watchdog.join().expect("the watchdog thread");
+    }
+    let report = report?;
+    if report.ending() == Some(Ending::Stopped) {
+        return Err(format!(
+            "{label} did not finish within {:?}",
+            setup.timeout.unwrap_or_default()
+        ));
+    }
     Ok((report, engine))
 }
 
 /// A log file that refuses to grow past a bound (the write fails, so the
-/// recording stops with an error instead of filling the disk).
+/// recording stops with an error instead of filling the disk). `written`
+/// is shared: the Linux row reads it when its console markers arrive.
 struct CappedLog {
     file: BufWriter<File>,
-    written: u64,
+    written: Arc<AtomicU64>,
     cap: u64,
 }
 
 impl Write for CappedLog {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.written + buf.len() as u64 > self.cap {
+        let written = self.written.load(Ordering::Relaxed);
+        if written + buf.len() as u64 > self.cap {
             return Err(io::Error::other(format!(
                 "the log passed TWINVM_LOGBW_MAX_GB ({} bytes)",
                 self.cap
             )));
         }
         let n = self.file.write(buf)?;
-        self.written += n as u64;
+        self.written.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
 
@@ -245,30 +306,32 @@ fn log_cap() -> u64 {
         << 30
 }
 
-/// Record `row` to `path` (fsynced): the report and the wall time of the
-/// run plus the final flush and fsync.
-/// Also how its sync-point pages and vCPU states travelled (whole, as
-/// deltas, ...).
+/// What a recording gives back: its report, the wall time of the run
+/// plus the final flush and fsync, and how its sync-point pages and vCPU
+/// states travelled (whole, as deltas, ...).
+struct Recorded {
+    report: RunReport,
+    wall: Duration,
+    pages: PageStats,
+    states: StateStats,
+}
+
+/// Record `cfg` to `path` (fsynced); `written` counts the log's bytes as
+/// they go to the file.
 fn record(
-    row: &Row,
+    cfg: &VmConfig,
+    label: &str,
     path: &Path,
     host_cpu: u32,
-) -> Result<(RunReport, Duration, PageStats, StateStats), String> {
+    setup: Setup,
+    written: Arc<AtomicU64>,
+) -> Result<Recorded, String> {
     let file = File::create(path).unwrap();
     let sync = file.try_clone().unwrap();
-    let cfg = config(row);
-    let header = LogHeader {
-        kernel_hash: blake3::hash(&cfg.kernel).into(),
-        initrd_hash: None,
-        cmdline: cfg.cmdline.clone(),
-        mem_bytes: cfg.mem_bytes,
-        boot_unix_secs: 1_700_000_000,
-        host_cpu,
-        net_mac: None,
-    };
+    let header = machine::header_for(cfg, BOOT_UNIX_SECS, host_cpu, None);
     let writer: Box<dyn LogSink> = Box::new(CappedLog {
         file: BufWriter::new(file),
-        written: 0,
+        written,
         cap: log_cap(),
     });
     let mut log = LogWriter::new(writer, &header).unwrap();
@@ -279,27 +342,38 @@ fn record(
         log.set_page_cache(mib * 256).unwrap();
     }
     let recorder = Recorder { log };
-    let (report, mut engine) = run(row, Role::Record(recorder), host_cpu)?;
+    let (report, mut engine) = run(cfg, label, Role::Record(recorder), host_cpu, setup)?;
     let started = Instant::now();
     let log = &mut engine.recorder_mut().unwrap().log;
     log.flush().unwrap();
     let pages = log.page_stats();
     let states = log.state_stats();
     sync.sync_all().unwrap();
-    Ok((report, report.wall + started.elapsed(), pages, states))
+    Ok(Recorded {
+        report,
+        wall: report.wall + started.elapsed(),
+        pages,
+        states,
+    })
 }
 
 /// Replay the log at `path` to its end; it must be identical.
-fn replay(row: &Row, path: &Path, host_cpu: u32) -> RunReport {
+fn replay(
+    cfg: &VmConfig,
+    label: &str,
+    path: &Path,
+    host_cpu: u32,
+    setup: Setup,
+) -> Result<RunReport, String> {
     let input: Box<dyn Read + Send> = Box::new(BufReader::new(File::open(path).unwrap()));
     let schedule = Schedule::from_log(LogReader::new(input).unwrap());
-    let (report, _) = run(row, Role::Replay(schedule), host_cpu).expect("replay");
-    assert!(
-        matches!(report.stop, Stop::Ended { log_end: true, .. }),
-        "{}: the replay did not reach the end of the log",
-        row.label
-    );
-    report
+    let (report, _) = run(cfg, label, Role::Replay(schedule), host_cpu, setup)?;
+    if !matches!(report.stop, Stop::Ended { log_end: true, .. }) {
+        return Err(format!(
+            "{label}: the replay did not reach the end of the log"
+        ));
+    }
+    Ok(report)
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -307,13 +381,13 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-fn wanted(row: &Row) -> bool {
+fn wanted(label: &str) -> bool {
     match std::env::var("TWINVM_LOGBW_ROWS") {
         Ok(words) => words
             .split(',')
             .map(str::trim)
             .filter(|w| !w.is_empty())
-            .any(|w| row.label.contains(w)),
+            .any(|w| label.contains(w)),
         Err(_) => true,
     }
 }
@@ -358,16 +432,20 @@ fn main() {
         "cache",
         "sync us"
     );
-    for row in ROWS.iter().filter(|r| wanted(r)) {
+    for row in ROWS.iter().filter(|r| wanted(r.label)) {
         let mut plain = Vec::new();
         let mut recorded = Vec::new();
         let mut replayed = Vec::new();
         let mut last: Option<(ExitStats, Duration, ExitStats, PageStats, StateStats)> = None;
         let mut stopped = None;
+        let cfg = config(row);
         for i in 0..runs {
-            plain.push(run(row, Role::Live, host_cpu).expect("plain run").0.wall);
+            let (live, _) =
+                run(&cfg, row.label, Role::Live, host_cpu, Setup::quiet()).expect("plain run");
+            plain.push(live.wall);
             let path = dir.join(format!("{}-{i}.log", row.guest));
-            let (rec, wall, pages, states) = match record(row, &path, host_cpu) {
+            let written = Arc::new(AtomicU64::new(0));
+            let rec = match record(&cfg, row.label, &path, host_cpu, Setup::quiet(), written) {
                 Ok(recorded) => recorded,
                 Err(e) => {
                     let _ = std::fs::remove_file(&path);
@@ -375,11 +453,12 @@ fn main() {
                     break;
                 }
             };
-            recorded.push(wall);
-            let rep = replay(row, &path, host_cpu);
+            recorded.push(rec.wall);
+            let rep = replay(&cfg, row.label, &path, host_cpu, Setup::quiet()).expect("replay");
             replayed.push(rep.wall);
             std::fs::remove_file(&path).unwrap();
-            last = Some((rec.stats, rec.wall, rep.stats, pages, states));
+            let (stats, run_wall) = (rec.report.stats, rec.report.wall);
+            last = Some((stats, run_wall, rep.stats, rec.pages, rec.states));
         }
         if let Some(why) = stopped {
             println!(
@@ -436,5 +515,17 @@ fn main() {
     println!(
         "sync us: the recording's mean time making one sync point (dirty log, pages, log write)."
     );
+    if wanted(linux::LABEL) {
+        if !linux::enabled() {
+            println!();
+            println!(
+                "{}: skipped (three boots of Debian's kernel, 30-60 minutes here; set TWINVM_LOGBW_LINUX=1)",
+                linux::LABEL
+            );
+        } else if let Err(e) = linux::bench(&dir, host_cpu) {
+            let _ = std::fs::remove_dir_all(&dir);
+            panic!("{e}");
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
