@@ -37,9 +37,9 @@ impl Engine {
         self.signature.fold(self.landmark, LandmarkKind::SyncPoint);
         self.vm.note_sync_point();
         tracing::trace!(landmark = self.landmark, "sync point made");
-        if !self.role.recording() {
+        let Role::Record(rec) = &mut self.role else {
             return Ok(true);
-        }
+        };
         let started = Instant::now();
         let cpu = self.vm.cpu_state()?;
         self.vm
@@ -49,9 +49,6 @@ impl Engine {
         // (no allocation, zeroing and freeing of a page each, and an
         // unchanged page is read once: docs/benchmarks.md, "sync-point
         // cost").
-        let Role::Record(rec) = &self.role else {
-            return Ok(true);
-        };
         let gpas = self.since_sync.take();
         let mut contents = std::mem::take(&mut self.sync_pages);
         // Slot i holds the i-th changed page; the slot after the last is
@@ -90,17 +87,13 @@ impl Engine {
             })
             .collect();
         let page_count = pages.len() as u64;
-        let before = self.log_bytes_written();
+        let before = rec.log.written().0;
         let vmm_state = self.syscall_fix.save();
-        let logged = match &mut self.role {
-            Role::Record(rec) => {
-                tracing::trace!(landmark = self.landmark, kind = "sync-point", "log");
-                rec.log
-                    .append_sync_point(self.landmark, &cpu, &vmm_state, &pages)
-                    .map_err(RunError::LogWrite)
-            }
-            _ => Ok(()),
-        };
+        tracing::trace!(landmark = self.landmark, kind = "sync-point", "log");
+        let logged = rec
+            .log
+            .append_sync_point(self.landmark, &cpu, &vmm_state, &pages)
+            .map_err(RunError::LogWrite);
         drop(pages);
         // A sync point of all of a large guest's memory does not keep its
         // buffer.
