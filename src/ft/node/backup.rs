@@ -342,8 +342,13 @@ pub fn run_backup_from(
                 // thread leaves the status board to it.
                 survivor.store(true, Ordering::SeqCst);
                 let mut survivor_cfg = cfg.clone();
-                survivor_cfg.generation =
-                    board.lock().unwrap_or_else(|p| p.into_inner()).generation;
+                {
+                    let mut b = board.lock().unwrap_or_else(|p| p.into_inner());
+                    survivor_cfg.generation = b.generation;
+                    // The reader's cache went with the stream it read; a
+                    // clone's stream reports its writer's.
+                    b.page_cache = None;
+                }
                 let outputs = spawn_survivor_pump(SurvivorSetup {
                     clock,
                     cfg: survivor_cfg,

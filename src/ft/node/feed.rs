@@ -12,8 +12,8 @@ use crossbeam_channel::{SendTimeoutError, Sender};
 
 use crate::ft::output::{ByteSize, OutputError, ShadowOutputs};
 use crate::net;
-use crate::replay::engine::{LogSink, Output, OutputSink};
-use crate::replay::log::PageStats;
+use crate::replay::engine::{LogSink, Output, OutputSink, Recorder};
+use crate::replay::log::{LogWriter, PageStats};
 
 impl ByteSize for Output {
     fn byte_size(&self) -> usize {
@@ -60,35 +60,31 @@ pub struct LogFeed {
     tx: Sender<EngineMsg>,
     stopped: Arc<AtomicBool>,
     buf: Vec<u8>,
-    /// The log's magic and header go in the Hello, not the stream.
-    started: bool,
     last_watermark: Option<u64>,
-    /// Where the page cache is reported after each sync point.
-    status: Option<super::status::StatusBoard>,
+    /// Where the page cache is reported (`twinvm status`).
+    board: super::status::StatusBoard,
 }
 
 impl LogFeed {
-    pub fn new(tx: Sender<EngineMsg>, stopped: Arc<AtomicBool>) -> Self {
-        LogFeed {
+    /// The recorder of a live stream: its records go to the link thread
+    /// (the log's magic and header travel in the Hello, not the stream),
+    /// and its page cache is reported on `board` (`twinvm status`) while
+    /// it records.
+    pub fn stream_recorder(
+        tx: Sender<EngineMsg>,
+        stopped: Arc<AtomicBool>,
+        board: super::status::StatusBoard,
+    ) -> Recorder {
+        let feed = LogFeed {
             tx,
             stopped,
             buf: Vec::new(),
-            started: false,
             last_watermark: None,
-            status: None,
+            board,
+        };
+        Recorder {
+            log: LogWriter::stream(Box::new(feed)),
         }
-    }
-
-    /// Report the log's page cache on `board` (`twinvm status`).
-    pub fn report_to(&mut self, board: super::status::StatusBoard) {
-        self.status = Some(board);
-    }
-
-    /// From here on the bytes written are the stream (call after the
-    /// `LogWriter` wrote the file magic and header, which are dropped).
-    pub fn start_stream(&mut self) {
-        self.buf.clear();
-        self.started = true;
     }
 }
 
@@ -104,16 +100,15 @@ impl Write for LogFeed {
 }
 
 impl LogSink for LogFeed {
-    fn sync_point_logged(&mut self, pages: &PageStats) {
-        if let Some(board) = &self.status {
-            board.lock().unwrap_or_else(|p| p.into_inner()).page_cache = Some(pages.into());
-        }
+    fn page_cache(&mut self, pages: Option<&PageStats>) {
+        self.board
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .page_cache = pages.map(Into::into);
     }
 
     fn landmark_done(&mut self, landmark: u64) -> io::Result<()> {
-        if !self.started
-            || (self.buf.is_empty() && self.last_watermark.is_some_and(|w| w >= landmark))
-        {
+        if self.buf.is_empty() && self.last_watermark.is_some_and(|w| w >= landmark) {
             return Ok(());
         }
         self.last_watermark = Some(landmark);

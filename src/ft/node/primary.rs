@@ -23,10 +23,8 @@ use crate::ft::link::{Hello, PrimaryEvent, PrimaryLink};
 use crate::ft::output::{HeldOutputs, OutputBounds};
 use crate::net::tap::TapBackend;
 use crate::replay::engine::{
-    Connections, Control, Ending, Engine, Inputs, Output, RecordSettings, Recorder, Role, Stop,
-    StopOnSignal,
+    Connections, Control, Ending, Engine, Inputs, Output, RecordSettings, Role, Stop, StopOnSignal,
 };
-use crate::replay::log::LogWriter;
 use crate::replay::machine;
 use crate::vmm::{sys, Kicker};
 
@@ -143,12 +141,7 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
     let (arbiter_tx, verdict_rx) =
         spawn_arbiter_client(cfg.arbiter.clone()).context("starting the arbiter client")?;
     let clone_engine_tx = engine_tx.clone();
-    let mut feed = LogFeed::new(engine_tx.clone(), stopping.clone());
-    feed.start_stream();
-    feed.report_to(board.clone());
-    let recorder = Recorder {
-        log: LogWriter::stream(Box::new(feed)),
-    };
+    let recorder = LogFeed::stream_recorder(engine_tx.clone(), stopping.clone(), board.clone());
     let _signals = StopOnSignal::install(control_tx.clone(), kicker.clone())
         .context("installing signal handlers")?;
     let mut engine = Engine::new(

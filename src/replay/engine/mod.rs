@@ -344,9 +344,10 @@ pub trait LogSink: Write + Send {
         Ok(())
     }
 
-    /// A sync point was logged; `pages` is how sync-point pages travelled
-    /// so far and the page cache (a pair reports it in its status).
-    fn sync_point_logged(&mut self, _pages: &crate::replay::log::PageStats) {}
+    /// How sync-point pages travelled so far and the page cache (a pair
+    /// reports it in its status): when the recording starts, after each
+    /// sync point, and `None` when the recording stops (no log, no cache).
+    fn page_cache(&mut self, _pages: Option<&crate::replay::log::PageStats>) {}
 }
 
 impl<W: Write + Send> LogSink for std::io::BufWriter<W> {}
@@ -570,6 +571,9 @@ impl Engine {
     /// points and digests, the backup for its whole-memory hash (so pages
     /// only the backup wrote are caught).
     fn set_role(&mut self, role: Role) -> Result<(), RunError> {
+        if let Role::Record(rec) = &mut self.role {
+            rec.log.get_mut().page_cache(None);
+        }
         let tracking = !matches!(role, Role::Live);
         self.vm.set_dirty_logging(tracking)?;
         // Only a recording gains from pages left write-enabled: the clone's
@@ -585,6 +589,10 @@ impl Engine {
             self.memory = Some(sync::memory_hash_of(&self.vm));
         }
         self.role = role;
+        if let Role::Record(rec) = &mut self.role {
+            let pages = rec.log.page_stats();
+            rec.log.get_mut().page_cache(Some(&pages));
+        }
         self.start_log_limit();
         Ok(())
     }

@@ -117,7 +117,7 @@ impl Engine {
         self.stats.sync_point_time += started.elapsed();
         if let Role::Record(rec) = &mut self.role {
             let pages = rec.log.page_stats();
-            rec.log.get_mut().sync_point_logged(&pages);
+            rec.log.get_mut().page_cache(Some(&pages));
         }
         // Judge "can take an interrupt" from this state, as the backup will.
         self.sync_state = Some(cpu);

@@ -19,8 +19,7 @@ use crate::ft::node::feed::{EngineMsg, LogFeed};
 use crate::ft::node::status::CloneCommand;
 use crate::ft::node::{spawn_socket_reader, WRITE_SLICE};
 use crate::ft::output::{HeldOutputs, OutputBounds};
-use crate::replay::engine::{Control, Output, Recorder};
-use crate::replay::log::LogWriter;
+use crate::replay::engine::{Control, Output};
 
 impl PrimaryPump {
     /// `clone HOST:PORT` from the control socket.
@@ -53,12 +52,11 @@ impl PrimaryPump {
         }));
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
         let (acked_tx, acked_rx) = crossbeam_channel::unbounded();
-        let mut feed = LogFeed::new(self.clone.engine_tx.clone(), self.stopping.clone());
-        feed.start_stream();
-        feed.report_to(self.board.clone());
-        let recorder = Recorder {
-            log: LogWriter::stream(Box::new(feed)),
-        };
+        let recorder = LogFeed::stream_recorder(
+            self.clone.engine_tx.clone(),
+            self.stopping.clone(),
+            self.board.clone(),
+        );
         let params = SourceParams {
             to: command.to.clone(),
             key: self.cfg.key.clone(),
