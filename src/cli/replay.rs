@@ -133,11 +133,14 @@ fn summary(report: &RunReport) -> String {
     let s = &report.stats;
     let secs = report.wall.as_secs_f64().max(1e-9);
     format!(
-        "{} landmarks, {} interrupts, {} sync points ({} pages), {} trapped time reads, {} random reads, {} digests ({} pages, {:.1} ms), {} log records, {} log bytes ({:.0} B/s), {:.3} s",
+        "{} landmarks, {} interrupts, {} sync points ({} pages), {} interrupt windows, {} ticks caught up ({} dropped), {} trapped time reads, {} random reads, {} digests ({} pages, {:.1} ms), {} log records, {} log bytes ({:.0} B/s), {:.3} s",
         s.landmarks,
         s.interrupts_injected,
         s.sync_points,
         s.sync_point_pages,
+        s.interrupt_windows,
+        s.pit_ticks_caught_up,
+        s.pit_ticks_dropped,
         s.time_reads,
         s.random_reads,
         s.digests,
@@ -275,6 +278,9 @@ pub fn replay(args: &ReplayArgs) -> Result<ExitCode> {
     let input: Box<dyn Read + Send> = Box::new(BufReader::new(file));
     let reader =
         LogReader::new(input).with_context(|| format!("reading log {}", args.log.display()))?;
+    reader
+        .check_replayable()
+        .with_context(|| format!("replaying {}", args.log.display()))?;
     let boot_unix_secs = reader.header().boot_unix_secs;
     let mut session = VmSession::new(&args.run, boot_unix_secs)?;
     session.require_replayable()?;

@@ -296,15 +296,35 @@ pub struct LandmarkSignature {
 /// What a landmark was, for its signature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LandmarkKind<'a> {
-    PortIn { port: u16, data: &'a [u8] },
-    PortOut { port: u16, data: &'a [u8] },
-    MmioRead { addr: u64, data: &'a [u8] },
-    MmioWrite { addr: u64, data: &'a [u8] },
+    PortIn {
+        port: u16,
+        data: &'a [u8],
+    },
+    PortOut {
+        port: u16,
+        data: &'a [u8],
+    },
+    MmioRead {
+        addr: u64,
+        data: &'a [u8],
+    },
+    MmioWrite {
+        addr: u64,
+        data: &'a [u8],
+    },
     Halt,
-    TimeTrap { rip: u64 },
-    RandomTrap { rip: u64 },
-    MsrRead { index: u32 },
+    TimeTrap {
+        rip: u64,
+    },
+    RandomTrap {
+        rip: u64,
+    },
+    MsrRead {
+        index: u32,
+    },
     SyncPoint,
+    /// An interrupt-window exit the engine asked for (landmark.rs).
+    InterruptWindow,
 }
 
 impl LandmarkSignature {
@@ -322,6 +342,7 @@ impl LandmarkSignature {
             LandmarkKind::RandomTrap { rip } => (7, rip, &[]),
             LandmarkKind::MsrRead { index } => (8, u64::from(index), &[]),
             LandmarkKind::SyncPoint => (9, 0, &[]),
+            LandmarkKind::InterruptWindow => (10, 0, &[]),
         };
         one.update(&[tag, data.len() as u8]);
         one.update(&place.to_le_bytes());
