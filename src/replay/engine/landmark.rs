@@ -505,6 +505,13 @@ impl Engine {
             at_window_exit: self.at_window_exit,
         };
         self.window_wanted = interrupt_window::wants_window(state);
+        if self.window_wanted {
+            tracing::trace!(
+                landmark = self.landmark,
+                at_sync_point = self.sync_state.is_some(),
+                "interrupt window requested"
+            );
+        }
     }
 
     /// The log says the recording ended for `reason`: this replica must be
