@@ -293,37 +293,19 @@ pub struct LandmarkSignature {
     last: [u8; 16],
 }
 
-/// What a landmark was, for its signature.
+/// What a landmark was, for its signature (`InterruptWindow`: an
+/// interrupt-window exit the engine asked for, engine/interrupt_window.rs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LandmarkKind<'a> {
-    PortIn {
-        port: u16,
-        data: &'a [u8],
-    },
-    PortOut {
-        port: u16,
-        data: &'a [u8],
-    },
-    MmioRead {
-        addr: u64,
-        data: &'a [u8],
-    },
-    MmioWrite {
-        addr: u64,
-        data: &'a [u8],
-    },
+    PortIn { port: u16, data: &'a [u8] },
+    PortOut { port: u16, data: &'a [u8] },
+    MmioRead { addr: u64, data: &'a [u8] },
+    MmioWrite { addr: u64, data: &'a [u8] },
     Halt,
-    TimeTrap {
-        rip: u64,
-    },
-    RandomTrap {
-        rip: u64,
-    },
-    MsrRead {
-        index: u32,
-    },
+    TimeTrap { rip: u64 },
+    RandomTrap { rip: u64 },
+    MsrRead { index: u32 },
     SyncPoint,
-    /// An interrupt-window exit the engine asked for (landmark.rs).
     InterruptWindow,
 }
 
