@@ -6,7 +6,10 @@
 //! bytes over the recording's run time), sync points per second, pages per
 //! sync point, log bytes per sync point and the vCPU state's share of
 //! them, record/plain and replay/record
-//! wall time, the shadow page-table flushes of the replay, and whether the
+//! wall time, the shadow page-table flushes of the replay, the interrupts
+//! the recorded guest took per second (every workload here unmasks only
+//! IRQ0, so these are its timer ticks), interrupt-window exits per second
+//! and PIT ticks caught up / dropped, and whether the
 //! replay was identical (it must be: a replay that is not fails the run).
 //!
 //! Workloads: the `memwrite` guest (user-mode stores of random 8-byte
@@ -411,7 +414,7 @@ fn main() {
         settings().hot_page_budget
     );
     println!(
-        "{:<40} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>8} {:>9} {:>6} {:>7} {:>8} {:>8} {:>6} {:>6} {:>6} {:>5} {:>7}",
+        "{:<40} {:>8} {:>8} {:>8} {:>7} {:>7} {:>9} {:>8} {:>8} {:>9} {:>6} {:>7} {:>8} {:>8} {:>6} {:>6} {:>6} {:>5} {:>7} {:>7} {:>7} {:>7} {:>7}",
         "workload",
         "plain s",
         "rec s",
@@ -430,7 +433,11 @@ fn main() {
         "delta%",
         "same%",
         "cache",
-        "sync us"
+        "sync us",
+        "ticks/s",
+        "win/s",
+        "caught",
+        "dropped"
     );
     for row in ROWS.iter().filter(|r| wanted(r.label)) {
         let mut plain = Vec::new();
@@ -473,7 +480,7 @@ fn main() {
         let (plain, recorded, replayed) = (median(plain), median(recorded), median(replayed));
         let secs = rec_run.as_secs_f64();
         println!(
-            "{:<40} {:>8.2} {:>8.2} {:>8.2} {:>7.2} {:>7.2} {:>9.2} {:>8.0} {:>8.1} {:>9.0} {:>6.0} {:>7} {:>8.2} {:>8.2} {:>6.1} {:>6.1} {:>6.1} {:>4}M {:>7.0}",
+            "{:<40} {:>8.2} {:>8.2} {:>8.2} {:>7.2} {:>7.2} {:>9.2} {:>8.0} {:>8.1} {:>9.0} {:>6.0} {:>7} {:>8.2} {:>8.2} {:>6.1} {:>6.1} {:>6.1} {:>4}M {:>7.0} {:>7.0} {:>7.0} {:>7} {:>7}",
             row.label,
             plain.as_secs_f64(),
             recorded.as_secs_f64(),
@@ -493,6 +500,10 @@ fn main() {
             pages.same as f64 * 100.0 / carried,
             pages.cache_bytes >> 20,
             s.sync_point_time.as_secs_f64() * 1e6 / s.sync_points.max(1) as f64,
+            s.interrupts_injected as f64 / secs,
+            s.interrupt_windows as f64 / secs,
+            s.pit_ticks_caught_up,
+            s.pit_ticks_dropped,
         );
     }
     println!();
@@ -515,6 +526,13 @@ fn main() {
     println!(
         "sync us: the recording's mean time making one sync point (dirty log, pages, log write)."
     );
+    println!(
+        "ticks/s: interrupts the recorded guest took per second (only IRQ0 is unmasked here: its ticks);"
+    );
+    println!(
+        "win/s: interrupt-window exits per second; caught / dropped: PIT periods raised late (tick"
+    );
+    println!("catch-up) and dropped past the one-second bound, over the recording.");
     if wanted(linux::LABEL) {
         if !linux::enabled() {
             println!();

@@ -1,7 +1,8 @@
 //! `twinvm primary` and `twinvm backup` as real processes in a network
 //! namespace with a real 3-node arbiter: strangers and a primary running
 //! another guest are refused (the backup keeps waiting), a pair whose guest
-//! powers off ends together with identical consoles, a backup whose replay
+//! powers off ends together with identical consoles (also with a tick
+//! deferral, its ticks caught up through interrupt windows), a backup whose replay
 //! diverges stops while the primary goes on alone, an idle pair's lag,
 //! `twinvm status` and a
 //! `--config` file. The failover drills (tests/drill.rs) cover the faults.
@@ -248,6 +249,46 @@ fn a_pair_whose_guest_powers_off_ends_together_with_the_same_console() {
     // The backup emitted nothing (the primary released everything), but it
     // produced the same console: its replay would have, had it gone live.
     assert_eq!(site.console("bye", "backup"), "");
+}
+
+#[test]
+fn a_pair_with_tick_deferral_streams_caught_up_ticks_and_ends_together() {
+    let site = Site::new("pair-catchup");
+    // The ticker with a 20 ms deferral: owed ticks go in at interrupt-window
+    // exits, landmarks with no record, which the backup must meet at the
+    // same instructions (its digests check it; a divergence stops it with
+    // an error).
+    let guest = [
+        "--kernel",
+        "builtin:ticker",
+        "--mem",
+        "64M",
+        "--tick-deferral-ms",
+        "20",
+    ];
+    let backup = site.backup("catchup", &guest);
+    let mut primary = site.primary("catchup", &guest);
+    primary.wait_for_stderr("backup connected (generation 1)", TIMEOUT);
+    let primary = finish(primary);
+    let backup = finish(backup);
+    assert_eq!(primary.status.code(), Some(0), "{primary:?}");
+    assert_eq!(backup.status.code(), Some(0), "{backup:?}");
+    assert!(
+        backup.stderr.contains("the primary's guest ended"),
+        "{}",
+        backup.stderr
+    );
+    let console = site.console("catchup", "primary");
+    assert!(console.contains("ticker: done"), "{console}");
+    // Caught up: far more ticks than the ~40 a second one tick per
+    // deferral gave (the loop runs about a second; kept tolerant).
+    let ticks: u64 = console
+        .lines()
+        .find_map(|l| l.strip_prefix("ticker: ticks="))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no tick count in {console}"));
+    assert!(ticks >= 300, "{ticks} ticks\n{console}");
 }
 
 #[test]

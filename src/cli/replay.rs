@@ -37,7 +37,8 @@ pub struct RecordArgs {
     pub sync_bound_us: u64,
     /// Milliseconds a timer tick may be held past its deadline while the
     /// guest runs in user mode with nothing else owed to it, so fewer sync
-    /// points are made (missed PIT periods are coalesced into one tick).
+    /// points are made (the PIT periods missed meanwhile are owed and
+    /// delivered one after the other when the tick goes in).
     /// 0 delivers every tick within the sync bound. Input, frames and other
     /// interrupts are never held.
     #[arg(long, default_value_t = DEFAULT_TICK_DEFERRAL.as_millis() as u64, value_parser = clap::value_parser!(u64).range(0..=1000))]
@@ -133,11 +134,14 @@ fn summary(report: &RunReport) -> String {
     let s = &report.stats;
     let secs = report.wall.as_secs_f64().max(1e-9);
     format!(
-        "{} landmarks, {} interrupts, {} sync points ({} pages), {} trapped time reads, {} random reads, {} digests ({} pages, {:.1} ms), {} log records, {} log bytes ({:.0} B/s), {:.3} s",
+        "{} landmarks, {} interrupts, {} sync points ({} pages), {} interrupt windows, {} ticks caught up ({} dropped), {} trapped time reads, {} random reads, {} digests ({} pages, {:.1} ms), {} log records, {} log bytes ({:.0} B/s), {:.3} s",
         s.landmarks,
         s.interrupts_injected,
         s.sync_points,
         s.sync_point_pages,
+        s.interrupt_windows,
+        s.pit_ticks_caught_up,
+        s.pit_ticks_dropped,
         s.time_reads,
         s.random_reads,
         s.digests,
@@ -275,6 +279,9 @@ pub fn replay(args: &ReplayArgs) -> Result<ExitCode> {
     let input: Box<dyn Read + Send> = Box::new(BufReader::new(file));
     let reader =
         LogReader::new(input).with_context(|| format!("reading log {}", args.log.display()))?;
+    reader
+        .check_replayable()
+        .with_context(|| format!("replaying {}", args.log.display()))?;
     let boot_unix_secs = reader.header().boot_unix_secs;
     let mut session = VmSession::new(&args.run, boot_unix_secs)?;
     session.require_replayable()?;

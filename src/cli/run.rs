@@ -269,7 +269,7 @@ pub(super) fn print_stats(report: &RunReport) {
     let s = &report.stats;
     let secs = report.wall.as_secs_f64().max(1e-9);
     eprintln!(
-        "twinvm: exits={} ({:.0}/s) io={} mmio={} hlt={} kicks={} landmarks={} interrupts={} emulation-fallbacks={} exceptions-injected={} time-reads={} random-reads={} syscall-fixes={} shadow-mmu-flushes={} net-rx={} net-tx={} tick-deferrals={} tick-late-ms-mean={:.2} tick-late-ms-max={:.2}",
+        "twinvm: exits={} ({:.0}/s) io={} mmio={} hlt={} kicks={} landmarks={} interrupts={} emulation-fallbacks={} exceptions-injected={} time-reads={} random-reads={} syscall-fixes={} shadow-mmu-flushes={} net-rx={} net-tx={} tick-deferrals={} interrupt-windows={} ticks-caught-up={} ticks-dropped={} tick-late-ms-mean={:.2} tick-late-ms-max={:.2}",
         s.total,
         s.total as f64 / secs,
         s.io,
@@ -287,6 +287,9 @@ pub(super) fn print_stats(report: &RunReport) {
         s.net_rx_frames,
         s.net_tx_frames,
         s.tick_deferrals,
+        s.interrupt_windows,
+        s.pit_ticks_caught_up,
+        s.pit_ticks_dropped,
         s.timer_poll_delay_total.as_secs_f64() * 1e3 / s.timer_polls.max(1) as f64,
         s.timer_poll_delay_max.as_secs_f64() * 1e3,
     );

@@ -366,6 +366,15 @@ impl Pic {
         self.update();
     }
 
+    /// Whether `irq` (0..15) has a request latched in its chip's IRR.
+    pub fn irq_requested(&self, irq: u8) -> bool {
+        match irq {
+            0..=7 => self.chips[0].irr & (1 << irq) != 0,
+            8..=15 => self.chips[1].irr & (1 << (irq - 8)) != 0,
+            _ => false,
+        }
+    }
+
     /// The INTR output: an unmasked request outranks everything in service.
     pub fn has_pending(&self) -> bool {
         self.chips[0].pending_irq(true).is_some()

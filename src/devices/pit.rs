@@ -582,6 +582,13 @@ impl Pit {
         c.next_edge_after(c.edges_tick).map(time_of_tick)
     }
 
+    /// Channel 0's period in PIT input ticks when it runs periodically
+    /// (modes 2 and 3); `None` in the one-shot modes.
+    pub fn channel0_period(&self) -> Option<u64> {
+        let c = &self.st.channels[0];
+        matches!(c.mode, 2 | 3).then(|| c.period().max(1))
+    }
+
     /// Channel 2's OUT at `now` (what port 0x61 bit 5 shows).
     pub fn channel2_out(&self, now: Nanos) -> bool {
         self.st.channels[2].out(tick_at(now).max(self.st.last_tick))

@@ -2,8 +2,20 @@
 //! behind one port-I/O entry point. The VMM calls only this.
 //!
 //! Interrupt wiring: PIT channel 0 → IRQ0 (one pulse per [`Platform::poll`]
-//! that saw edges), i8042 → IRQ1/IRQ12, COM1 → IRQ4, all edge-triggered on
-//! the PIC. Device lines are re-driven after every port access, so an
+//! that saw edges, then one per owed period: "Tick catch-up" below),
+//! i8042 → IRQ1/IRQ12, COM1 → IRQ4, all edge-triggered on the PIC.
+//!
+//! Tick catch-up: PIT periods that pass between two polls (the guest ran
+//! without a landmark, or had IRQ0 still requested) are owed, not dropped:
+//! each time the guest acknowledges IRQ0 and a period is owed, IRQ0 is
+//! raised again, so the next tick reaches the guest right after its EOI,
+//! when it can take interrupts again. A guest that keeps time by counting
+//! ticks (Linux with the jiffies clocksource) so loses no time to a late
+//! poll. The debt is bounded by [`MAX_OWED_TICK_SECONDS`] of periods; what
+//! passes the bound is dropped and counted. Everything here depends only on
+//! the platform's state and the `now` of its polls, so a backup fed the
+//! same polls owes exactly the same ticks; the debt is part of
+//! [`PlatformState`]. Device lines are re-driven after every port access, so an
 //! interrupt raised by an access is latched before the access returns.
 
 use std::collections::VecDeque;
@@ -20,8 +32,15 @@ use super::uart::{Uart, UartState};
 use super::virtio::{GuestRam, RxOutcome, VirtioNet, VirtioNetConfig, VirtioNetState};
 use super::{check_version, Nanos, StateError};
 
-/// Version of [`PlatformState`] this build writes.
-pub const PLATFORM_STATE_VERSION: u32 = 2;
+/// Version of [`PlatformState`] this build writes (3: owed PIT ticks).
+pub const PLATFORM_STATE_VERSION: u32 = 3;
+
+/// The most PIT periods the platform owes the guest, in seconds of periods
+/// at channel 0's current rate (at least one period): a guest kept from its
+/// ticks longer than this (IRQ0 masked, a very long stall) gets the last
+/// second's worth and the older ones are dropped
+/// ([`Platform::pit_ticks_dropped`]).
+pub const MAX_OWED_TICK_SECONDS: u64 = 1;
 
 /// Where the virtio-net NIC sits: PCI slot, INTx line (level-triggered,
 /// as firmware sets a PCI line in the ELCR), and the 32-bit memory BAR the
@@ -65,6 +84,8 @@ pub struct PlatformState {
     pub pci: PciRootState,
     /// A reset request not yet taken with [`Platform::take_event`].
     pub reset_pending: bool,
+    /// PIT periods owed to the guest (tick catch-up, module docs).
+    pub pit_ticks_owed: u64,
     /// The NIC, if the VM has one.
     pub net: Option<VirtioNetState>,
 }
@@ -122,9 +143,16 @@ pub struct Platform<W: Write> {
     pub net: Option<VirtioNet>,
     events: VecDeque<PlatformEvent>,
     unhandled: u64,
-    /// PIT channel-0 edges that fell into one poll with another and so
-    /// reached the PIC as a single IRQ0 request.
+    /// PIT channel-0 edges that fell into one poll with another (or found
+    /// IRQ0 still requested) and so were owed instead of raised at once.
     pub pit_ticks_coalesced: u64,
+    /// PIT periods owed to the guest, raised one per IRQ0 acknowledge.
+    pit_ticks_owed: u64,
+    /// Owed periods raised as IRQ0 after an acknowledge (tick catch-up).
+    pub pit_ticks_caught_up: u64,
+    /// Owed periods dropped because the debt passed its bound
+    /// ([`MAX_OWED_TICK_SECONDS`]).
+    pub pit_ticks_dropped: u64,
 }
 
 impl<W: Write> Platform<W> {
@@ -142,6 +170,9 @@ impl<W: Write> Platform<W> {
             events: VecDeque::new(),
             unhandled: 0,
             pit_ticks_coalesced: 0,
+            pit_ticks_owed: 0,
+            pit_ticks_caught_up: 0,
+            pit_ticks_dropped: 0,
         }
     }
 
@@ -325,17 +356,47 @@ impl<W: Write> Platform<W> {
         }
     }
 
-    /// Advances the timers to `now`: PIT channel-0 edges since the last
-    /// poll become one IRQ0 pulse (several edges coalesce, as an
-    /// edge-triggered IRR bit would).
+    /// Advances the timers to `now`: the first PIT channel-0 edge since the
+    /// last poll becomes an IRQ0 pulse (if IRQ0 is not requested already),
+    /// the others are owed and raised one per acknowledge (tick catch-up).
     pub fn poll(&mut self, now: Nanos) {
-        let edges = self.pit.poll(now);
+        let edges = u64::from(self.pit.poll(now));
         if edges > 0 {
-            self.pic.set_irq_level(PIT_IRQ, true);
-            self.pic.set_irq_level(PIT_IRQ, false);
-            self.pit_ticks_coalesced += u64::from(edges - 1);
+            let raised = if self.pic.irq_requested(PIT_IRQ) {
+                0
+            } else {
+                self.pulse_pit_irq();
+                1
+            };
+            self.pit_ticks_coalesced += edges - raised;
+            self.owe_pit_ticks(edges - raised);
         }
         self.sync_irq_lines();
+    }
+
+    fn pulse_pit_irq(&mut self) {
+        self.pic.set_irq_level(PIT_IRQ, true);
+        self.pic.set_irq_level(PIT_IRQ, false);
+    }
+
+    /// The most PIT periods that may be owed: [`MAX_OWED_TICK_SECONDS`] at
+    /// channel 0's rate (one period in a one-shot mode).
+    fn max_owed_pit_ticks(&self) -> u64 {
+        max_owed_ticks(self.pit.channel0_period())
+    }
+
+    fn owe_pit_ticks(&mut self, ticks: u64) {
+        let owed = self.pit_ticks_owed.saturating_add(ticks);
+        let max = self.max_owed_pit_ticks();
+        if owed > max {
+            self.pit_ticks_dropped += owed - max;
+        }
+        self.pit_ticks_owed = owed.min(max);
+    }
+
+    /// PIT periods owed to the guest, not raised yet (tick catch-up).
+    pub fn pit_ticks_owed(&self) -> u64 {
+        self.pit_ticks_owed
     }
 
     /// The earliest guest time at which [`Platform::poll`] could raise an
@@ -350,9 +411,18 @@ impl<W: Write> Platform<W> {
     }
 
     /// The INTA cycle: the vector to inject, or `None` if nothing is
-    /// pending any more.
+    /// pending any more. Acknowledging IRQ0 while a PIT period is owed
+    /// raises IRQ0 again: the PIC holds it until the guest's EOI.
     pub fn acknowledge_interrupt(&mut self) -> Option<u8> {
-        self.pic.acknowledge()
+        let pit_requested = self.pic.irq_requested(PIT_IRQ);
+        let vector = self.pic.acknowledge()?;
+        // The INTA took IRQ0 exactly when it cleared its (edge) request.
+        if pit_requested && !self.pic.irq_requested(PIT_IRQ) && self.pit_ticks_owed > 0 {
+            self.pit_ticks_owed -= 1;
+            self.pit_ticks_caught_up += 1;
+            self.pulse_pit_irq();
+        }
+        Some(vector)
     }
 
     /// Offers serial input to COM1; returns how many bytes were taken. The
@@ -405,6 +475,7 @@ impl<W: Write> Platform<W> {
             i8042: self.i8042.save(),
             pci: self.pci.save(),
             reset_pending: self.events.contains(&PlatformEvent::Reset),
+            pit_ticks_owed: self.pit_ticks_owed,
             net: self.net.as_ref().map(|n| n.save()),
         }
     }
@@ -422,6 +493,12 @@ impl<W: Write> Platform<W> {
         Rtc::new(0).restore(&state.rtc)?;
         I8042::new().restore(&state.i8042)?;
         PciRoot::new().restore(&state.pci)?;
+        if state.pit_ticks_owed > max_owed_ticks(Some(1)) {
+            return Err(StateError::Invalid {
+                device: "platform",
+                reason: "more owed PIT ticks than any PIT rate allows",
+            });
+        }
         match (&self.net, &state.net) {
             (Some(net), Some(saved)) => {
                 let mut scratch = VirtioNet::new(VirtioNetConfig {
@@ -454,12 +531,20 @@ impl<W: Write> Platform<W> {
         if let (Some(net), Some(saved)) = (&mut self.net, &state.net) {
             net.restore(saved)?;
         }
+        self.pit_ticks_owed = state.pit_ticks_owed;
         self.events.clear();
         if state.reset_pending {
             self.events.push_back(PlatformEvent::Reset);
         }
         Ok(())
     }
+}
+
+/// [`MAX_OWED_TICK_SECONDS`] of PIT periods of `period` input ticks (one
+/// period when channel 0 is not periodic).
+fn max_owed_ticks(period: Option<u64>) -> u64 {
+    use super::pit::PIT_HZ;
+    period.map_or(1, |p| (MAX_OWED_TICK_SECONDS * PIT_HZ / p.max(1)).max(1))
 }
 
 #[cfg(test)]
@@ -540,12 +625,21 @@ mod tests {
         assert!(p.interrupt_pending());
         assert_eq!(p.acknowledge_interrupt(), Some(0x20));
         outb(&mut p, 0x20, 0x20, second + 2000);
-        // Polling late: three periods pass, one IRQ0, two coalesced.
+        // Polling late: three periods pass, one IRQ0, two owed; each comes
+        // after the EOI of the one before.
         p.poll(time_of_tick(5 * 1193));
         assert_eq!(p.acknowledge_interrupt(), Some(0x20));
         assert_eq!(p.acknowledge_interrupt(), None);
         assert_eq!(p.pit_ticks_coalesced, 2);
+        assert_eq!(p.pit_ticks_owed(), 1);
+        for owed in [0, 0] {
+            outb(&mut p, 0x20, 0x20, time_of_tick(5 * 1193));
+            assert_eq!(p.acknowledge_interrupt(), Some(0x20));
+            assert_eq!(p.pit_ticks_owed(), owed);
+        }
         outb(&mut p, 0x20, 0x20, time_of_tick(5 * 1193));
+        assert_eq!(p.acknowledge_interrupt(), None);
+        assert_eq!(p.pit_ticks_caught_up, 2);
         // Roughly 1000 interrupts per second when polled at each deadline.
         let mut count = 0;
         let end = time_of_tick(5 * 1193) + 1000 * MS;
@@ -560,6 +654,103 @@ mod tests {
         assert_eq!(count, 1000);
         assert_eq!(p.unhandled_port_accesses(), 0);
         assert_eq!(p.unsupported_device_accesses(), 0);
+    }
+
+    /// Take every interrupt the platform raises, EOI-ing each, until none
+    /// is left; returns how many were IRQ0.
+    fn take_all_ticks(p: &mut Platform<Vec<u8>>, now: Nanos) -> u64 {
+        let mut ticks = 0;
+        for _ in 0..100_000 {
+            match p.acknowledge_interrupt() {
+                Some(0x20) => ticks += 1,
+                Some(other) => panic!("unexpected vector {other:#x}"),
+                None => return ticks,
+            }
+            outb(p, 0x20, 0x20, now);
+        }
+        panic!("the platform never stopped raising IRQ0");
+    }
+
+    #[test]
+    fn every_period_missed_between_polls_reaches_the_guest() {
+        let mut p = Platform::new(Vec::new(), 0);
+        boot_like_linux(&mut p);
+        // 1 kHz; one poll 20 periods late: 20 ticks, one per EOI.
+        let now = time_of_tick(20 * 1193);
+        p.poll(now);
+        assert_eq!(p.pit_ticks_owed(), 19);
+        assert_eq!(take_all_ticks(&mut p, now), 20);
+        assert_eq!(p.pit_ticks_owed(), 0);
+        assert_eq!(p.pit_ticks_caught_up, 19);
+        assert_eq!(p.pit_ticks_dropped, 0);
+    }
+
+    #[test]
+    fn an_owed_tick_waits_for_the_eoi_and_never_doubles_a_request() {
+        let mut p = Platform::new(Vec::new(), 0);
+        boot_like_linux(&mut p);
+        p.poll(time_of_tick(3 * 1193));
+        assert_eq!(p.acknowledge_interrupt(), Some(0x20));
+        // Re-raised at the INTA, held behind the one in service.
+        assert!(!p.interrupt_pending());
+        // A poll while IRQ0 is requested owes its edges instead of losing
+        // them in the latched request.
+        p.poll(time_of_tick(5 * 1193));
+        assert_eq!(p.pit_ticks_owed(), 1 + 2);
+        outb(&mut p, 0x20, 0x20, time_of_tick(5 * 1193));
+        assert!(p.interrupt_pending());
+        assert_eq!(take_all_ticks(&mut p, time_of_tick(5 * 1193)), 4);
+    }
+
+    #[test]
+    fn owed_ticks_are_bounded_by_a_second_of_periods() {
+        let mut p = Platform::new(Vec::new(), 0);
+        boot_like_linux(&mut p);
+        // 3 s of 1 kHz periods in one poll: one raised, 1000 owed, the rest
+        // dropped.
+        let now = time_of_tick(3001 * 1193);
+        p.poll(now);
+        assert_eq!(p.pit_ticks_owed(), 1000);
+        assert_eq!(p.pit_ticks_dropped, 2000);
+        assert_eq!(take_all_ticks(&mut p, now), 1001);
+        assert_eq!(max_owed_ticks(None), 1);
+        assert_eq!(max_owed_ticks(Some(PIT_HZ * 10)), 1);
+    }
+
+    #[test]
+    fn a_masked_timer_owes_at_most_the_bound() {
+        let mut p = Platform::new(Vec::new(), 0);
+        boot_like_linux(&mut p);
+        outb(&mut p, 0x21, 0xff, 0);
+        for s in 1..=5u64 {
+            p.poll(time_of_tick(s * 1000 * 1193));
+            assert!(p.pit_ticks_owed() <= 1000);
+        }
+        assert!(!p.interrupt_pending());
+    }
+
+    #[test]
+    fn owed_ticks_survive_save_and_restore() {
+        let mut a = Platform::new(Vec::new(), 0);
+        boot_like_linux(&mut a);
+        let now = time_of_tick(10 * 1193);
+        a.poll(now);
+        assert_eq!(a.acknowledge_interrupt(), Some(0x20));
+        let state = a.save();
+        assert_eq!(state.pit_ticks_owed, 8);
+        let mut b = Platform::new(Vec::new(), 0);
+        b.restore(&state).unwrap();
+        assert_eq!(b.save(), state);
+        outb(&mut a, 0x20, 0x20, now);
+        outb(&mut b, 0x20, 0x20, now);
+        assert_eq!(take_all_ticks(&mut a, now), 9);
+        assert_eq!(take_all_ticks(&mut b, now), 9);
+        // An impossible debt is refused and changes nothing.
+        let mut bad = state.clone();
+        bad.pit_ticks_owed = u64::MAX;
+        let before = b.save();
+        assert!(b.restore(&bad).is_err());
+        assert_eq!(b.save(), before);
     }
 
     #[test]

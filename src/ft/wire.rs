@@ -20,7 +20,10 @@ use thiserror::Error;
 /// against a page cache both sides keep), which a version-1 peer cannot read.
 /// Version 3: log format 5 (the vCPU state of a sync point as a delta
 /// against the previous one's).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// Version 4: log format 6 (interrupt-window exits are landmarks and the
+/// platform catches up missed PIT ticks: an older peer would follow other
+/// landmarks).
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Longest VM name (the arbiter's own limit, so every name we accept can be arbitrated).
 pub const MAX_VM_NAME_BYTES: usize = arbiter::state_machine::MAX_NAME_LEN;
 /// Longest reason or divergence detail; longer texts are cut when sent.

@@ -293,7 +293,8 @@ pub struct LandmarkSignature {
     last: [u8; 16],
 }
 
-/// What a landmark was, for its signature.
+/// What a landmark was, for its signature (`InterruptWindow`: an
+/// interrupt-window exit the engine asked for, engine/interrupt_window.rs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LandmarkKind<'a> {
     PortIn { port: u16, data: &'a [u8] },
@@ -305,6 +306,7 @@ pub enum LandmarkKind<'a> {
     RandomTrap { rip: u64 },
     MsrRead { index: u32 },
     SyncPoint,
+    InterruptWindow,
 }
 
 impl LandmarkSignature {
@@ -322,6 +324,7 @@ impl LandmarkSignature {
             LandmarkKind::RandomTrap { rip } => (7, rip, &[]),
             LandmarkKind::MsrRead { index } => (8, u64::from(index), &[]),
             LandmarkKind::SyncPoint => (9, 0, &[]),
+            LandmarkKind::InterruptWindow => (10, 0, &[]),
         };
         one.update(&[tag, data.len() as u8]);
         one.update(&place.to_le_bytes());

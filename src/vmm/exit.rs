@@ -32,6 +32,10 @@ pub enum Exit {
         data: Vec<u8>,
     },
     Hlt,
+    /// The guest can take an interrupt now: KVM exits so at the first
+    /// instruction boundary where IF=1 and no interrupt shadow, when the
+    /// VMM asked with [`request_interrupt_window`].
+    InterruptWindowOpen,
     Shutdown,
     FailEntry {
         reason: u64,
@@ -67,6 +71,7 @@ pub fn run(vcpu: &mut VcpuFd) -> Result<Exit, errno::Error> {
             data: data.to_vec(),
         },
         VcpuExit::Hlt => Exit::Hlt,
+        VcpuExit::IrqWindowOpen => Exit::InterruptWindowOpen,
         VcpuExit::Shutdown => Exit::Shutdown,
         VcpuExit::FailEntry(reason, _) => Exit::FailEntry { reason },
         VcpuExit::InternalError => Exit::InternalError,
@@ -86,6 +91,13 @@ pub fn run(vcpu: &mut VcpuFd) -> Result<Exit, errno::Error> {
         }
         other => other,
     })
+}
+
+/// Ask KVM (or stop asking) to exit with [`Exit::InterruptWindowOpen`] as
+/// soon as the guest can take an interrupt; KVM reads the request at every
+/// KVM_RUN until it is changed.
+pub fn request_interrupt_window(vcpu: &mut VcpuFd, on: bool) {
+    vcpu.get_kvm_run().request_interrupt_window = u8::from(on);
 }
 
 /// Size and count of the port-I/O exit just reported.

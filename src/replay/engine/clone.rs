@@ -16,8 +16,10 @@ use crate::replay::digest::DirtyPages;
 use crate::replay::log::{CpuStateBytes, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress};
 
-/// Version of [`CloneSnapshot`] this build writes and reads.
-pub const CLONE_SNAPSHOT_VERSION: u32 = 2;
+/// Version of [`CloneSnapshot`] this build writes and reads (3: the
+/// platform's owed PIT ticks, and whether the cut is an interrupt-window
+/// exit).
+pub const CLONE_SNAPSHOT_VERSION: u32 = 3;
 
 /// What a new backup needs, besides guest memory, to go on from the
 /// primary's landmark `landmark` exactly as the primary does.
@@ -38,6 +40,9 @@ pub struct CloneSnapshot {
     pub devices: PlatformState,
     /// The VMM's own state (the syscall fix's trap).
     pub vmm_state: Vec<u8>,
+    /// The landmark is an interrupt-window exit (which decides whether it
+    /// may ask for another: landmark.rs, `decide_interrupt_window`).
+    pub at_window_exit: bool,
 }
 
 /// The engine's answer to `Control::CloneAt`: the snapshot, and the pages
@@ -142,6 +147,7 @@ impl Engine {
                 cpu,
                 devices: self.platform.save(),
                 vmm_state: self.syscall_fix.save(),
+                at_window_exit: self.at_window_exit,
             },
             pages,
             held: std::time::Duration::ZERO,
@@ -165,6 +171,7 @@ impl Engine {
         // (this vCPU's `kvm_run` has never been filled).
         self.sync_state = Some(snapshot.cpu.clone());
         self.injected_here = false;
+        self.at_window_exit = snapshot.at_window_exit;
         self.vm.flush_shadow_for_clone();
         Ok(())
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Select, TryRecvError};
 
+use super::interrupt_window::{self, WindowState};
 use super::tick_deferral::{self, KickDecision, Pending};
 use super::{
     Control, Ending, Engine, Output, RunError, Stop, HARVEST_EVERY, MAX_HELD_SERIAL_INPUT,
@@ -365,6 +366,7 @@ impl Engine {
                 self.harvest_dirty_pages()?;
             }
         }
+        self.decide_interrupt_window();
         Ok(AtLandmark::Continue { injected })
     }
 
@@ -486,7 +488,30 @@ impl Engine {
                 "an interrupt the guest can take is waiting here, but the log injects none".into(),
             ));
         }
+        self.decide_interrupt_window();
         Ok(AtLandmark::Continue { injected })
+    }
+
+    /// At the end of a landmark's work (both roles, from the state they
+    /// share): whether the next KVM_RUN asks for an interrupt-window exit
+    /// (interrupt_window.rs).
+    fn decide_interrupt_window(&mut self) {
+        let interrupt_waiting = self.platform.interrupt_pending();
+        let state = WindowState {
+            interrupt_waiting,
+            injected_here: self.injected_here,
+            // Read only when it matters (it is cheap, but keep it honest).
+            can_inject: interrupt_waiting && self.can_inject(),
+            at_window_exit: self.at_window_exit,
+        };
+        self.window_wanted = interrupt_window::wants_window(state);
+        if self.window_wanted {
+            tracing::trace!(
+                landmark = self.landmark,
+                at_sync_point = self.sync_state.is_some(),
+                "interrupt window requested"
+            );
+        }
     }
 
     /// The log says the recording ended for `reason`: this replica must be

@@ -8,8 +8,12 @@
 //!   reads, plus sync points. They are numbered from 1. Kicks (EINTR) and
 //!   emulation failures are not landmarks.
 //! - Interrupts are injected only at a landmark where the guest can take them
-//!   (IF=1, no interrupt shadow), never through an interrupt-window exit
-//!   (imprecise on these hosts, see host-notes.md).
+//!   (IF=1, no interrupt shadow). When one is waiting after a landmark's
+//!   work and the guest cannot take it (IF=0 or a shadow), the engine asks
+//!   KVM for an interrupt-window exit, which is then a landmark too: the
+//!   request follows from state both replicas share, so the backup asks
+//!   alike and meets the same exit without a record (landmark.rs,
+//!   `decide_interrupt_window`).
 //! - Devices get time only as a value the primary logs: at a port access that
 //!   reads the clock, and when timers are advanced (`Poll`).
 //! - When an interrupt is due and the guest makes no landmark within the
@@ -24,6 +28,7 @@
 //! its [`Inputs`] and wake it with its [`Kicker`].
 
 mod clone;
+mod interrupt_window;
 mod landmark;
 mod log_limit;
 mod outputs;
@@ -152,6 +157,13 @@ pub struct ExitStats {
     /// Kicks that found only a timer tick owed to a guest in user mode and
     /// let it run on (tick_deferral.rs).
     pub tick_deferrals: u64,
+    /// Interrupt-window exits (landmarks the engine asked KVM for because
+    /// an interrupt waited while the guest could not take it).
+    pub interrupt_windows: u64,
+    /// PIT periods the platform raised late, one per IRQ0 acknowledge
+    /// (tick catch-up), and dropped for passing the debt's bound.
+    pub pit_ticks_caught_up: u64,
+    pub pit_ticks_dropped: u64,
     /// Timer polls that raised a tick, and how late past its deadline the
     /// tick was raised (the guest-visible tick latency; live roles).
     pub timer_polls: u64,
@@ -472,6 +484,11 @@ pub struct Engine {
     /// An interrupt went in at the current landmark (so a landmark finished
     /// live after its records ran out never injects twice).
     injected_here: bool,
+    /// The current landmark is an interrupt-window exit.
+    at_window_exit: bool,
+    /// Ask KVM for an interrupt-window exit at the next KVM_RUN (decided at
+    /// the last landmark, landmark.rs).
+    window_wanted: bool,
     input: PendingInput,
     /// A received frame the guest had no buffer for yet.
     held_frame: Option<Vec<u8>>,
@@ -542,6 +559,8 @@ impl Engine {
             clock: 0,
             sync_state: None,
             injected_here: false,
+            at_window_exit: false,
+            window_wanted: false,
             input: PendingInput::default(),
             held_frame: None,
             stats: ExitStats::default(),
@@ -611,6 +630,8 @@ impl Engine {
     pub fn stats(&self) -> ExitStats {
         let mut stats = self.stats;
         stats.landmarks = self.landmark;
+        stats.pit_ticks_caught_up = self.platform.pit_ticks_caught_up;
+        stats.pit_ticks_dropped = self.platform.pit_ticks_dropped;
         match &self.role {
             Role::Record(rec) => (stats.log_bytes, stats.log_records) = rec.log.written(),
             Role::Replay(schedule) => stats.log_records = schedule.records_read(),
@@ -800,6 +821,7 @@ impl Engine {
     fn new_landmark(&mut self, kind: LandmarkKind<'_>) {
         self.landmark += 1;
         self.injected_here = false;
+        self.at_window_exit = false;
         self.signature.fold(self.landmark, kind);
     }
 
@@ -874,6 +896,7 @@ impl Engine {
             if self.vm.refresh_shadow_mmu()? {
                 self.stats.shadow_mmu_flushes += 1;
             }
+            exit::request_interrupt_window(&mut self.vm.vcpu, self.window_wanted);
             let exit = match exit::run(&mut self.vm.vcpu) {
                 Ok(exit) => exit,
                 Err(e) if e.errno() == libc::EINTR => {
@@ -900,6 +923,7 @@ impl Engine {
                     self.stats.io += 1;
                     self.landmark += 1;
                     self.injected_here = false;
+                    self.at_window_exit = false;
                     let now = self.port_time(port, size)?;
                     let mut data = vec![0u8; size * count];
                     for access in data.chunks_mut(size.max(1)) {
@@ -921,6 +945,7 @@ impl Engine {
                     self.stats.mmio += 1;
                     self.landmark += 1;
                     self.injected_here = false;
+                    self.at_window_exit = false;
                     let mut data = vec![0u8; len];
                     self.mmio_read(addr, &mut data);
                     self.signature
@@ -944,6 +969,12 @@ impl Engine {
                         }
                         continue;
                     }
+                }
+                Exit::InterruptWindowOpen => {
+                    // Nothing to emulate: the landmark's work injects.
+                    self.stats.interrupt_windows += 1;
+                    self.new_landmark(LandmarkKind::InterruptWindow);
+                    self.at_window_exit = true;
                 }
                 Exit::Shutdown => {
                     let rip = self.vm.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);

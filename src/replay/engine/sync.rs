@@ -34,6 +34,7 @@ impl Engine {
     pub(super) fn make_sync_point(&mut self) -> Result<bool, RunError> {
         self.landmark += 1;
         self.injected_here = false;
+        self.at_window_exit = false;
         self.signature.fold(self.landmark, LandmarkKind::SyncPoint);
         self.vm.note_sync_point();
         tracing::trace!(landmark = self.landmark, "sync point made");
@@ -151,6 +152,7 @@ impl Engine {
         self.landmark = landmark;
         tracing::trace!(landmark, pages = pages.len(), "sync point loaded");
         self.injected_here = false;
+        self.at_window_exit = false;
         self.signature.fold(self.landmark, LandmarkKind::SyncPoint);
         self.sync_state = Some(*cpu);
         Ok(())

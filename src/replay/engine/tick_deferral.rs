@@ -4,9 +4,18 @@
 //! for a sync point now. Every sync point costs a dirty-log harvest (and,
 //! under shadow paging, a write fault on each page the guest stores to
 //! next) plus the pages in the log; a tick a few milliseconds late costs a
-//! user-mode loop nothing. The PIT coalesces the periods missed meanwhile
-//! into one interrupt, as it does whenever a tick is late
-//! (docs/architecture.md, "Tick deferral").
+//! user-mode loop nothing. The periods missed meanwhile reach the guest
+//! as one IRQ0 at the deferral's end, then the platform's owed ticks one
+//! per acknowledge (tick catch-up), each taken at an interrupt-window exit
+//! as the guest's handler returns (interrupt_window.rs), so they cost no
+//! further sync point (docs/architecture.md, "Tick deferral").
+//!
+//! A pending IRQ0, first or caught up, never waits into user mode with
+//! IF=1: a landmark where the guest cannot take it asks for a window, and
+//! the window exit injects it. So `other_waiting` (an interrupt the PIC
+//! holds) never needs to tell a catch-up tick from other lines: when a kick
+//! finds one the guest can take, something unusual happened (the guest
+//! EOIs from user mode) and delivering it at once is right.
 //!
 //! Pure decisions (sans-IO): the engine gathers the state, these decide.
 

@@ -32,11 +32,18 @@ pub use stream::RecordDecoder;
 pub const LOG_MAGIC: [u8; 8] = *b"TWINVMLG";
 /// Format version this build writes (and reads, with [`OLDEST_LOG_VERSION`]).
 /// Version 4 sends sync-point pages as deltas against a page cache; version
-/// 5 also the vCPU state, against the previous sync point's.
-pub const LOG_VERSION: u16 = 5;
+/// 5 also the vCPU state, against the previous sync point's. Version 6
+/// has the same records; its landmarks include interrupt-window exits and
+/// its platform catches up missed PIT ticks (docs/log-format.md).
+pub const LOG_VERSION: u16 = 6;
 /// Oldest format version this build still reads (version 3: every
 /// sync-point page whole; 3 and 4: every vCPU state whole).
 pub const OLDEST_LOG_VERSION: u16 = 3;
+/// Oldest format version this build replays: older logs follow the old
+/// landmark rule (no interrupt-window exits, no tick catch-up), which this
+/// engine does not keep, so their replay would diverge; they are still
+/// read (inspected, converted) as before.
+pub const OLDEST_REPLAYABLE_LOG_VERSION: u16 = 6;
 /// No frame is larger than this; a corrupted length cannot make the reader
 /// allocate gigabytes.
 pub const MAX_FRAME_BYTES: u32 = 256 << 20;
@@ -326,6 +333,8 @@ pub enum LogError {
     BadMagic,
     #[error("log format version {0} is not supported (this build reads versions {OLDEST_LOG_VERSION} to {LOG_VERSION}); record it again with this build")]
     UnsupportedVersion(u16),
+    #[error("log format version {0} was recorded by an older build whose landmarks had no interrupt-window exits and no tick catch-up; this build replays versions {OLDEST_REPLAYABLE_LOG_VERSION} to {LOG_VERSION}: replay it with the build that recorded it, or record it again")]
+    NotReplayable(u16),
     #[error("log truncated in record {index} at byte {offset} (last complete record was at landmark {last_landmark:?})")]
     Truncated {
         index: u64,
@@ -756,6 +765,7 @@ impl Assembler {
 /// Reads a log written by [`LogWriter`], validating every frame.
 pub struct LogReader<R: Read> {
     input: R,
+    version: u16,
     header: LogHeader,
     assembler: Assembler,
 }
@@ -803,6 +813,7 @@ impl<R: Read> LogReader<R> {
         }
         let mut reader = LogReader {
             input,
+            version,
             header: LogHeader {
                 kernel_hash: [0; 32],
                 initrd_hash: None,
@@ -832,6 +843,20 @@ impl<R: Read> LogReader<R> {
 
     pub fn header(&self) -> &LogHeader {
         &self.header
+    }
+
+    /// The log's format version.
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// Refuse a log this build reads but cannot replay
+    /// ([`OLDEST_REPLAYABLE_LOG_VERSION`]).
+    pub fn check_replayable(&self) -> Result<(), LogError> {
+        if self.version < OLDEST_REPLAYABLE_LOG_VERSION {
+            return Err(LogError::NotReplayable(self.version));
+        }
+        Ok(())
     }
 
     /// Bytes of the log read so far (the offset of the next frame).

@@ -694,3 +694,23 @@ fn sync_points_from_borrowed_pages_are_the_same_bytes_as_from_records() {
         .unwrap_err();
     assert!(err.to_string().contains("0x3000 appears twice"), "{err}");
 }
+
+#[test]
+fn logs_older_than_the_interrupt_window_rule_are_read_but_not_replayed() {
+    let ours = encoded();
+    let reader = LogReader::new(ours.as_slice()).unwrap();
+    assert_eq!(reader.version(), LOG_VERSION);
+    reader.check_replayable().unwrap();
+    for old in OLDEST_LOG_VERSION..OLDEST_REPLAYABLE_LOG_VERSION {
+        let mut bytes = ours.clone();
+        bytes[8..10].copy_from_slice(&old.to_le_bytes());
+        let reader = LogReader::new(bytes.as_slice()).unwrap();
+        assert_eq!(reader.version(), old);
+        let err = reader.check_replayable().unwrap_err();
+        assert!(
+            matches!(err, LogError::NotReplayable(v) if v == old),
+            "{err}"
+        );
+        assert!(err.to_string().contains("interrupt-window"), "{err}");
+    }
+}
