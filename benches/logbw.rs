@@ -220,7 +220,11 @@ fn run(
     host_cpu: u32,
     setup: Setup,
 ) -> Result<(RunReport, Engine), String> {
-    let (vm, platform) = machine::build(cfg, BOOT_UNIX_SECS, None).expect("create VM");
+    // Tick catch-up with a deferral, as `twinvm record` (the replay's
+    // settings are the recording's).
+    let catch_up_ticks = !setup.settings.tick_deferral.is_zero();
+    let (vm, platform) =
+        machine::build(cfg, BOOT_UNIX_SECS, catch_up_ticks, None).expect("create VM");
     let (control, rx) = crossbeam_channel::bounded(1);
     let inputs = Inputs {
         control: rx,
@@ -331,7 +335,10 @@ fn record(
 ) -> Result<Recorded, String> {
     let file = File::create(path).unwrap();
     let sync = file.try_clone().unwrap();
-    let header = machine::header_for(cfg, BOOT_UNIX_SECS, host_cpu, None);
+    let header = twinvm::replay::log::LogHeader {
+        catch_up_ticks: !setup.settings.tick_deferral.is_zero(),
+        ..machine::header_for(cfg, BOOT_UNIX_SECS, host_cpu, None)
+    };
     let writer: Box<dyn LogSink> = Box::new(CappedLog {
         file: BufWriter::new(file),
         written,

@@ -106,6 +106,8 @@ fn record(
         boot_unix_secs: 1_700_000_000,
         host_cpu,
         net_mac: None,
+        // No tick deferral here, so no catch-up (as `twinvm record`).
+        catch_up_ticks: false,
     };
     let writer: Box<dyn LogSink> = Box::new(BufWriter::new(file));
     let recorder = Recorder {

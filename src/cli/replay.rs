@@ -156,13 +156,15 @@ fn summary(report: &RunReport) -> String {
 
 /// `twinvm record`.
 pub fn record(args: &RecordArgs) -> Result<ExitCode> {
-    let session = VmSession::new(
+    let mut session = VmSession::new(
         &args.run,
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
     )?;
+    // Deferred ticks are caught up (docs/architecture.md, "Tick deferral").
+    session.catch_up_ticks = args.tick_deferral_ms > 0;
     // Before the log file is created: a refused recording leaves no file behind.
     session.require_replayable()?;
     let max_log_bytes = match args.max_log_size {
@@ -188,12 +190,15 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
         .context("duplicating the log file handle")?;
     // Stay on the CPU we are on; the replay pins itself to the same one.
     let host_cpu = sys::current_cpu().context("finding the host CPU to record on")?;
-    let header = header_for(
-        &session.config,
-        session.boot_unix_secs,
-        host_cpu,
-        session.net_mac(),
-    );
+    let header = LogHeader {
+        catch_up_ticks: session.catch_up_ticks,
+        ..header_for(
+            &session.config,
+            session.boot_unix_secs,
+            host_cpu,
+            session.net_mac(),
+        )
+    };
     let writer: Box<dyn LogSink> = Box::new(LogFile::new(file));
     let mut log = LogWriter::new(writer, &header)
         .with_context(|| format!("writing log {}", args.log.display()))?;
@@ -284,6 +289,7 @@ pub fn replay(args: &ReplayArgs) -> Result<ExitCode> {
         .with_context(|| format!("replaying {}", args.log.display()))?;
     let boot_unix_secs = reader.header().boot_unix_secs;
     let mut session = VmSession::new(&args.run, boot_unix_secs)?;
+    session.catch_up_ticks = reader.header().catch_up_ticks;
     session.require_replayable()?;
     check_header(reader.header(), &session.config, session.net_mac())
         .with_context(|| format!("replaying {}", args.log.display()))?;

@@ -145,6 +145,9 @@ pub struct VmSession {
     pub boot_unix_secs: u64,
     /// `replay --test-perturb`: a replay made wrong on purpose (tests only).
     pub test_perturbation: Option<TestPerturbation>,
+    /// Tick catch-up and interrupt-window landmarks: a recording's choice
+    /// (on with a tick deferral), a replay's from its log header.
+    pub catch_up_ticks: bool,
     args: RunArgs,
 }
 
@@ -155,6 +158,7 @@ impl VmSession {
             config: args.vm_config()?,
             boot_unix_secs,
             test_perturbation: None,
+            catch_up_ticks: false,
             args: args.clone(),
         })
     }
@@ -171,8 +175,13 @@ impl VmSession {
 
     /// Build the VM and its devices.
     pub fn build(&self) -> Result<(Vm, Platform<Vec<u8>>)> {
-        machine::build(&self.config, self.boot_unix_secs, self.net_mac())
-            .with_context(|| format!("building the VM for {}", self.args.kernel))
+        machine::build(
+            &self.config,
+            self.boot_unix_secs,
+            self.catch_up_ticks,
+            self.net_mac(),
+        )
+        .with_context(|| format!("building the VM for {}", self.args.kernel))
     }
 
     /// Open the TAP device of `--net` and start moving frames; received

@@ -5,7 +5,8 @@ use super::log::LogHeader;
 use crate::devices::Platform;
 use crate::vmm::{Vm, VmConfig, VmError};
 
-/// The header describing the guest `config` would boot.
+/// The header describing the guest `config` would boot (without tick
+/// catch-up: a recording that defers ticks sets it).
 pub fn header_for(
     config: &VmConfig,
     boot_unix_secs: u64,
@@ -20,19 +21,23 @@ pub fn header_for(
         boot_unix_secs,
         host_cpu,
         net_mac,
+        catch_up_ticks: false,
     }
 }
 
 /// Build the VM and its devices: the platform with its RTC at
-/// `boot_unix_secs`, and a NIC with `net_mac` if given.
+/// `boot_unix_secs`, tick catch-up if `catch_up_ticks` (the log header's
+/// flag), and a NIC with `net_mac` if given.
 pub fn build(
     config: &VmConfig,
     boot_unix_secs: u64,
+    catch_up_ticks: bool,
     net_mac: Option<[u8; 6]>,
 ) -> Result<(Vm, Platform<Vec<u8>>), VmError> {
     let vm = Vm::create(config)?;
     tracing::info!(entry = format_args!("{:#x}", vm.kernel.entry), kind = ?vm.kernel.kind, "kernel loaded");
     let mut platform = Platform::new(Vec::new(), boot_unix_secs);
+    platform.set_tick_catch_up(catch_up_ticks);
     if let Some(mac) = net_mac {
         platform.add_net(mac);
     }

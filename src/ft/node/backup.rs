@@ -112,6 +112,7 @@ pub fn run_backup_from(
             machine::build(
                 &guest.vm,
                 header.boot_unix_secs,
+                header.catch_up_ticks,
                 guest.net.as_ref().map(|n| n.mac),
             )
             .map_err(|e| e.to_string())
@@ -243,8 +244,13 @@ pub fn run_backup_from(
     let (vm, platform, snapshot) = match cloned {
         Some((vm, platform, snapshot)) => (vm, platform, Some(snapshot)),
         None => {
-            let (vm, platform) = machine::build(&guest.vm, header.boot_unix_secs, net_mac)
-                .with_context(|| format!("building the VM for {}", guest.vm.kernel_name))?;
+            let (vm, platform) = machine::build(
+                &guest.vm,
+                header.boot_unix_secs,
+                header.catch_up_ticks,
+                net_mac,
+            )
+            .with_context(|| format!("building the VM for {}", guest.vm.kernel_name))?;
             (vm, platform, None)
         }
     };

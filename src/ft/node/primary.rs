@@ -25,6 +25,7 @@ use crate::net::tap::TapBackend;
 use crate::replay::engine::{
     Connections, Control, Ending, Engine, Inputs, Output, RecordSettings, Role, Stop, StopOnSignal,
 };
+use crate::replay::log::LogHeader;
 use crate::replay::machine;
 use crate::vmm::{sys, Kicker};
 
@@ -101,9 +102,18 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
         None => sys::current_cpu().context("finding the host CPU to run on")?,
     };
     let net_mac = guest.net.as_ref().map(|n| n.mac);
-    let header = machine::header_for(&guest.vm, guest.boot_unix_secs, host_cpu, net_mac);
-    let (vm, platform) = machine::build(&guest.vm, guest.boot_unix_secs, net_mac)
-        .with_context(|| format!("building the VM for {}", guest.vm.kernel_name))?;
+    // Deferred ticks are caught up (docs/architecture.md, "Tick deferral").
+    let header = LogHeader {
+        catch_up_ticks: !cfg.tick_deferral.is_zero(),
+        ..machine::header_for(&guest.vm, guest.boot_unix_secs, host_cpu, net_mac)
+    };
+    let (vm, platform) = machine::build(
+        &guest.vm,
+        guest.boot_unix_secs,
+        header.catch_up_ticks,
+        net_mac,
+    )
+    .with_context(|| format!("building the VM for {}", guest.vm.kernel_name))?;
 
     eprintln!("twinvm primary: connecting to the backup at {backup_addr}");
     let stream = connect(backup_addr)?;

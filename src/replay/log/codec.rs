@@ -136,10 +136,13 @@ pub(super) fn encode_header(h: &LogHeader) -> Result<Vec<u8>, String> {
         }
         None => e.u8(0),
     }
+    e.u8(u8::from(h.catch_up_ticks));
     e.finish()
 }
 
-pub(super) fn decode_header(d: &mut Dec) -> Result<LogHeader, String> {
+/// A header of a log of format `version` (the catch-up flag is there from
+/// format 6 on; older logs never caught up ticks).
+pub(super) fn decode_header(d: &mut Dec, version: u16) -> Result<LogHeader, String> {
     let kernel_hash = d.array()?;
     let initrd_hash = match d.u8()? {
         0 => None,
@@ -156,6 +159,14 @@ pub(super) fn decode_header(d: &mut Dec) -> Result<LogHeader, String> {
         1 => Some(d.array()?),
         other => return Err(format!("NIC flag {other} is neither 0 nor 1")),
     };
+    let catch_up_ticks = match version {
+        ..=5 => false,
+        _ => match d.u8()? {
+            0 => false,
+            1 => true,
+            other => return Err(format!("tick catch-up flag {other} is neither 0 nor 1")),
+        },
+    };
     d.finish()?;
     Ok(LogHeader {
         kernel_hash,
@@ -165,6 +176,7 @@ pub(super) fn decode_header(d: &mut Dec) -> Result<LogHeader, String> {
         boot_unix_secs,
         host_cpu,
         net_mac,
+        catch_up_ticks,
     })
 }
 

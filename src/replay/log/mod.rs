@@ -95,6 +95,13 @@ pub struct LogHeader {
     pub host_cpu: u32,
     /// MAC address of the guest's virtio-net NIC, if it has one.
     pub net_mac: Option<[u8; 6]>,
+    /// Tick catch-up and interrupt-window landmarks (format 6; the
+    /// recording turns them on with a tick deferral): PIT periods missed
+    /// between polls are owed and raised later, and an interrupt waiting
+    /// while the guest cannot take it goes in at an interrupt-window exit.
+    /// Both change where landmarks are, so every replica of the log follows
+    /// the recording's choice (docs/architecture.md, "Tick deferral").
+    pub catch_up_ticks: bool,
 }
 
 impl LogHeader {
@@ -112,7 +119,7 @@ impl LogHeader {
     /// Inverse of [`LogHeader::encode`].
     pub fn decode(bytes: &[u8]) -> Result<LogHeader, LogError> {
         let mut d = Dec(bytes);
-        decode_header(&mut d)
+        decode_header(&mut d, LOG_VERSION)
             .and_then(|h| d.finish().map(|()| h))
             .map_err(|what| LogError::Malformed {
                 index: 0,
@@ -822,6 +829,7 @@ impl<R: Read> LogReader<R> {
                 boot_unix_secs: 0,
                 host_cpu: 0,
                 net_mac: None,
+                catch_up_ticks: false,
             },
             assembler: Assembler::new(10, 0, version),
         };
@@ -834,8 +842,8 @@ impl<R: Read> LogReader<R> {
                 "first record has kind {kind:#04x}, expected the header"
             )));
         }
-        reader.header =
-            decode_header(&mut Dec(payload)).map_err(|what| reader.assembler.at.malformed(what))?;
+        reader.header = decode_header(&mut Dec(payload), version)
+            .map_err(|what| reader.assembler.at.malformed(what))?;
         reader.assembler =
             Assembler::new(10 + frame.len() as u64, reader.header.mem_bytes, version);
         Ok(reader)

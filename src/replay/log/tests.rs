@@ -13,6 +13,7 @@ fn header() -> LogHeader {
         boot_unix_secs: 1_700_000_000,
         host_cpu: 1,
         net_mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+        catch_up_ticks: false,
     }
 }
 
@@ -165,12 +166,24 @@ fn truncation_names_record_and_last_landmark() {
     assert!(msg.contains("landmark Some(10)"), "{msg}");
 }
 
+/// The magic, `version` and the header of a log of that format (the
+/// header's last byte, the tick catch-up flag, came with format 6).
+fn log_start(version: u16) -> Vec<u8> {
+    let mut out = LOG_MAGIC.to_vec();
+    out.extend_from_slice(&version.to_le_bytes());
+    let mut payload = codec::encode_header(&header()).unwrap();
+    if version < 6 {
+        payload.pop();
+    }
+    write_frame(&mut out, KIND_HEADER, &payload).unwrap();
+    out
+}
+
 /// A version-3 log (every page whole) with one sync point with a valid
 /// frame (so the CRC passes) but bad insides: `pages` page addresses, then
 /// contents claiming `unpacked` bytes in `block`.
 fn sync_point_frame(pages: u32, unpacked: u32, block: &[u8]) -> Vec<u8> {
-    let mut out = LogWriter::new(Vec::new(), &header()).unwrap().into_inner();
-    out[8..10].copy_from_slice(&3u16.to_le_bytes());
+    let mut out = log_start(3);
     let mut e = Enc::default();
     e.u64(5);
     // regs, sregs, fpu, events, msrs
@@ -574,8 +587,7 @@ fn a_sync_point_refused_by_the_limit_leaves_the_state_base_as_readers_have_it() 
 
 #[test]
 fn version_4_sync_points_still_read() {
-    let mut out = LogWriter::new(Vec::new(), &header()).unwrap().into_inner();
-    out[8..10].copy_from_slice(&4u16.to_le_bytes());
+    let mut out = log_start(4);
     for landmark in [5u64, 6] {
         let mut e = Enc::default();
         e.u64(landmark);
@@ -702,8 +714,8 @@ fn logs_older_than_the_interrupt_window_rule_are_read_but_not_replayed() {
     assert_eq!(reader.version(), LOG_VERSION);
     reader.check_replayable().unwrap();
     for old in OLDEST_LOG_VERSION..OLDEST_REPLAYABLE_LOG_VERSION {
-        let mut bytes = ours.clone();
-        bytes[8..10].copy_from_slice(&old.to_le_bytes());
+        let mut bytes = log_start(old);
+        bytes.extend_from_slice(&ours[log_start(LOG_VERSION).len()..]);
         let reader = LogReader::new(bytes.as_slice()).unwrap();
         assert_eq!(reader.version(), old);
         let err = reader.check_replayable().unwrap_err();
@@ -713,4 +725,23 @@ fn logs_older_than_the_interrupt_window_rule_are_read_but_not_replayed() {
         );
         assert!(err.to_string().contains("interrupt-window"), "{err}");
     }
+}
+
+#[test]
+fn the_tick_catch_up_flag_travels_in_the_header_and_a_bad_one_is_refused() {
+    let h = LogHeader {
+        catch_up_ticks: true,
+        ..header()
+    };
+    let bytes = h.encode().unwrap();
+    assert!(LogHeader::decode(&bytes).unwrap().catch_up_ticks);
+    let mut bad = bytes.clone();
+    *bad.last_mut().unwrap() = 2;
+    let err = LogHeader::decode(&bad).unwrap_err();
+    assert!(err.to_string().contains("tick catch-up flag 2"), "{err}");
+    let (read, _) = read_all(&LogWriter::new(Vec::new(), &h).unwrap().into_inner()).unwrap();
+    assert!(read.catch_up_ticks);
+    // Older formats have no flag: they never caught up ticks.
+    let (old, _) = read_all(&log_start(5)).unwrap();
+    assert!(!old.catch_up_ticks);
 }
