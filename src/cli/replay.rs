@@ -37,9 +37,10 @@ pub struct RecordArgs {
     pub sync_bound_us: u64,
     /// Milliseconds a timer tick may be held past its deadline while the
     /// guest runs in user mode with nothing else owed to it, so fewer sync
-    /// points are made (the PIT periods missed meanwhile are owed and
-    /// delivered one after the other when the tick goes in).
-    /// 0 delivers every tick within the sync bound. Input, frames and other
+    /// points are made; above 0 the PIT periods missed meanwhile are owed
+    /// and delivered one after the other when the tick goes in (tick
+    /// catch-up, recorded in the log header). 0 delivers every tick within
+    /// the sync bound and coalesces missed periods. Input, frames and other
     /// interrupts are never held.
     #[arg(long, default_value_t = DEFAULT_TICK_DEFERRAL.as_millis() as u64, value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub tick_deferral_ms: u64,
