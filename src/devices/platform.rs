@@ -622,10 +622,10 @@ mod tests {
         outb(p, 0x40, (latch >> 8) as u8, 0);
     }
 
-    #[test]
-    fn timer_interrupts_with_eoi() {
-        let mut p = Platform::new(Vec::new(), 0);
-        boot_like_linux(&mut p);
+    /// A Linux-like timer at 1 kHz polled on time: a tick per period, the
+    /// second held while the first is in service, until its EOI.
+    fn two_ticks_on_time(p: &mut Platform<Vec<u8>>) {
+        boot_like_linux(p);
         let period = time_of_tick(1193);
         assert_eq!(p.next_deadline(), Some(period));
         // Nothing before the first period ends.
@@ -641,25 +641,22 @@ mod tests {
         assert_eq!(second, time_of_tick(2 * 1193));
         p.poll(second);
         assert!(!p.interrupt_pending());
-        outb(&mut p, 0x20, 0x20, second + 1000);
+        outb(p, 0x20, 0x20, second + 1000);
         assert!(p.interrupt_pending());
         assert_eq!(p.acknowledge_interrupt(), Some(0x20));
-        outb(&mut p, 0x20, 0x20, second + 2000);
-        // Polling late: three periods pass, one IRQ0, two coalesced.
-        p.poll(time_of_tick(5 * 1193));
-        assert_eq!(p.acknowledge_interrupt(), Some(0x20));
-        assert_eq!(p.acknowledge_interrupt(), None);
-        assert_eq!(p.pit_ticks_coalesced, 2);
-        outb(&mut p, 0x20, 0x20, time_of_tick(5 * 1193));
-        // Roughly 1000 interrupts per second when polled at each deadline.
+        outb(p, 0x20, 0x20, second + 2000);
+    }
+
+    /// Polled at each deadline for a second from `from`: 1000 interrupts.
+    fn a_second_polled_on_time(p: &mut Platform<Vec<u8>>, from: Nanos) {
         let mut count = 0;
-        let end = time_of_tick(5 * 1193) + 1000 * MS;
+        let end = from + 1000 * MS;
         while let Some(d) = p.next_deadline().filter(|&d| d <= end) {
             p.poll(d);
             while let Some(v) = p.acknowledge_interrupt() {
                 assert_eq!(v, 0x20);
                 count += 1;
-                outb(&mut p, 0x20, 0x20, d);
+                outb(p, 0x20, 0x20, d);
             }
         }
         assert_eq!(count, 1000);
@@ -668,58 +665,43 @@ mod tests {
     }
 
     #[test]
+    fn timer_interrupts_with_eoi() {
+        let mut p = Platform::new(Vec::new(), 0);
+        two_ticks_on_time(&mut p);
+        // Polling late: three periods pass, one IRQ0, two coalesced.
+        let late = time_of_tick(5 * 1193);
+        p.poll(late);
+        assert_eq!(p.acknowledge_interrupt(), Some(0x20));
+        assert_eq!(p.acknowledge_interrupt(), None);
+        assert_eq!(p.pit_ticks_coalesced, 2);
+        outb(&mut p, 0x20, 0x20, late);
+        assert_eq!(p.acknowledge_interrupt(), None);
+        assert_eq!(p.pit_ticks_owed(), 0);
+        a_second_polled_on_time(&mut p, late);
+    }
+
+    #[test]
     fn timer_interrupts_with_eoi_and_tick_catch_up() {
         let mut p = Platform::new(Vec::new(), 0);
         p.set_tick_catch_up(true);
-        boot_like_linux(&mut p);
-        let period = time_of_tick(1193);
-        assert_eq!(p.next_deadline(), Some(period));
-        // Nothing before the first period ends.
-        p.poll(period - 1);
-        assert!(!p.interrupt_pending());
-        assert_eq!(p.acknowledge_interrupt(), None);
-        p.poll(period);
-        assert!(p.interrupt_pending());
-        assert_eq!(p.acknowledge_interrupt(), Some(0x20));
-        assert!(!p.interrupt_pending());
-        // Next tick arrives while IRQ0 is still in service: held until EOI.
-        let second = p.next_deadline().unwrap();
-        assert_eq!(second, time_of_tick(2 * 1193));
-        p.poll(second);
-        assert!(!p.interrupt_pending());
-        outb(&mut p, 0x20, 0x20, second + 1000);
-        assert!(p.interrupt_pending());
-        assert_eq!(p.acknowledge_interrupt(), Some(0x20));
-        outb(&mut p, 0x20, 0x20, second + 2000);
+        two_ticks_on_time(&mut p);
         // Polling late: three periods pass, one IRQ0, two owed; each comes
         // after the EOI of the one before.
-        p.poll(time_of_tick(5 * 1193));
+        let late = time_of_tick(5 * 1193);
+        p.poll(late);
         assert_eq!(p.acknowledge_interrupt(), Some(0x20));
         assert_eq!(p.acknowledge_interrupt(), None);
         assert_eq!(p.pit_ticks_coalesced, 2);
         assert_eq!(p.pit_ticks_owed(), 1);
         for owed in [0, 0] {
-            outb(&mut p, 0x20, 0x20, time_of_tick(5 * 1193));
+            outb(&mut p, 0x20, 0x20, late);
             assert_eq!(p.acknowledge_interrupt(), Some(0x20));
             assert_eq!(p.pit_ticks_owed(), owed);
         }
-        outb(&mut p, 0x20, 0x20, time_of_tick(5 * 1193));
+        outb(&mut p, 0x20, 0x20, late);
         assert_eq!(p.acknowledge_interrupt(), None);
         assert_eq!(p.pit_ticks_caught_up, 2);
-        // Roughly 1000 interrupts per second when polled at each deadline.
-        let mut count = 0;
-        let end = time_of_tick(5 * 1193) + 1000 * MS;
-        while let Some(d) = p.next_deadline().filter(|&d| d <= end) {
-            p.poll(d);
-            while let Some(v) = p.acknowledge_interrupt() {
-                assert_eq!(v, 0x20);
-                count += 1;
-                outb(&mut p, 0x20, 0x20, d);
-            }
-        }
-        assert_eq!(count, 1000);
-        assert_eq!(p.unhandled_port_accesses(), 0);
-        assert_eq!(p.unsupported_device_accesses(), 0);
+        a_second_polled_on_time(&mut p, late);
     }
 
     /// Take every interrupt the platform raises, EOI-ing each, until none
