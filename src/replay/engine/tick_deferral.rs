@@ -5,13 +5,16 @@
 //! under shadow paging, a write fault on each page the guest stores to
 //! next) plus the pages in the log; a tick a few milliseconds late costs a
 //! user-mode loop nothing. The periods missed meanwhile reach the guest
-//! as one IRQ0 at the deferral's end, then the platform's owed ticks one
-//! per acknowledge (tick catch-up), each taken at an interrupt-window exit
-//! as the guest's handler returns (interrupt_window.rs), so they cost no
-//! further sync point (docs/architecture.md, "Tick deferral").
+//! as one IRQ0 at the deferral's end, then, with tick catch-up (which a
+//! recording with a deferral turns on in its log header; a backup gone
+//! live keeps its primary's rule), the platform's owed ticks one per
+//! acknowledge, each taken at an interrupt-window exit as the guest's
+//! handler returns (interrupt_window.rs), so they cost no further sync
+//! point (docs/architecture.md, "Tick deferral"). Without catch-up they
+//! are coalesced into that one IRQ0.
 //!
-//! A pending IRQ0, first or caught up, never waits into user mode with
-//! IF=1: a landmark where the guest cannot take it asks for a window, and
+//! With catch-up, a pending IRQ0, first or caught up, never waits into
+//! user mode with IF=1: a landmark where the guest cannot take it asks for a window, and
 //! the window exit injects it. So `other_waiting` (an interrupt the PIC
 //! holds) never needs to tell a catch-up tick from other lines: when a kick
 //! finds one the guest can take, something unusual happened (the guest
