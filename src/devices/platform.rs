@@ -5,8 +5,10 @@
 //! that saw edges, then one per owed period: "Tick catch-up" below),
 //! i8042 → IRQ1/IRQ12, COM1 → IRQ4, all edge-triggered on the PIC.
 //!
-//! Tick catch-up: PIT periods that pass between two polls (the guest ran
-//! without a landmark, or had IRQ0 still requested) are owed, not dropped:
+//! Tick catch-up (when the log header asks for it, `set_tick_catch_up`;
+//! otherwise several edges in one poll coalesce into one IRQ0): PIT
+//! periods that pass between two polls (the guest ran without a landmark,
+//! or had IRQ0 still requested) are owed, not dropped:
 //! each time the guest acknowledges IRQ0 and a period is owed, IRQ0 is
 //! raised again, so the next tick reaches the guest right after its EOI,
 //! when it can take interrupts again. A guest that keeps time by counting

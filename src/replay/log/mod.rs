@@ -33,16 +33,16 @@ pub const LOG_MAGIC: [u8; 8] = *b"TWINVMLG";
 /// Format version this build writes (and reads, with [`OLDEST_LOG_VERSION`]).
 /// Version 4 sends sync-point pages as deltas against a page cache; version
 /// 5 also the vCPU state, against the previous sync point's. Version 6
-/// has the same records; its landmarks include interrupt-window exits and
-/// its platform catches up missed PIT ticks (docs/log-format.md).
+/// has the same records and a header flag, `catch_up_ticks`: with it set,
+/// its landmarks include interrupt-window exits and its platform catches
+/// up missed PIT ticks (docs/log-format.md).
 pub const LOG_VERSION: u16 = 6;
 /// Oldest format version this build still reads (version 3: every
 /// sync-point page whole; 3 and 4: every vCPU state whole).
 pub const OLDEST_LOG_VERSION: u16 = 3;
-/// Oldest format version this build replays: older logs follow the old
-/// landmark rule (no interrupt-window exits, no tick catch-up), which this
-/// engine does not keep, so their replay would diverge; they are still
-/// read (inspected, converted) as before.
+/// Oldest format version this build replays: older logs were recorded by
+/// builds whose platform state (in digests) had no owed ticks; they are
+/// still read (inspected, converted) as before.
 pub const OLDEST_REPLAYABLE_LOG_VERSION: u16 = 6;
 /// No frame is larger than this; a corrupted length cannot make the reader
 /// allocate gigabytes.
