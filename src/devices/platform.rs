@@ -706,6 +706,14 @@ mod tests {
         a_second_polled_on_time(&mut p, late);
     }
 
+    /// A platform catching up ticks, its timer set up as Linux does.
+    fn linux_like_catching_up() -> Platform<Vec<u8>> {
+        let mut p = Platform::new(Vec::new(), 0);
+        p.set_tick_catch_up(true);
+        boot_like_linux(&mut p);
+        p
+    }
+
     /// Take every interrupt the platform raises, EOI-ing each, until none
     /// is left; returns how many were IRQ0.
     fn take_all_ticks(p: &mut Platform<Vec<u8>>, now: Nanos) -> u64 {
@@ -723,9 +731,7 @@ mod tests {
 
     #[test]
     fn every_period_missed_between_polls_reaches_the_guest() {
-        let mut p = Platform::new(Vec::new(), 0);
-        p.set_tick_catch_up(true);
-        boot_like_linux(&mut p);
+        let mut p = linux_like_catching_up();
         // 1 kHz; one poll 20 periods late: 20 ticks, one per EOI.
         let now = time_of_tick(20 * 1193);
         p.poll(now);
@@ -738,9 +744,7 @@ mod tests {
 
     #[test]
     fn an_owed_tick_waits_for_the_eoi_and_never_doubles_a_request() {
-        let mut p = Platform::new(Vec::new(), 0);
-        p.set_tick_catch_up(true);
-        boot_like_linux(&mut p);
+        let mut p = linux_like_catching_up();
         p.poll(time_of_tick(3 * 1193));
         assert_eq!(p.acknowledge_interrupt(), Some(0x20));
         // Re-raised at the INTA, held behind the one in service.
@@ -756,9 +760,7 @@ mod tests {
 
     #[test]
     fn owed_ticks_are_bounded_by_a_second_of_periods() {
-        let mut p = Platform::new(Vec::new(), 0);
-        p.set_tick_catch_up(true);
-        boot_like_linux(&mut p);
+        let mut p = linux_like_catching_up();
         // 3 s of 1 kHz periods in one poll: one raised, 1000 owed, the rest
         // dropped.
         let now = time_of_tick(3001 * 1193);
@@ -772,9 +774,7 @@ mod tests {
 
     #[test]
     fn a_masked_timer_owes_at_most_the_bound() {
-        let mut p = Platform::new(Vec::new(), 0);
-        p.set_tick_catch_up(true);
-        boot_like_linux(&mut p);
+        let mut p = linux_like_catching_up();
         outb(&mut p, 0x21, 0xff, 0);
         for s in 1..=5u64 {
             p.poll(time_of_tick(s * 1000 * 1193));
@@ -785,9 +785,7 @@ mod tests {
 
     #[test]
     fn owed_ticks_survive_save_and_restore() {
-        let mut a = Platform::new(Vec::new(), 0);
-        a.set_tick_catch_up(true);
-        boot_like_linux(&mut a);
+        let mut a = linux_like_catching_up();
         let now = time_of_tick(10 * 1193);
         a.poll(now);
         assert_eq!(a.acknowledge_interrupt(), Some(0x20));
