@@ -48,8 +48,8 @@ use std::time::{Duration, Instant};
 
 use twinvm::guests;
 use twinvm::replay::engine::{
-    Connections, ConsoleAndNet, Control, Ending, Engine, ExitStats, Inputs, LogSink,
-    RecordSettings, Recorder, Role, RunReport, Stop,
+    catches_up_ticks, Connections, ConsoleAndNet, Control, Ending, Engine, ExitStats, Inputs,
+    LogSink, RecordSettings, Recorder, Role, RunReport, Stop,
 };
 use twinvm::replay::log::{LogReader, LogWriter, PageStats, StateStats};
 use twinvm::replay::machine;
@@ -222,7 +222,7 @@ fn run(
 ) -> Result<(RunReport, Engine), String> {
     // Tick catch-up with a deferral, as `twinvm record` (the replay's
     // settings are the recording's).
-    let catch_up_ticks = !setup.settings.tick_deferral.is_zero();
+    let catch_up_ticks = catches_up_ticks(setup.settings.tick_deferral);
     let (vm, platform) =
         machine::build(cfg, BOOT_UNIX_SECS, catch_up_ticks, None).expect("create VM");
     let (control, rx) = crossbeam_channel::bounded(1);
@@ -336,7 +336,7 @@ fn record(
     let file = File::create(path).unwrap();
     let sync = file.try_clone().unwrap();
     let header = twinvm::replay::log::LogHeader {
-        catch_up_ticks: !setup.settings.tick_deferral.is_zero(),
+        catch_up_ticks: catches_up_ticks(setup.settings.tick_deferral),
         ..machine::header_for(cfg, BOOT_UNIX_SECS, host_cpu, None)
     };
     let writer: Box<dyn LogSink> = Box::new(CappedLog {

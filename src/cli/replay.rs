@@ -13,8 +13,9 @@ use clap::Args;
 use super::run::{RunArgs, VmSession};
 use super::size::parse_size;
 use crate::replay::engine::{
-    final_records_reserve, Ending, LogSink, PerturbKind, RecordSettings, Recorder, Role, RunReport,
-    Stop, TestPerturbation, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_TICK_DEFERRAL, MAX_HOT_PAGE_BUDGET,
+    catches_up_ticks, final_records_reserve, Ending, LogSink, PerturbKind, RecordSettings,
+    Recorder, Role, RunReport, Stop, TestPerturbation, DEFAULT_HOT_PAGE_BUDGET,
+    DEFAULT_TICK_DEFERRAL, MAX_HOT_PAGE_BUDGET,
 };
 use crate::replay::log::{LogHeader, LogReader, LogWriter, PAGE_SIZE};
 use crate::replay::log_file::LogFile;
@@ -164,8 +165,7 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
             .map(|d| d.as_secs())
             .unwrap_or(0),
     )?;
-    // Deferred ticks are caught up (docs/architecture.md, "Tick deferral").
-    session.catch_up_ticks = args.tick_deferral_ms > 0;
+    session.catch_up_ticks = catches_up_ticks(Duration::from_millis(args.tick_deferral_ms));
     // Before the log file is created: a refused recording leaves no file behind.
     session.require_replayable()?;
     let max_log_bytes = match args.max_log_size {

@@ -23,7 +23,8 @@ use crate::ft::link::{Hello, PrimaryEvent, PrimaryLink};
 use crate::ft::output::{HeldOutputs, OutputBounds};
 use crate::net::tap::TapBackend;
 use crate::replay::engine::{
-    Connections, Control, Ending, Engine, Inputs, Output, RecordSettings, Role, Stop, StopOnSignal,
+    catches_up_ticks, Connections, Control, Ending, Engine, Inputs, Output, RecordSettings, Role,
+    Stop, StopOnSignal,
 };
 use crate::replay::log::LogHeader;
 use crate::replay::machine;
@@ -104,7 +105,7 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
     let net_mac = guest.net.as_ref().map(|n| n.mac);
     // Deferred ticks are caught up (docs/architecture.md, "Tick deferral").
     let header = LogHeader {
-        catch_up_ticks: !cfg.tick_deferral.is_zero(),
+        catch_up_ticks: catches_up_ticks(cfg.tick_deferral),
         ..machine::header_for(&guest.vm, guest.boot_unix_secs, host_cpu, net_mac)
     };
     let (vm, platform) = machine::build(

@@ -297,6 +297,15 @@ const MAX_HELD_SERIAL_INPUT: usize = 4096;
 /// fewer sync points").
 pub const DEFAULT_TICK_DEFERRAL: Duration = Duration::ZERO;
 
+/// Whether a recording with this tick deferral catches up ticks (and takes
+/// interrupts at window exits): the log header's `catch_up_ticks`, which
+/// every replica follows. Only with a deferral: for Linux here catch-up
+/// costs far more time than it saves (docs/benchmarks.md, "Linux and tick
+/// catch-up").
+pub fn catches_up_ticks(tick_deferral: Duration) -> bool {
+    !tick_deferral.is_zero()
+}
+
 /// The default [`RecordSettings::hot_page_budget`], in pages (chosen by the
 /// sweep in docs/benchmarks.md, "sync-point cost").
 pub const DEFAULT_HOT_PAGE_BUDGET: usize = 2048;
