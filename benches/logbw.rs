@@ -48,8 +48,8 @@ use std::time::{Duration, Instant};
 
 use twinvm::guests;
 use twinvm::replay::engine::{
-    catches_up_ticks, Connections, ConsoleAndNet, Control, Ending, Engine, ExitStats, Inputs,
-    LogSink, RecordSettings, Recorder, Role, RunReport, Stop,
+    tick_delivery, Connections, ConsoleAndNet, Control, Ending, Engine, ExitStats, Inputs, LogSink,
+    RecordSettings, Recorder, Role, RunReport, Stop,
 };
 use twinvm::replay::log::{LogReader, LogWriter, PageStats, StateStats};
 use twinvm::replay::machine;
@@ -222,9 +222,8 @@ fn run(
 ) -> Result<(RunReport, Engine), String> {
     // Tick catch-up with a deferral, as `twinvm record` (the replay's
     // settings are the recording's).
-    let catch_up_ticks = catches_up_ticks(setup.settings.tick_deferral);
-    let (vm, platform) =
-        machine::build(cfg, BOOT_UNIX_SECS, catch_up_ticks, None).expect("create VM");
+    let tick_rule = tick_delivery(setup.settings.tick_deferral);
+    let (vm, platform) = machine::build(cfg, BOOT_UNIX_SECS, tick_rule, None).expect("create VM");
     let (control, rx) = crossbeam_channel::bounded(1);
     let inputs = Inputs {
         control: rx,
@@ -336,7 +335,7 @@ fn record(
     let file = File::create(path).unwrap();
     let sync = file.try_clone().unwrap();
     let header = twinvm::replay::log::LogHeader {
-        catch_up_ticks: catches_up_ticks(setup.settings.tick_deferral),
+        tick_delivery: tick_delivery(setup.settings.tick_deferral),
         ..machine::header_for(cfg, BOOT_UNIX_SECS, host_cpu, None)
     };
     let writer: Box<dyn LogSink> = Box::new(CappedLog {

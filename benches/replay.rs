@@ -107,7 +107,7 @@ fn record(
         host_cpu,
         net_mac: None,
         // No tick deferral here, so no catch-up (as `twinvm record`).
-        catch_up_ticks: false,
+        tick_delivery: twinvm::devices::TickDelivery::AtLandmarks,
     };
     let writer: Box<dyn LogSink> = Box::new(BufWriter::new(file));
     let recorder = Recorder {

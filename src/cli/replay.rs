@@ -13,9 +13,9 @@ use clap::Args;
 use super::run::{RunArgs, VmSession};
 use super::size::parse_size;
 use crate::replay::engine::{
-    catches_up_ticks, final_records_reserve, Ending, LogSink, PerturbKind, RecordSettings,
-    Recorder, Role, RunReport, Stop, TestPerturbation, DEFAULT_HOT_PAGE_BUDGET,
-    DEFAULT_TICK_DEFERRAL, MAX_HOT_PAGE_BUDGET,
+    final_records_reserve, tick_delivery, Ending, LogSink, PerturbKind, RecordSettings, Recorder,
+    Role, RunReport, Stop, TestPerturbation, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_TICK_DEFERRAL,
+    MAX_HOT_PAGE_BUDGET,
 };
 use crate::replay::log::{LogHeader, LogReader, LogWriter, PAGE_SIZE};
 use crate::replay::log_file::LogFile;
@@ -165,7 +165,7 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
             .map(|d| d.as_secs())
             .unwrap_or(0),
     )?;
-    session.catch_up_ticks = catches_up_ticks(Duration::from_millis(args.tick_deferral_ms));
+    session.tick_delivery = tick_delivery(Duration::from_millis(args.tick_deferral_ms));
     // Before the log file is created: a refused recording leaves no file behind.
     session.require_replayable()?;
     let max_log_bytes = match args.max_log_size {
@@ -192,7 +192,7 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
     // Stay on the CPU we are on; the replay pins itself to the same one.
     let host_cpu = sys::current_cpu().context("finding the host CPU to record on")?;
     let header = LogHeader {
-        catch_up_ticks: session.catch_up_ticks,
+        tick_delivery: session.tick_delivery,
         ..header_for(
             &session.config,
             session.boot_unix_secs,
@@ -290,7 +290,7 @@ pub fn replay(args: &ReplayArgs) -> Result<ExitCode> {
         .with_context(|| format!("replaying {}", args.log.display()))?;
     let boot_unix_secs = reader.header().boot_unix_secs;
     let mut session = VmSession::new(&args.run, boot_unix_secs)?;
-    session.catch_up_ticks = reader.header().catch_up_ticks;
+    session.tick_delivery = reader.header().tick_delivery;
     session.require_replayable()?;
     check_header(reader.header(), &session.config, session.net_mac())
         .with_context(|| format!("replaying {}", args.log.display()))?;

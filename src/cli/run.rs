@@ -13,7 +13,7 @@ use clap::Args;
 use crossbeam_channel::Receiver;
 
 use super::size::parse_size;
-use crate::devices::Platform;
+use crate::devices::{Platform, TickDelivery};
 use crate::guests::{self, BUILTIN_PREFIX};
 use crate::net::tap::TapBackend;
 use crate::net::NetSpec;
@@ -147,7 +147,7 @@ pub struct VmSession {
     pub test_perturbation: Option<TestPerturbation>,
     /// Tick catch-up and interrupt-window landmarks: a recording's choice
     /// (on with a tick deferral), a replay's from its log header.
-    pub catch_up_ticks: bool,
+    pub tick_delivery: TickDelivery,
     args: RunArgs,
 }
 
@@ -158,7 +158,7 @@ impl VmSession {
             config: args.vm_config()?,
             boot_unix_secs,
             test_perturbation: None,
-            catch_up_ticks: false,
+            tick_delivery: TickDelivery::AtLandmarks,
             args: args.clone(),
         })
     }
@@ -178,7 +178,7 @@ impl VmSession {
         machine::build(
             &self.config,
             self.boot_unix_secs,
-            self.catch_up_ticks,
+            self.tick_delivery,
             self.net_mac(),
         )
         .with_context(|| format!("building the VM for {}", self.args.kernel))

@@ -107,7 +107,7 @@ mod tests {
             boot_unix_secs: 5,
             host_cpu: 0,
             net_mac: None,
-            catch_up_ticks: false,
+            tick_delivery: crate::devices::TickDelivery::AtLandmarks,
         }
     }
 

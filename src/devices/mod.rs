@@ -13,6 +13,7 @@ pub mod pic;
 pub mod pit;
 pub mod platform;
 pub mod rtc;
+pub mod tick_delivery;
 pub mod uart;
 pub mod virtio;
 
@@ -22,6 +23,7 @@ pub use pic::{Pic, PicState};
 pub use pit::{Pit, PitState, PIT_HZ};
 pub use platform::{Platform, PlatformEvent, PlatformState};
 pub use rtc::{Rtc, RtcState};
+pub use tick_delivery::TickDelivery;
 pub use uart::{Uart, UartState};
 pub use virtio::{
     GuestRam, GuestRamError, RxOutcome, VecRam, VirtioNet, VirtioNetConfig, VirtioNetState,

@@ -5,7 +5,7 @@
 //! that saw edges, then one per owed period: "Tick catch-up" below),
 //! i8042 → IRQ1/IRQ12, COM1 → IRQ4, all edge-triggered on the PIC.
 //!
-//! Tick catch-up (when the log header asks for it, `set_tick_catch_up`;
+//! Tick catch-up (when the log header asks for it, `set_tick_delivery`;
 //! otherwise several edges in one poll coalesce into one IRQ0): PIT
 //! periods that pass between two polls (the guest ran without a landmark,
 //! or had IRQ0 still requested) are owed, not dropped:
@@ -32,7 +32,7 @@ use super::pit::{Pit, PitState};
 use super::rtc::{Rtc, RtcState};
 use super::uart::{Uart, UartState};
 use super::virtio::{GuestRam, RxOutcome, VirtioNet, VirtioNetConfig, VirtioNetState};
-use super::{check_version, Nanos, StateError};
+use super::{check_version, Nanos, StateError, TickDelivery};
 
 /// Version of [`PlatformState`] this build writes (3: owed PIT ticks).
 pub const PLATFORM_STATE_VERSION: u32 = 3;
@@ -155,9 +155,9 @@ pub struct Platform<W: Write> {
     /// Owed periods dropped because the debt passed its bound
     /// ([`MAX_OWED_TICK_SECONDS`]).
     pub pit_ticks_dropped: u64,
-    /// Whether missed periods are owed (tick catch-up) or coalesced into
-    /// one IRQ0 as before: the log header's choice, fixed for a run.
-    tick_catch_up: bool,
+    /// How ticks reach the guest (whether missed periods are owed or
+    /// coalesced into one IRQ0): the log header's choice, fixed for a run.
+    tick_delivery: TickDelivery,
 }
 
 impl<W: Write> Platform<W> {
@@ -178,20 +178,21 @@ impl<W: Write> Platform<W> {
             pit_ticks_owed: 0,
             pit_ticks_caught_up: 0,
             pit_ticks_dropped: 0,
-            tick_catch_up: false,
+            tick_delivery: TickDelivery::AtLandmarks,
         }
     }
 
-    /// Owe missed PIT periods and raise them later (tick catch-up, module
-    /// docs) instead of coalescing them; set before the guest runs.
-    pub fn set_tick_catch_up(&mut self, on: bool) {
-        self.tick_catch_up = on;
+    /// How ticks reach the guest: with catch-up, missed PIT periods are
+    /// owed and raised later (module docs) instead of coalesced; set before
+    /// the guest runs.
+    pub fn set_tick_delivery(&mut self, rule: TickDelivery) {
+        self.tick_delivery = rule;
     }
 
-    /// Whether missed PIT periods are caught up (and interrupts wait for
-    /// interrupt-window exits: the engine asks only then).
-    pub fn catches_up_ticks(&self) -> bool {
-        self.tick_catch_up
+    /// How ticks reach the guest (the engine asks for interrupt-window
+    /// exits when the rule says so).
+    pub fn tick_delivery(&self) -> TickDelivery {
+        self.tick_delivery
     }
 
     /// Plug a virtio-net NIC with MAC `mac` into [`NET_PCI_SLOT`], its
@@ -379,7 +380,7 @@ impl<W: Write> Platform<W> {
     /// the others are owed and raised one per acknowledge (tick catch-up).
     pub fn poll(&mut self, now: Nanos) {
         let edges = u64::from(self.pit.poll(now));
-        if edges > 0 && !self.tick_catch_up {
+        if edges > 0 && !self.tick_delivery.catches_up() {
             // Several edges coalesce, as an edge-triggered IRR bit would.
             self.pulse_pit_irq();
             self.pit_ticks_coalesced += edges - 1;
@@ -587,358 +588,5 @@ mod time_port_tests {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::super::pit::{time_of_tick, PIT_HZ};
-    use super::*;
-
-    const MS: Nanos = 1_000_000;
-
-    fn outb(p: &mut Platform<Vec<u8>>, port: u16, val: u8, now: Nanos) {
-        p.pio_write(port, &[val], now);
-    }
-
-    fn inb(p: &mut Platform<Vec<u8>>, port: u16, now: Nanos) -> u8 {
-        let mut b = [0];
-        p.pio_read(port, &mut b, now);
-        b[0]
-    }
-
-    /// Linux's init_8259A() and the i8253 periodic clockevent at HZ=1000.
-    fn boot_like_linux(p: &mut Platform<Vec<u8>>) {
-        outb(p, 0x21, 0xff, 0);
-        outb(p, 0xa1, 0xff, 0);
-        outb(p, 0x20, 0x11, 0);
-        outb(p, 0x21, 0x20, 0);
-        outb(p, 0x21, 0x04, 0);
-        outb(p, 0x21, 0x01, 0);
-        outb(p, 0xa0, 0x11, 0);
-        outb(p, 0xa1, 0x28, 0);
-        outb(p, 0xa1, 0x02, 0);
-        outb(p, 0xa1, 0x01, 0);
-        // Unmask IRQ0 (timer), IRQ2 (cascade), IRQ4 (COM1).
-        outb(p, 0x21, !0x15, 0);
-        outb(p, 0xa1, 0xff, 0);
-        let latch = ((PIT_HZ + 500) / 1000) as u16;
-        outb(p, 0x43, 0x34, 0);
-        outb(p, 0x40, latch as u8, 0);
-        outb(p, 0x40, (latch >> 8) as u8, 0);
-    }
-
-    /// A Linux-like timer at 1 kHz polled on time: a tick per period, the
-    /// second held while the first is in service, until its EOI.
-    fn two_ticks_on_time(p: &mut Platform<Vec<u8>>) {
-        boot_like_linux(p);
-        let period = time_of_tick(1193);
-        assert_eq!(p.next_deadline(), Some(period));
-        // Nothing before the first period ends.
-        p.poll(period - 1);
-        assert!(!p.interrupt_pending());
-        assert_eq!(p.acknowledge_interrupt(), None);
-        p.poll(period);
-        assert!(p.interrupt_pending());
-        assert_eq!(p.acknowledge_interrupt(), Some(0x20));
-        assert!(!p.interrupt_pending());
-        // Next tick arrives while IRQ0 is still in service: held until EOI.
-        let second = p.next_deadline().unwrap();
-        assert_eq!(second, time_of_tick(2 * 1193));
-        p.poll(second);
-        assert!(!p.interrupt_pending());
-        outb(p, 0x20, 0x20, second + 1000);
-        assert!(p.interrupt_pending());
-        assert_eq!(p.acknowledge_interrupt(), Some(0x20));
-        outb(p, 0x20, 0x20, second + 2000);
-    }
-
-    /// Polled at each deadline for a second from `from`: 1000 interrupts.
-    fn a_second_polled_on_time(p: &mut Platform<Vec<u8>>, from: Nanos) {
-        let mut count = 0;
-        let end = from + 1000 * MS;
-        while let Some(d) = p.next_deadline().filter(|&d| d <= end) {
-            p.poll(d);
-            while let Some(v) = p.acknowledge_interrupt() {
-                assert_eq!(v, 0x20);
-                count += 1;
-                outb(p, 0x20, 0x20, d);
-            }
-        }
-        assert_eq!(count, 1000);
-        assert_eq!(p.unhandled_port_accesses(), 0);
-        assert_eq!(p.unsupported_device_accesses(), 0);
-    }
-
-    #[test]
-    fn timer_interrupts_with_eoi() {
-        let mut p = Platform::new(Vec::new(), 0);
-        two_ticks_on_time(&mut p);
-        // Polling late: three periods pass, one IRQ0, two coalesced.
-        let late = time_of_tick(5 * 1193);
-        p.poll(late);
-        assert_eq!(p.acknowledge_interrupt(), Some(0x20));
-        assert_eq!(p.acknowledge_interrupt(), None);
-        assert_eq!(p.pit_ticks_coalesced, 2);
-        outb(&mut p, 0x20, 0x20, late);
-        assert_eq!(p.acknowledge_interrupt(), None);
-        assert_eq!(p.pit_ticks_owed(), 0);
-        a_second_polled_on_time(&mut p, late);
-    }
-
-    #[test]
-    fn timer_interrupts_with_eoi_and_tick_catch_up() {
-        let mut p = Platform::new(Vec::new(), 0);
-        p.set_tick_catch_up(true);
-        two_ticks_on_time(&mut p);
-        // Polling late: three periods pass, one IRQ0, two owed; each comes
-        // after the EOI of the one before.
-        let late = time_of_tick(5 * 1193);
-        p.poll(late);
-        assert_eq!(p.acknowledge_interrupt(), Some(0x20));
-        assert_eq!(p.acknowledge_interrupt(), None);
-        assert_eq!(p.pit_ticks_coalesced, 2);
-        assert_eq!(p.pit_ticks_owed(), 1);
-        for owed in [0, 0] {
-            outb(&mut p, 0x20, 0x20, late);
-            assert_eq!(p.acknowledge_interrupt(), Some(0x20));
-            assert_eq!(p.pit_ticks_owed(), owed);
-        }
-        outb(&mut p, 0x20, 0x20, late);
-        assert_eq!(p.acknowledge_interrupt(), None);
-        assert_eq!(p.pit_ticks_caught_up, 2);
-        a_second_polled_on_time(&mut p, late);
-    }
-
-    /// A platform catching up ticks, its timer set up as Linux does.
-    fn linux_like_catching_up() -> Platform<Vec<u8>> {
-        let mut p = Platform::new(Vec::new(), 0);
-        p.set_tick_catch_up(true);
-        boot_like_linux(&mut p);
-        p
-    }
-
-    /// Take every interrupt the platform raises, EOI-ing each, until none
-    /// is left; returns how many were IRQ0.
-    fn take_all_ticks(p: &mut Platform<Vec<u8>>, now: Nanos) -> u64 {
-        let mut ticks = 0;
-        for _ in 0..100_000 {
-            match p.acknowledge_interrupt() {
-                Some(0x20) => ticks += 1,
-                Some(other) => panic!("unexpected vector {other:#x}"),
-                None => return ticks,
-            }
-            outb(p, 0x20, 0x20, now);
-        }
-        panic!("the platform never stopped raising IRQ0");
-    }
-
-    #[test]
-    fn every_period_missed_between_polls_reaches_the_guest() {
-        let mut p = linux_like_catching_up();
-        // 1 kHz; one poll 20 periods late: 20 ticks, one per EOI.
-        let now = time_of_tick(20 * 1193);
-        p.poll(now);
-        assert_eq!(p.pit_ticks_owed(), 19);
-        assert_eq!(take_all_ticks(&mut p, now), 20);
-        assert_eq!(p.pit_ticks_owed(), 0);
-        assert_eq!(p.pit_ticks_caught_up, 19);
-        assert_eq!(p.pit_ticks_dropped, 0);
-    }
-
-    #[test]
-    fn an_owed_tick_waits_for_the_eoi_and_never_doubles_a_request() {
-        let mut p = linux_like_catching_up();
-        p.poll(time_of_tick(3 * 1193));
-        assert_eq!(p.acknowledge_interrupt(), Some(0x20));
-        // Re-raised at the INTA, held behind the one in service.
-        assert!(!p.interrupt_pending());
-        // A poll while IRQ0 is requested owes its edges instead of losing
-        // them in the latched request.
-        p.poll(time_of_tick(5 * 1193));
-        assert_eq!(p.pit_ticks_owed(), 1 + 2);
-        outb(&mut p, 0x20, 0x20, time_of_tick(5 * 1193));
-        assert!(p.interrupt_pending());
-        assert_eq!(take_all_ticks(&mut p, time_of_tick(5 * 1193)), 4);
-    }
-
-    #[test]
-    fn owed_ticks_are_bounded_by_a_second_of_periods() {
-        let mut p = linux_like_catching_up();
-        // 3 s of 1 kHz periods in one poll: one raised, 1000 owed, the rest
-        // dropped.
-        let now = time_of_tick(3001 * 1193);
-        p.poll(now);
-        assert_eq!(p.pit_ticks_owed(), 1000);
-        assert_eq!(p.pit_ticks_dropped, 2000);
-        assert_eq!(take_all_ticks(&mut p, now), 1001);
-        assert_eq!(max_owed_ticks(None), 1);
-        assert_eq!(max_owed_ticks(Some(PIT_HZ * 10)), 1);
-    }
-
-    #[test]
-    fn a_masked_timer_owes_at_most_the_bound() {
-        let mut p = linux_like_catching_up();
-        outb(&mut p, 0x21, 0xff, 0);
-        for s in 1..=5u64 {
-            p.poll(time_of_tick(s * 1000 * 1193));
-            assert!(p.pit_ticks_owed() <= 1000);
-        }
-        assert!(!p.interrupt_pending());
-    }
-
-    #[test]
-    fn owed_ticks_survive_save_and_restore() {
-        let mut a = linux_like_catching_up();
-        let now = time_of_tick(10 * 1193);
-        a.poll(now);
-        assert_eq!(a.acknowledge_interrupt(), Some(0x20));
-        let state = a.save();
-        assert_eq!(state.pit_ticks_owed, 8);
-        let mut b = Platform::new(Vec::new(), 0);
-        b.set_tick_catch_up(true);
-        b.restore(&state).unwrap();
-        assert_eq!(b.save(), state);
-        outb(&mut a, 0x20, 0x20, now);
-        outb(&mut b, 0x20, 0x20, now);
-        assert_eq!(take_all_ticks(&mut a, now), 9);
-        assert_eq!(take_all_ticks(&mut b, now), 9);
-        // An impossible debt is refused and changes nothing.
-        let mut bad = state.clone();
-        bad.pit_ticks_owed = u64::MAX;
-        let before = b.save();
-        assert!(b.restore(&bad).is_err());
-        assert_eq!(b.save(), before);
-    }
-
-    #[test]
-    fn serial_rx_raises_vector_0x24() {
-        let mut p = Platform::new(Vec::new(), 0);
-        boot_like_linux(&mut p);
-        // 8250 startup: FIFO (8-byte trigger), 8N1, DTR|RTS|OUT2, ERBFI.
-        outb(&mut p, 0x3fa, 0x87, 0);
-        outb(&mut p, 0x3fb, 0x03, 0);
-        outb(&mut p, 0x3fc, 0x0b, 0);
-        outb(&mut p, 0x3f9, 0x01, 0);
-        assert!(!p.interrupt_pending());
-        assert_eq!(p.enqueue_serial_input(b"ls\n"), 3);
-        assert!(p.interrupt_pending());
-        assert_eq!(p.acknowledge_interrupt(), Some(0x24));
-        // The handler: IIR, then drain RBR while LSR.DR.
-        assert_eq!(inb(&mut p, 0x3fa, 0) & 0x0f, 0x0c);
-        let mut got = Vec::new();
-        while inb(&mut p, 0x3fd, 0) & 1 != 0 {
-            got.push(inb(&mut p, 0x3f8, 0));
-        }
-        assert_eq!(got, b"ls\n");
-        assert_eq!(inb(&mut p, 0x3fa, 0) & 0x0f, 0x01);
-        outb(&mut p, 0x20, 0x20, 0);
-        assert!(!p.interrupt_pending());
-        // More input later: a new edge, a new interrupt.
-        assert_eq!(p.enqueue_serial_input(b"x"), 1);
-        assert_eq!(p.acknowledge_interrupt(), Some(0x24));
-    }
-
-    #[test]
-    fn serial_tx_and_thre_interrupts_reach_the_pic() {
-        let mut p = Platform::new(Vec::new(), 0);
-        boot_like_linux(&mut p);
-        outb(&mut p, 0x3fc, 0x0b, 0);
-        // Enabling ETBEI raises THRE: IRQ4.
-        outb(&mut p, 0x3f9, 0x02, 0);
-        assert_eq!(p.acknowledge_interrupt(), Some(0x24));
-        // The handler writes bytes without reading IIR between them; each
-        // THR write makes THRE anew, which must latch another request.
-        for &b in b"ok" {
-            outb(&mut p, 0x3f8, b, 0);
-        }
-        outb(&mut p, 0x20, 0x20, 0);
-        assert_eq!(p.acknowledge_interrupt(), Some(0x24));
-        assert_eq!(p.uart.out_mut().as_slice(), b"ok");
-    }
-
-    #[test]
-    fn word_access_splits_into_bytes() {
-        let mut p = Platform::new(Vec::new(), 0);
-        // outw to 0x70: index 0x40 to 0x70, data 0x5a to 0x71.
-        p.pio_write(0x70, &[0x40, 0x5a], 0);
-        outb(&mut p, 0x70, 0x40, 0);
-        assert_eq!(inb(&mut p, 0x71, 0), 0x5a);
-        // inw from the master PIC: IRR then IMR.
-        let mut w = [0; 2];
-        p.pio_read(0x20, &mut w, 0);
-        assert_eq!(w, [0x00, 0xff]);
-        // 32-bit PCI access goes to the PCI root whole.
-        p.pio_write(0xcf8, &0x8000_0000u32.to_le_bytes(), 0);
-        let mut d = [0; 4];
-        p.pio_read(0xcfc, &mut d, 0);
-        assert_eq!(u32::from_le_bytes(d), 0x1237_8086);
-    }
-
-    #[test]
-    fn quiet_and_unhandled_ports() {
-        let mut p = Platform::new(Vec::new(), 0);
-        outb(&mut p, 0x80, 0x00, 0);
-        assert_eq!(inb(&mut p, 0x80, 0), 0xff);
-        outb(&mut p, 0xed, 0x00, 0);
-        for base in [0x2f8, 0x3e8, 0x2e8] {
-            assert_eq!(inb(&mut p, base + 5, 0), 0xff);
-            outb(&mut p, base + 4, 0x10, 0);
-        }
-        assert_eq!(p.unhandled_port_accesses(), 0);
-        assert_eq!(inb(&mut p, 0x1f7, 0), 0xff);
-        let mut d = [0; 4];
-        p.pio_read(0x500, &mut d, 0);
-        assert_eq!(d, [0xff; 4]);
-        p.pio_write(0x92, &[0x02], 0);
-        assert_eq!(p.unhandled_port_accesses(), 3);
-    }
-
-    #[test]
-    fn reset_through_i8042() {
-        let mut p = Platform::new(Vec::new(), 0);
-        assert_eq!(p.take_event(), None);
-        outb(&mut p, 0x64, 0xfe, 0);
-        assert_eq!(p.take_event(), Some(PlatformEvent::Reset));
-        assert_eq!(p.take_event(), None);
-    }
-
-    #[test]
-    fn rtc_and_port61_through_platform() {
-        let mut p = Platform::new(Vec::new(), 1_709_251_198);
-        outb(&mut p, 0x70, 0x00, 0);
-        assert_eq!(inb(&mut p, 0x71, 3 * MS), 0x58);
-        outb(&mut p, 0x61, 0x01, 0);
-        outb(&mut p, 0x43, 0xb0, 0);
-        outb(&mut p, 0x42, 10, 0);
-        outb(&mut p, 0x42, 0, 0);
-        assert_eq!(inb(&mut p, 0x61, time_of_tick(9)) & 0x20, 0);
-        assert_eq!(inb(&mut p, 0x61, time_of_tick(10)) & 0x20, 0x20);
-    }
-
-    #[test]
-    fn save_restore_continues_identically() {
-        let mut a = Platform::new(Vec::new(), 1_000_000);
-        boot_like_linux(&mut a);
-        outb(&mut a, 0x3fc, 0x0b, 0);
-        outb(&mut a, 0x3f9, 0x01, 0);
-        a.enqueue_serial_input(b"abc");
-        a.poll(3 * MS);
-        outb(&mut a, 0x64, 0xfe, 3 * MS);
-        let state = a.save();
-        let mut b = Platform::new(Vec::new(), 0);
-        b.restore(&state).unwrap();
-        assert_eq!(b.save(), state);
-        assert_eq!(b.take_event(), Some(PlatformEvent::Reset));
-        for now in [3 * MS, 4 * MS, 10 * MS] {
-            a.poll(now);
-            b.poll(now);
-            assert_eq!(a.acknowledge_interrupt(), b.acknowledge_interrupt());
-            assert_eq!(inb(&mut a, 0x3f8, now), inb(&mut b, 0x3f8, now));
-            outb(&mut a, 0x20, 0x20, now);
-            outb(&mut b, 0x20, 0x20, now);
-        }
-        // A bad state changes nothing.
-        let mut bad = state.clone();
-        bad.rtc.cmos.clear();
-        let before = b.save();
-        assert!(b.restore(&bad).is_err());
-        assert_eq!(b.save(), before);
-    }
-}
+#[path = "platform_tests.rs"]
+mod tests;

@@ -2,7 +2,7 @@
 //! header that names it (so a replay or a backup can refuse another guest).
 
 use super::log::LogHeader;
-use crate::devices::Platform;
+use crate::devices::{Platform, TickDelivery};
 use crate::vmm::{Vm, VmConfig, VmError};
 
 /// The header describing the guest `config` would boot (without tick
@@ -21,23 +21,23 @@ pub fn header_for(
         boot_unix_secs,
         host_cpu,
         net_mac,
-        catch_up_ticks: false,
+        tick_delivery: TickDelivery::AtLandmarks,
     }
 }
 
 /// Build the VM and its devices: the platform with its RTC at
-/// `boot_unix_secs`, tick catch-up if `catch_up_ticks` (the log header's
-/// flag), and a NIC with `net_mac` if given.
+/// `boot_unix_secs`, ticks delivered by `tick_delivery` (the log header's
+/// rule), and a NIC with `net_mac` if given.
 pub fn build(
     config: &VmConfig,
     boot_unix_secs: u64,
-    catch_up_ticks: bool,
+    tick_delivery: TickDelivery,
     net_mac: Option<[u8; 6]>,
 ) -> Result<(Vm, Platform<Vec<u8>>), VmError> {
     let vm = Vm::create(config)?;
     tracing::info!(entry = format_args!("{:#x}", vm.kernel.entry), kind = ?vm.kernel.kind, "kernel loaded");
     let mut platform = Platform::new(Vec::new(), boot_unix_secs);
-    platform.set_tick_catch_up(catch_up_ticks);
+    platform.set_tick_delivery(tick_delivery);
     if let Some(mac) = net_mac {
         platform.add_net(mac);
     }

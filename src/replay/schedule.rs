@@ -301,7 +301,7 @@ mod tests {
             boot_unix_secs: 0,
             host_cpu: 0,
             net_mac: None,
-            catch_up_ticks: false,
+            tick_delivery: crate::devices::TickDelivery::AtLandmarks,
         };
         let mut w = LogWriter::new(Vec::new(), &h).unwrap();
         for r in records {

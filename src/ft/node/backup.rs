@@ -112,7 +112,7 @@ pub fn run_backup_from(
             machine::build(
                 &guest.vm,
                 header.boot_unix_secs,
-                header.catch_up_ticks,
+                header.tick_delivery,
                 guest.net.as_ref().map(|n| n.mac),
             )
             .map_err(|e| e.to_string())
@@ -247,7 +247,7 @@ pub fn run_backup_from(
             let (vm, platform) = machine::build(
                 &guest.vm,
                 header.boot_unix_secs,
-                header.catch_up_ticks,
+                header.tick_delivery,
                 net_mac,
             )
             .with_context(|| format!("building the VM for {}", guest.vm.kernel_name))?;

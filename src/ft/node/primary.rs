@@ -23,7 +23,7 @@ use crate::ft::link::{Hello, PrimaryEvent, PrimaryLink};
 use crate::ft::output::{HeldOutputs, OutputBounds};
 use crate::net::tap::TapBackend;
 use crate::replay::engine::{
-    catches_up_ticks, Connections, Control, Ending, Engine, Inputs, Output, RecordSettings, Role,
+    tick_delivery, Connections, Control, Ending, Engine, Inputs, Output, RecordSettings, Role,
     Stop, StopOnSignal,
 };
 use crate::replay::log::LogHeader;
@@ -105,13 +105,13 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
     let net_mac = guest.net.as_ref().map(|n| n.mac);
     // Deferred ticks are caught up (docs/architecture.md, "Tick deferral").
     let header = LogHeader {
-        catch_up_ticks: catches_up_ticks(cfg.tick_deferral),
+        tick_delivery: tick_delivery(cfg.tick_deferral),
         ..machine::header_for(&guest.vm, guest.boot_unix_secs, host_cpu, net_mac)
     };
     let (vm, platform) = machine::build(
         &guest.vm,
         guest.boot_unix_secs,
-        header.catch_up_ticks,
+        header.tick_delivery,
         net_mac,
     )
     .with_context(|| format!("building the VM for {}", guest.vm.kernel_name))?;

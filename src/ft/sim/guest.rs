@@ -134,7 +134,7 @@ pub fn log_header() -> LogHeader {
         boot_unix_secs: 1_700_000_000,
         host_cpu: 0,
         net_mac: None,
-        catch_up_ticks: false,
+        tick_delivery: crate::devices::TickDelivery::AtLandmarks,
     }
 }
 

@@ -496,10 +496,10 @@ impl Engine {
     /// share): whether the next KVM_RUN asks for an interrupt-window exit
     /// (interrupt_window.rs).
     fn decide_interrupt_window(&mut self) {
-        // Only with tick catch-up (the log header's choice): otherwise
-        // landmarks stay where logs without it have them.
+        // Only when the log header's rule says so: otherwise landmarks
+        // stay where logs without window exits have them.
         let interrupt_waiting =
-            self.platform.catches_up_ticks() && self.platform.interrupt_pending();
+            self.platform.tick_delivery().uses_window_exits() && self.platform.interrupt_pending();
         let state = WindowState {
             interrupt_waiting,
             injected_here: self.injected_here,

@@ -57,7 +57,7 @@ use super::digest::{DirtyPages, LandmarkKind, LandmarkSignature, MemoryHash};
 use super::log::{CpuStateBytes, EndReason, LogWriter, Record};
 use super::schedule::{Schedule, ScheduleError, Step, Wait};
 use crate::devices::platform::port_uses_time;
-use crate::devices::{Nanos, Platform};
+use crate::devices::{Nanos, Platform, TickDelivery};
 use crate::vmm::emulate::EmulateError;
 use crate::vmm::exit::{self, CompleteError, Exit};
 use crate::vmm::fallback::{emulation_fallback, Fallback, FallbackError};
@@ -297,13 +297,16 @@ const MAX_HELD_SERIAL_INPUT: usize = 4096;
 /// fewer sync points").
 pub const DEFAULT_TICK_DEFERRAL: Duration = Duration::ZERO;
 
-/// Whether a recording with this tick deferral catches up ticks (and takes
-/// interrupts at window exits): the log header's `catch_up_ticks`, which
-/// every replica follows. Only with a deferral: for Linux here catch-up
-/// costs far more time than it saves (docs/benchmarks.md, "Linux and tick
-/// catch-up").
-pub fn catches_up_ticks(tick_deferral: Duration) -> bool {
-    !tick_deferral.is_zero()
+/// How a recording with this tick deferral delivers ticks: the log
+/// header's `tick_delivery`, which every replica follows. Catch-up only
+/// with a deferral: for Linux here it costs far more time than it saves
+/// (docs/benchmarks.md, "Linux and tick catch-up").
+pub fn tick_delivery(tick_deferral: Duration) -> TickDelivery {
+    if tick_deferral.is_zero() {
+        TickDelivery::AtLandmarks
+    } else {
+        TickDelivery::CatchUpAtWindowExits
+    }
 }
 
 /// The default [`RecordSettings::hot_page_budget`], in pages (chosen by the

@@ -136,12 +136,12 @@ pub(super) fn encode_header(h: &LogHeader) -> Result<Vec<u8>, String> {
         }
         None => e.u8(0),
     }
-    e.u8(u8::from(h.catch_up_ticks));
+    e.u8(h.tick_delivery.to_byte());
     e.finish()
 }
 
-/// A header of a log of format `version` (the catch-up flag is there from
-/// format 6 on; older logs never caught up ticks).
+/// A header of a log of format `version` (the tick delivery byte is there
+/// from format 6 on; older logs delivered ticks at landmarks).
 pub(super) fn decode_header(d: &mut Dec, version: u16) -> Result<LogHeader, String> {
     let kernel_hash = d.array()?;
     let initrd_hash = match d.u8()? {
@@ -159,13 +159,13 @@ pub(super) fn decode_header(d: &mut Dec, version: u16) -> Result<LogHeader, Stri
         1 => Some(d.array()?),
         other => return Err(format!("NIC flag {other} is neither 0 nor 1")),
     };
-    let catch_up_ticks = match version {
-        ..=5 => false,
-        _ => match d.u8()? {
-            0 => false,
-            1 => true,
-            other => return Err(format!("tick catch-up flag {other} is neither 0 nor 1")),
-        },
+    let tick_delivery = match version {
+        ..=5 => TickDelivery::AtLandmarks,
+        _ => {
+            let byte = d.u8()?;
+            TickDelivery::from_byte(byte)
+                .ok_or_else(|| format!("tick delivery {byte} is none of 0, 1 or 2"))?
+        }
     };
     d.finish()?;
     Ok(LogHeader {
@@ -176,7 +176,7 @@ pub(super) fn decode_header(d: &mut Dec, version: u16) -> Result<LogHeader, Stri
         boot_unix_secs,
         host_cpu,
         net_mac,
-        catch_up_ticks,
+        tick_delivery,
     })
 }
 

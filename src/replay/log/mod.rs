@@ -6,6 +6,7 @@
 
 use std::io::{self, Read, Write};
 
+use crate::devices::TickDelivery;
 use thiserror::Error;
 
 mod codec;
@@ -33,9 +34,9 @@ pub const LOG_MAGIC: [u8; 8] = *b"TWINVMLG";
 /// Format version this build writes (and reads, with [`OLDEST_LOG_VERSION`]).
 /// Version 4 sends sync-point pages as deltas against a page cache; version
 /// 5 also the vCPU state, against the previous sync point's. Version 6
-/// has the same records and a header flag, `catch_up_ticks`: with it set,
-/// its landmarks include interrupt-window exits and its platform catches
-/// up missed PIT ticks (docs/log-format.md).
+/// has the same records and a header byte, `tick_delivery`: whether its
+/// landmarks include interrupt-window exits and its platform catches up
+/// missed PIT ticks (docs/log-format.md).
 pub const LOG_VERSION: u16 = 6;
 /// Oldest format version this build still reads (version 3: every
 /// sync-point page whole; 3 and 4: every vCPU state whole).
@@ -95,13 +96,13 @@ pub struct LogHeader {
     pub host_cpu: u32,
     /// MAC address of the guest's virtio-net NIC, if it has one.
     pub net_mac: Option<[u8; 6]>,
-    /// Tick catch-up and interrupt-window landmarks (format 6; the
-    /// recording turns them on with a tick deferral): PIT periods missed
-    /// between polls are owed and raised later, and an interrupt waiting
-    /// while the guest cannot take it goes in at an interrupt-window exit.
-    /// Both change where landmarks are, so every replica of the log follows
-    /// the recording's choice (docs/architecture.md, "Tick deferral").
-    pub catch_up_ticks: bool,
+    /// How ticks reach the guest (format 6): whether PIT periods missed
+    /// between polls are owed and raised later, and whether an interrupt
+    /// waiting while the guest cannot take it goes in at an
+    /// interrupt-window exit. Both change where landmarks are, so every
+    /// replica of the log follows the recording's choice
+    /// (docs/architecture.md, "Tick deferral").
+    pub tick_delivery: TickDelivery,
 }
 
 impl LogHeader {
@@ -829,7 +830,7 @@ impl<R: Read> LogReader<R> {
                 boot_unix_secs: 0,
                 host_cpu: 0,
                 net_mac: None,
-                catch_up_ticks: false,
+                tick_delivery: TickDelivery::AtLandmarks,
             },
             assembler: Assembler::new(10, 0, version),
         };

@@ -95,7 +95,7 @@ mod tests {
             boot_unix_secs: 0,
             host_cpu: 0,
             net_mac: None,
-            catch_up_ticks: false,
+            tick_delivery: crate::devices::TickDelivery::AtLandmarks,
         }
     }
 

@@ -13,7 +13,7 @@ fn header() -> LogHeader {
         boot_unix_secs: 1_700_000_000,
         host_cpu: 1,
         net_mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
-        catch_up_ticks: false,
+        tick_delivery: TickDelivery::AtLandmarks,
     }
 }
 
@@ -728,20 +728,25 @@ fn logs_older_than_the_interrupt_window_rule_are_read_but_not_replayed() {
 }
 
 #[test]
-fn the_tick_catch_up_flag_travels_in_the_header_and_a_bad_one_is_refused() {
-    let h = LogHeader {
-        catch_up_ticks: true,
-        ..header()
-    };
-    let bytes = h.encode().unwrap();
-    assert!(LogHeader::decode(&bytes).unwrap().catch_up_ticks);
-    let mut bad = bytes.clone();
-    *bad.last_mut().unwrap() = 2;
-    let err = LogHeader::decode(&bad).unwrap_err();
-    assert!(err.to_string().contains("tick catch-up flag 2"), "{err}");
-    let (read, _) = read_all(&LogWriter::new(Vec::new(), &h).unwrap().into_inner()).unwrap();
-    assert!(read.catch_up_ticks);
-    // Older formats have no flag: they never caught up ticks.
+fn the_tick_delivery_travels_in_the_header_and_a_bad_one_is_refused() {
+    for rule in [
+        TickDelivery::CatchUpAtWindowExits,
+        TickDelivery::AtWindowExits,
+    ] {
+        let h = LogHeader {
+            tick_delivery: rule,
+            ..header()
+        };
+        let bytes = h.encode().unwrap();
+        assert_eq!(LogHeader::decode(&bytes).unwrap().tick_delivery, rule);
+        let mut bad = bytes.clone();
+        *bad.last_mut().unwrap() = 3;
+        let err = LogHeader::decode(&bad).unwrap_err();
+        assert!(err.to_string().contains("tick delivery 3"), "{err}");
+        let (read, _) = read_all(&LogWriter::new(Vec::new(), &h).unwrap().into_inner()).unwrap();
+        assert_eq!(read.tick_delivery, rule);
+    }
+    // Older formats have no byte: they delivered ticks at landmarks.
     let (old, _) = read_all(&log_start(5)).unwrap();
-    assert!(!old.catch_up_ticks);
+    assert_eq!(old.tick_delivery, TickDelivery::AtLandmarks);
 }

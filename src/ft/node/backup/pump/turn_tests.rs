@@ -38,7 +38,7 @@ fn header() -> LogHeader {
         boot_unix_secs: 0,
         host_cpu: 0,
         net_mac: None,
-        catch_up_ticks: false,
+        tick_delivery: crate::devices::TickDelivery::AtLandmarks,
     }
 }
 
