@@ -7,10 +7,10 @@ use std::time::Duration;
 use crossbeam_channel::{Select, TryRecvError};
 
 use super::interrupt_window::{self, WindowState};
+use super::pending_input::MAX_HELD_SERIAL_INPUT;
+use super::settings::HARVEST_EVERY;
 use super::tick_deferral::{self, KickDecision, Pending};
-use super::{
-    Control, Ending, Engine, Output, RunError, Stop, HARVEST_EVERY, MAX_HELD_SERIAL_INPUT,
-};
+use super::{Control, Ending, Engine, Output, RunError, Stop};
 use crate::devices::{Nanos, PlatformEvent};
 use crate::replay::digest;
 use crate::replay::engine::Role;

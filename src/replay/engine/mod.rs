@@ -27,406 +27,62 @@
 //! stream; [`Engine::promote`] then turns a backup into a live VM in place.
 //! It runs on the thread that calls `run`; other threads reach it through
 //! its [`Inputs`] and wake it with its [`Kicker`].
+//!
+//! This file holds the engine and its main loop. What its callers name
+//! lives beside it and is re-exported here: connections.rs (control
+//! messages, inputs), outcome.rs (how a run ends, its counts and errors),
+//! settings.rs (a recording's settings) and role.rs (roles, log sinks).
 
 mod clone;
+mod connections;
 mod interrupt_window;
 mod landmark;
 mod log_limit;
+mod outcome;
 mod outputs;
+mod pending_input;
 mod perturb;
+mod progress;
+mod role;
+mod settings;
 mod stop_signal;
 mod sync;
 mod tick_deferral;
 mod traps;
 
-use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
-use thiserror::Error;
+use crossbeam_channel::Receiver;
 
 pub use self::clone::{CloneCut, CloneRequest, CloneSnapshot, CLONE_SNAPSHOT_VERSION};
+pub use self::connections::{Connections, Control, Inputs};
 use self::landmark::AfterKick;
 pub use self::log_limit::final_records_reserve;
+use self::outcome::kvm_err;
+pub use self::outcome::{Ending, ExitStats, RunError, RunReport, Stop};
 pub use self::outputs::{ConsoleAndNet, FrameSender, Output, OutputSink};
+use self::pending_input::PendingInput;
 pub use self::perturb::{PerturbKind, PerturbParseError, TestPerturbation, PERTURBED_CMOS_INDEX};
+use self::progress::Progress;
+pub use self::role::{LogSink, Recorder, Role};
+pub use self::settings::{
+    tick_delivery, RecordSettings, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_TICK_DEFERRAL,
+    MAX_HOT_PAGE_BUDGET,
+};
 pub use self::stop_signal::StopOnSignal;
 use super::digest::{DirtyPages, LandmarkKind, LandmarkSignature, MemoryHash};
-use super::log::{CpuStateBytes, EndReason, LogWriter, Record};
+use super::log::{CpuStateBytes, Record};
 use super::schedule::{Schedule, ScheduleError, Step, Wait};
 use crate::devices::platform::port_uses_time;
-use crate::devices::{Nanos, Platform, TickDelivery};
-use crate::vmm::emulate::EmulateError;
-use crate::vmm::exit::{self, CompleteError, Exit};
-use crate::vmm::fallback::{emulation_fallback, Fallback, FallbackError};
+use crate::devices::{Nanos, Platform};
+use crate::vmm::exit::{self, Exit};
+use crate::vmm::fallback::{emulation_fallback, Fallback};
 use crate::vmm::sys::{self, Kicker};
-use crate::vmm::syscall_fix::{SyscallFix, SyscallFixError};
+use crate::vmm::syscall_fix::SyscallFix;
 use crate::vmm::timer::DeadlineTimer;
-use crate::vmm::vm::{Vm, VmError};
-
-/// Messages to a running engine (besides the input channels).
-pub enum Control {
-    /// Stop the VM (Ctrl-C, a lost arbitration, the caller is done).
-    Stop,
-    /// Something arrived on an input channel: look at the inputs.
-    Wake,
-    /// A recording primary lost its backup and won the arbiter: stop
-    /// logging and run on alone.
-    DropLog,
-    /// A live VM being cloned: track the pages the guest writes (or stop).
-    TrackDirty(bool),
-    /// A live VM being cloned: the pages written since the last ask.
-    CollectDirty(Sender<Result<DirtyPages, String>>),
-    /// A live VM being cloned: at the next landmark, take the snapshot a
-    /// new backup resumes from and record from there (clone.rs).
-    CloneAt(Box<CloneRequest>),
-}
-
-/// What reaches a running engine from outside. Every channel is bounded by
-/// its creator; the engine takes serial input only as fast as the UART
-/// drains it, and frames only as fast as the guest posts receive buffers.
-pub struct Inputs {
-    pub control: Receiver<Control>,
-    /// Bytes typed at the console (live roles).
-    pub serial: Option<Receiver<Vec<u8>>>,
-    /// Ethernet frames received for the guest's NIC (live roles).
-    pub net: Option<Receiver<Vec<u8>>>,
-}
-
-/// How the engine is connected to the rest of the process.
-pub struct Connections {
-    pub inputs: Inputs,
-    pub outputs: Box<dyn OutputSink>,
-    /// Kicks the engine's vCPU thread out of the guest; whoever feeds
-    /// `inputs` holds a clone.
-    pub kicker: Kicker,
-}
-
-/// How a guest run ended without error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ending {
-    /// The guest pulsed the reset line (i8042): its way to reboot or power off.
-    ResetRequested,
-    /// The guest halted with interrupts disabled: nothing can wake it again.
-    HaltedForGood,
-    /// Stopped from outside (Control::Stop).
-    Stopped,
-}
-
-impl Ending {
-    fn log_reason(self) -> EndReason {
-        match self {
-            Ending::ResetRequested => EndReason::ResetRequested,
-            Ending::HaltedForGood => EndReason::HaltedForGood,
-            Ending::Stopped => EndReason::Stopped,
-        }
-    }
-}
-
-/// Why [`Engine::run`] returned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stop {
-    /// The guest's run is over (replay: the log's End record was reached,
-    /// `log_end` true).
-    Ended { ending: Ending, log_end: bool },
-    /// A live backup applied every record its primary sent and knows
-    /// nothing about the next landmark: it may go live from here.
-    LogExhausted { landmark: u64 },
-}
-
-/// Counts of what happened during a run.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ExitStats {
-    pub total: u64,
-    pub io: u64,
-    pub mmio: u64,
-    pub hlt: u64,
-    pub kicks: u64,
-    pub landmarks: u64,
-    pub interrupts_injected: u64,
-    pub emulation_fallbacks: u64,
-    pub exceptions_injected: u64,
-    pub sync_points: u64,
-    pub sync_point_pages: u64,
-    /// Log bytes taken by sync points (recording only).
-    pub sync_point_bytes: u64,
-    /// Time the primary spent making sync points (state, dirty log, pages,
-    /// log write).
-    pub sync_point_time: Duration,
-    /// Kicks that found only a timer tick owed to a guest in user mode and
-    /// let it run on (tick_deferral.rs).
-    pub tick_deferrals: u64,
-    /// Interrupt-window exits (landmarks the engine asked KVM for because
-    /// an interrupt waited while the guest could not take it).
-    pub interrupt_windows: u64,
-    /// PIT periods the platform raised late, one per IRQ0 acknowledge
-    /// (tick catch-up), and dropped for passing the debt's bound.
-    pub pit_ticks_caught_up: u64,
-    pub pit_ticks_dropped: u64,
-    /// Timer polls that raised a tick, and how late past its deadline the
-    /// tick was raised (the guest-visible tick latency; live roles).
-    pub timer_polls: u64,
-    pub timer_poll_delay_total: Duration,
-    pub timer_poll_delay_max: Duration,
-    /// The recording ended because its log reached its size limit.
-    pub log_size_limit_reached: bool,
-    /// ... at the landmark before a sync point that did not fit, so
-    /// without a final digest.
-    pub log_limit_before_sync_point: bool,
-    pub time_reads: u64,
-    /// RDRAND/RDSEED values the VMM supplied (logged on the primary).
-    pub random_reads: u64,
-    /// syscall/sysret privilege switches twinvm completed (syscall_fix.rs).
-    pub syscall_fixes: u64,
-    /// Times KVM's shadow page tables were dropped after the VMM changed
-    /// guest memory (Vm::refresh_shadow_mmu).
-    pub shadow_mmu_flushes: u64,
-    pub net_rx_frames: u64,
-    pub net_tx_frames: u64,
-    pub digests: u64,
-    pub digest_pages: u64,
-    pub digest_time: Duration,
-    pub log_records: u64,
-    pub log_bytes: u64,
-}
-
-/// The outcome of a whole run, for reports.
-#[derive(Debug, Clone, Copy)]
-pub struct RunReport {
-    pub stop: Stop,
-    pub stats: ExitStats,
-    pub wall: Duration,
-}
-
-impl RunReport {
-    /// How the guest ended, if it did.
-    pub fn ending(&self) -> Option<Ending> {
-        match self.stop {
-            Stop::Ended { ending, .. } => Some(ending),
-            Stop::LogExhausted { .. } => None,
-        }
-    }
-}
-
-/// Why a run stopped with an error.
-#[derive(Debug, Error)]
-pub enum RunError {
-    /// KVM reported a shutdown: the guest triple-faulted.
-    #[error("guest triple-faulted (KVM shutdown exit) at RIP {rip:#x}")]
-    TripleFault { rip: u64 },
-    /// An emulation failure the fallback could not finish.
-    #[error(transparent)]
-    Emulation(#[from] EmulateError),
-    #[error(transparent)]
-    Fallback(#[from] FallbackError),
-    /// KVM refused to enter the guest.
-    #[error("KVM could not enter the guest: hardware reason {reason:#x}")]
-    FailEntry { reason: u64 },
-    /// An exit reason twinvm never asks for.
-    #[error("unexpected vCPU exit: {0}")]
-    UnexpectedExit(String),
-    /// A KVM call failed.
-    #[error("KVM {what}: {source}")]
-    Kvm {
-        what: &'static str,
-        source: vmm_sys_util::errno::Error,
-    },
-    /// Building/altering VM state failed.
-    #[error(transparent)]
-    Vm(#[from] VmError),
-    /// Writing the log failed (disk full, a dead channel).
-    #[error("writing the log: {0}")]
-    LogWrite(std::io::Error),
-    /// Handing a read's value back to KVM failed.
-    #[error("completing the exit: {0}")]
-    Complete(CompleteError),
-    /// Emitting an output (console, network) failed.
-    #[error("emitting guest output: {0}")]
-    Output(std::io::Error),
-    /// The vCPU thread could not be pinned to the host CPU asked for.
-    #[error("pinning the vCPU thread to host CPU {cpu}: {source}")]
-    Pin { cpu: u32, source: std::io::Error },
-    /// A thread of the engine could not be started.
-    #[error("starting the {what} thread: {source}")]
-    Thread {
-        what: &'static str,
-        source: std::io::Error,
-    },
-    /// The host could not supply a random number for RDRAND/RDSEED.
-    #[error("reading host entropy for the guest's RDRAND/RDSEED: {0}")]
-    HostRandom(std::io::Error),
-    /// The log cannot be followed (corrupt, truncated, or the replay passed it).
-    #[error(transparent)]
-    Schedule(#[from] ScheduleError),
-    /// Completing a system call the host left half done failed.
-    #[error(transparent)]
-    SyscallFix(#[from] SyscallFixError),
-    /// The replay does not do what the log says the primary did.
-    #[error("replay diverged at landmark {landmark}: {detail}")]
-    Divergence { landmark: u64, detail: String },
-    /// Stopped while waiting for the primary's records (turned into
-    /// [`Stop::Ended`] by [`Engine::run`]; never returned from it).
-    #[error("stopped while waiting for the primary's records")]
-    Stopped,
-    /// `promote` on an engine that is not a backup at a clean boundary.
-    #[error("cannot promote: {0}")]
-    Promote(&'static str),
-}
-
-pub(super) fn kvm_err(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> RunError {
-    move |source| RunError::Kvm { what, source }
-}
-
-/// Least time between two dirty-log harvests at landmarks (recording).
-/// Each harvest write-protects the dirtied pages again (all of them, or
-/// those not hot: `RecordSettings::hot_page_budget`), and under shadow
-/// paging every next write to them faults: every 1 ms slowed a Linux boot
-/// about threefold here; 10 ms is close to the sync-point rate Linux has.
-const HARVEST_EVERY: Duration = Duration::from_millis(10);
-
-/// Serial input held for the UART beyond this is left in its channel, so
-/// the sender (the stdin reader) is slowed instead of memory growing.
-const MAX_HELD_SERIAL_INPUT: usize = 4096;
-
-/// The default [`RecordSettings::tick_deferral`]: off. Deferred ticks are
-/// coalesced, and a guest that keeps time by counting ticks (Linux here,
-/// `tsc=unstable`) would lose time while user code computes; 20 ms is the
-/// measured sweet spot for guests that do not (docs/benchmarks.md, "after
-/// fewer sync points").
-pub const DEFAULT_TICK_DEFERRAL: Duration = Duration::ZERO;
-
-/// How a recording with this tick deferral delivers ticks: the log
-/// header's `tick_delivery`, which every replica follows. Catch-up only
-/// with a deferral: for Linux here it costs far more time than it saves
-/// (docs/benchmarks.md, "Linux and tick catch-up").
-pub fn tick_delivery(tick_deferral: Duration) -> TickDelivery {
-    if tick_deferral.is_zero() {
-        TickDelivery::AtLandmarks
-    } else {
-        TickDelivery::CatchUpAtWindowExits
-    }
-}
-
-/// The default [`RecordSettings::hot_page_budget`], in pages (chosen by the
-/// sweep in docs/benchmarks.md, "sync-point cost").
-pub const DEFAULT_HOT_PAGE_BUDGET: usize = 2048;
-
-/// The largest hot-page budget `twinvm record --hot-pages` takes (256 MiB
-/// of guest memory): every kept page is carried by every sync point.
-pub const MAX_HOT_PAGE_BUDGET: usize = 65_536;
-
-/// Settings of a recording.
-#[derive(Debug, Clone, Copy)]
-pub struct RecordSettings {
-    /// A digest every this many landmarks (and one at the end).
-    pub digest_interval: u64,
-    /// How long past a timer deadline the guest may go without a landmark
-    /// before it is kicked (and, when recording, a sync point is made).
-    pub sync_bound: Duration,
-    /// How long past its deadline a timer tick may wait while the guest is
-    /// in user mode and nothing else is owed to it, before the guest is
-    /// stopped for it (a sync point). Zero: every tick as soon as the sync
-    /// bound allows. See tick_deferral.rs and docs/architecture.md.
-    pub tick_deferral: Duration,
-    /// Log the guest's RIP and landmark signature at every landmark
-    /// (`Record::Trace`).
-    pub trace_landmarks: bool,
-    /// End the recording cleanly (at a landmark, with its End record)
-    /// before its log passes this many bytes.
-    pub max_log_bytes: Option<u64>,
-    /// Most guest pages a recording's dirty-log harvests leave
-    /// write-enabled ("hot": reported dirty at every harvest, so sent with
-    /// every sync point, unchanged ones as a few bytes against the page
-    /// cache) instead of re-protecting them, which under shadow paging
-    /// makes the guest's next store to each fault. 0: re-protect every
-    /// page at every harvest. Needs KVM's manual dirty-log protection
-    /// (`src/vmm/hot_pages.rs`); other roles re-protect everything.
-    pub hot_page_budget: usize,
-}
-
-impl Default for RecordSettings {
-    fn default() -> Self {
-        RecordSettings {
-            digest_interval: 256,
-            sync_bound: Duration::from_micros(200),
-            tick_deferral: DEFAULT_TICK_DEFERRAL,
-            trace_landmarks: false,
-            max_log_bytes: None,
-            hot_page_budget: DEFAULT_HOT_PAGE_BUDGET,
-        }
-    }
-}
-
-/// Where a log goes: a file, or the logging channel to a live backup.
-pub trait LogSink: Write + Send {
-    /// Every record of every landmark up to `landmark` has been written (the
-    /// guest is about to run on). A live sink hands the bytes and this
-    /// watermark to its sender here, and may block while the backup is too
-    /// far behind: a slow backup slows the primary.
-    fn landmark_done(&mut self, _landmark: u64) -> std::io::Result<()> {
-        Ok(())
-    }
-
-    /// How sync-point pages travelled so far and the page cache (a pair
-    /// reports it in its status): when the recording starts, after each
-    /// sync point, and `None` when the recording stops (no log, no cache).
-    fn page_cache(&mut self, _pages: Option<&crate::replay::log::PageStats>) {}
-}
-
-impl<W: Write + Send> LogSink for std::io::BufWriter<W> {}
-
-/// A recording in progress.
-pub struct Recorder {
-    pub log: LogWriter<Box<dyn LogSink>>,
-}
-
-/// What the engine does with the guest.
-pub enum Role {
-    /// Run live, logging nothing.
-    Live,
-    /// Run live and write every nondeterministic input to a log.
-    Record(Recorder),
-    /// Follow a log recorded earlier or arriving from a primary.
-    Replay(Schedule),
-}
-
-impl Role {
-    fn replaying(&self) -> bool {
-        matches!(self, Role::Replay(_))
-    }
-    fn recording(&self) -> bool {
-        matches!(self, Role::Record(_))
-    }
-    fn name(&self) -> &'static str {
-        match self {
-            Role::Live => "running",
-            Role::Record(_) => "recording",
-            Role::Replay(_) => "replaying",
-        }
-    }
-}
-
-/// Serial input the UART could not take yet (its FIFO is full); never dropped.
-#[derive(Default)]
-struct PendingInput(std::collections::VecDeque<u8>);
-
-impl PendingInput {
-    /// Offer held input to the UART; returns the bytes it took.
-    fn feed<W: Write>(&mut self, platform: &mut Platform<W>) -> Vec<u8> {
-        let mut accepted = Vec::new();
-        while !self.0.is_empty() {
-            let (front, _) = self.0.as_slices();
-            let taken = platform.enqueue_serial_input(front);
-            if taken == 0 {
-                break;
-            }
-            accepted.extend(self.0.drain(..taken));
-        }
-        accepted
-    }
-}
+use crate::vmm::vm::Vm;
 
 /// What a logged clock reading was for.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -435,41 +91,6 @@ enum ClockUse {
     Device,
     /// A trapped TSC read (RDTSC trap or time MSR): `TimeRead`.
     Tsc,
-}
-
-/// A status line every few seconds on stderr, for a person watching a long
-/// boot, recording or replay (only when stderr is a terminal).
-struct Progress {
-    enabled: bool,
-    last: Instant,
-}
-
-impl Progress {
-    const EVERY: Duration = Duration::from_secs(5);
-
-    fn new() -> Self {
-        use std::io::IsTerminal;
-        Progress {
-            enabled: std::io::stderr().is_terminal(),
-            last: Instant::now(),
-        }
-    }
-
-    fn tick(&mut self, what: &str, landmark: u64, stats: &ExitStats, start: Instant) {
-        // Checked every 256 exits to keep the clock off the hot path.
-        if !self.enabled || stats.total % 256 != 0 || self.last.elapsed() < Self::EVERY {
-            return;
-        }
-        self.last = Instant::now();
-        eprintln!(
-            "twinvm: {what} {:.0} s: landmark {landmark}, {} exits, {} interrupts, {} sync points, {} emulation fallbacks",
-            start.elapsed().as_secs_f64(),
-            stats.total,
-            stats.interrupts_injected,
-            stats.sync_points,
-            stats.emulation_fallbacks
-        );
-    }
 }
 
 /// The engine. It owns the VM and its devices for as long as the guest lives.
@@ -1074,47 +695,4 @@ pub(super) fn can_inject_from_state(cpu: &CpuStateBytes) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use kvm_bindings::{kvm_regs, kvm_vcpu_events};
-    use zerocopy::IntoBytes;
-
-    use super::*;
-
-    fn state(rflags: u64, shadow: u8, injected: u8) -> CpuStateBytes {
-        let regs = kvm_regs {
-            rflags,
-            ..Default::default()
-        };
-        let mut events = kvm_vcpu_events::default();
-        events.interrupt.shadow = shadow;
-        events.interrupt.injected = injected;
-        CpuStateBytes {
-            regs: regs.as_bytes().to_vec(),
-            sregs: vec![],
-            fpu: vec![],
-            events: events.as_bytes().to_vec(),
-            msrs: vec![],
-            xsave: vec![],
-        }
-    }
-
-    #[test]
-    fn interrupts_go_in_at_a_sync_point_only_when_the_saved_state_allows() {
-        assert!(can_inject_from_state(&state(0x202, 0, 0)));
-        assert!(!can_inject_from_state(&state(0x002, 0, 0)), "IF clear");
-        assert!(
-            !can_inject_from_state(&state(0x202, 1, 0)),
-            "sti/mov ss shadow"
-        );
-        assert!(
-            !can_inject_from_state(&state(0x202, 0, 1)),
-            "an interrupt already pending"
-        );
-        let mut short = state(0x202, 0, 0);
-        short.regs.truncate(10);
-        assert!(
-            !can_inject_from_state(&short),
-            "malformed state never injects"
-        );
-    }
-}
+mod tests;

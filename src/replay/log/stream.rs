@@ -2,7 +2,8 @@
 //! backup): the same frames and checks as a log file, without the file's
 //! magic and header (the channel's handshake carries the header).
 
-use super::{Assembler, LogError, LogHeader, PageStats, Record, FRAME_OVERHEAD};
+use super::reader::Assembler;
+use super::{LogError, LogHeader, PageStats, Record, FRAME_OVERHEAD};
 
 /// Decodes records from a byte stream pushed in pieces of any size.
 pub struct RecordDecoder {

@@ -1,0 +1,82 @@
+//! Settings of a recording and their defaults, and the tick delivery a
+//! recording's tick deferral implies.
+
+use std::time::Duration;
+
+use crate::devices::TickDelivery;
+
+/// Least time between two dirty-log harvests at landmarks (recording).
+/// Each harvest write-protects the dirtied pages again (all of them, or
+/// those not hot: `RecordSettings::hot_page_budget`), and under shadow
+/// paging every next write to them faults: every 1 ms slowed a Linux boot
+/// about threefold here; 10 ms is close to the sync-point rate Linux has.
+pub(super) const HARVEST_EVERY: Duration = Duration::from_millis(10);
+
+/// The default [`RecordSettings::tick_deferral`]: off. Deferred ticks are
+/// coalesced, and a guest that keeps time by counting ticks (Linux here,
+/// `tsc=unstable`) would lose time while user code computes; 20 ms is the
+/// measured sweet spot for guests that do not (docs/benchmarks.md, "after
+/// fewer sync points").
+pub const DEFAULT_TICK_DEFERRAL: Duration = Duration::ZERO;
+
+/// How a recording with this tick deferral delivers ticks: the log
+/// header's `tick_delivery`, which every replica follows. Catch-up only
+/// with a deferral: for Linux here it costs far more time than it saves
+/// (docs/benchmarks.md, "Linux and tick catch-up").
+pub fn tick_delivery(tick_deferral: Duration) -> TickDelivery {
+    if tick_deferral.is_zero() {
+        TickDelivery::AtLandmarks
+    } else {
+        TickDelivery::CatchUpAtWindowExits
+    }
+}
+
+/// The default [`RecordSettings::hot_page_budget`], in pages (chosen by the
+/// sweep in docs/benchmarks.md, "sync-point cost").
+pub const DEFAULT_HOT_PAGE_BUDGET: usize = 2048;
+
+/// The largest hot-page budget `twinvm record --hot-pages` takes (256 MiB
+/// of guest memory): every kept page is carried by every sync point.
+pub const MAX_HOT_PAGE_BUDGET: usize = 65_536;
+
+/// Settings of a recording.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordSettings {
+    /// A digest every this many landmarks (and one at the end).
+    pub digest_interval: u64,
+    /// How long past a timer deadline the guest may go without a landmark
+    /// before it is kicked (and, when recording, a sync point is made).
+    pub sync_bound: Duration,
+    /// How long past its deadline a timer tick may wait while the guest is
+    /// in user mode and nothing else is owed to it, before the guest is
+    /// stopped for it (a sync point). Zero: every tick as soon as the sync
+    /// bound allows. See tick_deferral.rs and docs/architecture.md.
+    pub tick_deferral: Duration,
+    /// Log the guest's RIP and landmark signature at every landmark
+    /// (`Record::Trace`).
+    pub trace_landmarks: bool,
+    /// End the recording cleanly (at a landmark, with its End record)
+    /// before its log passes this many bytes.
+    pub max_log_bytes: Option<u64>,
+    /// Most guest pages a recording's dirty-log harvests leave
+    /// write-enabled ("hot": reported dirty at every harvest, so sent with
+    /// every sync point, unchanged ones as a few bytes against the page
+    /// cache) instead of re-protecting them, which under shadow paging
+    /// makes the guest's next store to each fault. 0: re-protect every
+    /// page at every harvest. Needs KVM's manual dirty-log protection
+    /// (`src/vmm/hot_pages.rs`); other roles re-protect everything.
+    pub hot_page_budget: usize,
+}
+
+impl Default for RecordSettings {
+    fn default() -> Self {
+        RecordSettings {
+            digest_interval: 256,
+            sync_bound: Duration::from_micros(200),
+            tick_deferral: DEFAULT_TICK_DEFERRAL,
+            trace_landmarks: false,
+            max_log_bytes: None,
+            hot_page_budget: DEFAULT_HOT_PAGE_BUDGET,
+        }
+    }
+}
