@@ -28,6 +28,8 @@
 //!   has no size bound yet: issue 14);
 //! - `TWINVM_LOGBW_TICK_DEFERRAL_MS=N` the tick deferral of the plain run
 //!   and the recording (default: the engine's default).
+//! - `TWINVM_LOGBW_TICK_DELIVERY=RULE` the recording's tick delivery
+//!   (`landmarks`, `window-exits`, `catch-up`; default as `twinvm record`);
 //! - `TWINVM_LOGBW_PAGE_CACHE_MIB=N` the recording's page cache (default
 //!   64; 0 sends every sync-point page whole, as log format 3 did).
 //! - `TWINVM_LOGBW_HOT_PAGES=N` the recording's hot-page budget (pages
@@ -46,9 +48,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use twinvm::devices::TickDelivery;
 use twinvm::guests;
 use twinvm::replay::engine::{
-    tick_delivery, Connections, ConsoleAndNet, Control, Ending, Engine, ExitStats, Inputs, LogSink,
+    Connections, ConsoleAndNet, Control, Ending, Engine, ExitStats, Inputs, LogSink,
     RecordSettings, Recorder, Role, RunReport, Stop,
 };
 use twinvm::replay::log::{LogReader, LogWriter, PageStats, StateStats};
@@ -186,6 +189,19 @@ fn settings() -> RecordSettings {
     settings
 }
 
+/// `TWINVM_LOGBW_TICK_DELIVERY`, if set: the recording's tick delivery
+/// rule (landmarks, window-exits, catch-up; the replay follows the log).
+fn chosen_delivery() -> Option<TickDelivery> {
+    let name = std::env::var("TWINVM_LOGBW_TICK_DELIVERY").ok()?;
+    match name.parse() {
+        Ok(rule) => Some(rule),
+        Err(e) => {
+            eprintln!("logbw: TWINVM_LOGBW_TICK_DELIVERY: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
 /// The RTC's boot time of every run (the same in a recording and its
 /// replay).
 const BOOT_UNIX_SECS: u64 = 1_700_000_000;
@@ -220,9 +236,9 @@ fn run(
     host_cpu: u32,
     setup: Setup,
 ) -> Result<(RunReport, Engine), String> {
-    // Tick catch-up with a deferral, as `twinvm record` (the replay's
+    // The tick delivery `twinvm record` would choose (the replay's
     // settings are the recording's).
-    let tick_rule = tick_delivery(setup.settings.tick_deferral);
+    let tick_rule = chosen_delivery().unwrap_or_default();
     let (vm, platform) = machine::build(cfg, BOOT_UNIX_SECS, tick_rule, None).expect("create VM");
     let (control, rx) = crossbeam_channel::bounded(1);
     let inputs = Inputs {
@@ -335,7 +351,7 @@ fn record(
     let file = File::create(path).unwrap();
     let sync = file.try_clone().unwrap();
     let header = twinvm::replay::log::LogHeader {
-        tick_delivery: tick_delivery(setup.settings.tick_deferral),
+        tick_delivery: chosen_delivery().unwrap_or_default(),
         ..machine::header_for(cfg, BOOT_UNIX_SECS, host_cpu, None)
     };
     let writer: Box<dyn LogSink> = Box::new(CappedLog {

@@ -158,3 +158,24 @@ fn unknown_flags_and_serial_targets() {
         "creating serial output file /nonexistent/dir/console.log",
     );
 }
+
+#[test]
+fn an_unknown_tick_delivery_is_refused_naming_the_choices() {
+    let dir = TempDir::new("bad-tick-delivery");
+    let log = dir.0.join("never.log");
+    let out = run_to_end(
+        &[
+            "record",
+            "--log",
+            log.to_str().unwrap(),
+            "--kernel",
+            "builtin:hello",
+            "--tick-delivery",
+            "windows",
+        ],
+        TIMEOUT,
+    );
+    assert_clean_failure(&out, "unknown tick delivery `windows`");
+    assert!(out.stderr.contains("window-exits"), "{}", out.stderr);
+    assert!(!log.exists(), "a refused recording left {}", log.display());
+}

@@ -266,7 +266,11 @@ fn a_pair_with_tick_deferral_streams_caught_up_ticks_and_ends_together() {
     // landmarks with no record, which the backup must meet at the same
     // instructions (its digests check it; a divergence stops it with an
     // error).
-    let console = ticker_pair_ends_together(&site, "catchup", &["--tick-deferral-ms", "20"]);
+    let console = ticker_pair_ends_together(
+        &site,
+        "catchup",
+        &["--tick-deferral-ms", "20", "--tick-delivery", "catch-up"],
+    );
     // Caught up: far more ticks than the ~40 a second one tick per
     // deferral gave (the loop runs about a second; kept tolerant).
     let ticks: u64 = console

@@ -184,7 +184,13 @@ fn deferred_ticks_are_caught_up_through_interrupt_windows_and_replay_identically
     let (log, rec) = record(
         &dir,
         "ticker",
-        &["--tick-deferral-ms", "20", "--trace-landmarks"],
+        &[
+            "--tick-deferral-ms",
+            "20",
+            "--tick-delivery",
+            "catch-up",
+            "--trace-landmarks",
+        ],
     );
     let ticks = ticker_ticks(&rec.stdout);
     let caught_up = stat(&rec.stderr, "ticks caught up");
@@ -209,6 +215,37 @@ fn deferred_ticks_are_caught_up_through_interrupt_windows_and_replay_identically
     assert_identical(&rec, &rep);
     assert_eq!(stat(&rep.stderr, "interrupt windows"), windows);
     assert_eq!(stat(&rep.stderr, "ticks caught up"), caught_up);
+}
+
+#[test]
+fn window_exits_without_catch_up_take_waiting_interrupts_and_replay_identically() {
+    // The storm guest's handler makes exits with IF=0 (trapped time reads,
+    // port I/O) while the next 1 kHz tick or a serial interrupt comes due:
+    // the interrupt then goes in at the interrupt-window exit where the
+    // handler returns, not at a sync point in the user loop after it.
+    // Every landmark's RIP is logged and checked on replay.
+    let dir = TempDir::new("rr-windows");
+    let (log, rec) = record(
+        &dir,
+        "storm",
+        &["--tick-delivery", "window-exits", "--trace-landmarks"],
+    );
+    // Not the default: the recording says what it risks.
+    assert!(
+        rec.stderr.contains(
+            "warning: tick delivery `window-exits` makes interrupt-window exits landmarks"
+        ),
+        "{}",
+        rec.stderr
+    );
+    let windows = stat(&rec.stderr, "interrupt windows");
+    assert!(windows > 0, "no interrupt window in {}", rec.stderr);
+    assert_eq!(stat(&rec.stderr, "ticks caught up"), 0, "{}", rec.stderr);
+    // The replay takes the rule from the log header, not from its flags.
+    let rep = replay(&log, "storm", "64M");
+    assert_identical(&rec, &rep);
+    assert_eq!(stat(&rep.stderr, "interrupt windows"), windows);
+    assert_eq!(stat(&rep.stderr, "ticks caught up"), 0);
 }
 
 #[test]

@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use super::run::RunArgs;
 use super::size::parse_size;
+use crate::devices::TickDelivery;
 use crate::ft::link::LinkConfig;
 use crate::ft::node::{self, query_status, ArbiterSettings, GuestSetup, PairConfig, PairStatus};
 use crate::net::NetSpec;
@@ -67,6 +68,10 @@ pub struct PairArgs {
     /// (see `record`; default 0 = off, up to 1000).
     #[arg(long)]
     pub tick_deferral_ms: Option<u64>,
+    /// How the primary's timer ticks reach the guest: landmarks (the
+    /// default), window-exits or catch-up (see `record`).
+    #[arg(long, value_name = "RULE")]
+    pub tick_delivery: Option<TickDelivery>,
     /// Most guest pages the primary's recording leaves write-enabled
     /// between dirty-log harvests (see `record --hot-pages`; default 2048).
     #[arg(long, value_name = "PAGES", value_parser = super::replay::parse_hot_pages)]
@@ -145,6 +150,7 @@ struct ConfigFile {
     host_cpu: Option<u32>,
     sync_bound_us: Option<u64>,
     tick_deferral_ms: Option<u64>,
+    tick_delivery: Option<String>,
     hot_pages: Option<usize>,
     backup: Option<String>,
     listen: Option<String>,
@@ -263,6 +269,14 @@ fn resolve(
         Some(ms) => Duration::from_millis(ms),
         None => DEFAULT_TICK_DEFERRAL,
     };
+    let chosen_delivery = match (args.tick_delivery, &file.tick_delivery) {
+        (Some(rule), _) => Some(rule),
+        (None, Some(name)) => Some(
+            name.parse::<TickDelivery>()
+                .context("tick_delivery in the config file")?,
+        ),
+        (None, None) => None,
+    };
     let hot_pages = hot_pages_setting(args.hot_pages, file.hot_pages)?;
     let address = match side {
         Side::Primary => need("backup", address.map(str::to_string).or(file.backup))?,
@@ -335,6 +349,7 @@ fn resolve(
         host_cpu: args.host_cpu.or(file.host_cpu),
         sync_bound,
         tick_deferral,
+        tick_delivery: chosen_delivery.unwrap_or_default(),
         hot_pages,
     };
     Ok((config, guest, address))
@@ -496,6 +511,8 @@ mod tests {
         assert_eq!(ok.guest.mem.as_deref(), Some("64M"));
         let ok: ConfigFile = toml::from_str("tick_deferral_ms = 0\n").unwrap();
         assert_eq!(ok.tick_deferral_ms, Some(0));
+        let ok: ConfigFile = toml::from_str("tick_delivery = \"window-exits\"\n").unwrap();
+        assert_eq!(ok.tick_delivery.as_deref(), Some("window-exits"));
     }
 
     #[test]

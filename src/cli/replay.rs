@@ -12,10 +12,11 @@ use clap::Args;
 
 use super::run::{RunArgs, VmSession};
 use super::size::parse_size;
+use crate::devices::TickDelivery;
 use crate::replay::engine::{
-    final_records_reserve, tick_delivery, Ending, LogSink, PerturbKind, RecordSettings, Recorder,
-    Role, RunReport, Stop, TestPerturbation, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_TICK_DEFERRAL,
-    MAX_HOT_PAGE_BUDGET,
+    final_records_reserve, window_exit_warning, Ending, LogSink, PerturbKind, RecordSettings,
+    Recorder, Role, RunReport, Stop, TestPerturbation, DEFAULT_HOT_PAGE_BUDGET,
+    DEFAULT_TICK_DEFERRAL, MAX_HOT_PAGE_BUDGET,
 };
 use crate::replay::log::{LogHeader, LogReader, LogWriter, PAGE_SIZE};
 use crate::replay::log_file::LogFile;
@@ -38,13 +39,23 @@ pub struct RecordArgs {
     pub sync_bound_us: u64,
     /// Milliseconds a timer tick may be held past its deadline while the
     /// guest runs in user mode with nothing else owed to it, so fewer sync
-    /// points are made; above 0 the PIT periods missed meanwhile are owed
-    /// and delivered one after the other when the tick goes in (tick
-    /// catch-up, recorded in the log header). 0 delivers every tick within
-    /// the sync bound and coalesces missed periods. Input, frames and other
-    /// interrupts are never held.
+    /// points are made; the PIT periods missed meanwhile coalesce into one
+    /// tick (unless `--tick-delivery catch-up`). 0 delivers every tick
+    /// within the sync bound. Input, frames and other interrupts are never
+    /// held.
     #[arg(long, default_value_t = DEFAULT_TICK_DEFERRAL.as_millis() as u64, value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub tick_deferral_ms: u64,
+    /// How timer ticks reach the guest, recorded in the log header:
+    /// `landmarks` (the default: missed periods coalesce; a tick the guest
+    /// cannot take yet waits for a landmark or a sync point),
+    /// `window-exits` (it goes in at the interrupt-window exit where the
+    /// guest can take it: fewer sync points, and a guest that counts ticks
+    /// gets them) or `catch-up` (window exits, and missed periods are owed
+    /// and delivered one after the other). Window exits are not exact for
+    /// every guest on hosts like these (a Linux recording diverged on
+    /// replay): see docs/operations.md, "Tick delivery".
+    #[arg(long, value_name = "RULE")]
+    pub tick_delivery: Option<TickDelivery>,
     /// Log the guest's RIP and the landmark's own signature at every
     /// landmark; the replay then names the first landmark whose exit or
     /// RIP differs (for chasing a divergence).
@@ -165,7 +176,10 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
             .map(|d| d.as_secs())
             .unwrap_or(0),
     )?;
-    session.tick_delivery = tick_delivery(Duration::from_millis(args.tick_deferral_ms));
+    session.tick_delivery = args.tick_delivery.unwrap_or_default();
+    if let Some(warning) = window_exit_warning(session.tick_delivery) {
+        eprintln!("twinvm record: warning: {warning}");
+    }
     // Before the log file is created: a refused recording leaves no file behind.
     session.require_replayable()?;
     let max_log_bytes = match args.max_log_size {

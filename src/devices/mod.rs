@@ -23,7 +23,7 @@ pub use pic::{Pic, PicState};
 pub use pit::{Pit, PitState, PIT_HZ};
 pub use platform::{Platform, PlatformEvent, PlatformState};
 pub use rtc::{Rtc, RtcState};
-pub use tick_delivery::TickDelivery;
+pub use tick_delivery::{TickDelivery, UnknownTickDelivery};
 pub use uart::{Uart, UartState};
 pub use virtio::{
     GuestRam, GuestRamError, RxOutcome, VecRam, VirtioNet, VirtioNetConfig, VirtioNetState,

@@ -35,6 +35,7 @@ pub use status::{query_status, request_clone, PageCacheStatus, PairStatus};
 
 use super::failover::{Action, Failover, FailoverEvent, Verdict};
 use super::link::LinkConfig;
+use crate::devices::TickDelivery;
 use crate::net::tap::TapBackend;
 use crate::net::NetSpec;
 use crate::replay::engine::Control;
@@ -79,6 +80,9 @@ pub struct PairConfig {
     /// How long a tick owed to a user-mode guest may wait (the primary's;
     /// `RecordSettings::tick_deferral`).
     pub tick_deferral: Duration,
+    /// How the primary's ticks reach the guest (`--tick-delivery`; a
+    /// backup follows the log header's).
+    pub tick_delivery: TickDelivery,
     /// The primary's hot-page budget (`RecordSettings::hot_page_budget`;
     /// a backup re-protects every page whatever it says).
     pub hot_pages: usize,

@@ -23,8 +23,8 @@ use crate::ft::link::{Hello, PrimaryEvent, PrimaryLink};
 use crate::ft::output::{HeldOutputs, OutputBounds};
 use crate::net::tap::TapBackend;
 use crate::replay::engine::{
-    tick_delivery, Connections, Control, Ending, Engine, Inputs, Output, RecordSettings, Role,
-    Stop, StopOnSignal,
+    window_exit_warning, Connections, Control, Ending, Engine, Inputs, Output, RecordSettings,
+    Role, Stop, StopOnSignal,
 };
 use crate::replay::log::LogHeader;
 use crate::replay::machine;
@@ -103,9 +103,13 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
         None => sys::current_cpu().context("finding the host CPU to run on")?,
     };
     let net_mac = guest.net.as_ref().map(|n| n.mac);
-    // Deferred ticks are caught up (docs/architecture.md, "Tick deferral").
+    // The backup follows the header's rule (docs/architecture.md, "Tick
+    // deferral").
+    if let Some(warning) = window_exit_warning(cfg.tick_delivery) {
+        eprintln!("twinvm primary: warning: {warning}");
+    }
     let header = LogHeader {
-        tick_delivery: tick_delivery(cfg.tick_deferral),
+        tick_delivery: cfg.tick_delivery,
         ..machine::header_for(&guest.vm, guest.boot_unix_secs, host_cpu, net_mac)
     };
     let (vm, platform) = machine::build(

@@ -68,7 +68,7 @@ pub use self::perturb::{PerturbKind, PerturbParseError, TestPerturbation, PERTUR
 use self::progress::Progress;
 pub use self::role::{LogSink, Recorder, Role};
 pub use self::settings::{
-    tick_delivery, RecordSettings, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_TICK_DEFERRAL,
+    window_exit_warning, RecordSettings, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_TICK_DEFERRAL,
     MAX_HOT_PAGE_BUDGET,
 };
 pub use self::stop_signal::StopOnSignal;

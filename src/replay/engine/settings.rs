@@ -19,16 +19,17 @@ pub(super) const HARVEST_EVERY: Duration = Duration::from_millis(10);
 /// fewer sync points").
 pub const DEFAULT_TICK_DEFERRAL: Duration = Duration::ZERO;
 
-/// How a recording with this tick deferral delivers ticks: the log
-/// header's `tick_delivery`, which every replica follows. Catch-up only
-/// with a deferral: for Linux here it costs far more time than it saves
-/// (docs/benchmarks.md, "Linux and tick catch-up").
-pub fn tick_delivery(tick_deferral: Duration) -> TickDelivery {
-    if tick_deferral.is_zero() {
-        TickDelivery::AtLandmarks
-    } else {
-        TickDelivery::CatchUpAtWindowExits
-    }
+/// What `record` and the primary print when a recording takes interrupts
+/// at window exits (`None` for the exact rule).
+pub fn window_exit_warning(rule: TickDelivery) -> Option<String> {
+    rule.uses_window_exits().then(|| {
+        format!(
+            "tick delivery `{rule}` makes interrupt-window exits landmarks; they are exact \
+             for guests that open interrupts with sti or iret, but on this kind of host not \
+             for all guests (a Linux recording diverged on replay): the replay or the backup \
+             may stop with a divergence (docs/operations.md, \"Tick delivery\")"
+        )
+    })
 }
 
 /// The default [`RecordSettings::hot_page_budget`], in pages (chosen by the
