@@ -145,8 +145,8 @@ pub struct VmSession {
     pub boot_unix_secs: u64,
     /// `replay --test-perturb`: a replay made wrong on purpose (tests only).
     pub test_perturbation: Option<TestPerturbation>,
-    /// Tick catch-up and interrupt-window landmarks: a recording's choice
-    /// (on with a tick deferral), a replay's from its log header.
+    /// How ticks reach the guest: a recording's choice (`--tick-delivery`),
+    /// a replay's from its log header.
     pub tick_delivery: TickDelivery,
     args: RunArgs,
 }

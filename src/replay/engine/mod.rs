@@ -8,10 +8,12 @@
 //!   reads, plus sync points. They are numbered from 1. Kicks (EINTR) and
 //!   emulation failures are not landmarks.
 //! - Interrupts are injected only at a landmark where the guest can take them
-//!   (IF=1, no interrupt shadow). With tick catch-up (the log header's
-//!   flag), when one is waiting after a landmark's work and the guest
-//!   cannot take it (IF=0 or a shadow), the engine asks KVM for an
-//!   interrupt-window exit, which is then a landmark too: the
+//!   (IF=1, no interrupt shadow). When the log header's tick delivery
+//!   says so (`--tick-delivery`, not the default: window exits are not
+//!   exact for every guest on these hosts), when one is waiting after a
+//!   landmark's work and the guest cannot take it (IF=0 or a shadow), the
+//!   engine asks KVM for an interrupt-window exit, which is then a landmark
+//!   too: the
 //!   request follows from state both replicas share, so the backup asks
 //!   alike and meets the same exit without a record (landmark.rs,
 //!   `decide_interrupt_window`).

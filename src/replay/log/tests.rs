@@ -167,7 +167,7 @@ fn truncation_names_record_and_last_landmark() {
 }
 
 /// The magic, `version` and the header of a log of that format (the
-/// header's last byte, the tick catch-up flag, came with format 6).
+/// header's last byte, the tick delivery, came with format 6).
 fn log_start(version: u16) -> Vec<u8> {
     let mut out = LOG_MAGIC.to_vec();
     out.extend_from_slice(&version.to_le_bytes());
