@@ -269,14 +269,7 @@ fn resolve(
         Some(ms) => Duration::from_millis(ms),
         None => DEFAULT_TICK_DEFERRAL,
     };
-    let chosen_delivery = match (args.tick_delivery, &file.tick_delivery) {
-        (Some(rule), _) => Some(rule),
-        (None, Some(name)) => Some(
-            name.parse::<TickDelivery>()
-                .context("tick_delivery in the config file")?,
-        ),
-        (None, None) => None,
-    };
+    let tick_delivery = tick_delivery_setting(args.tick_delivery, file.tick_delivery.as_deref())?;
     let hot_pages = hot_pages_setting(args.hot_pages, file.hot_pages)?;
     let address = match side {
         Side::Primary => need("backup", address.map(str::to_string).or(file.backup))?,
@@ -349,7 +342,7 @@ fn resolve(
         host_cpu: args.host_cpu.or(file.host_cpu),
         sync_bound,
         tick_deferral,
-        tick_delivery: chosen_delivery.unwrap_or_default(),
+        tick_delivery,
         hot_pages,
     };
     Ok((config, guest, address))
@@ -365,6 +358,18 @@ fn hot_pages_setting(flag: Option<usize>, file: Option<usize>) -> Result<usize> 
             .map_err(anyhow::Error::msg)
             .context("`hot_pages` in --config"),
         (None, None) => Ok(DEFAULT_HOT_PAGE_BUDGET),
+    }
+}
+
+/// The primary's tick delivery: the flag (parsed by clap), else the config
+/// file's `tick_delivery` (parsed here), else the default (at landmarks).
+fn tick_delivery_setting(flag: Option<TickDelivery>, file: Option<&str>) -> Result<TickDelivery> {
+    match (flag, file) {
+        (Some(rule), _) => Ok(rule),
+        (None, Some(name)) => name
+            .parse::<TickDelivery>()
+            .context("`tick_delivery` in --config"),
+        (None, None) => Ok(TickDelivery::default()),
     }
 }
 
@@ -511,8 +516,35 @@ mod tests {
         assert_eq!(ok.guest.mem.as_deref(), Some("64M"));
         let ok: ConfigFile = toml::from_str("tick_deferral_ms = 0\n").unwrap();
         assert_eq!(ok.tick_deferral_ms, Some(0));
-        let ok: ConfigFile = toml::from_str("tick_delivery = \"window-exits\"\n").unwrap();
-        assert_eq!(ok.tick_delivery.as_deref(), Some("window-exits"));
+    }
+
+    #[test]
+    fn the_tick_delivery_comes_from_the_flag_the_file_or_the_default() {
+        let file: ConfigFile = toml::from_str("tick_delivery = \"window-exits\"\n").unwrap();
+        let from_file = tick_delivery_setting(None, file.tick_delivery.as_deref()).unwrap();
+        assert_eq!(from_file, TickDelivery::AtWindowExits);
+        let flag = Some(TickDelivery::CatchUpAtWindowExits);
+        assert_eq!(
+            tick_delivery_setting(flag, Some("window-exits")).unwrap(),
+            TickDelivery::CatchUpAtWindowExits
+        );
+        assert_eq!(
+            tick_delivery_setting(None, None).unwrap(),
+            TickDelivery::AtLandmarks
+        );
+        let err = format!(
+            "{:#}",
+            tick_delivery_setting(None, Some("often")).unwrap_err()
+        );
+        assert!(
+            err.contains("tick_delivery") && err.contains("`often`"),
+            "{err}"
+        );
+        let argv = ["twinvm", "primary", "--tick-delivery", "often"];
+        let err = <crate::cli::Cli as clap::Parser>::try_parse_from(argv)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown tick delivery `often`"), "{err}");
     }
 
     #[test]

@@ -5,8 +5,8 @@ use super::log::LogHeader;
 use crate::devices::{Platform, TickDelivery};
 use crate::vmm::{Vm, VmConfig, VmError};
 
-/// The header describing the guest `config` would boot (without tick
-/// catch-up: a recording that defers ticks sets it).
+/// The header describing the guest `config` would boot (ticks delivered
+/// at landmarks: a recording that chooses another rule sets it).
 pub fn header_for(
     config: &VmConfig,
     boot_unix_secs: u64,
