@@ -209,6 +209,9 @@ const BOOT_UNIX_SECS: u64 = 1_700_000_000;
 /// How one run is set up besides its guest and role.
 struct Setup {
     settings: RecordSettings,
+    /// How ticks reach the guest: the bench's choice for a recording or a
+    /// plain run, the log header's for a replay.
+    tick_delivery: TickDelivery,
     /// Where the guest's console goes.
     console: Box<dyn Write + Send>,
     /// Stop the guest after this long (the run then fails).
@@ -221,6 +224,7 @@ impl Setup {
     fn quiet() -> Setup {
         Setup {
             settings: settings(),
+            tick_delivery: chosen_delivery().unwrap_or_default(),
             console: Box::new(std::io::sink()),
             timeout: None,
         }
@@ -236,10 +240,8 @@ fn run(
     host_cpu: u32,
     setup: Setup,
 ) -> Result<(RunReport, Engine), String> {
-    // The tick delivery `twinvm record` would choose (the replay's
-    // settings are the recording's).
-    let tick_rule = chosen_delivery().unwrap_or_default();
-    let (vm, platform) = machine::build(cfg, BOOT_UNIX_SECS, tick_rule, None).expect("create VM");
+    let (vm, platform) =
+        machine::build(cfg, BOOT_UNIX_SECS, setup.tick_delivery, None).expect("create VM");
     let (control, rx) = crossbeam_channel::bounded(1);
     let inputs = Inputs {
         control: rx,
@@ -351,7 +353,7 @@ fn record(
     let file = File::create(path).unwrap();
     let sync = file.try_clone().unwrap();
     let header = twinvm::replay::log::LogHeader {
-        tick_delivery: chosen_delivery().unwrap_or_default(),
+        tick_delivery: setup.tick_delivery,
         ..machine::header_for(cfg, BOOT_UNIX_SECS, host_cpu, None)
     };
     let writer: Box<dyn LogSink> = Box::new(CappedLog {
@@ -388,10 +390,13 @@ fn replay(
     label: &str,
     path: &Path,
     host_cpu: u32,
-    setup: Setup,
+    mut setup: Setup,
 ) -> Result<RunReport, String> {
     let input: Box<dyn Read + Send> = Box::new(BufReader::new(File::open(path).unwrap()));
-    let schedule = Schedule::from_log(LogReader::new(input).unwrap());
+    let reader = LogReader::new(input).unwrap();
+    // As `twinvm replay`: the rule the log was recorded with.
+    setup.tick_delivery = reader.header().tick_delivery;
+    let schedule = Schedule::from_log(reader);
     let (report, _) = run(cfg, label, Role::Replay(schedule), host_cpu, setup)?;
     if !matches!(report.stop, Stop::Ended { log_end: true, .. }) {
         return Err(format!(

@@ -28,7 +28,7 @@ use twinvm::replay::log::{LogReader, Record};
 use twinvm::vmm::VmConfig;
 
 use super::linux_guest::{image_parts, number_after, tail, timeout};
-use super::{record, replay, run, settings, Setup};
+use super::{chosen_delivery, record, replay, run, settings, Setup};
 
 /// The row's label (`TWINVM_LOGBW_ROWS` matches words of it).
 pub const LABEL: &str = "Linux user workload";
@@ -207,6 +207,7 @@ pub fn bench(dir: &Path, host_cpu: u32) -> Result<(), String> {
         }
         Setup {
             settings,
+            tick_delivery: chosen_delivery().unwrap_or_default(),
             console: Box::new(console),
             timeout: Some(limit),
         }
