@@ -28,6 +28,22 @@ pub enum TickDelivery {
 }
 
 impl TickDelivery {
+    /// Every rule, in the order of their header bytes.
+    pub const ALL: [TickDelivery; 3] = [
+        Self::AtLandmarks,
+        Self::CatchUpAtWindowExits,
+        Self::AtWindowExits,
+    ];
+
+    /// The rule's name on the command line and in config files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AtLandmarks => "landmarks",
+            Self::CatchUpAtWindowExits => "catch-up",
+            Self::AtWindowExits => "window-exits",
+        }
+    }
+
     /// Whether missed PIT periods are owed and raised later.
     pub fn catches_up(self) -> bool {
         self == Self::CatchUpAtWindowExits
@@ -63,29 +79,14 @@ impl TickDelivery {
 #[error("unknown tick delivery `{0}` (expected landmarks, window-exits or catch-up)")]
 pub struct UnknownTickDelivery(pub String);
 
-impl TickDelivery {
-    /// The rule's name on the command line and in config files.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::AtLandmarks => "landmarks",
-            Self::CatchUpAtWindowExits => "catch-up",
-            Self::AtWindowExits => "window-exits",
-        }
-    }
-}
-
 impl std::str::FromStr for TickDelivery {
     type Err = UnknownTickDelivery;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [
-            Self::AtLandmarks,
-            Self::CatchUpAtWindowExits,
-            Self::AtWindowExits,
-        ]
-        .into_iter()
-        .find(|rule| rule.name() == s)
-        .ok_or_else(|| UnknownTickDelivery(s.to_string()))
+        Self::ALL
+            .into_iter()
+            .find(|rule| rule.name() == s)
+            .ok_or_else(|| UnknownTickDelivery(s.to_string()))
     }
 }
 
@@ -101,11 +102,7 @@ mod tests {
 
     #[test]
     fn every_rule_round_trips_through_its_byte() {
-        for rule in [
-            TickDelivery::AtLandmarks,
-            TickDelivery::CatchUpAtWindowExits,
-            TickDelivery::AtWindowExits,
-        ] {
+        for rule in TickDelivery::ALL {
             assert_eq!(TickDelivery::from_byte(rule.to_byte()), Some(rule));
         }
         for bad in 3..=u8::MAX {
@@ -115,11 +112,7 @@ mod tests {
 
     #[test]
     fn every_rule_is_parsed_from_its_name_and_a_wrong_name_is_refused() {
-        for rule in [
-            TickDelivery::AtLandmarks,
-            TickDelivery::CatchUpAtWindowExits,
-            TickDelivery::AtWindowExits,
-        ] {
+        for rule in TickDelivery::ALL {
             assert_eq!(rule.name().parse::<TickDelivery>(), Ok(rule));
         }
         let err = "windows".parse::<TickDelivery>().unwrap_err();
