@@ -10,16 +10,25 @@
 
 use super::codec::Dec;
 
-/// Unchanged bytes between two changed stretches that are sent as part of
-/// one run rather than starting a new one (a run costs ~2 bytes).
-const MERGE_GAP: usize = 2;
-
 pub(super) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push(v as u8 | 0x80);
         v >>= 7;
     }
     out.push(v as u8);
+}
+
+/// `v` as [`put_varint`] writes it, in a buffer: the bytes and how many.
+fn varint_bytes(mut v: u64) -> ([u8; 10], usize) {
+    let mut bytes = [0u8; 10];
+    let mut len = 0;
+    while v >= 0x80 {
+        bytes[len] = v as u8 | 0x80;
+        v >>= 7;
+        len += 1;
+    }
+    bytes[len] = v as u8;
+    (bytes, len + 1)
 }
 
 pub(super) fn read_varint(d: &mut Dec) -> Result<u64, String> {
@@ -37,70 +46,117 @@ pub(super) fn read_varint(d: &mut Dec) -> Result<u64, String> {
     Err("a varint longer than 10 bytes".to_string())
 }
 
-/// The first offset at or after `pos` where `base` and `new` differ (their
-/// length if none), a word at a time over equal stretches.
-fn next_difference(base: &[u8], new: &[u8], mut pos: usize) -> usize {
-    let n = base.len();
-    // 32 bytes a step over long equal stretches (a page mostly unchanged).
-    while pos + 32 <= n {
-        let a: &[u8; 32] = base[pos..pos + 32].try_into().unwrap();
-        let b: &[u8; 32] = new[pos..pos + 32].try_into().unwrap();
-        if a != b {
-            break;
-        }
-        pos += 32;
-    }
-    while pos + 8 <= n {
-        let a = u64::from_le_bytes(base[pos..pos + 8].try_into().unwrap());
-        let b = u64::from_le_bytes(new[pos..pos + 8].try_into().unwrap());
-        let x = a ^ b;
-        if x != 0 {
-            return pos + (x.trailing_zeros() / 8) as usize;
-        }
-        pos += 8;
-    }
-    while pos < n && base[pos] == new[pos] {
-        pos += 1;
-    }
-    pos
+/// Bit k set: byte k of `x` is not zero.
+fn nonzero_bytes(x: u64) -> u64 {
+    let mut t = x | (x >> 4);
+    t |= t >> 2;
+    t |= t >> 1;
+    // Gather bit 0 of each byte into the top byte, then bring it down.
+    (t & 0x0101_0101_0101_0101).wrapping_mul(0x0102_0408_1020_4080) >> 56
 }
 
-/// Append `new` as runs against `base` (the same length) to `out`; None,
-/// with `out` unchanged, when the runs would take `limit` bytes or more
-/// (the caller then sends `new` some other way).
-pub(super) fn encode_runs(base: &[u8], new: &[u8], limit: usize, out: &mut Vec<u8>) -> Option<()> {
+/// Words of difference bits a page's delta needs on the stack.
+const STACK_BIT_WORDS: usize = super::PAGE_SIZE / 64 + 2;
+
+/// Set the bit of each byte where `base` and `new` differ in `bits` (one
+/// bit a byte, 64 to a word, zeroed by the caller, at least two words more
+/// than the bytes need: run ends look two bytes ahead). An equal 64-byte
+/// block, most of a page a sync point carries, costs one compare
+/// (docs/benchmarks.md, "sync-point CPU").
+fn difference_bits(base: &[u8], new: &[u8], bits: &mut [u64]) {
+    let word = |bytes: &[u8]| u64::from_le_bytes(bytes.try_into().unwrap());
+    let blocks = base.chunks_exact(64).zip(new.chunks_exact(64));
+    for ((a, b), bits) in blocks.zip(bits.iter_mut()) {
+        let words = || a.chunks_exact(8).zip(b.chunks_exact(8));
+        // The OR of the block's word XORs, without an early exit, stays
+        // in vector registers (cheaper than a call to compare the block).
+        if words().fold(0, |acc, (a, b)| acc | (word(a) ^ word(b))) != 0 {
+            *bits = words().enumerate().fold(0, |acc, (k, (a, b))| {
+                acc | nonzero_bytes(word(a) ^ word(b)) << (8 * k)
+            });
+        }
+    }
+    for i in base.len() / 64 * 64..base.len() {
+        if base[i] != new[i] {
+            bits[i / 64] |= 1 << (i % 64);
+        }
+    }
+}
+
+/// The first set bit at or after `from` of the bit string whose word `i`
+/// is `word(i)`, among `words` words.
+#[inline(always)]
+fn next_set_bit(words: usize, from: usize, word: impl Fn(usize) -> u64) -> Option<usize> {
+    let mut i = from / 64;
+    if i >= words {
+        return None;
+    }
+    let mut w = word(i) & (u64::MAX << (from % 64));
+    loop {
+        if w != 0 {
+            return Some(i * 64 + w.trailing_zeros() as usize);
+        }
+        i += 1;
+        if i >= words {
+            return None;
+        }
+        w = word(i);
+    }
+}
+
+/// Append `new` as runs against `base` (the same length) to `out` and
+/// return how many runs that took (0: equal); None, with `out` unchanged,
+/// when the runs would take `limit` bytes or more (the caller then sends
+/// `new` some other way).
+///
+/// A run starts at a differing byte and takes in gaps of up to two equal
+/// bytes between differing ones (a run costs ~2 bytes); it ends before
+/// three equal bytes, or before equal bytes that reach the end.
+pub(super) fn encode_runs(
+    base: &[u8],
+    new: &[u8],
+    limit: usize,
+    out: &mut Vec<u8>,
+) -> Option<usize> {
     debug_assert_eq!(base.len(), new.len());
     let n = base.len().min(new.len());
     let (base, new) = (&base[..n], &new[..n]);
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    let mut pos = next_difference(base, new, 0);
+    let words = n / 64 + 2;
+    let mut stack = [0u64; STACK_BIT_WORDS];
+    let mut heap = Vec::new();
+    let differ: &mut [u64] = if words <= STACK_BIT_WORDS {
+        &mut stack[..words]
+    } else {
+        heap.resize(words, 0);
+        &mut heap
+    };
+    difference_bits(base, new, differ);
+    let differ: &[u64] = differ;
+    // Bit p set: bytes p, p+1 and p+2 are equal (past the end counts as
+    // equal), so a run reaching p ends there.
+    let ends = |i: usize| {
+        let equal = |j: usize| !differ.get(j).copied().unwrap_or(0);
+        let (here, next) = (equal(i), equal(i + 1));
+        here & (here >> 1 | next << 63) & (here >> 2 | next << 62)
+    };
+    let at = out.len();
+    // The runs are written as they are found, after room for their count
+    // (put in place at the end), so no list of them is built first.
+    const COUNT_ROOM: usize = 2;
+    out.extend_from_slice(&[0; COUNT_ROOM]);
+    let mut runs = 0usize;
+    let mut end = 0;
     let mut bytes = 0;
-    while pos < n {
-        let start = pos;
-        loop {
-            while pos < n && base[pos] != new[pos] {
-                pos += 1;
-            }
-            let gap = (pos..n.min(pos + MERGE_GAP + 1))
-                .take_while(|&i| base[i] == new[i])
-                .count();
-            if gap <= MERGE_GAP && pos + gap < n {
-                pos += gap;
-            } else {
-                break;
-            }
-        }
-        runs.push((start, pos));
-        // Two varints of up to two bytes each, and the bytes.
-        bytes += 4 + pos - start;
+    while let Some(start) = next_set_bit(words, end, |i| differ[i]).filter(|&s| s < n) {
+        // Every bit from n on is set in `ends`, so a run always ends.
+        let stop = next_set_bit(words, start + 1, ends).unwrap_or(n).min(n);
+        // Two varints of up to two bytes each, and the bytes: the estimate
+        // that decides "too large", whatever the varints take.
+        bytes += 4 + stop - start;
         if bytes + 8 >= limit {
+            out.truncate(at);
             return None;
         }
-        pos = next_difference(base, new, pos);
-    }
-    put_varint(out, runs.len() as u64);
-    let mut end = 0;
-    for (start, stop) in runs {
         put_varint(out, (start - end) as u64);
         put_varint(out, (stop - start) as u64);
         out.extend(
@@ -109,9 +165,12 @@ pub(super) fn encode_runs(base: &[u8], new: &[u8], limit: usize, out: &mut Vec<u
                 .zip(&new[start..stop])
                 .map(|(a, b)| a ^ b),
         );
+        runs += 1;
         end = stop;
     }
-    Some(())
+    let (count, len) = varint_bytes(runs as u64);
+    out.splice(at..at + COUNT_ROOM, count[..len].iter().copied());
+    Some(runs)
 }
 
 /// Read runs from `d` and XOR them into `target` (which holds the base).
@@ -145,7 +204,122 @@ pub(super) fn apply_runs(d: &mut Dec, target: &mut [u8], min_runs: u64) -> Resul
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    /// Equal bytes a run takes in between differing ones.
+    const MERGE_GAP: usize = 2;
+
+    /// The plain encoding, a byte at a time with a list of runs: what
+    /// `encode_runs` must write byte for byte (a log's bytes do not depend
+    /// on how fast they were found).
+    fn plain_runs(base: &[u8], new: &[u8], limit: usize) -> Option<Vec<u8>> {
+        let n = base.len();
+        let mut runs = Vec::new();
+        let mut pos = 0;
+        let mut bytes = 0;
+        while pos < n {
+            if base[pos] == new[pos] {
+                pos += 1;
+                continue;
+            }
+            let start = pos;
+            loop {
+                while pos < n && base[pos] != new[pos] {
+                    pos += 1;
+                }
+                let gap = (pos..n.min(pos + MERGE_GAP + 1))
+                    .take_while(|&i| base[i] == new[i])
+                    .count();
+                if gap <= MERGE_GAP && pos + gap < n {
+                    pos += gap;
+                } else {
+                    break;
+                }
+            }
+            runs.push((start, pos));
+            bytes += 4 + pos - start;
+            if bytes + 8 >= limit {
+                return None;
+            }
+        }
+        let mut out = Vec::new();
+        put_varint(&mut out, runs.len() as u64);
+        let mut end = 0;
+        for (start, stop) in runs {
+            put_varint(&mut out, (start - end) as u64);
+            put_varint(&mut out, (stop - start) as u64);
+            out.extend((start..stop).map(|i| base[i] ^ new[i]));
+            end = stop;
+        }
+        Some(out)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Sparse and dense changes, at any length and limit: the same
+        /// bytes and the same "too large" as the plain encoding, after
+        /// whatever the output held.
+        #[test]
+        fn runs_are_the_plain_encoding(
+            seed in any::<u64>(),
+            len in prop_oneof![0usize..300, Just(4096usize)],
+            changes in prop::collection::vec((any::<u16>(), 1u8..=255, 1usize..70), 0..60),
+            limit in prop_oneof![Just(usize::MAX), 0usize..5000],
+            prefix in prop::collection::vec(any::<u8>(), 0..3),
+        ) {
+            let base: Vec<u8> = (0..len)
+                .map(|i| (seed.rotate_left((i % 64) as u32) as u8) ^ (i as u8))
+                .collect();
+            let mut new = base.clone();
+            for (at, x, span) in changes {
+                if len == 0 {
+                    break;
+                }
+                let at = at as usize % len;
+                for b in &mut new[at..(at + span).min(len)] {
+                    *b ^= x;
+                }
+            }
+            let mut out = prefix.clone();
+            let runs = encode_runs(&base, &new, limit, &mut out);
+            match plain_runs(&base, &new, limit) {
+                Some(expected) => {
+                    prop_assert_eq!(&out[..prefix.len()], &prefix[..]);
+                    prop_assert_eq!(&out[prefix.len()..], &expected[..]);
+                    let mut d = Dec(&expected);
+                    prop_assert_eq!(runs, Some(read_varint(&mut d).unwrap() as usize));
+                    prop_assert_eq!(runs == Some(0), base == new);
+                }
+                None => {
+                    prop_assert_eq!(runs, None);
+                    prop_assert_eq!(out, prefix);
+                }
+            }
+        }
+
+        /// Any pattern of differing bytes (gaps of every length near the
+        /// merge rule's, at block and word edges, at the end).
+        #[test]
+        fn any_difference_pattern_is_the_plain_encoding(
+            pattern in prop::collection::vec(any::<bool>(), 0..200),
+            offset in 0usize..130,
+        ) {
+            let n = offset + pattern.len();
+            let base = vec![0x33u8; n];
+            let mut new = base.clone();
+            for (i, differs) in pattern.iter().enumerate() {
+                if *differs {
+                    new[offset + i] = 0x7c;
+                }
+            }
+            let mut out = Vec::new();
+            encode_runs(&base, &new, usize::MAX, &mut out);
+            prop_assert_eq!(Some(out), plain_runs(&base, &new, usize::MAX));
+        }
+    }
 
     fn round_trip(base: &[u8], new: &[u8]) -> Option<usize> {
         let mut out = Vec::new();

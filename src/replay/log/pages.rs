@@ -88,7 +88,8 @@ pub struct PageStats {
 }
 
 fn zero_crc() -> u32 {
-    crc32fast::hash(&[0u8; PAGE_SIZE])
+    static ZERO_CRC: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *ZERO_CRC.get_or_init(|| crc32fast::hash(&[0u8; PAGE_SIZE]))
 }
 
 impl PageCache {
@@ -277,6 +278,13 @@ fn all_zero(data: &[u8]) -> bool {
         .all(|w| u64::from_ne_bytes(w.try_into().unwrap()) == 0)
 }
 
+/// A page entry's kind and base for "unchanged" (its step is written).
+fn push_same(block: &mut Vec<u8>, crc: u32, stats: &mut PageStats) {
+    block.push(KIND_SAME);
+    block.extend_from_slice(&crc.to_le_bytes());
+    stats.same += 1;
+}
+
 fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
 }
@@ -321,9 +329,7 @@ pub(super) fn encode_pages<'a, D: PageContents>(
                 {
                     put_varint(&mut block, zigzag(number.wrapping_sub(previous)));
                     previous = number;
-                    block.push(KIND_SAME);
-                    block.extend_from_slice(&crc.to_le_bytes());
-                    stats.same += 1;
+                    push_same(&mut block, crc, stats);
                     updates.push(PageUpdate::Same(*gpa));
                 }
                 _ => {
@@ -349,29 +355,39 @@ pub(super) fn encode_pages<'a, D: PageContents>(
         let number = (gpa / PAGE_SIZE as u64) as i64;
         put_varint(&mut block, zigzag(number.wrapping_sub(previous)));
         previous = number;
+        let zero = all_zero(data);
         match cache.get(*gpa) {
-            Some((base, crc)) if base == data => {
-                block.push(KIND_SAME);
-                block.extend_from_slice(&crc.to_le_bytes());
-                stats.same += 1;
+            // A zero page whose last version was zero too is unchanged.
+            Some((base, crc)) if zero && all_zero(base) => {
+                push_same(&mut block, crc, stats);
                 updates.push(PageUpdate::Same(*gpa));
                 continue;
             }
-            _ if all_zero(data) => {
+            _ if zero => {
                 block.push(KIND_ZERO);
                 stats.zero += 1;
             }
             Some((base, crc)) => {
+                // One scan of the page against its base finds both "equal"
+                // and the delta (no comparison first: docs/benchmarks.md,
+                // "sync-point CPU").
                 let at = block.len();
                 block.push(KIND_XOR);
                 block.extend_from_slice(&crc.to_le_bytes());
-                if encode_runs(base, data, PAGE_SIZE, &mut block).is_some() {
-                    stats.delta += 1;
-                } else {
-                    block.truncate(at);
-                    block.push(KIND_FULL);
-                    block.extend_from_slice(data);
-                    stats.full += 1;
+                match encode_runs(base, data, PAGE_SIZE, &mut block) {
+                    Some(0) => {
+                        block.truncate(at);
+                        push_same(&mut block, crc, stats);
+                        updates.push(PageUpdate::Same(*gpa));
+                        continue;
+                    }
+                    Some(_) => stats.delta += 1,
+                    None => {
+                        block.truncate(at);
+                        block.push(KIND_FULL);
+                        block.extend_from_slice(data);
+                        stats.full += 1;
+                    }
                 }
             }
             None => {

@@ -257,6 +257,47 @@ proptest! {
         }
     }
 
+    /// Each page travels as the plain rules say: unchanged when equal to
+    /// its cached version, else zero when all zero, else a delta when one
+    /// is smaller than the page, else whole (the one-scan encoder decides
+    /// as the compare-first one did).
+    #[test]
+    fn each_page_takes_the_kind_the_rules_say(rounds in rounds(), capacity in 0u32..10) {
+        let mut memory = vec![page(0); 12];
+        let mut cache = PageCache::new(capacity);
+        for round in rounds {
+            let mut pages = Vec::new();
+            let mut expected = PageStats::default();
+            for (number, stores) in round {
+                let contents = &mut memory[number as usize];
+                match stores {
+                    Some(stores) => {
+                        for (at, byte) in stores {
+                            contents[at as usize] = byte;
+                        }
+                    }
+                    None => contents.fill(0),
+                }
+                let gpa = number * PAGE_SIZE as u64;
+                match cache.get(gpa) {
+                    Some((base, _)) if base == &contents[..] => expected.same += 1,
+                    _ if contents.iter().all(|&b| b == 0) => expected.zero += 1,
+                    Some((base, _))
+                        if crate::replay::log::delta::encode_runs(base, contents, PAGE_SIZE, &mut Vec::new())
+                            .is_some() =>
+                    {
+                        expected.delta += 1
+                    }
+                    _ => expected.full += 1,
+                }
+                pages.push((gpa, contents.clone()));
+            }
+            let mut stats = PageStats::default();
+            send(&mut cache, &pages, &mut stats);
+            prop_assert_eq!(stats, expected);
+        }
+    }
+
     /// Any bytes as a block: an error or pages, never a panic, never more
     /// pages than it claims.
     #[test]
