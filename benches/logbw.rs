@@ -41,7 +41,7 @@
 //!   only it.
 
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -55,6 +55,7 @@ use twinvm::replay::engine::{
     RecordSettings, Recorder, Role, RunReport, Stop,
 };
 use twinvm::replay::log::{LogReader, LogWriter, PageStats, StateStats};
+use twinvm::replay::log_file::LogFile;
 use twinvm::replay::machine;
 use twinvm::replay::schedule::Schedule;
 use twinvm::vmm::{sys, Kicker, VmConfig};
@@ -292,11 +293,12 @@ fn run(
     Ok((report, engine))
 }
 
-/// A log file that refuses to grow past a bound (the write fails, so the
-/// recording stops with an error instead of filling the disk). `written`
-/// is shared: the Linux row reads it when its console markers arrive.
+/// `twinvm record`'s log file (written behind the guest) that refuses to
+/// grow past a bound (the write fails, so the recording stops with an
+/// error instead of filling the disk). `written` is shared: the Linux row
+/// reads it when its console markers arrive.
 struct CappedLog {
-    file: BufWriter<File>,
+    file: LogFile,
     written: Arc<AtomicU64>,
     cap: u64,
 }
@@ -320,7 +322,11 @@ impl Write for CappedLog {
     }
 }
 
-impl LogSink for CappedLog {}
+impl LogSink for CappedLog {
+    fn landmark_done(&mut self, landmark: u64) -> io::Result<()> {
+        self.file.landmark_done(landmark)
+    }
+}
 
 fn log_cap() -> u64 {
     std::env::var("TWINVM_LOGBW_MAX_GB")
@@ -357,7 +363,7 @@ fn record(
         ..machine::header_for(cfg, BOOT_UNIX_SECS, host_cpu, None)
     };
     let writer: Box<dyn LogSink> = Box::new(CappedLog {
-        file: BufWriter::new(file),
+        file: LogFile::new(file),
         written,
         cap: log_cap(),
     });
