@@ -3,8 +3,9 @@
 //! `twinvm record` writes its log through this sink: records are buffered
 //! and handed over only at landmark boundaries (where every record handed
 //! over is whole) to a writer thread, so the vCPU's thread does not wait
-//! for the file (at hundreds of Mbit/s the write took a fifth of a sync
-//! point's time: docs/benchmarks.md, "sync-point CPU"). A few buffers may
+//! for the file (at hundreds of Mbit/s the write was a fifth of the
+//! recording thread's time outside the guest: docs/benchmarks.md,
+//! "sync-point CPU"). A few buffers may
 //! wait for the thread; past that the recording waits for the disk. A write
 //! that fails (the disk is full: ENOSPC) cuts the file back to the end of
 //! the last whole write and nothing is written after it, so the log on
