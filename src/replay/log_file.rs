@@ -313,14 +313,18 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    #[test]
-    fn a_failed_write_leaves_only_whole_writes_and_says_so() {
-        // /dev/full fails every write with ENOSPC.
+    /// /dev/full fails every write with ENOSPC.
+    fn sink_on_a_full_disk() -> LogFile {
         let full = std::fs::OpenOptions::new()
             .write(true)
             .open("/dev/full")
             .expect("/dev/full (Linux has it)");
-        let mut sink = LogFile::new(full);
+        LogFile::new(full)
+    }
+
+    #[test]
+    fn a_failed_write_leaves_only_whole_writes_and_says_so() {
+        let mut sink = sink_on_a_full_disk();
         sink.write_all(b"a whole record").unwrap();
         let err = sink.flush().unwrap_err();
         assert_eq!(err.raw_os_error(), None, "rewritten with a message");
@@ -333,11 +337,7 @@ mod tests {
 
     #[test]
     fn a_write_failing_behind_the_guest_stops_it_at_a_landmark_and_nothing_follows() {
-        let full = std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/full")
-            .expect("/dev/full (Linux has it)");
-        let mut sink = LogFile::new(full);
+        let mut sink = sink_on_a_full_disk();
         let mut failed = None;
         for landmark in 1..=1000 {
             sink.write_all(&vec![1u8; WRITE_OUT_AT]).unwrap();

@@ -207,6 +207,17 @@ fn malformed_entries_are_clear_errors() {
 /// Stores into one page: (offset, byte) pairs; None zeroes the page.
 type PageWrites = Option<Vec<(u16, u8)>>;
 
+fn apply_writes(contents: &mut [u8], writes: PageWrites) {
+    match writes {
+        Some(stores) => {
+            for (at, byte) in stores {
+                contents[at as usize] = byte;
+            }
+        }
+        None => contents.fill(0),
+    }
+}
+
 /// Sync points, each a list of (page number, its writes); a page may come
 /// with no stores (written back unchanged).
 fn rounds() -> impl Strategy<Value = Vec<Vec<(u64, PageWrites)>>> {
@@ -239,14 +250,7 @@ proptest! {
             let mut pages = Vec::new();
             for (number, stores) in round {
                 let contents = &mut memory[number as usize];
-                match stores {
-                    Some(stores) => {
-                        for (at, byte) in stores {
-                            contents[at as usize] = byte;
-                        }
-                    }
-                    None => contents.fill(0),
-                }
+                apply_writes(contents, stores);
                 pages.push((number * PAGE_SIZE as u64, contents.clone()));
             }
             let bytes = send(&mut cache, &pages, &mut stats);
@@ -270,22 +274,12 @@ proptest! {
             let mut expected = PageStats::default();
             for (number, stores) in round {
                 let contents = &mut memory[number as usize];
-                match stores {
-                    Some(stores) => {
-                        for (at, byte) in stores {
-                            contents[at as usize] = byte;
-                        }
-                    }
-                    None => contents.fill(0),
-                }
+                apply_writes(contents, stores);
                 let gpa = number * PAGE_SIZE as u64;
                 match cache.get(gpa) {
                     Some((base, _)) if base == &contents[..] => expected.same += 1,
                     _ if contents.iter().all(|&b| b == 0) => expected.zero += 1,
-                    Some((base, _))
-                        if crate::replay::log::delta::encode_runs(base, contents, PAGE_SIZE, &mut Vec::new())
-                            .is_some() =>
-                    {
+                    Some((base, _)) if encode_runs(base, contents, PAGE_SIZE, &mut Vec::new()).is_some() => {
                         expected.delta += 1
                     }
                     _ => expected.full += 1,
