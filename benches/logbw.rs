@@ -363,7 +363,7 @@ fn record(
         ..machine::header_for(cfg, BOOT_UNIX_SECS, host_cpu, None)
     };
     let writer: Box<dyn LogSink> = Box::new(CappedLog {
-        file: LogFile::new(file),
+        file: LogFile::new(file).expect("the log writer thread"),
         written,
         cap: log_cap(),
     });

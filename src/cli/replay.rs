@@ -214,7 +214,9 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
             session.net_mac(),
         )
     };
-    let writer: Box<dyn LogSink> = Box::new(LogFile::new(file));
+    let writer: Box<dyn LogSink> = Box::new(
+        LogFile::new(file).with_context(|| format!("writing log {}", args.log.display()))?,
+    );
     let mut log = LogWriter::new(writer, &header)
         .with_context(|| format!("writing log {}", args.log.display()))?;
     let cache_pages = u32::try_from(args.page_cache / PAGE_SIZE as u64).unwrap_or(u32::MAX);

@@ -107,37 +107,26 @@ pub struct LogFile {
 }
 
 impl LogFile {
-    /// A sink writing to `file` from its start (a new, empty file).
-    pub fn new(file: File) -> Self {
+    /// A sink writing to `file` from its start (a new, empty file), with
+    /// its writer thread started.
+    pub fn new(file: File) -> io::Result<Self> {
         let (to_writer, requests) = bounded(QUEUED_BUFFERS);
         let (give_back, spare) = bounded(QUEUED_BUFFERS);
         let written = Arc::new(Written::default());
         let shared = Arc::clone(&written);
         let writer = std::thread::Builder::new()
             .name("twinvm-log-writer".to_string())
-            .spawn(move || write_behind(file, &requests, &give_back, &shared));
-        let writer = match writer {
-            Ok(handle) => Some(handle),
-            Err(e) => {
-                // Without its thread the sink writes nothing: say so at
-                // the first landmark or flush.
-                written.fail(Failure {
-                    kind: e.kind(),
-                    error: format!("starting the log writer thread: {e}"),
-                    whole: 0,
-                    cut: Ok(()),
-                    lost: 0,
-                });
-                None
-            }
-        };
-        LogFile {
+            .spawn(move || write_behind(file, &requests, &give_back, &shared))
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("starting the log writer thread: {e}"))
+            })?;
+        Ok(LogFile {
             buf: Vec::new(),
-            to_writer: writer.as_ref().map(|_| to_writer),
+            to_writer: Some(to_writer),
             spare,
             written,
-            writer,
-        }
+            writer: Some(writer),
+        })
     }
 
     /// Bytes known to be in the file.
@@ -276,7 +265,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("twinvm-logfile-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("a.log");
-        let mut sink = LogFile::new(File::create(&path).unwrap());
+        let mut sink = LogFile::new(File::create(&path).unwrap()).unwrap();
         sink.write_all(b"record one").unwrap();
         sink.landmark_done(1).unwrap();
         // Small: still buffered.
@@ -304,7 +293,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("twinvm-logfile-drop-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("a.log");
-        let mut sink = LogFile::new(File::create(&path).unwrap());
+        let mut sink = LogFile::new(File::create(&path).unwrap()).unwrap();
         sink.write_all(b"a record").unwrap();
         sink.landmark_done(1).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
@@ -319,7 +308,7 @@ mod tests {
             .write(true)
             .open("/dev/full")
             .expect("/dev/full (Linux has it)");
-        LogFile::new(full)
+        LogFile::new(full).unwrap()
     }
 
     #[test]
