@@ -265,7 +265,7 @@ mod tests {
         #[test]
         fn runs_are_the_plain_encoding(
             seed in any::<u64>(),
-            len in prop_oneof![0usize..300, Just(4096usize)],
+            len in prop_oneof![0usize..300, Just(4096usize), Just(5000usize)],
             changes in prop::collection::vec((any::<u16>(), 1u8..=255, 1usize..70), 0..60),
             limit in prop_oneof![Just(usize::MAX), 0usize..5000],
             prefix in prop::collection::vec(any::<u8>(), 0..3),
