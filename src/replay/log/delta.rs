@@ -10,15 +10,12 @@
 
 use super::codec::Dec;
 
-pub(super) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
+pub(super) fn put_varint(out: &mut Vec<u8>, v: u64) {
+    let (bytes, len) = varint_bytes(v);
+    out.extend_from_slice(&bytes[..len]);
 }
 
-/// `v` as [`put_varint`] writes it, in a buffer: the bytes and how many.
+/// `v` as a varint in a buffer: the bytes and how many.
 fn varint_bytes(mut v: u64) -> ([u8; 10], usize) {
     let mut bytes = [0u8; 10];
     let mut len = 0;
