@@ -285,6 +285,13 @@ fn push_same(block: &mut Vec<u8>, crc: u32, stats: &mut PageStats) {
     stats.same += 1;
 }
 
+/// A page entry's kind and contents for "whole" (its step is written).
+fn push_full(block: &mut Vec<u8>, data: &[u8], stats: &mut PageStats) {
+    block.push(KIND_FULL);
+    block.extend_from_slice(data);
+    stats.full += 1;
+}
+
 fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
 }
@@ -384,17 +391,11 @@ pub(super) fn encode_pages<'a, D: PageContents>(
                     Some(_) => stats.delta += 1,
                     None => {
                         block.truncate(at);
-                        block.push(KIND_FULL);
-                        block.extend_from_slice(data);
-                        stats.full += 1;
+                        push_full(&mut block, data, stats);
                     }
                 }
             }
-            None => {
-                block.push(KIND_FULL);
-                block.extend_from_slice(data);
-                stats.full += 1;
-            }
+            None => push_full(&mut block, data, stats),
         }
         updates.push(PageUpdate::Store(*gpa, data));
     }
