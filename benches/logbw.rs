@@ -28,6 +28,8 @@
 //!   has no size bound yet: issue 14);
 //! - `TWINVM_LOGBW_TICK_DEFERRAL_MS=N` the tick deferral of the plain run
 //!   and the recording (default: the engine's default).
+//! - `TWINVM_LOGBW_SYNC_BUDGET=N` the sync-point budget in percent of the
+//!   plain run and the recording (default: the engine's, 5; 0 turns it off).
 //! - `TWINVM_LOGBW_TICK_DELIVERY=RULE` the recording's tick delivery
 //!   (`landmarks`, `window-exits`, `catch-up`; default as `twinvm record`);
 //! - `TWINVM_LOGBW_PAGE_CACHE_MIB=N` the recording's page cache (default
@@ -180,6 +182,12 @@ fn settings() -> RecordSettings {
         .and_then(|v| v.parse::<u64>().ok())
     {
         settings.tick_deferral = Duration::from_millis(ms);
+    }
+    if let Some(percent) = std::env::var("TWINVM_LOGBW_SYNC_BUDGET")
+        .ok()
+        .and_then(|v| v.parse::<u8>().ok())
+    {
+        settings.sync_budget_percent = percent.min(100);
     }
     if let Some(pages) = std::env::var("TWINVM_LOGBW_HOT_PAGES")
         .ok()
@@ -442,8 +450,9 @@ fn main() {
     let host_cpu = sys::current_cpu().unwrap();
 
     println!(
-        "twinvm log bandwidth benchmark, median of {runs} run(s) per mode, tick deferral {} ms, hot-page budget {}",
+        "twinvm log bandwidth benchmark, median of {runs} run(s) per mode, tick deferral {} ms, sync-point budget {}%, hot-page budget {}",
         settings().tick_deferral.as_millis(),
+        settings().sync_budget_percent,
         settings().hot_page_budget
     );
     println!(

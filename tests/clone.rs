@@ -431,10 +431,9 @@ fn a_backup_gone_live_is_cloned_and_its_clone_survives_the_second_failure() {
 enum Expected {
     /// The dirty set shrinks below the policy's threshold: no bound.
     Converges,
-    /// Either way; the report says which.
+    /// Either way (converged, or a bound with a longer pause); the report
+    /// says which.
     Either,
-    /// Faster than the copy: a bound ends it, with a longer pause.
-    EndsByBound,
 }
 
 /// Both ends of a whole pair's stream report its page cache (`twinvm
@@ -474,8 +473,14 @@ struct DirtyRate {
 /// round after the first), the middle one's is near the policy's 512
 /// pages in the second round (it converged in 2 or 3 rounds here, and may
 /// take more or stall on a slower machine). The fast one is `cargo bench
-/// --bench clone`'s ~100 MiB/s over 4 MiB: every page of the working set
-/// is written during any round, so the dirty set never shrinks.
+/// --bench clone`'s ~100 MiB/s over 4 MiB: enough stores to write every
+/// page of the working set in any round, but the guest's first store to a
+/// page after each harvest faults to the host (shadow paging), which caps
+/// how fast it dirties pages at about what a round copies on these hosts
+/// (11,000-20,000 pages a second measured): some runs end by a bound,
+/// others converge with ~500 pages in the last round (2 of 3 on a fresh
+/// machine, 2026-11-27). The policy's bounds have their own unit tests
+/// (src/clone/policy.rs); here each ending is checked against them.
 const DIRTY_RATES: [DirtyRate; 3] = [
     DirtyRate {
         name: "~100 stores/s over 16 MiB",
@@ -493,7 +498,7 @@ const DIRTY_RATES: [DirtyRate; 3] = [
         name: "~100 MiB/s of stores over 4 MiB",
         ws_kib: 4 << 10,
         every: 23,
-        expected: Expected::EndsByBound,
+        expected: Expected::Either,
     },
 ];
 
@@ -636,7 +641,6 @@ fn clone_at_rate(rate: &DirtyRate) {
     }
     match rate.expected {
         Expected::Converges => assert_eq!(reason, CutReason::Converged, "{report:?}"),
-        Expected::EndsByBound => assert_ne!(reason, CutReason::Converged, "{report:?}"),
         Expected::Either => {}
     }
     // The guest ran on while its memory was copied: the cut came at a

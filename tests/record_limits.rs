@@ -94,15 +94,17 @@ fn limit_ends_the_recording_and_the_log_replays(
 
 #[test]
 fn the_size_limit_ends_the_recording_with_its_final_digest() {
-    // Sync points of ~300 pages each: the recording ends at a landmark
-    // once the next one might not fit. 3 MiB, so that the first one, whose
+    // Sync points of ~250-300 pages each (fewer and larger under the
+    // sync-point budget; the rounds make sure the log outgrows the limit):
+    // the recording ends at a landmark once the next one might not fit.
+    // 3 MiB, so that the first one, whose
     // size depends on how far the loop got (seen under load: it did not fit
     // in the ~1.4 MiB a 2 MiB limit leaves beside the final digest's room),
     // always fits and the room rule is what ends the recording.
     limit_ends_the_recording_and_the_log_replays(
         "3M",
         3 << 20,
-        "ws=1024 every=1",
+        "ws=1024 every=1 rounds=400000000",
         "with its final digest and End record",
     );
 }
@@ -171,6 +173,9 @@ impl Drop for Tmpfs {
     }
 }
 
+/// memwrite's command line for the full-disk test.
+const FILLS_THE_DISK: &str = "ws=4096 every=1 rounds=400000000";
+
 #[test]
 fn a_full_disk_is_a_clear_error_and_leaves_only_whole_records() {
     let dir = TempDir::new("enospc");
@@ -189,12 +194,15 @@ fn a_full_disk_is_a_clear_error_and_leaves_only_whole_records() {
     );
     assert!(!log.exists());
 
-    // A limit beyond the filesystem: the disk fills first.
+    // A limit beyond the filesystem: the disk fills first. A store every
+    // round over 4 MiB logs ~250 Mbit/s even under the sync-point budget
+    // (sync points of ~800 pages, nearly all sent whole), and the first sync
+    // point alone carries the working set the guest filled.
     let started = std::time::Instant::now();
     let rec = record(
         &log,
         &console,
-        "ws=1024 every=1",
+        FILLS_THE_DISK,
         &["--max-log-size", "64M"],
     );
     assert!(started.elapsed() < Duration::from_secs(60), "{rec:?}");
@@ -216,7 +224,7 @@ fn a_full_disk_is_a_clear_error_and_leaves_only_whole_records() {
 
     // Whole records only: the replay follows them to the last and says the
     // log ends there; nothing in it is truncated or corrupt.
-    let rep = replay(&log, &dir.0.join("replayed.txt"), "ws=1024 every=1");
+    let rep = replay(&log, &dir.0.join("replayed.txt"), FILLS_THE_DISK);
     assert!(!rep.status.success(), "{rep:?}");
     assert!(
         rep.stderr.contains("without an end record"),

@@ -395,12 +395,57 @@ fn page_table_changes_in_sync_points_reach_kvm_shadow_paging() {
 
 /// `shadow-mmu-flushes=N` from `--stats`.
 fn flushes(stderr: &str) -> u64 {
+    counter(stderr, "shadow-mmu-flushes")
+}
+
+/// `NAME=N` from `--stats`.
+fn counter(stderr: &str, name: &str) -> u64 {
     stderr
-        .split("shadow-mmu-flushes=")
+        .split(&format!("{name}="))
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no shadow-mmu-flushes in {stderr}"))
+        .unwrap_or_else(|| panic!("no {name} in {stderr}"))
+}
+
+#[test]
+fn the_sync_point_budget_defers_the_ticks_of_a_memory_heavy_guest_and_replays_identically() {
+    // memwrite storing over 4 MiB from user mode: each sync point carries
+    // about a thousand pages (a millisecond or more), so under the default
+    // budget (5% of the time) the ticks after one wait instead of making a
+    // sync point each (the 250 Hz timer's ticks come due every 4 ms).
+    let cmdline = "ws=4096 every=8 rounds=40000000";
+    let args = ["--cmdline", cmdline, "--stats"];
+    let dir = TempDir::new("rr-budget");
+    let (log, rec) = record(&dir, "memwrite", &args);
+    assert!(rec.stdout.contains("memwrite: done"), "{}", rec.stdout);
+    let deferred = counter(&rec.stderr, "tick-deferrals");
+    assert!(deferred > 0, "no tick deferred: {}", rec.stderr);
+    let rep = run_to_end(
+        &[
+            "replay",
+            "--log",
+            &log,
+            "--kernel",
+            "builtin:memwrite",
+            "--mem",
+            "64M",
+            "--cmdline",
+            cmdline,
+        ],
+        TIMEOUT,
+    );
+    assert_identical(&rec, &rep);
+
+    // Without the budget (and the default fixed deferral of 0) every tick
+    // goes in as soon as the sync bound allows.
+    let off = TempDir::new("rr-budget-off");
+    let (_, rec) = record(
+        &off,
+        "memwrite",
+        &[&args[..], &["--sync-budget-percent", "0"]].concat(),
+    );
+    assert_eq!(counter(&rec.stderr, "tick-deferrals"), 0, "{}", rec.stderr);
 }
 
 #[test]

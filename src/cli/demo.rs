@@ -15,7 +15,9 @@ use super::replay::{record, replay, RecordArgs, ReplayArgs};
 use super::run::{boot_and_run, describe, print_stats, RunArgs};
 use crate::ft::drill::{run_local, DrillKind, LocalOptions};
 use crate::guests::BUILTIN_PREFIX;
-use crate::replay::engine::{Ending, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_TICK_DEFERRAL};
+use crate::replay::engine::{
+    Ending, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_SYNC_BUDGET_PERCENT, DEFAULT_TICK_DEFERRAL,
+};
 
 fn guest_args(name: &str, serial: &str) -> RunArgs {
     RunArgs {
@@ -26,6 +28,23 @@ fn guest_args(name: &str, serial: &str) -> RunArgs {
         serial: serial.into(),
         stats: false,
         net: None,
+    }
+}
+
+/// `twinvm record`'s defaults, recording `run` to `log`.
+fn record_args(log: PathBuf, run: RunArgs) -> RecordArgs {
+    RecordArgs {
+        log,
+        digest_interval: 256,
+        sync_bound_us: 200,
+        tick_deferral_ms: DEFAULT_TICK_DEFERRAL.as_millis() as u64,
+        sync_budget_percent: DEFAULT_SYNC_BUDGET_PERCENT,
+        tick_delivery: None,
+        trace_landmarks: false,
+        max_log_size: None,
+        page_cache: 64 << 20,
+        hot_pages: DEFAULT_HOT_PAGE_BUDGET,
+        run,
     }
 }
 
@@ -79,18 +98,10 @@ pub fn demo() -> Result<ExitCode> {
     let replayed_console = dir.0.join("storm-replayed.txt");
 
     eprintln!("\n== twinvm demo: recording builtin:storm (1 kHz timer into user-mode loops, trapped time reads)");
-    let code = record(&RecordArgs {
-        log: log.clone(),
-        digest_interval: 256,
-        sync_bound_us: 200,
-        tick_deferral_ms: DEFAULT_TICK_DEFERRAL.as_millis() as u64,
-        tick_delivery: None,
-        trace_landmarks: false,
-        max_log_size: None,
-        page_cache: 64 << 20,
-        hot_pages: DEFAULT_HOT_PAGE_BUDGET,
-        run: guest_args("storm", &path_str(&recorded_console)),
-    })?;
+    let code = record(&record_args(
+        log.clone(),
+        guest_args("storm", &path_str(&recorded_console)),
+    ))?;
     if code != ExitCode::SUCCESS {
         return Ok(code);
     }
@@ -116,18 +127,10 @@ pub fn demo() -> Result<ExitCode> {
 
     eprintln!("\n== twinvm demo: a guest that reads the TSC in user mode cannot be replayed; the digests say so");
     let log = dir.0.join("rdtscuser.log");
-    record(&RecordArgs {
-        log: log.clone(),
-        digest_interval: 256,
-        sync_bound_us: 200,
-        tick_deferral_ms: DEFAULT_TICK_DEFERRAL.as_millis() as u64,
-        tick_delivery: None,
-        trace_landmarks: false,
-        max_log_size: None,
-        page_cache: 64 << 20,
-        hot_pages: DEFAULT_HOT_PAGE_BUDGET,
-        run: guest_args("rdtscuser", &path_str(&dir.0.join("r1.txt"))),
-    })?;
+    record(&record_args(
+        log.clone(),
+        guest_args("rdtscuser", &path_str(&dir.0.join("r1.txt"))),
+    ))?;
     match replay(&ReplayArgs {
         log,
         test_perturb: None,

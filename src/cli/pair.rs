@@ -17,7 +17,9 @@ use crate::devices::TickDelivery;
 use crate::ft::link::LinkConfig;
 use crate::ft::node::{self, query_status, ArbiterSettings, GuestSetup, PairConfig, PairStatus};
 use crate::net::NetSpec;
-use crate::replay::engine::{TestPerturbation, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_TICK_DEFERRAL};
+use crate::replay::engine::{
+    TestPerturbation, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_SYNC_BUDGET_PERCENT, DEFAULT_TICK_DEFERRAL,
+};
 
 /// Settings of a replica; flags override the `--config` file.
 #[derive(Debug, Clone, Args, Default)]
@@ -68,6 +70,11 @@ pub struct PairArgs {
     /// (see `record`; default 0 = off, up to 1000).
     #[arg(long)]
     pub tick_deferral_ms: Option<u64>,
+    /// The most of the time, in percent, the primary's sync points for
+    /// timer ticks may keep the guest stopped (see `record`; default 5,
+    /// 0 = off).
+    #[arg(long)]
+    pub sync_budget_percent: Option<u8>,
     /// How the primary's timer ticks reach the guest: landmarks (the
     /// default), window-exits or catch-up (see `record`).
     #[arg(long, value_name = "RULE")]
@@ -150,6 +157,7 @@ struct ConfigFile {
     host_cpu: Option<u32>,
     sync_bound_us: Option<u64>,
     tick_deferral_ms: Option<u64>,
+    sync_budget_percent: Option<u8>,
     tick_delivery: Option<String>,
     hot_pages: Option<usize>,
     backup: Option<String>,
@@ -269,6 +277,8 @@ fn resolve(
         Some(ms) => Duration::from_millis(ms),
         None => DEFAULT_TICK_DEFERRAL,
     };
+    let sync_budget_percent =
+        sync_budget_setting(args.sync_budget_percent.or(file.sync_budget_percent))?;
     let tick_delivery = tick_delivery_setting(args.tick_delivery, file.tick_delivery.as_deref())?;
     let hot_pages = hot_pages_setting(args.hot_pages, file.hot_pages)?;
     let address = match side {
@@ -342,6 +352,7 @@ fn resolve(
         host_cpu: args.host_cpu.or(file.host_cpu),
         sync_bound,
         tick_deferral,
+        sync_budget_percent,
         tick_delivery,
         hot_pages,
     };
@@ -370,6 +381,20 @@ fn tick_delivery_setting(flag: Option<TickDelivery>, file: Option<&str>) -> Resu
             .parse::<TickDelivery>()
             .context("`tick_delivery` in --config"),
         (None, None) => Ok(TickDelivery::default()),
+    }
+}
+
+/// The primary's sync-point budget: the flag or the file's
+/// `sync_budget_percent`, else the default.
+fn sync_budget_setting(given: Option<u8>) -> Result<u8> {
+    match given {
+        Some(percent) if percent > 100 => {
+            bail!(
+                "--sync-budget-percent (or `sync_budget_percent`) must be 0 to 100, not {percent}"
+            )
+        }
+        Some(percent) => Ok(percent),
+        None => Ok(DEFAULT_SYNC_BUDGET_PERCENT),
     }
 }
 
@@ -516,6 +541,21 @@ mod tests {
         assert_eq!(ok.guest.mem.as_deref(), Some("64M"));
         let ok: ConfigFile = toml::from_str("tick_deferral_ms = 0\n").unwrap();
         assert_eq!(ok.tick_deferral_ms, Some(0));
+    }
+
+    #[test]
+    fn the_sync_budget_comes_from_the_flag_or_the_file_and_is_bounded() {
+        let file: ConfigFile = toml::from_str("sync_budget_percent = 0\n").unwrap();
+        assert_eq!(sync_budget_setting(file.sync_budget_percent).unwrap(), 0);
+        assert_eq!(
+            sync_budget_setting(None).unwrap(),
+            DEFAULT_SYNC_BUDGET_PERCENT
+        );
+        let err = sync_budget_setting(Some(150)).unwrap_err().to_string();
+        assert!(err.contains("0 to 100, not 150"), "{err}");
+        // Not a percent at all: the file's parser names the key.
+        let err = toml::from_str::<ConfigFile>("sync_budget_percent = -1\n").unwrap_err();
+        assert!(err.to_string().contains("sync_budget_percent"), "{err}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::devices::TickDelivery;
 use crate::replay::engine::{
     final_records_reserve, window_exit_warning, Ending, LogSink, PerturbKind, RecordSettings,
     Recorder, Role, RunReport, Stop, TestPerturbation, DEFAULT_HOT_PAGE_BUDGET,
-    DEFAULT_TICK_DEFERRAL, MAX_HOT_PAGE_BUDGET,
+    DEFAULT_SYNC_BUDGET_PERCENT, DEFAULT_TICK_DEFERRAL, MAX_HOT_PAGE_BUDGET,
 };
 use crate::replay::log::{LogHeader, LogReader, LogWriter, PAGE_SIZE};
 use crate::replay::log_file::LogFile;
@@ -45,6 +45,16 @@ pub struct RecordArgs {
     /// held.
     #[arg(long, default_value_t = DEFAULT_TICK_DEFERRAL.as_millis() as u64, value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub tick_deferral_ms: u64,
+    /// The most of the time, in percent, that sync points made for timer
+    /// ticks may keep the guest stopped: after a sync point that took C, a
+    /// tick due while the guest runs in user mode waits until C·(100−p)/p
+    /// after it, at most 100 ms past its deadline (the missed periods
+    /// coalesce as with `--tick-deferral-ms`, the later of the two wins).
+    /// Sync points of a few pages defer nothing; a guest writing
+    /// megabytes between ticks gets fewer, later ticks instead of spending
+    /// a third of its time stopped. 0 turns it off.
+    #[arg(long, default_value_t = DEFAULT_SYNC_BUDGET_PERCENT, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub sync_budget_percent: u8,
     /// How timer ticks reach the guest, recorded in the log header:
     /// `landmarks` (the default: missed periods coalesce; a tick the guest
     /// cannot take yet waits for a landmark or a sync point),
@@ -229,6 +239,7 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
         digest_interval: args.digest_interval,
         sync_bound: Duration::from_micros(args.sync_bound_us),
         tick_deferral: Duration::from_millis(args.tick_deferral_ms),
+        sync_budget_percent: args.sync_budget_percent,
         trace_landmarks: args.trace_landmarks,
         max_log_bytes: Some(max_log_bytes),
         hot_page_budget: args.hot_pages,

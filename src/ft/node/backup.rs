@@ -275,6 +275,7 @@ pub fn run_backup_from(
         RecordSettings {
             sync_bound: cfg.sync_bound,
             tick_deferral: cfg.tick_deferral,
+            sync_budget_percent: cfg.sync_budget_percent,
             ..RecordSettings::default()
         },
         Some(host_cpu),

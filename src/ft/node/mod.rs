@@ -80,6 +80,9 @@ pub struct PairConfig {
     /// How long a tick owed to a user-mode guest may wait (the primary's;
     /// `RecordSettings::tick_deferral`).
     pub tick_deferral: Duration,
+    /// The most of the time, in percent, the primary's sync points for
+    /// ticks may keep the guest stopped (`RecordSettings::sync_budget_percent`).
+    pub sync_budget_percent: u8,
     /// How the primary's ticks reach the guest (`--tick-delivery`; a
     /// backup follows the log header's).
     pub tick_delivery: TickDelivery,

@@ -178,6 +178,7 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
         RecordSettings {
             sync_bound: cfg.sync_bound,
             tick_deferral: cfg.tick_deferral,
+            sync_budget_percent: cfg.sync_budget_percent,
             hot_page_budget: cfg.hot_pages,
             ..RecordSettings::default()
         },

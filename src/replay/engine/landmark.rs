@@ -9,7 +9,7 @@ use crossbeam_channel::{Select, TryRecvError};
 use super::interrupt_window::{self, WindowState};
 use super::pending_input::MAX_HELD_SERIAL_INPUT;
 use super::settings::HARVEST_EVERY;
-use super::tick_deferral::{self, KickDecision, Pending};
+use super::tick_deferral::{self, DeferralRule, KickDecision, Pending, SyncCost};
 use super::{Control, Ending, Engine, Output, RunError, Stop};
 use crate::devices::{Nanos, PlatformEvent};
 use crate::replay::digest;
@@ -114,9 +114,15 @@ impl Engine {
         // A clone waits for a landmark: make one now.
         let decision = self.kick_decision();
         if decision == KickDecision::SyncNow || self.pending_clone.is_some() {
+            let began = self.real_now();
             if !self.make_sync_point()? {
                 return self.end_before_sync_point().map(AfterKick::Stop);
             }
+            let ended = self.real_now();
+            self.last_sync = Some(SyncCost {
+                ended,
+                took: ended - began,
+            });
             // A sync point harvested the dirty log: the landmark rule
             // need not do it again right away (each harvest re-protects).
             self.last_harvest = std::time::Instant::now();
@@ -573,6 +579,7 @@ impl Engine {
             now,
             timer_deadline: self.platform.next_deadline(),
             other_waiting,
+            last_sync: self.last_sync,
         }
     }
 
@@ -582,9 +589,12 @@ impl Engine {
         let pending = self.pending();
         let run = self.vm.vcpu.get_kvm_run();
         let can_take = run.if_flag != 0 && run.ready_for_interrupt_injection != 0;
-        let max_deferral = self.settings.tick_deferral.as_nanos() as Nanos;
+        let rule = DeferralRule {
+            fixed: self.settings.tick_deferral.as_nanos() as Nanos,
+            budget_percent: self.settings.sync_budget_percent,
+        };
         let vcpu = &self.vm.vcpu;
-        tick_deferral::on_kick(max_deferral, pending, can_take, || {
+        tick_deferral::on_kick(rule, pending, can_take, || {
             // Unreadable state: no deferral (deliver now, as before).
             vcpu.get_sregs().is_ok_and(|s| s.cs.dpl == 3)
         })

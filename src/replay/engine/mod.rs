@@ -70,8 +70,8 @@ pub use self::perturb::{PerturbKind, PerturbParseError, TestPerturbation, PERTUR
 use self::progress::Progress;
 pub use self::role::{LogSink, Recorder, Role};
 pub use self::settings::{
-    window_exit_warning, RecordSettings, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_TICK_DEFERRAL,
-    MAX_HOT_PAGE_BUDGET,
+    window_exit_warning, RecordSettings, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_SYNC_BUDGET_PERCENT,
+    DEFAULT_TICK_DEFERRAL, MAX_HOT_PAGE_BUDGET,
 };
 pub use self::stop_signal::StopOnSignal;
 use super::digest::{DirtyPages, LandmarkKind, LandmarkSignature, MemoryHash};
@@ -141,6 +141,9 @@ pub struct Engine {
     /// A kick let the guest run on with only a timer tick owed: kick again
     /// by this guest time (tick_deferral.rs). Cleared at every landmark.
     deferred_until: Option<Nanos>,
+    /// The last sync point a kick made, for the sync-point budget
+    /// (tick_deferral.rs).
+    last_sync: Option<tick_deferral::SyncCost>,
     progress: Progress,
     syscall_fix: SyscallFix,
     signature: LandmarkSignature,
@@ -208,6 +211,7 @@ impl Engine {
             log_room: log_limit::LogRoom::default(),
             last_harvest: now,
             deferred_until: None,
+            last_sync: None,
             progress: Progress::new(),
             syscall_fix: SyscallFix::default(),
             signature: LandmarkSignature::default(),

@@ -19,6 +19,11 @@ pub(super) const HARVEST_EVERY: Duration = Duration::from_millis(10);
 /// fewer sync points").
 pub const DEFAULT_TICK_DEFERRAL: Duration = Duration::ZERO;
 
+/// The default [`RecordSettings::sync_budget_percent`]: sync points made
+/// for timer ticks may keep a user-mode guest stopped at most 5% of the
+/// time (docs/benchmarks.md, "the sync-point budget").
+pub const DEFAULT_SYNC_BUDGET_PERCENT: u8 = 5;
+
 /// What `record` and the primary print when a recording takes interrupts
 /// at window exits (`None` for the exact rule).
 pub fn window_exit_warning(rule: TickDelivery) -> Option<String> {
@@ -53,6 +58,13 @@ pub struct RecordSettings {
     /// stopped for it (a sync point). Zero: every tick as soon as the sync
     /// bound allows. See tick_deferral.rs and docs/architecture.md.
     pub tick_deferral: Duration,
+    /// The most of the time, in percent, that sync points made for timer
+    /// ticks may keep the guest stopped: after a sync point that took C, a
+    /// tick owed in user mode waits until C·(100−p)/p after it (at most
+    /// 100 ms past its deadline), as the tick deferral above does. Cheap
+    /// sync points (a few pages) defer nothing; 0 turns it off. See
+    /// tick_deferral.rs.
+    pub sync_budget_percent: u8,
     /// Log the guest's RIP and landmark signature at every landmark
     /// (`Record::Trace`).
     pub trace_landmarks: bool,
@@ -75,6 +87,7 @@ impl Default for RecordSettings {
             digest_interval: 256,
             sync_bound: Duration::from_micros(200),
             tick_deferral: DEFAULT_TICK_DEFERRAL,
+            sync_budget_percent: DEFAULT_SYNC_BUDGET_PERCENT,
             trace_landmarks: false,
             max_log_bytes: None,
             hot_page_budget: DEFAULT_HOT_PAGE_BUDGET,

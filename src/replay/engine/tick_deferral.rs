@@ -20,9 +20,65 @@
 //! finds one the guest can take, something unusual happened (the guest
 //! EOIs from user mode) and delivering it at once is right.
 //!
+//! The sync-point budget (`RecordSettings::sync_budget_percent`, on by
+//! default) defers a tick the same way, but only as long as the last sync
+//! point's cost asks: after one that kept the guest stopped for C, the next
+//! tick owed in user mode waits until C·(100−p)/p past its end, so sync
+//! points take at most p% of the time, and never more than
+//! [`MAX_BUDGET_DEFERRAL`] past the missed deadline. A guest whose sync
+//! points are cheap (a few pages: ~50 µs, so 1 ms at 5%) gets its ticks
+//! as before; one that writes megabytes between ticks gets fewer, later
+//! ones instead of spending most of its time stopped (docs/architecture.md,
+//! "Tick deferral").
+//!
 //! Pure decisions (sans-IO): the engine gathers the state, these decide.
 
 use crate::devices::Nanos;
+
+/// The longest the sync-point budget alone defers a tick past its missed
+/// deadline: the guest-visible price (a user-mode stretch of a guest whose
+/// sync points are expensive gets ~10 ticks a second) stays bounded
+/// however slow a sync point was (a preempted host thread).
+pub(super) const MAX_BUDGET_DEFERRAL: Nanos = 100_000_000;
+
+/// How long a tick owed to a user-mode guest may wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct DeferralRule {
+    /// A fixed deferral past the missed deadline (`--tick-deferral-ms`).
+    pub fixed: Nanos,
+    /// The most of the time sync points may keep the guest stopped, in
+    /// percent (`--sync-budget-percent`; 0: no budget).
+    pub budget_percent: u8,
+}
+
+/// The last sync point a kick made: when it ended and how long the guest
+/// was stopped for it (guest ns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct SyncCost {
+    pub ended: Nanos,
+    pub took: Nanos,
+}
+
+impl DeferralRule {
+    /// The moment a tick whose deadline was `deadline` must go in: the
+    /// later of the fixed deferral's end and the budget's (so however many
+    /// kicks look at it, it is never later). Equal to `deadline`: no
+    /// deferral at all.
+    fn end(&self, deadline: Nanos, last_sync: Option<SyncCost>) -> Nanos {
+        let fixed_end = deadline.saturating_add(self.fixed);
+        let budget_end = match (self.budget_percent, last_sync) {
+            (p @ 1..=99, Some(sync)) => {
+                let p = Nanos::from(p);
+                let rest = sync.took.saturating_mul(100 - p) / p;
+                sync.ended
+                    .saturating_add(rest)
+                    .min(deadline.saturating_add(MAX_BUDGET_DEFERRAL))
+            }
+            _ => deadline,
+        };
+        fixed_end.max(budget_end)
+    }
+}
 
 /// What the engine sees when the guest was kicked (or is about to run).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,17 +92,13 @@ pub(super) struct Pending {
     /// already holds, serial input, a received frame the guest can take.
     /// These are never deferred.
     pub other_waiting: bool,
+    /// The last sync point, for the budget.
+    pub last_sync: Option<SyncCost>,
 }
 
 impl Pending {
     fn timer_due(&self) -> bool {
         self.timer_deadline.is_some_and(|d| d <= self.now)
-    }
-
-    /// The moment a deferred tick must go in: the missed deadline plus the
-    /// deferral (so however many kicks look at it, it is never later).
-    fn deferral_end(&self, max_deferral: Nanos) -> Option<Nanos> {
-        self.timer_deadline.map(|d| d.saturating_add(max_deferral))
     }
 }
 
@@ -66,7 +118,7 @@ pub(super) enum KickDecision {
 /// and nothing blocks injection; `user_mode` is asked only when a deferral
 /// is possible (reading the CPL costs an ioctl).
 pub(super) fn on_kick(
-    max_deferral: Nanos,
+    rule: DeferralRule,
     pending: Pending,
     can_take_interrupt: bool,
     user_mode: impl FnOnce() -> bool,
@@ -80,10 +132,11 @@ pub(super) fn on_kick(
     if !pending.timer_due() {
         return KickDecision::Resume;
     }
-    match pending.deferral_end(max_deferral) {
-        Some(end) if max_deferral > 0 && pending.now < end && user_mode() => {
-            KickDecision::DeferUntil(end)
-        }
+    match pending
+        .timer_deadline
+        .map(|deadline| rule.end(deadline, pending.last_sync))
+    {
+        Some(end) if pending.now < end && user_mode() => KickDecision::DeferUntil(end),
         _ => KickDecision::SyncNow,
     }
 }
@@ -121,6 +174,28 @@ mod tests {
             now,
             timer_deadline: deadline,
             other_waiting: other,
+            last_sync: None,
+        }
+    }
+
+    fn fixed(ns: Nanos) -> DeferralRule {
+        DeferralRule {
+            fixed: ns,
+            budget_percent: 0,
+        }
+    }
+
+    fn budget(percent: u8) -> DeferralRule {
+        DeferralRule {
+            fixed: 0,
+            budget_percent: percent,
+        }
+    }
+
+    fn after_sync(now: Nanos, deadline: Nanos, ended: Nanos, took: Nanos) -> Pending {
+        Pending {
+            last_sync: Some(SyncCost { ended, took }),
+            ..pending(now, Some(deadline), false)
         }
     }
 
@@ -132,7 +207,7 @@ mod tests {
     fn a_guest_that_cannot_take_interrupts_just_resumes() {
         let p = pending(10 * MS, Some(5 * MS), true);
         assert_eq!(
-            on_kick(20 * MS, p, false, never_asked),
+            on_kick(fixed(20 * MS), p, false, never_asked),
             KickDecision::Resume
         );
     }
@@ -141,12 +216,12 @@ mod tests {
     fn input_a_frame_or_a_held_interrupt_is_never_deferred() {
         let p = pending(10 * MS, Some(9 * MS), true);
         assert_eq!(
-            on_kick(20 * MS, p, true, never_asked),
+            on_kick(fixed(20 * MS), p, true, never_asked),
             KickDecision::SyncNow
         );
         let p = pending(10 * MS, None, true);
         assert_eq!(
-            on_kick(20 * MS, p, true, never_asked),
+            on_kick(fixed(20 * MS), p, true, never_asked),
             KickDecision::SyncNow
         );
     }
@@ -155,7 +230,7 @@ mod tests {
     fn nothing_due_resumes() {
         assert_eq!(
             on_kick(
-                20 * MS,
+                fixed(20 * MS),
                 pending(10 * MS, Some(11 * MS), false),
                 true,
                 never_asked
@@ -163,7 +238,12 @@ mod tests {
             KickDecision::Resume
         );
         assert_eq!(
-            on_kick(20 * MS, pending(10 * MS, None, false), true, never_asked),
+            on_kick(
+                fixed(20 * MS),
+                pending(10 * MS, None, false),
+                true,
+                never_asked
+            ),
             KickDecision::Resume
         );
     }
@@ -172,7 +252,7 @@ mod tests {
     fn a_tick_due_in_user_mode_waits_until_the_deadline_plus_the_deferral() {
         let p = pending(10 * MS, Some(9 * MS), false);
         assert_eq!(
-            on_kick(8 * MS, p, true, || true),
+            on_kick(fixed(8 * MS), p, true, || true),
             KickDecision::DeferUntil(17 * MS)
         );
     }
@@ -180,7 +260,10 @@ mod tests {
     #[test]
     fn a_tick_due_in_kernel_mode_goes_in_now() {
         let p = pending(10 * MS, Some(9 * MS), false);
-        assert_eq!(on_kick(8 * MS, p, true, || false), KickDecision::SyncNow);
+        assert_eq!(
+            on_kick(fixed(8 * MS), p, true, || false),
+            KickDecision::SyncNow
+        );
     }
 
     #[test]
@@ -188,14 +271,20 @@ mod tests {
         // At the end exactly and after it: deliver, without asking the mode.
         for now in [17 * MS, 30 * MS] {
             let p = pending(now, Some(9 * MS), false);
-            assert_eq!(on_kick(8 * MS, p, true, never_asked), KickDecision::SyncNow);
+            assert_eq!(
+                on_kick(fixed(8 * MS), p, true, never_asked),
+                KickDecision::SyncNow
+            );
         }
     }
 
     #[test]
     fn no_deferral_configured_keeps_the_old_rule() {
         let p = pending(10 * MS, Some(9 * MS), false);
-        assert_eq!(on_kick(0, p, true, never_asked), KickDecision::SyncNow);
+        assert_eq!(
+            on_kick(fixed(0), p, true, never_asked),
+            KickDecision::SyncNow
+        );
     }
 
     #[test]
@@ -240,5 +329,101 @@ mod tests {
         let bound = MS / 5;
         let p = pending(10 * MS, Some(9 * MS), true);
         assert_eq!(wake_at(bound, p, Some(17 * MS)), Some(10 * MS + bound));
+    }
+
+    #[test]
+    fn a_cheap_sync_point_leaves_the_next_tick_on_time() {
+        // 40 µs at 5%: the next may come 760 µs after it ended, long before
+        // this deadline.
+        let p = after_sync(10 * MS, 9 * MS, 4 * MS, MS / 25);
+        assert_eq!(
+            on_kick(budget(5), p, true, never_asked),
+            KickDecision::SyncNow
+        );
+    }
+
+    #[test]
+    fn an_expensive_sync_point_defers_the_next_tick_by_the_budget() {
+        // 2 ms at 5%: 38 ms more after it ended at 10 ms.
+        let p = after_sync(12 * MS, 11 * MS, 10 * MS, 2 * MS);
+        assert_eq!(
+            on_kick(budget(5), p, true, || true),
+            KickDecision::DeferUntil(48 * MS)
+        );
+        // At 50%: as long again as it took, which is now.
+        assert_eq!(
+            on_kick(budget(50), p, true, never_asked),
+            KickDecision::SyncNow
+        );
+        // At 20%: four times as long.
+        assert_eq!(
+            on_kick(budget(20), p, true, || true),
+            KickDecision::DeferUntil(18 * MS)
+        );
+        // Kernel mode is never deferred.
+        assert_eq!(on_kick(budget(5), p, true, || false), KickDecision::SyncNow);
+        // Nor anything else waiting.
+        let mut other = p;
+        other.other_waiting = true;
+        assert_eq!(
+            on_kick(budget(5), other, true, never_asked),
+            KickDecision::SyncNow
+        );
+    }
+
+    #[test]
+    fn the_budget_never_defers_past_its_bound() {
+        // A sync point of a second (a preempted thread) would ask for 19 s.
+        let p = after_sync(1_200 * MS, 1_150 * MS, 1_100 * MS, 1_000 * MS);
+        assert_eq!(
+            on_kick(budget(5), p, true, || true),
+            KickDecision::DeferUntil(1_150 * MS + MAX_BUDGET_DEFERRAL)
+        );
+        let late = after_sync(
+            1_250 * MS + MAX_BUDGET_DEFERRAL,
+            1_150 * MS,
+            1_100 * MS,
+            1_000 * MS,
+        );
+        assert_eq!(
+            on_kick(budget(5), late, true, never_asked),
+            KickDecision::SyncNow
+        );
+    }
+
+    #[test]
+    fn the_later_of_the_fixed_deferral_and_the_budget_wins() {
+        let both = DeferralRule {
+            fixed: 20 * MS,
+            budget_percent: 5,
+        };
+        // The budget asks for 48 ms, the fixed deferral for 31.
+        let p = after_sync(12 * MS, 11 * MS, 10 * MS, 2 * MS);
+        assert_eq!(
+            on_kick(both, p, true, || true),
+            KickDecision::DeferUntil(48 * MS)
+        );
+        // A cheap sync point: the fixed deferral.
+        let p = after_sync(12 * MS, 11 * MS, 10 * MS, MS / 25);
+        assert_eq!(
+            on_kick(both, p, true, || true),
+            KickDecision::DeferUntil(31 * MS)
+        );
+    }
+
+    #[test]
+    fn no_budget_or_a_whole_one_or_no_sync_point_yet_keeps_the_old_rule() {
+        let p = after_sync(12 * MS, 11 * MS, 10 * MS, 2 * MS);
+        for percent in [0, 100] {
+            assert_eq!(
+                on_kick(budget(percent), p, true, never_asked),
+                KickDecision::SyncNow
+            );
+        }
+        let first = pending(12 * MS, Some(11 * MS), false);
+        assert_eq!(
+            on_kick(budget(5), first, true, never_asked),
+            KickDecision::SyncNow
+        );
     }
 }

@@ -72,6 +72,7 @@ fn established_pump() -> (BackupPump, Around) {
         host_cpu: None,
         sync_bound: Duration::from_micros(200),
         tick_deferral: Duration::from_millis(1),
+        sync_budget_percent: 0,
         tick_delivery: crate::devices::TickDelivery::CatchUpAtWindowExits,
         hot_pages: 0,
     };
