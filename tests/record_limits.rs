@@ -199,12 +199,7 @@ fn a_full_disk_is_a_clear_error_and_leaves_only_whole_records() {
     // (sync points of ~800 pages, nearly all sent whole), and the first sync
     // point alone carries the working set the guest filled.
     let started = std::time::Instant::now();
-    let rec = record(
-        &log,
-        &console,
-        FILLS_THE_DISK,
-        &["--max-log-size", "64M"],
-    );
+    let rec = record(&log, &console, FILLS_THE_DISK, &["--max-log-size", "64M"]);
     assert!(started.elapsed() < Duration::from_secs(60), "{rec:?}");
     assert!(!rec.status.success(), "{rec:?}");
     assert!(
