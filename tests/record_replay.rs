@@ -26,11 +26,14 @@ fn record(dir: &TempDir, guest: &str, extra: &[&str]) -> (String, Finished) {
 }
 
 fn replay(log: &str, guest: &str, mem: &str) -> Finished {
+    replay_with(log, guest, mem, &[])
+}
+
+fn replay_with(log: &str, guest: &str, mem: &str, extra: &[&str]) -> Finished {
     let kernel = format!("builtin:{guest}");
-    run_to_end(
-        &["replay", "--log", log, "--kernel", &kernel, "--mem", mem],
-        TIMEOUT,
-    )
+    let mut args = vec!["replay", "--log", log, "--kernel", &kernel, "--mem", mem];
+    args.extend_from_slice(extra);
+    run_to_end(&args, TIMEOUT)
 }
 
 fn stat(stderr: &str, name: &str) -> u64 {
@@ -371,19 +374,7 @@ fn page_table_changes_in_sync_points_reach_kvm_shadow_paging() {
     // The primary's VMM writes no guest memory here; the backup flushes
     // after every sync point that changed a page.
     assert_eq!(flushes(&rec.stderr), 0, "{}", rec.stderr);
-    let rep = run_to_end(
-        &[
-            "replay",
-            "--log",
-            &log,
-            "--kernel",
-            "builtin:remap",
-            "--mem",
-            "64M",
-            "--stats",
-        ],
-        TIMEOUT,
-    );
+    let rep = replay_with(&log, "remap", "64M", &["--stats"]);
     assert_identical(&rec, &rep);
     let backup_flushes = flushes(&rep.stderr);
     assert!(
@@ -421,20 +412,7 @@ fn the_sync_point_budget_defers_the_ticks_of_a_memory_heavy_guest_and_replays_id
     assert!(rec.stdout.contains("memwrite: done"), "{}", rec.stdout);
     let deferred = counter(&rec.stderr, "tick-deferrals");
     assert!(deferred > 0, "no tick deferred: {}", rec.stderr);
-    let rep = run_to_end(
-        &[
-            "replay",
-            "--log",
-            &log,
-            "--kernel",
-            "builtin:memwrite",
-            "--mem",
-            "64M",
-            "--cmdline",
-            cmdline,
-        ],
-        TIMEOUT,
-    );
+    let rep = replay_with(&log, "memwrite", "64M", &["--cmdline", cmdline]);
     assert_identical(&rec, &rep);
 
     // Without the budget (and the default fixed deferral of 0) every tick
@@ -517,20 +495,7 @@ fn a_log_from_another_guest_is_refused() {
         "{}",
         out.stderr
     );
-    let out = run_to_end(
-        &[
-            "replay",
-            "--log",
-            &log,
-            "--kernel",
-            "builtin:hello",
-            "--mem",
-            "64M",
-            "--cmdline",
-            "quiet",
-        ],
-        TIMEOUT,
-    );
+    let out = replay_with(&log, "hello", "64M", &["--cmdline", "quiet"]);
     assert!(
         out.stderr.contains("the command line was"),
         "{}",
