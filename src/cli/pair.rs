@@ -80,7 +80,7 @@ pub struct PairArgs {
     #[arg(long, value_name = "RULE")]
     pub tick_delivery: Option<TickDelivery>,
     /// Most guest pages the primary's recording leaves write-enabled
-    /// between dirty-log harvests (see `record --hot-pages`; default 2048).
+    /// between dirty-log harvests (see `record --hot-pages`; default 8192).
     #[arg(long, value_name = "PAGES", value_parser = super::replay::parse_hot_pages)]
     pub hot_pages: Option<usize>,
     /// Guest kernel (as for `twinvm run`).

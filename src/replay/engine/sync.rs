@@ -14,7 +14,7 @@ use crate::vmm::layout;
 use crate::vmm::vm::{GuestWrite, Vm};
 
 /// Pages of contents the sync-point buffer keeps between sync points
-/// (8 MiB, the default hot-page budget's worth), so a steady recording
+/// (8 MiB; only changed pages are copied into it), so a steady recording
 /// reuses it.
 const MAX_KEPT_SYNC_PAGES: usize = 2048;
 
