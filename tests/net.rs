@@ -14,7 +14,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{run_to_end, Finished, Running, TempDir};
+use common::{run_to_end, stats_counter, Finished, Running, TempDir};
 use twinvm::net::netns::cleanup_stale;
 use twinvm::net::probe::{decode_counter_reply, encode_counter_request, send_raw_frame};
 use twinvm::net::{icmp_ping, CounterClient, NetNs, ProbeError};
@@ -545,14 +545,10 @@ fn page_b_hash() -> u64 {
 /// The number before `label` in the record summary, or after `label=` in
 /// the `--stats` line.
 fn stat(stderr: &str, label: &str) -> u64 {
-    let parse = |s: &str| s.parse::<u64>().ok();
-    stderr
-        .split(&format!("{label}="))
-        .nth(1)
-        .and_then(|rest| parse(rest.split_whitespace().next()?))
+    stats_counter(stderr, label)
         .or_else(|| {
             let before = stderr.split(&format!(" {label}")).next()?;
-            parse(before.rsplit([' ', '(']).next()?)
+            before.rsplit([' ', '(']).next()?.parse().ok()
         })
         .unwrap_or_else(|| panic!("no {label} in {stderr}"))
 }

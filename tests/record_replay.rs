@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{run_to_end, Finished, Running, TempDir};
+use common::{run_to_end, stats_counter, Finished, Running, TempDir};
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -391,12 +391,7 @@ fn flushes(stderr: &str) -> u64 {
 
 /// `NAME=N` from `--stats`.
 fn counter(stderr: &str, name: &str) -> u64 {
-    stderr
-        .split(&format!("{name}="))
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {stderr}"))
+    stats_counter(stderr, name).unwrap_or_else(|| panic!("no {name} in {stderr}"))
 }
 
 #[test]

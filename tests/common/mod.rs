@@ -8,6 +8,15 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// `NAME=N` from a `--stats` line, if `stderr` has one.
+pub fn stats_counter(stderr: &str, name: &str) -> Option<u64> {
+    stderr
+        .split(&format!("{name}="))
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
 pub fn twinvm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_twinvm"))
 }

@@ -63,8 +63,8 @@ pub struct RecordSettings {
     /// The most of the time, in percent, that sync points made for timer
     /// ticks may keep the guest stopped: after a sync point that took C, a
     /// tick owed in user mode waits until C·(100−p)/p after it (at most
-    /// 100 ms past its deadline), as the tick deferral above does. Cheap
-    /// sync points (a few pages) defer nothing; 0 turns it off. See
+    /// 100 ms past its deadline), as the tick deferral above does. Sync
+    /// points of a few pages at 250 Hz defer nothing; 0 turns it off. See
     /// tick_deferral.rs.
     pub sync_budget_percent: u8,
     /// Log the guest's RIP and landmark signature at every landmark
