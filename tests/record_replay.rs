@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{run_to_end, stats_counter, Finished, Running, TempDir};
+use twinvm::replay::log::LogReader;
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -505,9 +506,13 @@ fn corrupted_and_truncated_logs_are_clear_errors() {
     let bytes = std::fs::read(&log).unwrap();
     let path = |name: &str| dir.0.join(name).to_str().unwrap().to_string();
 
+    // Flip a bit in the payload of the record that holds the middle byte (a
+    // flip in a frame's length field would read as a malformed or cut frame).
+    let boundaries = record_boundaries(&bytes);
+    let record_holding = |at: u64| *boundaries.iter().rfind(|&&b| b <= at).unwrap();
     let mut flipped = bytes.clone();
-    let middle = flipped.len() / 2;
-    flipped[middle] ^= 0x01;
+    let after_length_prefix = record_holding(bytes.len() as u64 / 2) + 4;
+    flipped[after_length_prefix as usize] ^= 0x01;
     std::fs::write(path("flipped.log"), &flipped).unwrap();
     let out = replay(&path("flipped.log"), "ticker", "64M");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
@@ -519,7 +524,13 @@ fn corrupted_and_truncated_logs_are_clear_errors() {
     assert!(out.stderr.contains("log record "), "{}", out.stderr);
     assert!(!out.stdout.contains("identical to the recording"));
 
-    std::fs::write(path("cut.log"), &bytes[..bytes.len() * 2 / 3]).unwrap();
+    // Cut inside the record that holds byte 2/3 (a cut that happens to fall
+    // on a record boundary leaves a shorter log of whole records, which is a
+    // different error, checked next).
+    let record_start = record_holding(bytes.len() as u64 * 2 / 3);
+    let inside = record_start + 1;
+    assert!(!boundaries.contains(&inside), "a one-byte record?");
+    std::fs::write(path("cut.log"), &bytes[..inside as usize]).unwrap();
     let out = replay(&path("cut.log"), "ticker", "64M");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(
@@ -533,6 +544,16 @@ fn corrupted_and_truncated_logs_are_clear_errors() {
         out.stderr
     );
 
+    std::fs::write(path("cut-whole.log"), &bytes[..record_start as usize]).unwrap();
+    let out = replay(&path("cut-whole.log"), "ticker", "64M");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("without an end record"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stdout.contains("identical to the recording"));
+
     std::fs::write(path("header-only.log"), &bytes[..60]).unwrap();
     let out = replay(&path("header-only.log"), "ticker", "64M");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
@@ -545,6 +566,21 @@ fn corrupted_and_truncated_logs_are_clear_errors() {
     let out = replay(&path("missing.log"), "ticker", "64M");
     assert!(out.stderr.contains("opening log"), "{}", out.stderr);
     assert!(!out.stderr.contains("panicked"));
+}
+
+/// The byte offsets where the log's records start (and where the last one
+/// ends), read with the log reader the replay uses.
+fn record_boundaries(log: &[u8]) -> Vec<u64> {
+    let mut reader = LogReader::new(log).expect("the recorded log's header reads");
+    let mut boundaries = vec![reader.offset()];
+    while reader
+        .next_record()
+        .expect("the recorded log reads")
+        .is_some()
+    {
+        boundaries.push(reader.offset());
+    }
+    boundaries
 }
 
 /// A small deterministic generator, so the input timing is random but the
