@@ -44,6 +44,38 @@ fn zero_or_absurd_memory_sizes() {
 }
 
 #[test]
+fn sync_bounds_out_of_range_are_refused_and_one_in_range_runs() {
+    for command in ["run", "record"] {
+        for bound in ["0", "1000001", "soon"] {
+            let mut args = vec![
+                command,
+                "--kernel",
+                "builtin:hello",
+                "--sync-bound-us",
+                bound,
+            ];
+            if command == "record" {
+                args.extend(["--log", "/nonexistent/never-written.log"]);
+            }
+            let out = run_to_end(&args, TIMEOUT);
+            assert_clean_failure(&out, "--sync-bound-us");
+        }
+    }
+    let out = run_to_end(
+        &[
+            "run",
+            "--kernel",
+            "builtin:hello",
+            "--sync-bound-us",
+            "2000",
+        ],
+        TIMEOUT,
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.contains("hello: done"), "{}", out.stdout);
+}
+
+#[test]
 fn missing_files_are_named() {
     let out = run_to_end(&["run", "--kernel", "/nonexistent/vmlinux"], TIMEOUT);
     assert_clean_failure(&out, "reading kernel /nonexistent/vmlinux");

@@ -16,7 +16,8 @@ use super::run::{boot_and_run, describe, print_stats, RunArgs};
 use crate::ft::drill::{run_local, DrillKind, LocalOptions};
 use crate::guests::BUILTIN_PREFIX;
 use crate::replay::engine::{
-    Ending, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_SYNC_BUDGET_PERCENT, DEFAULT_TICK_DEFERRAL,
+    Ending, RecordSettings, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_SYNC_BUDGET_PERCENT,
+    DEFAULT_TICK_DEFERRAL,
 };
 
 fn guest_args(name: &str, serial: &str) -> RunArgs {
@@ -84,7 +85,11 @@ pub fn demo() -> Result<ExitCode> {
     let survived = failover()?;
     eprintln!("\n== twinvm demo, part 2: the record/replay engine under the pair");
     eprintln!("\n== twinvm demo: booting builtin:hello");
-    let report = boot_and_run(&guest_args("hello", "stdio"), false)?;
+    let report = boot_and_run(
+        &guest_args("hello", "stdio"),
+        RecordSettings::default(),
+        false,
+    )?;
     eprintln!("twinvm demo: builtin:hello: {}", describe(&report));
     print_stats(&report);
     if report.ending() == Some(Ending::Stopped) {

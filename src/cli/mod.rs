@@ -31,7 +31,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot a guest (a test guest ELF, `builtin:NAME`, or a Linux kernel) and run it until it powers off.
-    Run(RunArgs),
+    Run(run::PlainRunArgs),
     /// Run a guest like `run` and record its nondeterministic inputs to a log.
     Record(RecordArgs),
     /// Re-execute a guest from a recorded log and check it ends in the identical state.

@@ -51,6 +51,18 @@ pub struct RunArgs {
     pub net: Option<NetSpec>,
 }
 
+/// Arguments of `twinvm run` itself.
+#[derive(Debug, Clone, Args)]
+pub struct PlainRunArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Microseconds a due interrupt may wait for a landmark before the guest
+    /// is stopped to take it (as `record --sync-bound-us`: give both the
+    /// same bound to compare a plain run with a recording).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub sync_bound_us: u64,
+}
+
 /// Read the kernel named on the command line (a file or an embedded guest).
 pub fn load_kernel_image(kernel: &str) -> Result<Vec<u8>> {
     if let Some(name) = kernel.strip_prefix(BUILTIN_PREFIX) {
@@ -250,17 +262,17 @@ impl VmSession {
 }
 
 /// Boot a guest and run it live to its end on this thread.
-pub fn boot_and_run(args: &RunArgs, forward_stdin: bool) -> Result<RunReport> {
+pub fn boot_and_run(
+    args: &RunArgs,
+    settings: RecordSettings,
+    forward_stdin: bool,
+) -> Result<RunReport> {
     let boot_secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let (report, _) = VmSession::new(args, boot_secs)?.run(
-        forward_stdin,
-        Role::Live,
-        RecordSettings::default(),
-        None,
-    )?;
+    let (report, _) =
+        VmSession::new(args, boot_secs)?.run(forward_stdin, Role::Live, settings, None)?;
     Ok(report)
 }
 
@@ -305,10 +317,14 @@ pub(super) fn print_stats(report: &RunReport) {
 }
 
 /// `twinvm run`.
-pub fn run(args: &RunArgs) -> Result<ExitCode> {
-    let report = boot_and_run(args, true)?;
+pub fn run(args: &PlainRunArgs) -> Result<ExitCode> {
+    let settings = RecordSettings {
+        sync_bound: std::time::Duration::from_micros(args.sync_bound_us),
+        ..RecordSettings::default()
+    };
+    let report = boot_and_run(&args.run, settings, true)?;
     eprintln!("twinvm: {}", describe(&report));
-    if args.stats {
+    if args.run.stats {
         print_stats(&report);
     }
     Ok(match report.ending() {
