@@ -396,6 +396,19 @@ fn counter(stderr: &str, name: &str) -> u64 {
 }
 
 #[test]
+fn record_and_replay_report_the_instructions_kvm_emulated() {
+    // KVM's binary statistics file (vmm/kvm_stats.rs): present on every
+    // kernel since 5.14, so "unknown" here means the reader is broken.
+    let dir = TempDir::new("rr-emulated");
+    let (log, rec) = record(&dir, "ticker", &["--stats"]);
+    let recorded = counter(&rec.stderr, "kvm-emulated-instructions");
+    let rep = replay_with(&log, "ticker", "64M", &["--stats"]);
+    assert!(rep.stdout.contains("identical to the recording"), "{rep:?}");
+    let replayed = counter(&rep.stderr, "kvm-emulated-instructions");
+    eprintln!("ticker: KVM emulated {recorded} instructions recording, {replayed} replaying");
+}
+
+#[test]
 fn the_sync_point_budget_defers_the_ticks_of_a_memory_heavy_guest_and_replays_identically() {
     // memwrite storing over 4 MiB from user mode: each sync point carries
     // about a thousand pages (a millisecond or more), so under the default

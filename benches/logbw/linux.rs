@@ -392,6 +392,20 @@ fn print_table(runs: [&ModeRun; 3], phases: [Duration; 3], phase_log: (u64, u64,
         rep.report.stats.shadow_mmu_flushes,
         rep.report.stats.landmarks,
     );
+    let emulated = |run: &ModeRun| match run.report.stats.emulated_instructions {
+        Some(n) => format!(
+            "{:.1} M ({:.2} M/s)",
+            n as f64 / 1e6,
+            n as f64 / 1e6 / run.wall.as_secs_f64()
+        ),
+        None => "unknown".into(),
+    };
+    println!(
+        "   instructions KVM's emulator ran (the guest kernel's, whole run): plain {}, record {}, replay {}",
+        emulated(plain),
+        emulated(rec),
+        emulated(rep)
+    );
     println!(
         "   (B/sync: log bytes per sync point, all records included; phase figures: records \
          between the markers' arrival, over the recording's phase time)"

@@ -290,7 +290,7 @@ pub(super) fn print_stats(report: &RunReport) {
     let s = &report.stats;
     let secs = report.wall.as_secs_f64().max(1e-9);
     eprintln!(
-        "twinvm: exits={} ({:.0}/s) io={} mmio={} hlt={} kicks={} landmarks={} interrupts={} emulation-fallbacks={} exceptions-injected={} time-reads={} random-reads={} syscall-fixes={} shadow-mmu-flushes={} net-rx={} net-tx={} tick-deferrals={} interrupt-windows={} ticks-caught-up={} ticks-dropped={} tick-late-ms-mean={:.2} tick-late-ms-max={:.2}",
+        "twinvm: exits={} ({:.0}/s) io={} mmio={} hlt={} kicks={} landmarks={} interrupts={} emulation-fallbacks={} exceptions-injected={} time-reads={} random-reads={} syscall-fixes={} shadow-mmu-flushes={} net-rx={} net-tx={} tick-deferrals={} interrupt-windows={} ticks-caught-up={} ticks-dropped={} tick-late-ms-mean={:.2} tick-late-ms-max={:.2} kvm-emulated-instructions={}",
         s.total,
         s.total as f64 / secs,
         s.io,
@@ -313,6 +313,8 @@ pub(super) fn print_stats(report: &RunReport) {
         s.pit_ticks_dropped,
         s.timer_poll_delay_total.as_secs_f64() * 1e3 / s.timer_polls.max(1) as f64,
         s.timer_poll_delay_max.as_secs_f64() * 1e3,
+        s.emulated_instructions
+            .map_or_else(|| "unknown".to_string(), |n| n.to_string()),
     );
 }
 

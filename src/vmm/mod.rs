@@ -10,6 +10,7 @@ pub mod exit;
 pub mod fallback;
 pub mod guest_cpu;
 pub mod hot_pages;
+pub mod kvm_stats;
 pub mod layout;
 pub mod sys;
 pub mod syscall_fix;

@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex, Once};
 use kvm_bindings::{kvm_interrupt, KVMIO};
 use kvm_ioctls::VcpuFd;
 use vmm_sys_util::errno;
+use vmm_sys_util::ioctl::ioctl;
 use vmm_sys_util::ioctl::ioctl_with_ref;
-use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
+use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
 ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
 
@@ -63,6 +64,23 @@ pub fn clear_dirty_log(
         return Err(errno::Error::last());
     }
     Ok(())
+}
+
+ioctl_io_nr!(KVM_GET_STATS_FD, KVMIO, 0xce);
+
+/// The vCPU's binary statistics file (`KVM_GET_STATS_FD`; read by
+/// `vmm::kvm_stats`).
+pub fn vcpu_stats_file(vcpu: &VcpuFd) -> Result<std::fs::File, errno::Error> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: KVM_GET_STATS_FD takes no argument and only returns a new
+    // file descriptor; the fd it is called on is a vCPU fd owned by `vcpu`.
+    let fd = unsafe { ioctl(vcpu, KVM_GET_STATS_FD()) };
+    if fd < 0 {
+        return Err(errno::Error::last());
+    }
+    // SAFETY: `fd` was just returned by the kernel for this call and nothing
+    // else holds it, so the File becomes its only owner and closes it.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
 /// The signal used to kick a vCPU thread out of KVM_RUN.

@@ -2,6 +2,7 @@
 //! its one vCPU, and putting a kernel in it.
 
 use std::cell::{Cell, RefCell};
+use std::io;
 
 use kvm_bindings::{
     kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events,
@@ -20,6 +21,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use super::boot::{self, BootError, LoadedKernel, PreparedKernel};
 use super::cpuid;
 use super::hot_pages::HotPages;
+use super::kvm_stats::{KvmCounter, EMULATED_INSTRUCTIONS};
 use super::layout::{self, ram_ranges, MAX_MEM_BYTES, MIN_MEM_BYTES, SHADOW_FLUSH_SLOT_GPA};
 use super::traps::PlantedTrap;
 use crate::devices::virtio::{GuestRam, GuestRamError};
@@ -302,6 +304,9 @@ pub struct Vm {
     /// replicas then share whatever stale entry it left; a sync point would
     /// make them differ).
     device_unflushed: Cell<bool>,
+    /// KVM's count of instructions its emulator ran for this vCPU (None
+    /// where KVM has no statistics file for it).
+    emulated_instructions: Option<KvmCounter>,
 }
 
 /// Whether a flush happens at the same point on primary and backup.
@@ -446,7 +451,18 @@ impl Vm {
                 .next()
                 .expect("the scratch page has one region"),
         )?;
+        let emulated_instructions = match super::sys::vcpu_stats_file(&vcpu)
+            .map_err(io::Error::from)
+            .and_then(|file| KvmCounter::open(file, EMULATED_INSTRUCTIONS))
+        {
+            Ok(counter) => Some(counter),
+            Err(e) => {
+                tracing::debug!("KVM's emulated-instruction count is not available: {e}");
+                None
+            }
+        };
         Ok(Vm {
+            emulated_instructions,
             shadow_flush_slot,
             _shadow_flush_page: shadow_flush_page,
             shadow_stale: Cell::new(None),
@@ -466,6 +482,13 @@ impl Vm {
             slots,
             userspace_dirty: RefCell::new(DirtyPages::default()),
         })
+    }
+
+    /// Instructions KVM's emulator has run for the vCPU so far (on the
+    /// development hosts, nearly all of the guest kernel's); None where KVM
+    /// does not say.
+    pub fn emulated_instructions(&self) -> Option<u64> {
+        self.emulated_instructions.as_ref()?.read().ok()
     }
 
     /// Make KVM drop its shadow copies of the guest's page tables.

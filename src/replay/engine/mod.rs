@@ -272,6 +272,7 @@ impl Engine {
         stats.landmarks = self.landmark;
         stats.pit_ticks_caught_up = self.platform.pit_ticks_caught_up;
         stats.pit_ticks_dropped = self.platform.pit_ticks_dropped;
+        stats.emulated_instructions = self.vm.emulated_instructions();
         match &self.role {
             Role::Record(rec) => (stats.log_bytes, stats.log_records) = rec.log.written(),
             Role::Replay(schedule) => stats.log_records = schedule.records_read(),

@@ -99,6 +99,10 @@ pub struct ExitStats {
     pub digest_time: Duration,
     pub log_records: u64,
     pub log_bytes: u64,
+    /// Instructions KVM's emulator ran for the guest (KVM's own count; on
+    /// hosts like the development machines nearly all of a Linux guest's
+    /// kernel code); None where KVM does not say.
+    pub emulated_instructions: Option<u64>,
 }
 
 /// The outcome of a whole run, for reports.
