@@ -139,7 +139,7 @@ const ROWS: &[Row] = &[
     Row {
         label: "a store every round over 4 MiB",
         guest: "memwrite",
-        cmdline: "ws=4096 every=1 rounds=525000000",
+        cmdline: "ws=4096 every=1 rounds=2100000000",
         mem_mib: 64,
     },
     Row {
@@ -179,8 +179,9 @@ fn config(row: &Row) -> VmConfig {
 }
 
 /// `TWINVM_LOGBW_RUN_SCALE`: the memwrite rows' `rounds=` times this
-/// (default 1: plain runs of about 3.5 s, as issue 14's table; 0.29 gives
-/// the ~1 s runs of the figures before 2026-11-27 evening).
+/// (default 1: plain runs of 3.4-4.5 s here, as long as issue 14's table;
+/// 0.2857 gives the ~1 s runs of the figures measured before 2026-11-27
+/// 19:30 UTC, docs/benchmarks.md).
 fn run_scale() -> f64 {
     std::env::var("TWINVM_LOGBW_RUN_SCALE")
         .ok()
