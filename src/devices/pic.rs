@@ -380,6 +380,17 @@ impl Pic {
         self.chips[0].pending_irq(true).is_some()
     }
 
+    /// Whether INTR is up for `irq` (0..7, a master input) and for nothing
+    /// else: no other unmasked request is latched on either chip.
+    pub fn pending_only(&self, irq: u8) -> bool {
+        let [master, slave] = &self.chips;
+        let bit = 1u8 << (irq & 7);
+        irq < 8
+            && master.pending_irq(true) == Some(irq)
+            && master.irr & !master.imr & !bit == 0
+            && slave.irr & !slave.imr == 0
+    }
+
     /// The INTA cycle: returns the vector to inject and moves the request
     /// from IRR to ISR (unless auto-EOI). A cascade request whose slave
     /// request has vanished yields the slave's spurious vector (base + 7,
@@ -466,6 +477,45 @@ mod tests {
         assert_eq!(pic.acknowledge(), None);
         assert_eq!(pic.read(0x21), 0xff);
         assert_eq!(pic.read(0xa1), 0xff);
+    }
+
+    #[test]
+    fn pending_only_one_irq_on_either_chip() {
+        let mut pic = Pic::new();
+        linux_init(&mut pic, false);
+        pic.write(0x21, 0xe8); // unmask IRQ0, 1, 2 (cascade), 4
+        pic.write(0xa1, 0xfe); // unmask IRQ8
+        assert!(!pic.pending_only(0));
+        pic.set_irq_level(0, true);
+        pic.set_irq_level(0, false);
+        assert!(pic.pending_only(0));
+        assert!(!pic.pending_only(4));
+        // A lower-priority master request besides it.
+        pic.set_irq_level(4, true);
+        assert!(!pic.pending_only(0));
+        pic.set_irq_level(4, false);
+        assert_eq!(pic.acknowledge(), Some(0x20));
+        eoi_master(&mut pic);
+        assert!(pic.pending_only(4));
+        assert_eq!(pic.acknowledge(), Some(0x24));
+        eoi_master(&mut pic);
+        // A masked request does not count.
+        pic.write(0x21, 0xf8); // mask IRQ4 again
+        pic.set_irq_level(0, true);
+        pic.set_irq_level(0, false);
+        pic.set_irq_level(4, true);
+        assert!(pic.pending_only(0));
+        pic.set_irq_level(4, false);
+        // A slave request besides it.
+        pic.set_irq_level(8, true);
+        assert!(!pic.pending_only(0));
+        // In service, IRQ0 is not pending at all.
+        assert_eq!(pic.acknowledge(), Some(0x20));
+        pic.set_irq_level(0, true);
+        pic.set_irq_level(0, false);
+        assert!(!pic.pending_only(0));
+        // Only master inputs are asked about.
+        assert!(!pic.pending_only(9));
     }
 
     #[test]

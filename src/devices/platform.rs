@@ -158,6 +158,11 @@ pub struct Platform<W: Write> {
     /// How ticks reach the guest (whether missed periods are owed or
     /// coalesced into one IRQ0): the log header's choice, fixed for a run.
     tick_delivery: TickDelivery,
+    /// The deadline of the PIT period the IRQ0 last raised by a poll was
+    /// for ([`Platform::held_tick_deadline`]). Only where the primary
+    /// stops for a sync point depends on it, never what the guest sees, so
+    /// it is not part of the saved state.
+    tick_raised_for: Option<Nanos>,
 }
 
 impl<W: Write> Platform<W> {
@@ -179,6 +184,7 @@ impl<W: Write> Platform<W> {
             pit_ticks_caught_up: 0,
             pit_ticks_dropped: 0,
             tick_delivery: TickDelivery::AtLandmarks,
+            tick_raised_for: None,
         }
     }
 
@@ -379,9 +385,13 @@ impl<W: Write> Platform<W> {
     /// last poll becomes an IRQ0 pulse (if IRQ0 is not requested already),
     /// the others are owed and raised one per acknowledge (tick catch-up).
     pub fn poll(&mut self, now: Nanos) {
+        let first_edge = self.pit.next_irq_deadline();
         let edges = u64::from(self.pit.poll(now));
         if edges > 0 && !self.tick_delivery.catches_up() {
             // Several edges coalesce, as an edge-triggered IRR bit would.
+            if !self.pic.irq_requested(PIT_IRQ) {
+                self.tick_raised_for = first_edge;
+            }
             self.pulse_pit_irq();
             self.pit_ticks_coalesced += edges - 1;
         } else if edges > 0 {
@@ -431,6 +441,19 @@ impl<W: Write> Platform<W> {
     /// The PIC's INTR output: an interrupt is waiting for the CPU.
     pub fn interrupt_pending(&self) -> bool {
         self.pic.has_pending()
+    }
+
+    /// A timer tick the PIC holds for the CPU with nothing else waiting:
+    /// the deadline of the PIT period it was raised for. A tick raised at a
+    /// landmark while the guest could not take it (in its handler for the
+    /// last one, or with IF=0) then waits like one not raised yet (the
+    /// sync-point budget may defer it: tick_deferral.rs). None with tick
+    /// catch-up, whose owed periods are raised at acknowledges.
+    pub fn held_tick_deadline(&self) -> Option<Nanos> {
+        if self.tick_delivery.catches_up() || !self.pic.pending_only(PIT_IRQ) {
+            return None;
+        }
+        self.tick_raised_for
     }
 
     /// The INTA cycle: the vector to inject, or `None` if nothing is

@@ -353,3 +353,43 @@ fn save_restore_continues_identically() {
     assert!(b.restore(&bad).is_err());
     assert_eq!(b.save(), before);
 }
+
+#[test]
+fn a_tick_raised_in_the_handler_of_the_last_is_held_with_its_deadline() {
+    let mut p = Platform::new(Vec::new(), 0);
+    boot_like_linux(&mut p);
+    let first = time_of_tick(1193);
+    assert_eq!(p.held_tick_deadline(), None);
+    p.poll(first);
+    // Raised and takeable at once: held (nothing else waits), for `first`.
+    assert_eq!(p.held_tick_deadline(), Some(first));
+    assert_eq!(p.acknowledge_interrupt(), Some(0x20));
+    assert_eq!(p.held_tick_deadline(), None);
+    // The handler outlasts the period (a long sync point before it): the
+    // next poll, three periods late, raises IRQ0 for the second period,
+    // which the PIC holds until the EOI; then it is the only thing waiting.
+    let second = time_of_tick(2 * 1193);
+    p.poll(time_of_tick(4 * 1193));
+    assert_eq!(p.held_tick_deadline(), None, "in service: not pending yet");
+    outb(&mut p, 0x20, 0x20, time_of_tick(4 * 1193) + 1);
+    assert_eq!(p.held_tick_deadline(), Some(second));
+    // A second poll while it is held keeps the first deadline.
+    p.poll(time_of_tick(6 * 1193));
+    assert_eq!(p.held_tick_deadline(), Some(second));
+    // Anything else waiting besides it (serial input): not a held tick.
+    outb(&mut p, 0x3fc, 0x0b, 0);
+    outb(&mut p, 0x3f9, 0x01, 0);
+    assert_eq!(p.enqueue_serial_input(b"x"), 1);
+    assert!(p.interrupt_pending());
+    assert_eq!(p.held_tick_deadline(), None);
+}
+
+#[test]
+fn with_tick_catch_up_no_tick_is_held() {
+    let mut p = Platform::new(Vec::new(), 0);
+    p.set_tick_delivery(TickDelivery::CatchUpAtWindowExits);
+    boot_like_linux(&mut p);
+    p.poll(time_of_tick(1193));
+    assert!(p.interrupt_pending());
+    assert_eq!(p.held_tick_deadline(), None);
+}

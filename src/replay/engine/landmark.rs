@@ -569,15 +569,25 @@ impl Engine {
         // room): its sender's kick must not wait for a deferred tick.
         let typed = self.platform.serial_input_space() > 0
             && self.inputs.serial.as_ref().is_some_and(|rx| !rx.is_empty());
-        let other_waiting = self.platform.interrupt_pending()
+        // A tick the PIC already holds, with nothing else, waits like a tick
+        // not raised yet: it was raised at a landmark where the guest could
+        // not take it (in the handler of the tick before, the usual case
+        // when a sync point outlasts the tick period), and counting it as
+        // "something else" made every sync point the next one's cause.
+        let held_tick = self.platform.held_tick_deadline();
+        let other_waiting = (self.platform.interrupt_pending() && held_tick.is_none())
             || !self.input.0.is_empty()
             || typed
             || (self.platform.net_can_receive()
                 && (self.held_frame.is_some()
                     || self.inputs.net.as_ref().is_some_and(|rx| !rx.is_empty())));
+        let timer_deadline = match (held_tick, self.platform.next_deadline()) {
+            (Some(held), Some(next)) => Some(held.min(next)),
+            (held, next) => held.or(next),
+        };
         Pending {
             now,
-            timer_deadline: self.platform.next_deadline(),
+            timer_deadline,
             other_waiting,
             last_sync: self.last_sync,
         }
