@@ -550,6 +550,19 @@ fn corrupted_and_truncated_logs_are_clear_errors() {
     std::fs::write(path("cut-whole.log"), &bytes[..record_start as usize]).unwrap();
     ticker_replay_refused(&path("cut-whole.log"), &["without an end record"]);
 
+    // Cut between two records of one landmark (a sync point and its
+    // interrupt): the guest then waits for an interrupt the log lost, and
+    // the replay must say the log was cut, not that it diverged.
+    let records = records_with_offsets(&bytes);
+    let inside_landmark = records
+        .windows(2)
+        .skip(records.len() * 2 / 3)
+        .find(|pair| pair[0].1.is_some() && pair[0].1 == pair[1].1)
+        .map(|pair| pair[1].0)
+        .expect("a landmark with two records past 2/3 of the log");
+    std::fs::write(path("cut-landmark.log"), &bytes[..inside_landmark as usize]).unwrap();
+    ticker_replay_refused(&path("cut-landmark.log"), &["without an end record"]);
+
     std::fs::write(path("header-only.log"), &bytes[..60]).unwrap();
     ticker_replay_refused(&path("header-only.log"), &["truncated"]);
 
@@ -576,16 +589,24 @@ fn ticker_replay_refused(log: &str, errors: &[&str]) {
 /// The byte offsets where the log's records start (and where the last one
 /// ends), read with the log reader the replay uses.
 fn record_boundaries(log: &[u8]) -> Vec<u64> {
+    records_with_offsets(log)
+        .into_iter()
+        .map(|(at, _)| at)
+        .collect()
+}
+
+/// Each record's start offset and landmark, and the end of the last one
+/// (with no landmark).
+fn records_with_offsets(log: &[u8]) -> Vec<(u64, Option<u64>)> {
     let mut reader = LogReader::new(log).expect("the recorded log's header reads");
-    let mut boundaries = vec![reader.offset()];
-    while reader
-        .next_record()
-        .expect("the recorded log reads")
-        .is_some()
-    {
-        boundaries.push(reader.offset());
+    let mut out = Vec::new();
+    let mut at = reader.offset();
+    while let Some(record) = reader.next_record().expect("the recorded log reads") {
+        out.push((at, Some(record.landmark())));
+        at = reader.offset();
     }
-    boundaries
+    out.push((at, None));
+    out
 }
 
 /// A small deterministic generator, so the input timing is random but the

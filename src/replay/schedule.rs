@@ -159,6 +159,8 @@ pub struct Schedule {
     /// Every record of every landmark below this one has arrived.
     complete_below: u64,
     ended: bool,
+    /// The End record came (a log without one is incomplete).
+    saw_end: bool,
     last_landmark: u64,
     last_watermark: u64,
     records_read: u64,
@@ -171,6 +173,7 @@ impl Schedule {
             head: None,
             complete_below: 0,
             ended: false,
+            saw_end: false,
             last_landmark: 0,
             last_watermark: 0,
             records_read: 0,
@@ -189,6 +192,15 @@ impl Schedule {
     /// Every record of every landmark below this one is known to be here.
     pub fn complete_below(&self) -> u64 {
         self.complete_below
+    }
+
+    /// A complete log (a file) was read to its last record, every record
+    /// was taken, and none was the End record: the log was cut (at a record
+    /// boundary). A replay that finds the guest disagreeing with the log at
+    /// its last landmark then reports the cut ([`ScheduleError::NoEnd`]),
+    /// not a divergence: the records it misses are past the cut.
+    pub fn cut_short(&self) -> bool {
+        self.ended && self.head.is_none() && !self.saw_end && self.source.complete_at_end()
     }
 
     /// Pull items until the head record is known or every record up to
@@ -210,6 +222,7 @@ impl Schedule {
                     // complete (records come in landmark order).
                     self.complete_below = self.complete_below.max(r.landmark());
                     self.records_read += 1;
+                    self.saw_end |= matches!(r, Record::End { .. });
                     self.head = Some(r);
                 }
                 Fetched::Watermark(w) => {
@@ -403,6 +416,32 @@ mod tests {
         assert!(ready(s.take_at(1)).is_some());
         let err = s.step_after(1).unwrap_err();
         assert!(err.to_string().contains("without an end record"), "{err}");
+    }
+
+    #[test]
+    fn a_log_cut_inside_a_landmarks_records_is_cut_short_and_a_whole_one_is_not() {
+        let poll = Record::Poll {
+            landmark: 5,
+            now: 1,
+        };
+        let interrupt = Record::Interrupt {
+            landmark: 5,
+            vector: 0x20,
+        };
+        // Cut between the landmark's Poll and its Interrupt.
+        let mut s = file(log_of(&[sync(5), poll.clone()]));
+        assert!(!s.cut_short());
+        assert_eq!(ready(s.take_at(5)), Some(sync(5)));
+        assert_eq!(ready(s.take_at(5)), Some(poll.clone()));
+        assert_eq!(ready(s.take_at(5)), None);
+        assert!(s.cut_short());
+        // The whole log: its End record was read.
+        let mut s = file(log_of(&[sync(5), poll, interrupt, end(5)]));
+        for _ in 0..4 {
+            assert!(ready(s.take_at(5)).is_some());
+        }
+        assert_eq!(ready(s.take_at(5)), None);
+        assert!(!s.cut_short());
     }
 
     #[test]

@@ -363,6 +363,12 @@ impl Engine {
     /// The replay does not do what the log says: name the landmark, what
     /// differs, and where the backup's vCPU is (to find it in the guest).
     fn diverged(&self, detail: String) -> RunError {
+        if let Role::Replay(schedule) = &self.role {
+            if schedule.cut_short() {
+                tracing::debug!(landmark = self.landmark, "{detail}, with the log cut here");
+                return RunError::Schedule(ScheduleError::NoEnd(self.landmark));
+            }
+        }
         let place = match (self.vm.vcpu.get_regs(), self.vm.vcpu.get_sregs()) {
             (Ok(regs), Ok(sregs)) => {
                 format!(" (backup at RIP {:#x}, CPL {})", regs.rip, sregs.cs.dpl)
