@@ -18,7 +18,8 @@ use crate::ft::link::LinkConfig;
 use crate::ft::node::{self, query_status, ArbiterSettings, GuestSetup, PairConfig, PairStatus};
 use crate::net::NetSpec;
 use crate::replay::engine::{
-    TestPerturbation, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_SYNC_BUDGET_PERCENT, DEFAULT_TICK_DEFERRAL,
+    TestPerturbation, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_SYNC_BOUND_US, DEFAULT_SYNC_BUDGET_PERCENT,
+    DEFAULT_TICK_DEFERRAL,
 };
 
 /// Settings of a replica; flags override the `--config` file.
@@ -267,8 +268,11 @@ fn resolve(
     }
     link.validate()
         .context("--heartbeat-ms / --peer-timeout-ms")?;
-    let sync_bound =
-        Duration::from_micros(args.sync_bound_us.or(file.sync_bound_us).unwrap_or(200));
+    let sync_bound = Duration::from_micros(
+        args.sync_bound_us
+            .or(file.sync_bound_us)
+            .unwrap_or(DEFAULT_SYNC_BOUND_US),
+    );
     if sync_bound.is_zero() || sync_bound > Duration::from_secs(1) {
         bail!("--sync-bound-us must be 1 to 1000000");
     }

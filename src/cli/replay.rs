@@ -16,7 +16,7 @@ use crate::devices::TickDelivery;
 use crate::replay::engine::{
     final_records_reserve, window_exit_warning, Ending, LogSink, PerturbKind, RecordSettings,
     Recorder, Role, RunReport, Stop, TestPerturbation, DEFAULT_HOT_PAGE_BUDGET,
-    DEFAULT_SYNC_BUDGET_PERCENT, DEFAULT_TICK_DEFERRAL, MAX_HOT_PAGE_BUDGET,
+    DEFAULT_SYNC_BOUND_US, DEFAULT_SYNC_BUDGET_PERCENT, DEFAULT_TICK_DEFERRAL, MAX_HOT_PAGE_BUDGET,
 };
 use crate::replay::log::{LogHeader, LogReader, LogWriter, PAGE_SIZE};
 use crate::replay::log_file::LogFile;
@@ -35,7 +35,7 @@ pub struct RecordArgs {
     pub digest_interval: u64,
     /// Microseconds a due interrupt may wait for a landmark before the guest
     /// is stopped for a sync point.
-    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(long, default_value_t = DEFAULT_SYNC_BOUND_US, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub sync_bound_us: u64,
     /// Milliseconds a timer tick may be held past its deadline while the
     /// guest runs in user mode with nothing else owed to it, so fewer sync

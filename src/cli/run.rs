@@ -19,7 +19,7 @@ use crate::net::tap::TapBackend;
 use crate::net::NetSpec;
 use crate::replay::engine::{
     Connections, ConsoleAndNet, Ending, Engine, FrameSender, Inputs, RecordSettings, Role,
-    RunReport, StopOnSignal, TestPerturbation,
+    RunReport, StopOnSignal, TestPerturbation, DEFAULT_SYNC_BOUND_US,
 };
 use crate::replay::machine;
 use crate::vmm::{boot, Kicker, Vm, VmConfig};
@@ -59,7 +59,7 @@ pub struct PlainRunArgs {
     /// Microseconds a due interrupt may wait for a landmark before the guest
     /// is stopped to take it (as `record --sync-bound-us`: give both the
     /// same bound to compare a plain run with a recording).
-    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(long, default_value_t = DEFAULT_SYNC_BOUND_US, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub sync_bound_us: u64,
 }
 

@@ -70,8 +70,8 @@ pub use self::perturb::{PerturbKind, PerturbParseError, TestPerturbation, PERTUR
 use self::progress::Progress;
 pub use self::role::{LogSink, Recorder, Role};
 pub use self::settings::{
-    window_exit_warning, RecordSettings, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_SYNC_BUDGET_PERCENT,
-    DEFAULT_TICK_DEFERRAL, MAX_HOT_PAGE_BUDGET,
+    window_exit_warning, RecordSettings, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_SYNC_BOUND_US,
+    DEFAULT_SYNC_BUDGET_PERCENT, DEFAULT_TICK_DEFERRAL, MAX_HOT_PAGE_BUDGET,
 };
 pub use self::stop_signal::StopOnSignal;
 use super::digest::{DirtyPages, LandmarkKind, LandmarkSignature, MemoryHash};

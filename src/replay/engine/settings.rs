@@ -19,6 +19,10 @@ pub(super) const HARVEST_EVERY: Duration = Duration::from_millis(10);
 /// fewer sync points").
 pub const DEFAULT_TICK_DEFERRAL: Duration = Duration::ZERO;
 
+/// The default [`RecordSettings::sync_bound`], in microseconds (`run`,
+/// `record`, `primary` and `backup` take `--sync-bound-us`).
+pub const DEFAULT_SYNC_BOUND_US: u64 = 200;
+
 /// The default [`RecordSettings::sync_budget_percent`]: sync points made
 /// for timer ticks may keep a user-mode guest stopped at most 5% of the
 /// time (docs/benchmarks.md, "the sync-point budget").
@@ -87,7 +91,7 @@ impl Default for RecordSettings {
     fn default() -> Self {
         RecordSettings {
             digest_interval: 256,
-            sync_bound: Duration::from_micros(200),
+            sync_bound: Duration::from_micros(DEFAULT_SYNC_BOUND_US),
             tick_deferral: DEFAULT_TICK_DEFERRAL,
             sync_budget_percent: DEFAULT_SYNC_BUDGET_PERCENT,
             trace_landmarks: false,
