@@ -521,7 +521,8 @@ fn corrupted_and_truncated_logs_are_clear_errors() {
 
     // Flip a bit in the payload of the record that holds the middle byte (a
     // flip in a frame's length field would read as a malformed or cut frame).
-    let boundaries = record_boundaries(&bytes);
+    let records = records_with_offsets(&bytes);
+    let boundaries: Vec<u64> = records.iter().map(|&(at, _)| at).collect();
     let record_holding = |at: u64| *boundaries.iter().rfind(|&&b| b <= at).unwrap();
     let mut flipped = bytes.clone();
     let after_length_prefix = record_holding(bytes.len() as u64 / 2) + 4;
@@ -553,7 +554,6 @@ fn corrupted_and_truncated_logs_are_clear_errors() {
     // Cut between two records of one landmark (a sync point and its
     // interrupt): the guest then waits for an interrupt the log lost, and
     // the replay must say the log was cut, not that it diverged.
-    let records = records_with_offsets(&bytes);
     let inside_landmark = records
         .windows(2)
         .skip(records.len() * 2 / 3)
@@ -586,17 +586,8 @@ fn ticker_replay_refused(log: &str, errors: &[&str]) {
     assert!(!out.stdout.contains("identical to the recording"));
 }
 
-/// The byte offsets where the log's records start (and where the last one
-/// ends), read with the log reader the replay uses.
-fn record_boundaries(log: &[u8]) -> Vec<u64> {
-    records_with_offsets(log)
-        .into_iter()
-        .map(|(at, _)| at)
-        .collect()
-}
-
 /// Each record's start offset and landmark, and the end of the last one
-/// (with no landmark).
+/// (with no landmark), read with the log reader the replay uses.
 fn records_with_offsets(log: &[u8]) -> Vec<(u64, Option<u64>)> {
     let mut reader = LogReader::new(log).expect("the recorded log's header reads");
     let mut out = Vec::new();
