@@ -582,6 +582,20 @@ impl Pit {
         c.next_edge_after(c.edges_tick).map(time_of_tick)
     }
 
+    /// The latest channel-0 rising edge up to the last [`Pit::poll`]
+    /// (guest ns), in the periodic modes (2 and 3); `None` in the one-shot
+    /// modes or before the first edge.
+    pub fn last_irq_edge(&self) -> Option<Nanos> {
+        let c = &self.st.channels[0];
+        if !c.counting() || !matches!(c.mode, 2 | 3) {
+            return None;
+        }
+        let t = c.edges_tick;
+        let d = c.elapsed(t);
+        let n = c.period().max(1);
+        (d >= n).then(|| time_of_tick(t - d % n))
+    }
+
     /// Channel 0's period in PIT input ticks when it runs periodically
     /// (modes 2 and 3); `None` in the one-shot modes.
     pub fn channel0_period(&self) -> Option<u64> {

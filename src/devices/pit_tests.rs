@@ -57,6 +57,26 @@ fn mode2_counter_reads_and_latch() {
 }
 
 #[test]
+fn the_last_edge_of_a_coalesced_poll_is_known_in_the_periodic_modes() {
+    let mut pit = Pit::new();
+    assert_eq!(pit.last_irq_edge(), None, "nothing until programmed");
+    periodic(&mut pit, 1193, 0);
+    assert_eq!(pit.poll(time_of_tick(1192)), 0);
+    assert_eq!(pit.last_irq_edge(), None, "before the first edge");
+    // Edges 1..=3 in one poll, between the third and the fourth: the third.
+    assert_eq!(pit.poll(time_of_tick(3 * 1193 + 600)), 3);
+    assert_eq!(pit.last_irq_edge(), Some(time_of_tick(3 * 1193)));
+    // Exactly on an edge: that edge.
+    assert_eq!(pit.poll(time_of_tick(5 * 1193)), 2);
+    assert_eq!(pit.last_irq_edge(), Some(time_of_tick(5 * 1193)));
+    // One-shot mode: none (a single deadline is its own).
+    pit.write(0x43, 0x30, 0);
+    pit.write(0x40, 0x10, 0);
+    pit.write(0x40, 0x00, 0);
+    assert_eq!(pit.last_irq_edge(), None);
+}
+
+#[test]
 fn mode0_one_shot_fires_once() {
     let mut pit = Pit::new();
     pit.write(0x43, 0x30, 0);

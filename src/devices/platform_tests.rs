@@ -360,22 +360,24 @@ fn a_tick_raised_in_the_handler_of_the_last_is_held_with_its_deadline() {
     boot_like_linux(&mut p);
     let first = time_of_tick(1193);
     assert_eq!(p.held_tick_deadline(), None);
-    p.poll(first);
+    p.poll(first + 1000);
     // Raised and takeable at once: held (nothing else waits), for `first`.
     assert_eq!(p.held_tick_deadline(), Some(first));
     assert_eq!(p.acknowledge_interrupt(), Some(0x20));
     assert_eq!(p.held_tick_deadline(), None);
     // The handler outlasts the period (a long sync point before it): the
-    // next poll, three periods late, raises IRQ0 for the second period,
-    // which the PIC holds until the EOI; then it is the only thing waiting.
-    let second = time_of_tick(2 * 1193);
-    p.poll(time_of_tick(4 * 1193));
+    // next poll, between the fourth and fifth periods, raises IRQ0 for the
+    // second to the fourth, which the PIC holds until the EOI; then it is
+    // the only thing waiting, counted from the last period it stands for
+    // (the earlier ones fell due while the first tick was in service).
+    let fourth = time_of_tick(4 * 1193);
+    p.poll(fourth + 1000);
     assert_eq!(p.held_tick_deadline(), None, "in service: not pending yet");
-    outb(&mut p, 0x20, 0x20, time_of_tick(4 * 1193) + 1);
-    assert_eq!(p.held_tick_deadline(), Some(second));
-    // A second poll while it is held keeps the first deadline.
+    outb(&mut p, 0x20, 0x20, fourth + 1001);
+    assert_eq!(p.held_tick_deadline(), Some(fourth));
+    // A second poll while it is held keeps its deadline.
     p.poll(time_of_tick(6 * 1193));
-    assert_eq!(p.held_tick_deadline(), Some(second));
+    assert_eq!(p.held_tick_deadline(), Some(fourth));
     // Anything else waiting besides it (serial input): not a held tick.
     outb(&mut p, 0x3fc, 0x0b, 0);
     outb(&mut p, 0x3f9, 0x01, 0);
