@@ -40,10 +40,52 @@ impl Enc {
         self.len(v.len(), "a field");
         self.raw(v);
     }
-    /// u32 unpacked length, then `u32 length + bytes` of one LZ4 block.
+    /// u32 unpacked length, then `u32 length + bytes` of one LZ4 block,
+    /// compressed in place (a sync point's pages are megabytes: no block
+    /// of its own to allocate and copy; docs/benchmarks.md, "sync-point
+    /// buffers").
     pub(super) fn packed(&mut self, v: &[u8]) {
         self.len(v.len(), "a packed field");
-        self.bytes(&lz4_flex::block::compress(v));
+        let at = self.out.len();
+        let room = lz4_flex::block::get_maximum_output_size(v.len());
+        self.out.resize(at + 4 + room, 0);
+        match lz4_flex::block::compress_into(v, &mut self.out[at + 4..]) {
+            Ok(n) => {
+                self.out.truncate(at + 4 + n);
+                if n > MAX_FRAME_BYTES as usize {
+                    self.error.get_or_insert_with(|| {
+                        format!("a packed field of {n} bytes exceeds the frame limit")
+                    });
+                }
+                let n = u32::try_from(n).unwrap_or(u32::MAX);
+                self.out[at..at + 4].copy_from_slice(&n.to_le_bytes());
+            }
+            Err(e) => {
+                self.out.truncate(at);
+                self.error
+                    .get_or_insert_with(|| format!("LZ4 refused a packed field: {e}"));
+            }
+        }
+    }
+    /// A frame's payload builder over `buf` (emptied; its capacity is
+    /// reused), with room in front for the frame's length and kind, so
+    /// the frame is sealed where it was built (`finish_frame`).
+    pub(super) fn frame(mut buf: Vec<u8>) -> Enc {
+        buf.clear();
+        buf.extend_from_slice(&[0; FRAME_HEAD]);
+        Enc {
+            out: buf,
+            error: None,
+        }
+    }
+    /// The whole frame of kind `kind` (see `write_frame`) around the
+    /// payload built since `Enc::frame`.
+    pub(super) fn finish_frame(mut self, kind: u8) -> Result<Vec<u8>, String> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        seal_frame(&mut self.out, kind).map_err(|e| e.to_string())?;
+        Ok(self.out)
     }
     pub(super) fn finish(self) -> Result<Vec<u8>, String> {
         match self.error {
@@ -288,8 +330,8 @@ fn decode_pages_v3(d: &mut Dec) -> Result<Vec<(u64, Vec<u8>)>, String> {
 /// One encoded frame, and what it changes in the writer's page cache and
 /// vCPU state base once written.
 pub(super) struct EncodedRecord<'r> {
-    pub(super) kind: u8,
-    pub(super) payload: Vec<u8>,
+    /// The whole frame: length, kind, payload, CRC.
+    pub(super) frame: Vec<u8>,
     pub(super) pages: Vec<PageUpdate<'r>>,
     pub(super) state: Option<EncodedState>,
 }
@@ -301,15 +343,15 @@ pub(super) fn encode_sync_point<'r, D: PageContents>(
     state: EncodedState,
     pages: &'r [(u64, D)],
     cache: &PageCache,
+    buffers: &mut EncodeBuffers,
     stats: &mut PageStats,
 ) -> Result<EncodedRecord<'r>, String> {
-    let mut e = Enc::default();
+    let mut e = Enc::frame(buffers.frame());
     e.u64(landmark);
     e.raw(&state.bytes);
-    let updates = encode_pages(&mut e, cache, pages, stats);
+    let updates = encode_pages(&mut e, &mut buffers.block, cache, pages, stats);
     Ok(EncodedRecord {
-        kind: KIND_SYNC_POINT,
-        payload: e.finish()?,
+        frame: e.finish_frame(KIND_SYNC_POINT)?,
         pages: updates,
         state: Some(state),
     })
@@ -320,14 +362,14 @@ pub(super) fn encode_sync_pages<'r, D: PageContents>(
     landmark: u64,
     pages: &'r [(u64, D)],
     cache: &PageCache,
+    buffers: &mut EncodeBuffers,
     stats: &mut PageStats,
 ) -> Result<EncodedRecord<'r>, String> {
-    let mut e = Enc::default();
+    let mut e = Enc::frame(buffers.frame());
     e.u64(landmark);
-    let updates = encode_pages(&mut e, cache, pages, stats);
+    let updates = encode_pages(&mut e, &mut buffers.block, cache, pages, stats);
     Ok(EncodedRecord {
-        kind: KIND_SYNC_PAGES,
-        payload: e.finish()?,
+        frame: e.finish_frame(KIND_SYNC_PAGES)?,
         pages: updates,
         state: None,
     })
@@ -337,9 +379,10 @@ pub(super) fn encode_record<'r>(
     r: &'r Record,
     cache: &PageCache,
     states: &StateEncoder,
+    buffers: &mut EncodeBuffers,
     stats: &mut PageStats,
 ) -> Result<EncodedRecord<'r>, String> {
-    let mut e = Enc::default();
+    let mut e = Enc::frame(buffers.frame());
     e.u64(r.landmark());
     let kind = match r {
         Record::IoTime { now, .. } => {
@@ -393,10 +436,10 @@ pub(super) fn encode_record<'r>(
             pages,
         } => {
             let state = states.encode(cpu, vmm_state)?;
-            return encode_sync_point(*landmark, state, pages, cache, stats);
+            return encode_sync_point(*landmark, state, pages, cache, buffers, stats);
         }
         Record::SyncPages { landmark, pages } => {
-            return encode_sync_pages(*landmark, pages, cache, stats)
+            return encode_sync_pages(*landmark, pages, cache, buffers, stats)
         }
         Record::Digest { digest, .. } => {
             for part in &digest.cpu {
@@ -418,8 +461,7 @@ pub(super) fn encode_record<'r>(
         }
     };
     Ok(EncodedRecord {
-        kind,
-        payload: e.finish()?,
+        frame: e.finish_frame(kind)?,
         pages: Vec::new(),
         state: None,
     })
@@ -540,22 +582,66 @@ pub(super) fn decode_record(
 /// Frame: u32 length of (kind + payload), kind byte, payload, CRC-32 of all
 /// the preceding bytes of the frame.
 pub(super) fn write_frame(out: &mut impl Write, kind: u8, payload: &[u8]) -> io::Result<u64> {
-    if payload.len() as u64 + 1 > u64::from(MAX_FRAME_BYTES) {
+    let mut frame = Vec::with_capacity(payload.len() + FRAME_OVERHEAD);
+    frame.extend_from_slice(&[0; FRAME_HEAD]);
+    frame.extend_from_slice(payload);
+    seal_frame(&mut frame, kind)?;
+    out.write_all(&frame)?;
+    Ok(frame.len() as u64)
+}
+
+/// Bytes of a frame before its payload: the u32 length and the kind.
+const FRAME_HEAD: usize = 5;
+
+/// Make `frame` (`FRAME_HEAD` bytes of room, then the payload) a whole
+/// frame: fill in the length and kind, append the CRC.
+fn seal_frame(frame: &mut Vec<u8>, kind: u8) -> io::Result<()> {
+    let payload = frame.len() - FRAME_HEAD;
+    if payload as u64 + 1 > u64::from(MAX_FRAME_BYTES) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
-                "a {}-byte record exceeds the log's frame limit of {MAX_FRAME_BYTES} bytes",
-                payload.len()
+                "a {payload}-byte record exceeds the log's frame limit of {MAX_FRAME_BYTES} bytes"
             ),
         ));
     }
-    let len = payload.len() as u32 + 1;
-    let mut frame = Vec::with_capacity(payload.len() + 9);
-    frame.extend_from_slice(&len.to_le_bytes());
-    frame.push(kind);
-    frame.extend_from_slice(payload);
-    let crc = crc32fast::hash(&frame);
+    let len = payload as u32 + 1;
+    frame[..4].copy_from_slice(&len.to_le_bytes());
+    frame[4] = kind;
+    let crc = crc32fast::hash(frame);
     frame.extend_from_slice(&crc.to_le_bytes());
-    out.write_all(&frame)?;
-    Ok(frame.len() as u64)
+    Ok(())
+}
+
+/// Buffers a writer reuses from record to record: a sync point's page
+/// block and frames are megabytes, and fresh ones cost page faults on
+/// every sync point (docs/benchmarks.md, "sync-point buffers").
+#[derive(Default)]
+pub(super) struct EncodeBuffers {
+    /// The page entries of one record before they are packed.
+    pub(super) block: Vec<u8>,
+    /// Frames written and handed back (`give_back`).
+    frames: Vec<Vec<u8>>,
+}
+
+impl EncodeBuffers {
+    /// Frames and blocks larger than this are not kept (a sync point of a
+    /// whole large guest does not pin its buffers).
+    const KEEP_BYTES: usize = 16 << 20;
+    /// Frame buffers kept (a sync point split in records takes several).
+    const KEEP_FRAMES: usize = 4;
+
+    fn frame(&mut self) -> Vec<u8> {
+        self.frames.pop().unwrap_or_default()
+    }
+
+    /// A written frame's buffer, for the next record.
+    pub(super) fn give_back(&mut self, frame: Vec<u8>) {
+        if frame.capacity() <= Self::KEEP_BYTES && self.frames.len() < Self::KEEP_FRAMES {
+            self.frames.push(frame);
+        }
+        if self.block.capacity() > Self::KEEP_BYTES {
+            self.block = Vec::new();
+        }
+    }
 }

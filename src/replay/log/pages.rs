@@ -302,10 +302,12 @@ fn unzigzag(v: u64) -> i64 {
 
 /// Encode `pages` against `cache` into `e`: `u32 count`, `u32` the cache's
 /// capacity in pages, then one packed field with an entry per page (see
-/// docs/log-format.md). The cache is not changed; the returned updates are
+/// docs/log-format.md), built in `block` (emptied first; a buffer the
+/// writer reuses). The cache is not changed; the returned updates are
 /// for [`commit_pages`] once the record is written.
 pub(super) fn encode_pages<'a, D: PageContents>(
     e: &mut Enc,
+    block: &mut Vec<u8>,
     cache: &PageCache,
     pages: &'a [(u64, D)],
     stats: &mut PageStats,
@@ -318,8 +320,7 @@ pub(super) fn encode_pages<'a, D: PageContents>(
             )
         });
     }
-    // Room for a few deltas' worth per page without regrowing.
-    let mut block = Vec::with_capacity(pages.len() * 64);
+    block.clear();
     let mut updates = Vec::with_capacity(pages.len());
     // Ascending pages (as sync points list them) cannot repeat; any other
     // order is checked with a set.
@@ -334,9 +335,9 @@ pub(super) fn encode_pages<'a, D: PageContents>(
                 Some((_, crc))
                     if gpa % PAGE_SIZE as u64 == 0 && (ascending || seen.insert(*gpa)) =>
                 {
-                    put_varint(&mut block, zigzag(number.wrapping_sub(previous)));
+                    put_varint(block, zigzag(number.wrapping_sub(previous)));
                     previous = number;
-                    push_same(&mut block, crc, stats);
+                    push_same(block, crc, stats);
                     updates.push(PageUpdate::Same(*gpa));
                 }
                 _ => {
@@ -360,13 +361,13 @@ pub(super) fn encode_pages<'a, D: PageContents>(
             continue;
         }
         let number = (gpa / PAGE_SIZE as u64) as i64;
-        put_varint(&mut block, zigzag(number.wrapping_sub(previous)));
+        put_varint(block, zigzag(number.wrapping_sub(previous)));
         previous = number;
         let zero = all_zero(data);
         match cache.get(*gpa) {
             // A zero page whose last version was zero too is unchanged.
             Some((base, crc)) if zero && all_zero(base) => {
-                push_same(&mut block, crc, stats);
+                push_same(block, crc, stats);
                 updates.push(PageUpdate::Same(*gpa));
                 continue;
             }
@@ -381,21 +382,21 @@ pub(super) fn encode_pages<'a, D: PageContents>(
                 let at = block.len();
                 block.push(KIND_XOR);
                 block.extend_from_slice(&crc.to_le_bytes());
-                match encode_runs(base, data, PAGE_SIZE, &mut block) {
+                match encode_runs(base, data, PAGE_SIZE, block) {
                     Some(0) => {
                         block.truncate(at);
-                        push_same(&mut block, crc, stats);
+                        push_same(block, crc, stats);
                         updates.push(PageUpdate::Same(*gpa));
                         continue;
                     }
                     Some(_) => stats.delta += 1,
                     None => {
                         block.truncate(at);
-                        push_full(&mut block, data, stats);
+                        push_full(block, data, stats);
                     }
                 }
             }
-            None => push_full(&mut block, data, stats),
+            None => push_full(block, data, stats),
         }
         updates.push(PageUpdate::Store(*gpa, data));
     }
@@ -404,7 +405,7 @@ pub(super) fn encode_pages<'a, D: PageContents>(
     // Whole pages of real guests compress well (page tables, sparse
     // pages: a Linux boot's sync-point pages took ~700 bytes each under
     // format 3); LZ4 is fast enough to stay off the critical path.
-    e.packed(&block);
+    e.packed(block);
     updates
 }
 

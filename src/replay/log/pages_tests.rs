@@ -11,7 +11,9 @@ type Pages = Vec<(u64, Vec<u8>)>;
 /// A writer's side: encode a block against the cache, then commit it.
 fn send(cache: &mut PageCache, pages: &Pages, stats: &mut PageStats) -> Vec<u8> {
     let mut e = Enc::default();
-    let updates = encode_pages(&mut e, cache, pages, stats);
+    // A used buffer, as a writer reuses it: encode_pages empties it.
+    let mut block = vec![0xa5; 100];
+    let updates = encode_pages(&mut e, &mut block, cache, pages, stats);
     let bytes = e.finish().expect("encodes");
     commit_pages(cache, &updates);
     cache.trim();
@@ -114,7 +116,7 @@ fn a_delta_against_the_wrong_base_is_an_error_naming_the_page() {
     let mut e = Enc::default();
     let mut other_cache = PageCache::new(16);
     let alt = vec![(0x2000, page(2))];
-    let updates = encode_pages(&mut e, &other_cache, &alt, &mut stats);
+    let updates = encode_pages(&mut e, &mut Vec::new(), &other_cache, &alt, &mut stats);
     commit_pages(&mut other_cache, &updates);
     receive(&mut other, &e.finish().unwrap()).unwrap();
     let err = receive(&mut other, &next).unwrap_err();

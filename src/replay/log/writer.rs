@@ -6,6 +6,7 @@ use std::io::{self, Write};
 
 use super::codec::{
     self, encode_header, encode_record, encode_sync_pages, encode_sync_point, write_frame,
+    EncodeBuffers,
 };
 use super::cpu_state::{StateEncoder, StateStats};
 use super::pages::{
@@ -13,8 +14,7 @@ use super::pages::{
     MAX_PAGE_CACHE_PAGES,
 };
 use super::{
-    CpuStateBytes, LogHeader, Record, FRAME_OVERHEAD, KIND_HEADER, LOG_MAGIC, LOG_VERSION,
-    MAX_PAGES_PER_RECORD,
+    CpuStateBytes, LogHeader, Record, KIND_HEADER, LOG_MAGIC, LOG_VERSION, MAX_PAGES_PER_RECORD,
 };
 
 fn invalid_record(what: String) -> io::Error {
@@ -44,6 +44,8 @@ pub struct LogWriter<W: Write> {
     /// The last sync point's vCPU state, as every reader of this log will
     /// hold it (the next one is sent against it).
     states: StateEncoder,
+    /// Page blocks and frames, reused from record to record.
+    buffers: EncodeBuffers,
 }
 
 impl<W: Write> LogWriter<W> {
@@ -65,6 +67,7 @@ impl<W: Write> LogWriter<W> {
             pages_sent: false,
             page_stats: PageStats::default(),
             states: StateEncoder::default(),
+            buffers: EncodeBuffers::default(),
         }
     }
 
@@ -132,8 +135,14 @@ impl<W: Write> LogWriter<W> {
             return self.append_sync_point(*landmark, cpu, vmm_state, pages);
         }
         let mut stats = PageStats::default();
-        let frame =
-            encode_record(record, &self.pages, &self.states, &mut stats).map_err(invalid_record)?;
+        let frame = encode_record(
+            record,
+            &self.pages,
+            &self.states,
+            &mut self.buffers,
+            &mut stats,
+        )
+        .map_err(invalid_record)?;
         let carries_pages = matches!(record, Record::SyncPages { .. });
         self.write_frames(
             record.kind_name(),
@@ -171,14 +180,21 @@ impl<W: Write> LogWriter<W> {
         let (head, last) = pages.split_at(split);
         for chunk in head.chunks(MAX_PAGES_PER_RECORD) {
             frames.push(
-                encode_sync_pages(landmark, chunk, &self.pages, &mut stats)
+                encode_sync_pages(landmark, chunk, &self.pages, &mut self.buffers, &mut stats)
                     .map_err(invalid_record)?,
             );
         }
         let state = self.states.encode(cpu, vmm_state).map_err(invalid_record)?;
         frames.push(
-            encode_sync_point(landmark, state, last, &self.pages, &mut stats)
-                .map_err(invalid_record)?,
+            encode_sync_point(
+                landmark,
+                state,
+                last,
+                &self.pages,
+                &mut self.buffers,
+                &mut stats,
+            )
+            .map_err(invalid_record)?,
         );
         self.write_frames("sync-point", landmark, frames, Some(stats))?;
         self.pages.trim();
@@ -205,10 +221,7 @@ impl<W: Write> LogWriter<W> {
         pages: Option<PageStats>,
     ) -> io::Result<()> {
         if let Some(limit) = self.limit {
-            let size: u64 = frames
-                .iter()
-                .map(|frame| (frame.payload.len() + FRAME_OVERHEAD) as u64)
-                .sum();
+            let size: u64 = frames.iter().map(|frame| frame.frame.len() as u64).sum();
             if self.bytes + size > limit {
                 return Err(io::Error::new(
                     io::ErrorKind::StorageFull,
@@ -220,7 +233,8 @@ impl<W: Write> LogWriter<W> {
             }
         }
         for frame in frames {
-            self.bytes += write_frame(&mut self.out, frame.kind, &frame.payload)?;
+            self.out.write_all(&frame.frame)?;
+            self.bytes += frame.frame.len() as u64;
             self.records += 1;
             // Readers update their cache and state base as they decode
             // each frame.
@@ -228,6 +242,7 @@ impl<W: Write> LogWriter<W> {
             if let Some(state) = frame.state {
                 self.states.commit(state);
             }
+            self.buffers.give_back(frame.frame);
         }
         if let Some(stats) = pages {
             self.pages_sent = true;
