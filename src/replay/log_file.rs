@@ -32,6 +32,12 @@ const WRITE_OUT_AT: usize = 1 << 20;
 /// the disk (each at least `WRITE_OUT_AT`, or one landmark's records).
 const QUEUED_BUFFERS: usize = 4;
 
+/// The writer thread starts the disk writes of every this many bytes as
+/// it goes, so the fsync at the end of a recording waits for its tail,
+/// not for everything (at 500 Mbit/s a 4 s recording left ~250 MB to
+/// the final fsync: docs/benchmarks.md, "sync-point buffers").
+const WRITEBACK_EVERY: u64 = 8 << 20;
+
 enum ToWriter {
     Write(Vec<u8>),
     /// Answer once everything handed over before is written (or failed).
@@ -178,6 +184,9 @@ fn write_behind(
     give_back: &Sender<Vec<u8>>,
     written: &Written,
 ) {
+    // Where the last writeback started; None once the file refused one (a
+    // pipe, a device): it is only a head start for the final fsync.
+    let mut writeback_from = Some(0u64);
     for request in requests {
         match request {
             ToWriter::Write(mut buf) => {
@@ -199,7 +208,18 @@ fn write_behind(
                         lost: buf.len() as u64,
                     });
                 } else {
-                    written.whole.fetch_add(buf.len() as u64, Ordering::Release);
+                    let whole = written.whole.fetch_add(buf.len() as u64, Ordering::Release)
+                        + buf.len() as u64;
+                    if let Some(from) = writeback_from.filter(|&f| whole - f >= WRITEBACK_EVERY) {
+                        writeback_from =
+                            match crate::vmm::sys::start_writeback(&file, from, whole - from) {
+                                Ok(()) => Some(whole),
+                                Err(e) => {
+                                    tracing::debug!("the log file takes no early writeback: {e}");
+                                    None
+                                }
+                            };
+                    }
                 }
                 buf.clear();
                 let _ = give_back.try_send(buf);
@@ -299,6 +319,36 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
         drop(sink);
         assert_eq!(std::fs::read(&path).unwrap(), b"a record");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn early_writeback_keeps_every_byte_and_a_file_that_refuses_it_still_works() {
+        let dir = std::env::temp_dir().join(format!("twinvm-logfile-wb-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.log");
+        let piece: Vec<u8> = (0..WRITE_OUT_AT).map(|i| (i % 251) as u8).collect();
+        let pieces = 3 * (WRITEBACK_EVERY as usize / WRITE_OUT_AT) + 1;
+        // A regular file (writeback started every WRITEBACK_EVERY) and
+        // /dev/null (sync_file_range refuses it: written all the same).
+        for target in [&path, std::path::Path::new("/dev/null")] {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(*target == path)
+                .open(target)
+                .unwrap();
+            let mut sink = LogFile::new(file).unwrap();
+            for landmark in 0..pieces {
+                sink.write_all(&piece).unwrap();
+                sink.landmark_done(landmark as u64).unwrap();
+            }
+            sink.flush().unwrap();
+            assert_eq!(sink.bytes_in_file(), (pieces * WRITE_OUT_AT) as u64);
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), pieces * WRITE_OUT_AT);
+        assert!(bytes.chunks(WRITE_OUT_AT).all(|c| c == piece));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -424,6 +424,25 @@ pub fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
+/// Start writing `len` bytes of `file` from `offset` to its disk without
+/// waiting (sync_file_range with SYNC_FILE_RANGE_WRITE), so a later fsync
+/// finds them on their way. Only a hint: it guarantees nothing on its own.
+pub fn start_writeback(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    };
+    // SAFETY: sync_file_range takes an fd (`file` is open for the call)
+    // and integers; it touches no memory of this process.
+    let ret = unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Bytes the kernel holds for `stream` that no read has taken yet: the
 /// pair's link thread asks when its socket reader seems behind.
 pub fn unread_socket_bytes(stream: &std::net::TcpStream) -> std::io::Result<usize> {
