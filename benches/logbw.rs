@@ -45,6 +45,9 @@
 //!   workload in Debian's kernel: three boots, 30-60 minutes here; its own
 //!   variables in benches/logbw/linux.rs); `TWINVM_LOGBW_ROWS=Linux` runs
 //!   only it.
+//! - `RUST_LOG=...` the engine's logs on stderr, as for `twinvm` (for
+//!   example `twinvm::replay::engine=trace`: every sync point and record
+//!   with its time, which is how the held-tick deadline bug was found).
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
@@ -478,6 +481,12 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1)
         .max(1);
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let host_cpu = sys::current_cpu().unwrap();
 
     println!(
