@@ -382,6 +382,22 @@ pub(super) fn encode_record<'r>(
     buffers: &mut EncodeBuffers,
     stats: &mut PageStats,
 ) -> Result<EncodedRecord<'r>, String> {
+    // Records that carry pages take their own frame buffer.
+    match r {
+        Record::SyncPoint {
+            landmark,
+            cpu,
+            vmm_state,
+            pages,
+        } => {
+            let state = states.encode(cpu, vmm_state)?;
+            return encode_sync_point(*landmark, state, pages, cache, buffers, stats);
+        }
+        Record::SyncPages { landmark, pages } => {
+            return encode_sync_pages(*landmark, pages, cache, buffers, stats)
+        }
+        _ => {}
+    }
     let mut e = Enc::frame(buffers.frame());
     e.u64(r.landmark());
     let kind = match r {
@@ -429,17 +445,8 @@ pub(super) fn encode_record<'r>(
             e.raw(hash);
             KIND_NET_TX
         }
-        Record::SyncPoint {
-            landmark,
-            cpu,
-            vmm_state,
-            pages,
-        } => {
-            let state = states.encode(cpu, vmm_state)?;
-            return encode_sync_point(*landmark, state, pages, cache, buffers, stats);
-        }
-        Record::SyncPages { landmark, pages } => {
-            return encode_sync_pages(*landmark, pages, cache, buffers, stats)
+        Record::SyncPoint { .. } | Record::SyncPages { .. } => {
+            unreachable!("encoded above")
         }
         Record::Digest { digest, .. } => {
             for part in &digest.cpu {
