@@ -30,11 +30,17 @@ impl Enc {
     }
     /// A length prefix; lengths past the frame limit are refused.
     pub(super) fn len(&mut self, n: usize, what: &str) {
+        let n = self.checked_len(n, what);
+        self.u32(n);
+    }
+    /// `n` as a length prefix's value; past the frame limit it is refused
+    /// (remembered as the error).
+    fn checked_len(&mut self, n: usize, what: &str) -> u32 {
         if n > MAX_FRAME_BYTES as usize {
             self.error
                 .get_or_insert_with(|| format!("{what} of {n} bytes exceeds the frame limit"));
         }
-        self.u32(u32::try_from(n).unwrap_or(u32::MAX));
+        u32::try_from(n).unwrap_or(u32::MAX)
     }
     pub(super) fn bytes(&mut self, v: &[u8]) {
         self.len(v.len(), "a field");
@@ -52,12 +58,7 @@ impl Enc {
         match lz4_flex::block::compress_into(v, &mut self.out[at + 4..]) {
             Ok(n) => {
                 self.out.truncate(at + 4 + n);
-                if n > MAX_FRAME_BYTES as usize {
-                    self.error.get_or_insert_with(|| {
-                        format!("a packed field of {n} bytes exceeds the frame limit")
-                    });
-                }
-                let n = u32::try_from(n).unwrap_or(u32::MAX);
+                let n = self.checked_len(n, "a packed field");
                 self.out[at..at + 4].copy_from_slice(&n.to_le_bytes());
             }
             Err(e) => {
