@@ -19,7 +19,7 @@ use crate::net::tap::TapBackend;
 use crate::net::NetSpec;
 use crate::replay::engine::{
     Connections, ConsoleAndNet, Ending, Engine, FrameSender, Inputs, RecordSettings, Role,
-    RunReport, StopOnSignal, TestPerturbation, DEFAULT_SYNC_BOUND_US,
+    RunReport, StopOnSignal, StretchLengths, TestPerturbation, DEFAULT_SYNC_BOUND_US,
 };
 use crate::replay::machine;
 use crate::vmm::{boot, Kicker, Vm, VmConfig};
@@ -315,6 +315,11 @@ pub(super) fn print_stats(report: &RunReport) {
         s.timer_poll_delay_max.as_secs_f64() * 1e3,
         s.emulated_instructions
             .map_or_else(|| "unknown".to_string(), |n| n.to_string()),
+    );
+    eprintln!(
+        "twinvm: vCPU time between landmarks, count/total by length: ending at an exit {}; ending at a sync point {}",
+        StretchLengths::describe(&s.stretches.to_exit),
+        StretchLengths::describe(&s.stretches.to_sync_point),
     );
 }
 

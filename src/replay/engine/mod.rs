@@ -48,6 +48,7 @@ mod progress;
 mod role;
 mod settings;
 mod stop_signal;
+mod stretches;
 mod sync;
 mod tick_deferral;
 mod traps;
@@ -74,6 +75,7 @@ pub use self::settings::{
     DEFAULT_SYNC_BUDGET_PERCENT, DEFAULT_TICK_DEFERRAL, MAX_HOT_PAGE_BUDGET,
 };
 pub use self::stop_signal::StopOnSignal;
+pub use self::stretches::{StretchBucket, StretchLengths, STRETCH_BOUNDS};
 use super::digest::{DirtyPages, LandmarkKind, LandmarkSignature, MemoryHash};
 use super::log::{CpuStateBytes, Record};
 use super::schedule::{Schedule, ScheduleError, Step, Wait};
@@ -129,6 +131,8 @@ pub struct Engine {
     /// A received frame the guest had no buffer for yet.
     held_frame: Option<Vec<u8>>,
     stats: ExitStats,
+    /// Host time the vCPU ran (inside KVM_RUN) since the last landmark.
+    stretch: Duration,
     timer: DeadlineTimer,
     settings: RecordSettings,
     since_sync: DirtyPages,
@@ -203,6 +207,7 @@ impl Engine {
             input: PendingInput::default(),
             held_frame: None,
             stats: ExitStats::default(),
+            stretch: Duration::ZERO,
             timer,
             settings,
             since_sync: DirtyPages::default(),
@@ -544,7 +549,10 @@ impl Engine {
                 self.stats.shadow_mmu_flushes += 1;
             }
             exit::request_interrupt_window(&mut self.vm.vcpu, self.window_wanted);
-            let exit = match exit::run(&mut self.vm.vcpu) {
+            let entered = Instant::now();
+            let ran = exit::run(&mut self.vm.vcpu);
+            self.stretch += entered.elapsed();
+            let exit = match ran {
                 Ok(exit) => exit,
                 Err(e) if e.errno() == libc::EINTR => {
                     sys::drain_pending_kick();
@@ -552,7 +560,10 @@ impl Engine {
                     self.timer.fired();
                     match self.on_kick()? {
                         AfterKick::Stop(stop) => return Ok(stop),
-                        AfterKick::Landmark => at_landmark = true,
+                        AfterKick::Landmark => {
+                            self.end_stretch(true);
+                            at_landmark = true;
+                        }
                         AfterKick::Resume => {}
                     }
                     continue;
@@ -606,6 +617,7 @@ impl Engine {
                 }
                 Exit::Hlt => {
                     self.stats.hlt += 1;
+                    self.end_stretch(false);
                     self.new_landmark(LandmarkKind::Halt);
                     if !self.role.replaying() {
                         if self.vm.vcpu.get_kvm_run().if_flag == 0 {
@@ -659,7 +671,16 @@ impl Engine {
                 Exit::Other(what) => return Err(RunError::UnexpectedExit(what)),
             }
             self.after_exit()?;
+            self.end_stretch(false);
             at_landmark = true;
+        }
+    }
+
+    /// A landmark: count the stretch that led to it.
+    fn end_stretch(&mut self, at_sync_point: bool) {
+        if !self.stretch.is_zero() {
+            self.stats.stretches.add(self.stretch, at_sync_point);
+            self.stretch = Duration::ZERO;
         }
     }
 

@@ -103,6 +103,8 @@ pub struct ExitStats {
     /// hosts like the development machines nearly all of a Linux guest's
     /// kernel code); None where KVM does not say.
     pub emulated_instructions: Option<u64>,
+    /// How long the vCPU ran between landmarks, by how the stretch ended.
+    pub stretches: super::StretchLengths,
 }
 
 /// The outcome of a whole run, for reports.
