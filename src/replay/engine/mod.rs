@@ -75,7 +75,7 @@ pub use self::settings::{
     DEFAULT_SYNC_BUDGET_PERCENT, DEFAULT_TICK_DEFERRAL, MAX_HOT_PAGE_BUDGET,
 };
 pub use self::stop_signal::StopOnSignal;
-pub use self::stretches::{StretchBucket, StretchLengths, STRETCH_BOUNDS};
+pub use self::stretches::{StretchBucket, StretchLengths};
 use super::digest::{DirtyPages, LandmarkKind, LandmarkSignature, MemoryHash};
 use super::log::{CpuStateBytes, Record};
 use super::schedule::{Schedule, ScheduleError, Step, Wait};

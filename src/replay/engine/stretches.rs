@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 /// Upper bounds of the buckets; the last bucket holds everything longer.
-pub const STRETCH_BOUNDS: [Duration; 4] = [
+const STRETCH_BOUNDS: [Duration; 4] = [
     Duration::from_micros(100),
     Duration::from_millis(1),
     Duration::from_millis(4),
@@ -44,9 +44,13 @@ impl StretchLengths {
 
     /// `<0.1ms:N/T.Ts <1ms:... >=16ms:...` for one kind of ending.
     pub fn describe(buckets: &[StretchBucket]) -> String {
-        let labels = ["<0.1ms", "<1ms", "<4ms", "<16ms", ">=16ms"];
-        labels
+        let ms = |bound: &Duration| bound.as_micros() as f64 / 1000.0;
+        let last = STRETCH_BOUNDS.last().map(ms).unwrap_or(0.0);
+        let labels = STRETCH_BOUNDS
             .iter()
+            .map(|bound| format!("<{}ms", ms(bound)))
+            .chain(std::iter::once(format!(">={last}ms")));
+        labels
             .zip(buckets)
             .map(|(label, b)| format!("{label}:{}/{:.1}s", b.count, b.time.as_secs_f64()))
             .collect::<Vec<_>>()
