@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use twinvm::replay::engine::{ExitStats, Role, RunReport, StretchLengths};
+use twinvm::replay::engine::{ExitStats, Role, RunReport};
 use twinvm::replay::log::{LogReader, Record};
 use twinvm::vmm::VmConfig;
 
@@ -407,11 +407,9 @@ fn print_table(runs: [&ModeRun; 3], phases: [Duration; 3], phase_log: (u64, u64,
         emulated(rep)
     );
     for (what, run) in [("record", rec), ("replay", rep)] {
-        let stretches = &run.report.stats.stretches;
         println!(
-            "   {what}: vCPU time between landmarks, count/seconds by length: to an exit {}; to a sync point {}",
-            StretchLengths::describe(&stretches.to_exit),
-            StretchLengths::describe(&stretches.to_sync_point),
+            "   {what}: vCPU time between landmarks, count/seconds by length: {}",
+            run.report.stats.stretches.summary()
         );
     }
     println!(

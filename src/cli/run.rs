@@ -19,7 +19,7 @@ use crate::net::tap::TapBackend;
 use crate::net::NetSpec;
 use crate::replay::engine::{
     Connections, ConsoleAndNet, Ending, Engine, FrameSender, Inputs, RecordSettings, Role,
-    RunReport, StopOnSignal, StretchLengths, TestPerturbation, DEFAULT_SYNC_BOUND_US,
+    RunReport, StopOnSignal, TestPerturbation, DEFAULT_SYNC_BOUND_US,
 };
 use crate::replay::machine;
 use crate::vmm::{boot, Kicker, Vm, VmConfig};
@@ -317,9 +317,8 @@ pub(super) fn print_stats(report: &RunReport) {
             .map_or_else(|| "unknown".to_string(), |n| n.to_string()),
     );
     eprintln!(
-        "twinvm: vCPU time between landmarks, count/total by length: ending at an exit {}; ending at a sync point {}",
-        StretchLengths::describe(&s.stretches.to_exit),
-        StretchLengths::describe(&s.stretches.to_sync_point),
+        "twinvm: vCPU time between landmarks, count/total by length: {}",
+        s.stretches.summary()
     );
 }
 

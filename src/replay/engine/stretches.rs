@@ -42,8 +42,17 @@ impl StretchLengths {
         buckets[index].time += length;
     }
 
+    /// Both kinds of ending, for `--stats` and the Linux bench row.
+    pub fn summary(&self) -> String {
+        format!(
+            "ending at an exit {}; ending at a sync point {}",
+            Self::describe(&self.to_exit),
+            Self::describe(&self.to_sync_point)
+        )
+    }
+
     /// `<0.1ms:N/T.Ts <1ms:... >=16ms:...` for one kind of ending.
-    pub fn describe(buckets: &[StretchBucket]) -> String {
+    fn describe(buckets: &[StretchBucket]) -> String {
         let ms = |bound: &Duration| bound.as_micros() as f64 / 1000.0;
         let last = STRETCH_BOUNDS.last().map(ms).unwrap_or(0.0);
         let labels = STRETCH_BOUNDS
@@ -80,5 +89,7 @@ mod tests {
             StretchLengths::describe(&s.to_sync_point),
             "<0.1ms:0/0.0s <1ms:0/0.0s <4ms:0/0.0s <16ms:1/0.0s >=16ms:0/0.0s"
         );
+        assert!(s.summary().starts_with("ending at an exit <0.1ms:1/0.0s "));
+        assert!(s.summary().ends_with("; ending at a sync point <0.1ms:0/0.0s <1ms:0/0.0s <4ms:0/0.0s <16ms:1/0.0s >=16ms:0/0.0s"));
     }
 }
