@@ -144,17 +144,37 @@ impl Site {
     }
 
     fn backup(&self, vm: &str, guest: &[&str]) -> Running {
+        self.backup_under(&[], vm, guest, &[])
+    }
+
+    /// A backup started through `wrapper` (a command and its arguments
+    /// that then run twinvm: `nice`, `taskset`), with `extra` flags.
+    fn backup_under(&self, wrapper: &[&str], vm: &str, guest: &[&str], extra: &[&str]) -> Running {
         let mut args = vec!["backup".to_string(), "--listen".into(), BACKUP_ADDR.into()];
         args.extend(self.pair_flags(vm, "backup", guest));
-        let mut backup = self.spawn(&args);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut backup = self.spawn_under(wrapper, &args);
         backup.wait_for_stderr("waiting for the primary", TIMEOUT);
         backup
     }
 
+    fn spawn_under(&self, wrapper: &[&str], args: &[String]) -> Running {
+        let Some((program, rest)) = wrapper.split_first() else {
+            return self.spawn(args);
+        };
+        let mut cmd = self.ns.command(program);
+        cmd.args(rest).arg(env!("CARGO_BIN_EXE_twinvm")).args(args);
+        Running::spawn_command(cmd)
+    }
+
     fn primary(&self, vm: &str, guest: &[&str]) -> Running {
+        self.primary_under(&[], vm, guest)
+    }
+
+    fn primary_under(&self, wrapper: &[&str], vm: &str, guest: &[&str]) -> Running {
         let mut args = vec!["primary".to_string(), "--backup".into(), BACKUP_ADDR.into()];
         args.extend(self.pair_flags(vm, "primary", guest));
-        self.spawn(&args)
+        self.spawn_under(wrapper, &args)
     }
 
     fn console(&self, vm: &str, role: &str) -> String {
@@ -369,6 +389,73 @@ fn a_backup_that_diverges_stops_and_the_primary_goes_on_alone() {
         primary.stderr
     );
     assert!(site.console("diverge", "primary").contains("storm: done"));
+}
+
+/// CPU-bound loops pinned to one host CPU, killed when dropped.
+struct BusyLoops(Vec<std::process::Child>);
+
+impl BusyLoops {
+    fn on_cpu(cpu: u32, count: usize) -> BusyLoops {
+        BusyLoops(
+            (0..count)
+                .map(|_| {
+                    Command::new("taskset")
+                        .args(["-c", &cpu.to_string(), "sh", "-c", "while :; do :; done"])
+                        .spawn()
+                        .expect("starting a busy loop")
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for BusyLoops {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn a_backup_that_falls_behind_catches_up_and_ends_with_its_primary() {
+    let site = Site::new("pair-behind");
+    // The primary records the storm guest (a sync point every ~1 ms for a
+    // few seconds) on CPU 0, every sync point with state; the backup's
+    // vCPU runs on CPU 1 beside two busy loops, so it gets a third of that
+    // CPU and waits a scheduler slice or two at a time: it falls behind by
+    // more than one sync point again and again.
+    let guest = ["--kernel", "builtin:storm", "--mem", "64M"];
+    let _busy = BusyLoops::on_cpu(1, 2);
+    let backup = site.backup_under(&[], "behind", &guest, &["--host-cpu", "1"]);
+    let mut primary_guest = guest.to_vec();
+    primary_guest.extend(["--sync-state-every-ms", "0"]);
+    let mut primary = site.primary_under(&["taskset", "-c", "0"], "behind", &primary_guest);
+    primary.wait_for_stderr("backup connected (generation 1)", TIMEOUT);
+    let primary = finish(primary);
+    let backup = finish(backup);
+    assert_eq!(primary.status.code(), Some(0), "{primary:?}");
+    // It caught up (loading sync points with state instead of executing)
+    // and still ended in the primary's state: its digests after each jump
+    // and the End record's check passed, or it would have stopped with a
+    // divergence.
+    assert_eq!(backup.status.code(), Some(0), "{backup:?}");
+    assert!(
+        backup.stderr.contains("the primary's guest ended"),
+        "{}",
+        backup.stderr
+    );
+    let caught_up: u64 = backup
+        .stderr
+        .split("caught up ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the backup never caught up: {}", backup.stderr));
+    println!("the backup caught up {caught_up} times");
+    assert!(caught_up >= 1, "{}", backup.stderr);
+    assert!(site.console("behind", "primary").contains("storm: done"));
 }
 
 #[test]

@@ -787,3 +787,35 @@ fn kernels_whose_reads_cannot_be_trapped_are_refused_by_record() {
         out.stderr
     );
 }
+
+#[test]
+fn a_replay_that_catches_up_loads_sync_points_with_state_and_ends_identical() {
+    let dir = TempDir::new("catch-up");
+    // Every sync point carries the machine's state.
+    let (log, recorded) = record(&dir, "storm", &["--sync-state-every-ms", "0"]);
+    let states = stat(&recorded.stderr, "with state");
+    assert!(states > 100, "{}", recorded.stderr);
+    assert_eq!(states, stat(&recorded.stderr, "sync points"));
+    // A replay that executes everything checks its state at each of them.
+    let replayed = replay(&log, "storm", "64M");
+    assert_identical(&recorded, &replayed);
+    assert_eq!(stat(&replayed.stderr, "with state"), states);
+    // One that catches up loads them instead, executes only the last
+    // stretch, and its final digest still finds the recording's state.
+    let caught_up = replay_with(&log, "storm", "64M", &["--catch-up"]);
+    assert!(caught_up.status.success(), "{caught_up:?}");
+    assert!(
+        caught_up
+            .stdout
+            .contains("replay: final state identical to the recording"),
+        "{caught_up:?}"
+    );
+    let jumps = stat(&caught_up.stderr, "times");
+    let skipped = stat(&caught_up.stderr, "landmarks and");
+    let landmarks = stat(&recorded.stderr, "landmarks");
+    assert!(jumps + 2 >= states, "{} of {states}", jumps);
+    assert!(
+        skipped * 10 > landmarks * 9,
+        "{skipped} of {landmarks} skipped"
+    );
+}

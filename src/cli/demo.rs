@@ -17,7 +17,7 @@ use crate::ft::drill::{run_local, DrillKind, LocalOptions};
 use crate::guests::BUILTIN_PREFIX;
 use crate::replay::engine::{
     Ending, RecordSettings, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_SYNC_BUDGET_PERCENT,
-    DEFAULT_TICK_DEFERRAL,
+    DEFAULT_SYNC_STATE_EVERY, DEFAULT_TICK_DEFERRAL,
 };
 
 fn guest_args(name: &str, serial: &str) -> RunArgs {
@@ -45,6 +45,7 @@ fn record_args(log: PathBuf, run: RunArgs) -> RecordArgs {
         max_log_size: None,
         page_cache: 64 << 20,
         hot_pages: DEFAULT_HOT_PAGE_BUDGET,
+        sync_state_every_ms: DEFAULT_SYNC_STATE_EVERY.as_millis() as u64,
         run,
     }
 }
@@ -117,6 +118,7 @@ pub fn demo() -> Result<ExitCode> {
     replay(&ReplayArgs {
         log: log.clone(),
         test_perturb: None,
+        catch_up: false,
         run: guest_args("storm", &path_str(&replayed_console)),
     })?;
     let replayed =
@@ -139,6 +141,7 @@ pub fn demo() -> Result<ExitCode> {
     match replay(&ReplayArgs {
         log,
         test_perturb: None,
+        catch_up: false,
         run: guest_args("rdtscuser", &path_str(&dir.0.join("r2.txt"))),
     }) {
         Ok(_) => println!("demo: UNEXPECTED: the user-mode TSC guest replayed as identical"),

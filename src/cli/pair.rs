@@ -17,6 +17,7 @@ use crate::devices::TickDelivery;
 use crate::ft::link::LinkConfig;
 use crate::ft::node::{self, query_status, ArbiterSettings, GuestSetup, PairConfig, PairStatus};
 use crate::net::NetSpec;
+use crate::replay::engine::DEFAULT_SYNC_STATE_EVERY;
 use crate::replay::engine::{
     TestPerturbation, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_SYNC_BOUND_US, DEFAULT_SYNC_BUDGET_PERCENT,
     DEFAULT_TICK_DEFERRAL,
@@ -84,6 +85,11 @@ pub struct PairArgs {
     /// between dirty-log harvests (see `record --hot-pages`; default 8192).
     #[arg(long, value_name = "PAGES", value_parser = super::replay::parse_hot_pages)]
     pub hot_pages: Option<usize>,
+    /// Least time between two of the primary's sync points that carry the
+    /// devices' state, where a backup that fell behind catches up (see
+    /// `record`; default 50, 0 = every sync point).
+    #[arg(long, value_name = "MS")]
+    pub sync_state_every_ms: Option<u64>,
     /// Guest kernel (as for `twinvm run`).
     #[arg(long)]
     pub kernel: Option<String>,
@@ -161,6 +167,7 @@ struct ConfigFile {
     sync_budget_percent: Option<u8>,
     tick_delivery: Option<String>,
     hot_pages: Option<usize>,
+    sync_state_every_ms: Option<u64>,
     backup: Option<String>,
     listen: Option<String>,
     #[serde(default)]
@@ -359,6 +366,10 @@ fn resolve(
         sync_budget_percent,
         tick_delivery,
         hot_pages,
+        sync_state_every: args
+            .sync_state_every_ms
+            .or(file.sync_state_every_ms)
+            .map_or(DEFAULT_SYNC_STATE_EVERY, Duration::from_millis),
     };
     Ok((config, guest, address))
 }
@@ -456,7 +467,7 @@ pub fn describe(s: &PairStatus) -> String {
     format!(
         "vm {} generation {} on {}: {} ({}){}\n\
          landmark {}  watermark {}  acked {}  released {}\n\
-         lag {} landmarks, {:.1} ms   log {:.2} Mbit/s ({} bytes)\n\
+         lag {} landmarks, {:.1} ms{}   log {:.2} Mbit/s ({} bytes)\n\
          held outputs {}  hold p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms ({} released)\n\
          peer {}   up {:.1} s\n{}",
         s.vm,
@@ -475,6 +486,11 @@ pub fn describe(s: &PairStatus) -> String {
         s.released,
         s.lag_landmarks,
         s.lag_ms,
+        if s.catch_ups > 0 {
+            format!(" (caught up {} times)", s.catch_ups)
+        } else {
+            String::new()
+        },
         s.log_mbit_s,
         s.log_bytes,
         s.held_outputs,

@@ -16,7 +16,8 @@ use crate::devices::TickDelivery;
 use crate::replay::engine::{
     final_records_reserve, window_exit_warning, Ending, LogSink, PerturbKind, RecordSettings,
     Recorder, Role, RunReport, Stop, TestPerturbation, DEFAULT_HOT_PAGE_BUDGET,
-    DEFAULT_SYNC_BOUND_US, DEFAULT_SYNC_BUDGET_PERCENT, DEFAULT_TICK_DEFERRAL, MAX_HOT_PAGE_BUDGET,
+    DEFAULT_SYNC_BOUND_US, DEFAULT_SYNC_BUDGET_PERCENT, DEFAULT_SYNC_STATE_EVERY,
+    DEFAULT_TICK_DEFERRAL, MAX_HOT_PAGE_BUDGET,
 };
 use crate::replay::log::{LogHeader, LogReader, LogWriter, PAGE_SIZE};
 use crate::replay::log_file::LogFile;
@@ -92,6 +93,12 @@ pub struct RecordArgs {
     /// protection.
     #[arg(long, value_name = "PAGES", default_value_t = DEFAULT_HOT_PAGE_BUDGET, value_parser = parse_hot_pages)]
     pub hot_pages: usize,
+    /// Least time between two sync points that also carry the devices'
+    /// state, clock and landmark signature (a backup that fell behind can
+    /// catch up at those; a replay checks its state there). 0: every sync
+    /// point.
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_SYNC_STATE_EVERY.as_millis() as u64)]
+    pub sync_state_every_ms: u64,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -137,6 +144,12 @@ pub struct ReplayArgs {
     /// detectors fire (docs/operations.md).
     #[arg(long, hide = true, value_name = "KIND@LANDMARK")]
     pub test_perturb: Option<TestPerturbation>,
+    /// Load sync points that carry the machine's state instead of executing
+    /// up to them, while at least two are ahead (what a live backup that
+    /// fell behind does): fast, but nothing in the skipped stretches is
+    /// checked; digests after each jump still are.
+    #[arg(long)]
+    pub catch_up: bool,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -158,11 +171,20 @@ fn summary(report: &RunReport) -> String {
     let s = &report.stats;
     let secs = report.wall.as_secs_f64().max(1e-9);
     format!(
-        "{} landmarks, {} interrupts, {} sync points ({} pages), {} interrupt windows, {} ticks caught up ({} dropped), {} trapped time reads, {} random reads, {} digests ({} pages, {:.1} ms), {} log records, {} log bytes ({:.0} B/s), {:.3} s",
+        "{} landmarks, {} interrupts, {} sync points ({} pages; {} with state{}), {} interrupt windows, {} ticks caught up ({} dropped), {} trapped time reads, {} random reads, {} digests ({} pages, {:.1} ms), {} log records, {} log bytes ({:.0} B/s), {:.3} s",
         s.landmarks,
         s.interrupts_injected,
         s.sync_points,
         s.sync_point_pages,
+        s.sync_states,
+        if s.catch_ups > 0 {
+            format!(
+                "; caught up {} times, skipping {} landmarks and {} records",
+                s.catch_ups, s.landmarks_skipped, s.records_skipped
+            )
+        } else {
+            String::new()
+        },
         s.interrupt_windows,
         s.pit_ticks_caught_up,
         s.pit_ticks_dropped,
@@ -244,6 +266,7 @@ pub fn record(args: &RecordArgs) -> Result<ExitCode> {
         trace_landmarks: args.trace_landmarks,
         max_log_bytes: Some(max_log_bytes),
         hot_page_budget: args.hot_pages,
+        sync_state_every: Duration::from_millis(args.sync_state_every_ms),
     };
     let (report, mut engine) = session
         .run(
@@ -345,7 +368,11 @@ pub fn replay(args: &ReplayArgs) -> Result<ExitCode> {
                  here), and the replay must too: pinning to it failed"
             )
         })?;
-    let schedule = Schedule::from_log(reader);
+    let mut schedule = Schedule::from_log(reader);
+    if args.catch_up {
+        // A file replay emits nothing that must wait for a primary.
+        schedule.set_catch_up(Some(Box::new(|| u64::MAX)));
+    }
     let report = match session.run(
         false,
         Role::Replay(schedule),

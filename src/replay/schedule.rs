@@ -13,6 +13,7 @@
 //! primary died); then the schedule reports [`Step::Exhausted`] at a landmark
 //! boundary, and the backup may go live from there.
 
+use std::collections::VecDeque;
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use thiserror::Error;
 
-use super::log::{LogError, LogReader, Record};
+use super::log::{record_cost, LogError, LogReader, Record, ResumeState};
 
 /// What the engine must do next.
 #[derive(Debug, PartialEq, Eq)]
@@ -33,7 +34,38 @@ pub enum Step {
     /// A live stream ended here: every record the primary sent has been
     /// applied, and nothing is known about the next landmark.
     Exhausted,
+    /// The backup is behind: load everything up to a later sync point that
+    /// carries the machine's state instead of executing up to it.
+    CatchUp(CatchUp),
 }
+
+/// What a backup loads to catch up (see [`Schedule::set_catch_up`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct CatchUp {
+    /// Every sync point after the current landmark up to the target, in
+    /// order; the last is the target's.
+    pub sync_points: Vec<Record>,
+    /// The target's machine state (its `SyncState` record).
+    pub state: Box<ResumeState>,
+    /// Records of the landmarks skipped (inputs, digests, checks), not
+    /// applied: the target's state includes what they did.
+    pub skipped_records: u64,
+}
+
+/// The highest landmark a catching-up backup may jump to, asked when it
+/// would: a live backup may not skip outputs the primary has not let out
+/// yet (it must hold their copies for a go-live: src/ft/output.rs), so it
+/// answers the primary's released marker.
+pub type CatchUpLimit = Box<dyn Fn() -> u64 + Send>;
+
+/// A backup catches up only while at least this many sync points with
+/// state are in hand ahead of it: then it is more than one such interval
+/// behind, and loads the first (a backup keeping up executes everything).
+const CATCH_UP_STATES_AHEAD: usize = 2;
+/// A catching-up backup reads at most this much of the log ahead (record
+/// sizes as `record_cost` counts them), so a file cannot make it hold a
+/// whole log.
+const CATCH_UP_LOOKAHEAD_BYTES: u64 = 256 << 20;
 
 /// An answer, or "nothing decisive arrived yet" (live streams only): the
 /// engine then handles its control messages and asks again.
@@ -155,7 +187,17 @@ const FETCH_WAIT: Duration = Duration::from_millis(20);
 /// Pulls records in landmark order.
 pub struct Schedule {
     source: Box<dyn RecordSource>,
-    head: Option<Record>,
+    /// Records read and not yet taken, in order (only a catching-up
+    /// schedule holds more than one).
+    ahead: VecDeque<Record>,
+    /// `SyncState` records in `ahead`, and what `ahead` costs.
+    states_ahead: usize,
+    bytes_ahead: u64,
+    /// Load sync points with state instead of executing while behind, up
+    /// to this landmark.
+    catch_up: Option<CatchUpLimit>,
+    /// Never catch up to this landmark or past it (None: no such bound).
+    catch_up_held_at: Option<u64>,
     /// Every record of every landmark below this one has arrived.
     complete_below: u64,
     ended: bool,
@@ -170,7 +212,11 @@ impl Schedule {
     pub fn new(source: Box<dyn RecordSource>) -> Self {
         Schedule {
             source,
-            head: None,
+            ahead: VecDeque::new(),
+            states_ahead: 0,
+            bytes_ahead: 0,
+            catch_up: None,
+            catch_up_held_at: None,
             complete_below: 0,
             ended: false,
             saw_end: false,
@@ -183,6 +229,22 @@ impl Schedule {
     /// A schedule over a complete log.
     pub fn from_log<R: Read + Send + 'static>(reader: LogReader<R>) -> Self {
         Schedule::new(Box::new(FileSource::new(reader)))
+    }
+
+    /// Catch up while behind: when at least two sync points that carry the
+    /// machine's state (`SyncState`) are in hand ahead of the backup, step
+    /// to the first instead of running ([`Step::CatchUp`]). Nothing in the
+    /// skipped stretches is checked; digests and the target's state keep
+    /// checking what the backup holds after it. Only to targets at or
+    /// below `limit()`; None: never.
+    pub fn set_catch_up(&mut self, limit: Option<CatchUpLimit>) {
+        self.catch_up = limit;
+    }
+
+    /// Never catch up to `landmark` or past it, so the replica executes it
+    /// (a test perturbation is applied there); None lifts the bound.
+    pub fn hold_catch_up_at(&mut self, landmark: Option<u64>) {
+        self.catch_up_held_at = landmark;
     }
 
     pub fn records_read(&self) -> u64 {
@@ -200,46 +262,68 @@ impl Schedule {
     /// its last landmark then reports the cut ([`ScheduleError::NoEnd`]),
     /// not a divergence: the records it misses are past the cut.
     pub fn cut_short(&self) -> bool {
-        self.ended && self.head.is_none() && !self.saw_end && self.source.complete_at_end()
+        self.ended && self.ahead.is_empty() && !self.saw_end && self.source.complete_at_end()
     }
 
     /// Pull items until the head record is known or every record up to
     /// `landmark` is known to be here. False when the source had nothing yet.
     fn fill(&mut self, landmark: u64) -> Result<bool, ScheduleError> {
-        while self.head.is_none() && self.complete_below <= landmark && !self.ended {
-            match self.source.fetch(FETCH_WAIT)? {
-                Fetched::Record(r) => {
-                    if r.landmark() < self.last_landmark {
-                        return Err(ScheduleError::OutOfOrder(format!(
-                            "a {} record for landmark {} after landmark {}",
-                            r.kind_name(),
-                            r.landmark(),
-                            self.last_landmark
-                        )));
-                    }
-                    self.last_landmark = r.landmark();
-                    // A record for landmark L proves every earlier landmark
-                    // complete (records come in landmark order).
-                    self.complete_below = self.complete_below.max(r.landmark());
-                    self.records_read += 1;
-                    self.saw_end |= matches!(r, Record::End { .. });
-                    self.head = Some(r);
-                }
-                Fetched::Watermark(w) => {
-                    if w < self.last_watermark {
-                        return Err(ScheduleError::OutOfOrder(format!(
-                            "watermark {w} after watermark {}",
-                            self.last_watermark
-                        )));
-                    }
-                    self.last_watermark = w;
-                    self.complete_below = self.complete_below.max(w.saturating_add(1));
-                }
-                Fetched::Ended => self.ended = true,
-                Fetched::Pending => return Ok(false),
+        while self.ahead.is_empty() && self.complete_below <= landmark && !self.ended {
+            if !self.pull(FETCH_WAIT)? && !self.ended {
+                return Ok(false);
             }
         }
         Ok(true)
+    }
+
+    /// Take one item from the source, waiting at most `wait`. False when
+    /// nothing came.
+    fn pull(&mut self, wait: Duration) -> Result<bool, ScheduleError> {
+        match self.source.fetch(wait)? {
+            Fetched::Record(r) => {
+                if r.landmark() < self.last_landmark {
+                    return Err(ScheduleError::OutOfOrder(format!(
+                        "a {} record for landmark {} after landmark {}",
+                        r.kind_name(),
+                        r.landmark(),
+                        self.last_landmark
+                    )));
+                }
+                self.last_landmark = r.landmark();
+                // A record for landmark L proves every earlier landmark
+                // complete (records come in landmark order).
+                self.complete_below = self.complete_below.max(r.landmark());
+                self.records_read += 1;
+                self.saw_end |= matches!(r, Record::End { .. });
+                self.states_ahead += usize::from(matches!(r, Record::SyncState { .. }));
+                self.bytes_ahead += record_cost(&r);
+                self.ahead.push_back(r);
+            }
+            Fetched::Watermark(w) => {
+                if w < self.last_watermark {
+                    return Err(ScheduleError::OutOfOrder(format!(
+                        "watermark {w} after watermark {}",
+                        self.last_watermark
+                    )));
+                }
+                self.last_watermark = w;
+                self.complete_below = self.complete_below.max(w.saturating_add(1));
+            }
+            Fetched::Ended => {
+                self.ended = true;
+                return Ok(false);
+            }
+            Fetched::Pending => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The first record in hand, taken.
+    fn pop(&mut self) -> Option<Record> {
+        let r = self.ahead.pop_front()?;
+        self.states_ahead -= usize::from(matches!(r, Record::SyncState { .. }));
+        self.bytes_ahead -= record_cost(&r);
+        Some(r)
     }
 
     /// The next record if it belongs to `landmark`; None once every record
@@ -249,7 +333,7 @@ impl Schedule {
         if !self.fill(landmark)? {
             return Ok(Wait::Pending);
         }
-        let Some(next) = &self.head else {
+        let Some(next) = self.ahead.front() else {
             return Ok(Wait::Ready(None));
         };
         let at = next.landmark();
@@ -261,7 +345,7 @@ impl Schedule {
             });
         }
         if at == landmark {
-            return Ok(Wait::Ready(self.head.take()));
+            return Ok(Wait::Ready(self.pop()));
         }
         Ok(Wait::Ready(None))
     }
@@ -273,7 +357,12 @@ impl Schedule {
         if !self.fill(landmark + 1)? {
             return Ok(Wait::Pending);
         }
-        let Some(next) = &self.head else {
+        if self.catch_up.is_some() {
+            if let Some(catch_up) = self.catch_up_from(landmark)? {
+                return Ok(Wait::Ready(Step::CatchUp(catch_up)));
+            }
+        }
+        let Some(next) = self.ahead.front() else {
             if self.complete_below > landmark + 1 {
                 return Ok(Wait::Ready(Step::Run));
             }
@@ -293,16 +382,80 @@ impl Schedule {
         }
         if at == landmark + 1 && matches!(next, Record::SyncPoint { .. }) {
             return Ok(Wait::Ready(Step::Sync(
-                self.head.take().expect("head checked above"),
+                self.pop().expect("head checked above"),
             )));
         }
         Ok(Wait::Ready(Step::Run))
+    }
+
+    /// At `landmark` (every record of it taken): read ahead what is already
+    /// there, without waiting, and if enough sync points with state are in
+    /// hand, take everything up to the first of them.
+    fn catch_up_from(&mut self, landmark: u64) -> Result<Option<CatchUp>, ScheduleError> {
+        while self.states_ahead < CATCH_UP_STATES_AHEAD
+            && self.bytes_ahead < CATCH_UP_LOOKAHEAD_BYTES
+            && !self.ended
+        {
+            if !self.pull(Duration::ZERO)? {
+                break;
+            }
+        }
+        if self.states_ahead < CATCH_UP_STATES_AHEAD {
+            return Ok(None);
+        }
+        // The first sync state ahead, if it covers the pages written since
+        // a landmark this replica has reached.
+        let Some((target, since)) = self.ahead.iter().find_map(|r| match r {
+            Record::SyncState { landmark, state } => Some((*landmark, state.since)),
+            _ => None,
+        }) else {
+            return Ok(None);
+        };
+        if since > landmark
+            || self.catch_up_held_at.is_some_and(|held| target >= held)
+            || self.catch_up.as_ref().is_none_or(|limit| target > limit())
+        {
+            return Ok(None);
+        }
+        if let Some(next) = self.ahead.front() {
+            if next.landmark() <= landmark {
+                return Err(ScheduleError::Passed {
+                    at: landmark,
+                    expected: next.landmark(),
+                    kind: next.kind_name(),
+                });
+            }
+        }
+        let mut sync_points = Vec::new();
+        let mut skipped_records = 0;
+        while let Some(record) = self.pop() {
+            match record {
+                Record::SyncPoint { .. } => sync_points.push(record),
+                Record::SyncState {
+                    landmark: at,
+                    state,
+                } => {
+                    if sync_points.last().map(Record::landmark) != Some(at) {
+                        return Err(ScheduleError::OutOfOrder(format!(
+                            "the sync-state record of landmark {at} does not follow that landmark's sync point"
+                        )));
+                    }
+                    return Ok(Some(CatchUp {
+                        sync_points,
+                        state,
+                        skipped_records,
+                    }));
+                }
+                _ => skipped_records += 1,
+            }
+        }
+        unreachable!("a sync-state record was counted in hand")
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::log::{CpuStateBytes, EndReason, LogHeader, LogWriter};
+    use super::super::log::{CpuStateBytes, EndReason, LogHeader, LogWriter, ResumeState};
     use super::*;
 
     fn log_of(records: &[Record]) -> Vec<u8> {
@@ -457,6 +610,101 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "replay diverged: at landmark 4 the log still holds a interrupt record for landmark 3"
+        );
+    }
+
+    fn state(landmark: u64) -> Record {
+        state_since(landmark, 0)
+    }
+
+    fn state_since(landmark: u64, since: u64) -> Record {
+        Record::SyncState {
+            landmark,
+            state: Box::new(ResumeState {
+                clock: landmark * 10,
+                signature: [0; 32],
+                signature_last: [0; 16],
+                device_unflushed: false,
+                devices: b"{}".to_vec(),
+                since,
+                pages: vec![(0x5000, vec![landmark as u8; 4096])],
+            }),
+        }
+    }
+
+    fn catching_up(records: &[Record], limit: u64) -> Schedule {
+        let mut s = file(log_of(records));
+        s.set_catch_up(Some(Box::new(move || limit)));
+        s
+    }
+
+    #[test]
+    fn a_backup_two_states_behind_loads_the_first_and_skips_what_lies_before() {
+        let poll = |landmark| Record::Poll { landmark, now: 1 };
+        let log = [
+            poll(2),
+            sync(3),
+            poll(4),
+            sync(5),
+            state(5),
+            poll(5),
+            sync(8),
+            state(8),
+            end(9),
+        ];
+        let mut s = catching_up(&log, u64::MAX);
+        let Step::CatchUp(jump) = ready(s.step_after(1)) else {
+            panic!("no catch-up")
+        };
+        assert_eq!(jump.sync_points, vec![sync(3), sync(5)]);
+        assert_eq!(jump.state.clock, 50);
+        assert_eq!(jump.skipped_records, 2);
+        // The target's own records after its state stay for it.
+        assert_eq!(ready(s.take_at(5)), Some(poll(5)));
+        assert_eq!(ready(s.take_at(5)), None);
+        // One state ahead: the backup executes (here to the sync point).
+        assert_eq!(ready(s.step_after(5)), Step::Run);
+        assert_eq!(ready(s.step_after(7)), Step::Sync(sync(8)));
+        assert_eq!(ready(s.take_at(8)), Some(state(8)));
+        // Without catch-up, the same log runs everything.
+        let mut s = file(log_of(&log));
+        assert_eq!(ready(s.step_after(1)), Step::Run);
+    }
+
+    #[test]
+    fn catch_up_stops_at_its_limit() {
+        let log = [sync(5), state(5), sync(8), state(8), end(9)];
+        // The primary released outputs only through landmark 4.
+        let mut s = catching_up(&log, 4);
+        assert_eq!(ready(s.step_after(1)), Step::Run);
+        assert_eq!(ready(s.step_after(4)), Step::Sync(sync(5)));
+        let mut s = catching_up(&log, 5);
+        assert!(
+            matches!(ready(s.step_after(1)), Step::CatchUp(j) if j.sync_points == vec![sync(5)])
+        );
+        // Held at landmark 5 (a test perturbation there): executed, not loaded.
+        let mut s = catching_up(&log, u64::MAX);
+        s.hold_catch_up_at(Some(5));
+        assert_eq!(ready(s.step_after(1)), Step::Run);
+        s.hold_catch_up_at(None);
+        assert!(matches!(ready(s.step_after(1)), Step::CatchUp(_)));
+        // A sync state that covers pages only from landmark 3 on: a backup
+        // before it executes up to there first.
+        let log = [sync(5), state_since(5, 3), sync(8), state(8), end(9)];
+        let mut s = catching_up(&log, u64::MAX);
+        assert_eq!(ready(s.step_after(1)), Step::Run);
+        assert!(matches!(ready(s.step_after(3)), Step::CatchUp(j) if j.state.since == 3));
+    }
+
+    #[test]
+    fn a_sync_state_without_its_sync_point_is_refused() {
+        let mut s = catching_up(&[sync(3), state(5), sync(8), state(8), end(9)], u64::MAX);
+        let err = s.step_after(1).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "sync-state record of landmark 5 does not follow that landmark's sync point"
+            ),
+            "{err}"
         );
     }
 

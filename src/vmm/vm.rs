@@ -544,6 +544,34 @@ impl Vm {
         }
     }
 
+    /// Whether a device wrote guest memory since the last flush both
+    /// replicas made (see [`GuestWrite::Device`]).
+    pub fn device_unflushed(&self) -> bool {
+        self.device_unflushed.get()
+    }
+
+    /// Backup, before it loads a sync point: the primary ran the stretch
+    /// that led to it, and before running made the flush this side still
+    /// has pending; count that flush as the primary did (this side's
+    /// shadow is still dropped before it runs), so both go on from the
+    /// same state of this rule (see [`GuestWrite::Device`]).
+    pub fn settle_flush_before_sync_point(&self) {
+        if self.shadow_stale.get() == Some(Symmetry::Both) {
+            self.shadow_asymmetric.set(false);
+            self.device_unflushed.set(false);
+            self.shadow_stale.set(Some(Symmetry::ThisSideOnly));
+        }
+    }
+
+    /// Backup catching up, before it loads a sync point it did not execute
+    /// to: take the primary's [`Vm::device_unflushed`] there, and drop its
+    /// own shadow page tables whatever changed (they were built at another
+    /// point).
+    pub fn load_flush_state_at_sync_point(&self, device_unflushed: bool) {
+        self.device_unflushed.set(device_unflushed);
+        self.shadow_stale.set(Some(Symmetry::ThisSideOnly));
+    }
+
     /// A clone's cut (primary) or resume (new backup): both sides drop
     /// every shadow page table before running on, so the new backup's
     /// empty shadow and the primary's agree from the first instruction

@@ -28,7 +28,7 @@ use crate::replay::engine::{
 };
 use crate::replay::log::LogHeader;
 use crate::replay::machine;
-use crate::replay::schedule::{LiveSource, Schedule};
+use crate::replay::schedule::{LiveItem, LiveSource, Schedule};
 use crate::vmm::Kicker;
 
 /// Replay queue bytes beyond which acknowledgements wait for the engine
@@ -146,6 +146,7 @@ pub fn run_backup_from(
     })));
     let guest_ip = Arc::new(Mutex::new(None));
     let landmark = Arc::new(AtomicU64::new(0));
+    let catch_ups = Arc::new(AtomicU64::new(0));
     let (arbiter_tx, verdict_rx) =
         spawn_arbiter_client(cfg.arbiter.clone()).context("starting the arbiter client")?;
     let link_cfg = cfg.clone();
@@ -169,12 +170,13 @@ pub fn run_backup_from(
     let start_landmark = cloned.as_ref().map_or(0, |c| c.2.landmark);
     let link_thread = {
         let survivor = survivor.clone();
-        let (board, stopping, shadow, queued, landmark, control_tx, kicker) = (
+        let (board, stopping, shadow, queued, landmark, catch_ups, control_tx, kicker) = (
             board.clone(),
             stopping.clone(),
             shadow.clone(),
             queued.clone(),
             landmark.clone(),
+            catch_ups.clone(),
             control_tx.clone(),
             kicker.clone(),
         );
@@ -204,6 +206,7 @@ pub fn run_backup_from(
                     stopping,
                     board,
                     landmark,
+                    catch_ups,
                     ours,
                     done: None,
                     last_replayed: 0,
@@ -271,7 +274,7 @@ pub fn run_backup_from(
             }),
             kicker: kicker.clone(),
         },
-        Role::Replay(Schedule::new(Box::new(LiveSource::new(live_rx, queued)))),
+        Role::Replay(live_schedule(live_rx, queued, shadow.clone())),
         RecordSettings {
             sync_bound: cfg.sync_bound,
             tick_deferral: cfg.tick_deferral,
@@ -287,6 +290,7 @@ pub fn run_backup_from(
             .context("resuming from the clone's snapshot")?;
     }
     engine.set_test_perturbation(guest.test_perturbation);
+    engine.publish_catch_ups(catch_ups.clone());
     let counter = engine.landmark_counter();
     let mut console = Some(guest.console);
     let mut live = false;
@@ -411,8 +415,30 @@ pub fn run_backup_from(
     if code == EXIT_ERROR {
         bail!("{message}");
     }
+    let caught_up = catch_ups.load(Ordering::Relaxed);
+    if caught_up > 0 {
+        eprintln!(
+            "twinvm backup: it fell behind and caught up {caught_up} times (docs/architecture.md, \"Catch-up\")"
+        );
+    }
     eprintln!("twinvm backup: {message}");
     Ok(code)
+}
+
+/// The backup's schedule over the primary's stream. It catches up when it
+/// falls behind (docs/architecture.md, "Catch-up"), but never past
+/// outputs the primary may not have let out: their copies must be in the
+/// shadow if this side goes live.
+fn live_schedule(
+    live_rx: crossbeam_channel::Receiver<LiveItem>,
+    queued: Arc<AtomicU64>,
+    shadow: Arc<Mutex<ShadowOutputs<Output>>>,
+) -> Schedule {
+    let mut schedule = Schedule::new(Box::new(LiveSource::new(live_rx, queued)));
+    schedule.set_catch_up(Some(Box::new(move || {
+        shadow.lock().unwrap_or_else(|p| p.into_inner()).released()
+    })));
+    schedule
 }
 
 /// The TAP as the live engine's frame sender.

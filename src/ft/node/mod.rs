@@ -89,6 +89,9 @@ pub struct PairConfig {
     /// The primary's hot-page budget (`RecordSettings::hot_page_budget`;
     /// a backup re-protects every page whatever it says).
     pub hot_pages: usize,
+    /// The primary's least time between sync points with state
+    /// (`RecordSettings::sync_state_every`).
+    pub sync_state_every: Duration,
 }
 
 /// The guest both replicas run.

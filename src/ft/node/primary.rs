@@ -180,6 +180,7 @@ pub fn run_primary(cfg: PairConfig, guest: GuestSetup, backup_addr: &str) -> Res
             tick_deferral: cfg.tick_deferral,
             sync_budget_percent: cfg.sync_budget_percent,
             hot_page_budget: cfg.hot_pages,
+            sync_state_every: cfg.sync_state_every,
             ..RecordSettings::default()
         },
         Some(host_cpu),

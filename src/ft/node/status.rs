@@ -73,6 +73,10 @@ pub struct PairStatus {
     /// How far the backup's replay is behind the primary.
     pub lag_landmarks: u64,
     pub lag_ms: f64,
+    /// Backup: times it fell behind and loaded a sync point with state
+    /// instead of executing up to it (docs/architecture.md, "Catch-up").
+    #[serde(default)]
+    pub catch_ups: u64,
     /// Log bandwidth over the last second.
     pub log_mbit_s: f64,
     /// Log bytes sent (primary) or received (backup) in all.

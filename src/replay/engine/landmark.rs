@@ -475,6 +475,9 @@ impl Engine {
                     }
                 }
                 Record::Digest { digest, .. } => self.verify_digest(&digest)?,
+                Record::SyncState { state, .. } if self.sync_state.is_some() => {
+                    self.check_sync_state(&state)?
+                }
                 Record::End { reason, .. } => {
                     self.check_end(reason)?;
                     return Ok(AtLandmark::End(Stop::Ended {
@@ -714,7 +717,8 @@ impl Engine {
     /// point until let go.
     fn harvest_dirty_pages(&mut self) -> Result<(), RunError> {
         self.last_harvest = std::time::Instant::now();
-        self.vm.collect_dirty_pages(&mut [&mut self.since_digest])?;
+        self.vm
+            .collect_dirty_pages(&mut [&mut self.since_digest, &mut self.since_state])?;
         self.since_sync = digest::DirtyPages::default();
         Ok(())
     }

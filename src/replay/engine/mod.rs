@@ -35,6 +35,7 @@
 //! messages, inputs), outcome.rs (how a run ends, its counts and errors),
 //! settings.rs (a recording's settings) and role.rs (roles, log sinks).
 
+mod catch_up;
 mod clone;
 mod connections;
 mod interrupt_window;
@@ -72,7 +73,8 @@ use self::progress::Progress;
 pub use self::role::{LogSink, Recorder, Role};
 pub use self::settings::{
     window_exit_warning, RecordSettings, DEFAULT_HOT_PAGE_BUDGET, DEFAULT_SYNC_BOUND_US,
-    DEFAULT_SYNC_BUDGET_PERCENT, DEFAULT_TICK_DEFERRAL, MAX_HOT_PAGE_BUDGET,
+    DEFAULT_SYNC_BUDGET_PERCENT, DEFAULT_SYNC_STATE_EVERY, DEFAULT_TICK_DEFERRAL,
+    MAX_HOT_PAGE_BUDGET,
 };
 pub use self::stop_signal::StopOnSignal;
 pub use self::stretches::{StretchBucket, StretchLengths};
@@ -164,6 +166,13 @@ pub struct Engine {
     clone_tracking: bool,
     /// A clone's snapshot to take at the next landmark.
     pending_clone: Option<Box<CloneRequest>>,
+    /// When the primary last logged a sync point's state, at which
+    /// landmark, and the pages written since (catch_up.rs).
+    last_sync_state: Option<Instant>,
+    state_base: u64,
+    since_state: DirtyPages,
+    /// The catch-ups so far, for other threads (status).
+    published_catch_ups: Arc<AtomicU64>,
 }
 
 impl Engine {
@@ -226,6 +235,10 @@ impl Engine {
             published_landmark: Arc::default(),
             clone_tracking: false,
             pending_clone: None,
+            last_sync_state: None,
+            state_base: 0,
+            since_state: DirtyPages::default(),
+            published_catch_ups: Arc::default(),
         };
         engine.set_role(role)?;
         Ok(engine)
@@ -248,6 +261,11 @@ impl Engine {
         } else {
             0
         });
+        // A recording's first sync point with state covers the pages
+        // written from here.
+        self.since_state = DirtyPages::default();
+        self.state_base = self.landmark;
+        self.last_sync_state = None;
         // After dirty logging is on: whatever changes from here is noted.
         if tracking && self.memory.is_none() {
             self.memory = Some(sync::memory_hash_of(&self.vm));
@@ -268,6 +286,12 @@ impl Engine {
 
     /// The current landmark as other threads see it (updated before every
     /// entry into the guest).
+    /// Count this engine's catch-ups (catch_up.rs) in `counter` too.
+    pub fn publish_catch_ups(&mut self, counter: Arc<AtomicU64>) {
+        counter.store(self.stats.catch_ups, Ordering::Relaxed);
+        self.published_catch_ups = counter;
+    }
+
     pub fn landmark_counter(&self) -> Arc<AtomicU64> {
         self.published_landmark.clone()
     }
@@ -525,6 +549,10 @@ impl Engine {
                         Err(stop) => return Ok(stop),
                         Ok(Step::Sync(record)) => {
                             self.apply_sync_point(record)?;
+                            continue;
+                        }
+                        Ok(Step::CatchUp(jump)) => {
+                            self.catch_up(jump)?;
                             continue;
                         }
                         Ok(Step::Exhausted) => {

@@ -61,6 +61,15 @@ pub struct ExitStats {
     pub sync_point_pages: u64,
     /// Log bytes taken by sync points (recording only).
     pub sync_point_bytes: u64,
+    /// Sync points with the machine's state (`SyncState` records) logged
+    /// (primary) or checked (backup).
+    pub sync_states: u64,
+    /// Times a backup behind loaded a sync point with state instead of
+    /// executing up to it, the landmarks it so skipped and the records of
+    /// theirs it did not apply (catch_up.rs).
+    pub catch_ups: u64,
+    pub landmarks_skipped: u64,
+    pub records_skipped: u64,
     /// Time the primary spent making sync points (state, dirty log, pages,
     /// log write).
     pub sync_point_time: Duration,

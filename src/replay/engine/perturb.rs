@@ -9,7 +9,7 @@ use std::str::FromStr;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{kvm_err, Engine, RunError};
+use super::{kvm_err, Engine, Role, RunError};
 use crate::vmm::vm::{read_msr, GuestWrite, VmError};
 
 /// The CMOS RAM byte `device:rtc` flips: general-purpose RAM no test guest
@@ -107,6 +107,10 @@ impl Engine {
     /// Make this replica wrong at landmark `p.landmark` (a replay only).
     pub fn set_test_perturbation(&mut self, p: Option<TestPerturbation>) {
         self.test_perturbation = p;
+        // A replica that catches up must still execute that landmark.
+        if let Role::Replay(schedule) = &mut self.role {
+            schedule.hold_catch_up_at(p.map(|p| p.landmark));
+        }
     }
 
     /// A perturbation asked for and not applied yet (its landmark was never
@@ -125,6 +129,9 @@ impl Engine {
             return Ok(());
         };
         self.test_perturbation = None;
+        if let Role::Replay(schedule) = &mut self.role {
+            schedule.hold_catch_up_at(None);
+        }
         match p.kind {
             PerturbKind::WritePage { gpa } => {
                 let old: u8 = self.vm.mem.read_obj(GuestAddress(gpa)).unwrap_or(0);

@@ -51,6 +51,11 @@ pub const DEFAULT_HOT_PAGE_BUDGET: usize = 8192;
 /// of guest memory): every kept page is carried by every sync point.
 pub const MAX_HOT_PAGE_BUDGET: usize = 65_536;
 
+/// The default [`RecordSettings::sync_state_every`]: a lagging backup can
+/// jump at most this far at a time, and a Linux guest's devices' state
+/// (~1-2 KiB packed) costs the log ~0.3 Mbit/s at this rate.
+pub const DEFAULT_SYNC_STATE_EVERY: Duration = Duration::from_millis(50);
+
 /// Settings of a recording.
 #[derive(Debug, Clone, Copy)]
 pub struct RecordSettings {
@@ -85,6 +90,11 @@ pub struct RecordSettings {
     /// page at every harvest. Needs KVM's manual dirty-log protection
     /// (`src/vmm/hot_pages.rs`); other roles re-protect everything.
     pub hot_page_budget: usize,
+    /// Least host time between two sync points that carry the rest of the
+    /// machine's state (a `SyncState` record: devices, clock, signature),
+    /// where a backup that fell behind can catch up (catch_up.rs). Zero:
+    /// every sync point.
+    pub sync_state_every: Duration,
 }
 
 impl Default for RecordSettings {
@@ -97,6 +107,7 @@ impl Default for RecordSettings {
             trace_landmarks: false,
             max_log_bytes: None,
             hot_page_budget: DEFAULT_HOT_PAGE_BUDGET,
+            sync_state_every: DEFAULT_SYNC_STATE_EVERY,
         }
     }
 }

@@ -36,6 +36,7 @@ impl Engine {
         self.injected_here = false;
         self.at_window_exit = false;
         self.signature.fold(self.landmark, LandmarkKind::SyncPoint);
+        let device_unflushed = self.vm.device_unflushed();
         self.vm.note_sync_point();
         tracing::trace!(landmark = self.landmark, "sync point made");
         let Role::Record(rec) = &mut self.role else {
@@ -43,8 +44,11 @@ impl Engine {
         };
         let started = Instant::now();
         let cpu = self.vm.cpu_state()?;
-        self.vm
-            .collect_dirty_pages(&mut [&mut self.since_sync, &mut self.since_digest])?;
+        self.vm.collect_dirty_pages(&mut [
+            &mut self.since_sync,
+            &mut self.since_digest,
+            &mut self.since_state,
+        ])?;
         // Each page is read into one reused buffer and compared with the
         // log's page cache right away; only changed pages keep their copy
         // (no allocation, zeroing and freeing of a page each, and an
@@ -88,6 +92,7 @@ impl Engine {
             })
             .collect();
         let page_count = pages.len() as u64;
+        let carried: Vec<u64> = read.iter().map(|&(gpa, _)| gpa).collect();
         let before = rec.log.written().0;
         let vmm_state = self.syscall_fix.save();
         tracing::trace!(landmark = self.landmark, kind = "sync-point", "log");
@@ -122,6 +127,7 @@ impl Engine {
         }
         // Judge "can take an interrupt" from this state, as the backup will.
         self.sync_state = Some(cpu);
+        self.log_sync_state(device_unflushed, &carried)?;
         Ok(true)
     }
 
@@ -139,6 +145,7 @@ impl Engine {
         // Finish the landmark's exit first, or its completion would land on
         // top of the loaded state.
         self.vm.complete_pending_exit()?;
+        self.vm.settle_flush_before_sync_point();
         for (gpa, data) in &pages {
             self.vm
                 .write_guest(*gpa, data, GuestWrite::SyncPoint)
@@ -167,8 +174,16 @@ impl Engine {
     /// Bring the whole-memory hash up to date with every page written since
     /// the last digest; returns those pages' addresses and hashes.
     fn hash_written_pages(&mut self) -> Result<Vec<PageHash>, RunError> {
-        self.vm
-            .collect_dirty_pages(&mut [&mut self.since_sync, &mut self.since_digest])?;
+        if self.role.recording() {
+            self.vm.collect_dirty_pages(&mut [
+                &mut self.since_sync,
+                &mut self.since_digest,
+                &mut self.since_state,
+            ])?;
+        } else {
+            self.vm
+                .collect_dirty_pages(&mut [&mut self.since_sync, &mut self.since_digest])?;
+        }
         let mut page = vec![0u8; PAGE_SIZE];
         let mut hashes = Vec::new();
         for gpa in self.since_digest.take() {

@@ -233,6 +233,8 @@ enum PageReader {
 /// How a reader decodes sync points: their pages as its format sends them
 /// and, from format 5, the vCPU state against the previous one.
 pub(super) struct SyncPointReader {
+    /// The log's format version (records it does not have are refused).
+    version: u16,
     pages: PageReader,
     /// None before format 5 (every part of the state whole).
     state: Option<StateDecoder>,
@@ -241,6 +243,7 @@ pub(super) struct SyncPointReader {
 impl SyncPointReader {
     pub(super) fn new(version: u16, max_pages: usize) -> Self {
         SyncPointReader {
+            version,
             pages: if version == 3 {
                 PageReader::Version3
             } else {
@@ -376,6 +379,37 @@ pub(super) fn encode_sync_pages<'r, D: PageContents>(
     })
 }
 
+/// The rest of the machine's state at a sync point, and the pages written
+/// since the previous one with state that the sync point does not carry.
+fn encode_sync_state<'r>(
+    landmark: u64,
+    state: &'r ResumeState,
+    cache: &PageCache,
+    buffers: &mut EncodeBuffers,
+    stats: &mut PageStats,
+) -> Result<EncodedRecord<'r>, String> {
+    if state.devices.len() > MAX_DEVICES_STATE {
+        return Err(format!(
+            "a devices' state of {} bytes is larger than {MAX_DEVICES_STATE}",
+            state.devices.len()
+        ));
+    }
+    let mut e = Enc::frame(buffers.frame());
+    e.u64(landmark);
+    e.u64(state.since);
+    e.u64(state.clock);
+    e.raw(&state.signature);
+    e.raw(&state.signature_last);
+    e.u8(u8::from(state.device_unflushed));
+    e.packed(&state.devices);
+    let updates = encode_pages(&mut e, &mut buffers.block, cache, &state.pages, stats);
+    Ok(EncodedRecord {
+        frame: e.finish_frame(KIND_SYNC_STATE)?,
+        pages: updates,
+        state: None,
+    })
+}
+
 pub(super) fn encode_record<'r>(
     r: &'r Record,
     cache: &PageCache,
@@ -396,6 +430,9 @@ pub(super) fn encode_record<'r>(
         }
         Record::SyncPages { landmark, pages } => {
             return encode_sync_pages(*landmark, pages, cache, buffers, stats)
+        }
+        Record::SyncState { landmark, state } => {
+            return encode_sync_state(*landmark, state, cache, buffers, stats)
         }
         _ => {}
     }
@@ -449,6 +486,7 @@ pub(super) fn encode_record<'r>(
         Record::SyncPoint { .. } | Record::SyncPages { .. } => {
             unreachable!("encoded above")
         }
+        Record::SyncState { .. } => unreachable!("encoded above"),
         Record::Digest { digest, .. } => {
             for part in &digest.cpu {
                 e.raw(part);
@@ -540,6 +578,38 @@ pub(super) fn decode_record(
             landmark,
             pages: sync.pages(d)?,
         },
+        KIND_SYNC_STATE if sync.version >= 7 => {
+            let since = d.u64()?;
+            if since >= landmark {
+                return Err(format!(
+                    "its previous sync point with state, {since}, is not before it"
+                ));
+            }
+            let clock = d.u64()?;
+            let signature = d.array()?;
+            let signature_last = d.array()?;
+            let device_unflushed = match d.u8()? {
+                0 => false,
+                1 => true,
+                other => return Err(format!("device-write flag {other} is neither 0 nor 1")),
+            };
+            let devices = d
+                .packed(MAX_DEVICES_STATE)
+                .map_err(|e| format!("devices' state: {e}"))?;
+            let pages = sync.pages(d)?;
+            Record::SyncState {
+                landmark,
+                state: Box::new(ResumeState {
+                    clock,
+                    signature,
+                    signature_last,
+                    device_unflushed,
+                    devices,
+                    since,
+                    pages,
+                }),
+            }
+        }
         KIND_DIGEST => {
             let mut cpu = CpuHashes::default();
             for part in &mut cpu {

@@ -35,8 +35,10 @@ pub const LOG_MAGIC: [u8; 8] = *b"TWINVMLG";
 /// 5 also the vCPU state, against the previous sync point's. Version 6
 /// has the same records and a header byte, `tick_delivery`: whether its
 /// landmarks include interrupt-window exits and its platform catches up
-/// missed PIT ticks (docs/log-format.md).
-pub const LOG_VERSION: u16 = 6;
+/// missed PIT ticks (docs/log-format.md). Version 7 adds the `SyncState`
+/// record: what a backup needs to go on from a sync point it did not
+/// execute up to (catch-up).
+pub const LOG_VERSION: u16 = 7;
 /// Oldest format version this build still reads (version 3: every
 /// sync-point page whole; 3 and 4: every vCPU state whole).
 pub const OLDEST_LOG_VERSION: u16 = 3;
@@ -56,6 +58,9 @@ pub const MAX_PAGES_PER_RECORD: usize = 16_384;
 /// Largest Ethernet frame a `NetRx` record carries (a 64 KiB frame plus the
 /// virtio-net header is more than any NIC here receives).
 pub const MAX_NET_FRAME: usize = 65_550;
+/// Largest devices' state a `SyncState` record carries (a Linux guest's
+/// is a few KiB).
+pub const MAX_DEVICES_STATE: usize = 1 << 20;
 /// LZ4 cannot expand more than this: a packed field claiming more is corrupt
 /// and is refused before its buffer is allocated.
 const LZ4_MAX_RATIO: usize = 255;
@@ -77,6 +82,7 @@ const KIND_NET_RX: u8 = 0x17;
 const KIND_NET_TX: u8 = 0x18;
 const KIND_SYNC_POINT: u8 = 0x20;
 const KIND_SYNC_PAGES: u8 = 0x22;
+const KIND_SYNC_STATE: u8 = 0x23;
 const KIND_DIGEST: u8 = 0x21;
 const KIND_END: u8 = 0x30;
 
@@ -185,6 +191,7 @@ pub fn record_cost(record: &Record) -> u64 {
         Record::NetRx { frame, .. } => frame.len(),
         Record::SerialInput { bytes, .. } => bytes.len(),
         Record::Digest { digest, .. } => digest.pages.len() * 40 + 256,
+        Record::SyncState { state, .. } => state.devices.len() + state.pages.len() * PAGE_SIZE,
         _ => 0,
     };
     bytes as u64 + 64
@@ -204,6 +211,32 @@ pub struct CpuStateBytes {
     /// `kvm_xsave` (4096 bytes): the extended state (YMM/ZMM upper parts,
     /// opmasks) guest user mode can use on hosts that leak AVX to it.
     pub xsave: Vec<u8>,
+}
+
+/// What a backup needs, besides a sync point's pages and vCPU, to go on
+/// from that sync point without having executed up to it (catch-up,
+/// docs/architecture.md). A backup that did execute up to it checks that
+/// its own state is this one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeState {
+    /// The primary's guest time (its last clock reading, logged or not: a
+    /// backup's is never later).
+    pub clock: u64,
+    /// The landmark signature's running hash and the last landmark's.
+    pub signature: [u8; 32],
+    pub signature_last: [u8; 16],
+    /// A device wrote guest memory since the last shadow flush both
+    /// replicas made (`GuestWrite::Device` in vm.rs), as it was before the
+    /// sync point.
+    pub device_unflushed: bool,
+    /// The devices' saved state (`PlatformState` as JSON; opaque here).
+    pub devices: Vec<u8>,
+    /// The sync point with state before this one (0: the start). Every
+    /// page written since then that the sync point does not carry is in
+    /// `pages`, so a backup anywhere from there on can load this one.
+    pub since: u64,
+    /// Those pages, with their contents at the sync point.
+    pub pages: Pages,
 }
 
 /// One BLAKE3 hash per part of the vCPU state (`digest::CPU_PARTS`).
@@ -287,6 +320,12 @@ pub enum Record {
         landmark: u64,
         pages: Vec<(u64, Vec<u8>)>,
     },
+    /// The rest of the machine's state at the sync point of this landmark
+    /// (written after it; format 7). Not every sync point has one.
+    SyncState {
+        landmark: u64,
+        state: Box<ResumeState>,
+    },
     /// State digest at this landmark.
     Digest {
         landmark: u64,
@@ -310,6 +349,7 @@ impl Record {
             | Record::NetTx { landmark, .. }
             | Record::SyncPoint { landmark, .. }
             | Record::SyncPages { landmark, .. }
+            | Record::SyncState { landmark, .. }
             | Record::Digest { landmark, .. }
             | Record::End { landmark, .. } => *landmark,
         }
@@ -329,6 +369,7 @@ impl Record {
             Record::NetTx { .. } => "net-tx",
             Record::SyncPoint { .. } => "sync-point",
             Record::SyncPages { .. } => "sync-pages",
+            Record::SyncState { .. } => "sync-state",
             Record::Digest { .. } => "digest",
             Record::End { .. } => "end",
         }

@@ -96,7 +96,7 @@ impl Assembler {
         let (kind, payload) = self.open(frame)?;
         let record = decode_record(kind, &mut Dec(payload), &mut self.sync)
             .map_err(|what| self.at.malformed(what))?;
-        if let Record::SyncPoint { .. } = record {
+        if let Record::SyncPoint { .. } | Record::SyncState { .. } = record {
             self.sync.end_of_sync_point();
         }
         self.at.index += 1;

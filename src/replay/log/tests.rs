@@ -73,6 +73,10 @@ fn sample_records() -> Vec<Record> {
                 (0x7000, vec![0x55; PAGE_SIZE]),
             ],
         },
+        Record::SyncState {
+            landmark: 10,
+            state: Box::new(sample_sync_state()),
+        },
         Record::Digest {
             landmark: 10,
             digest: Box::new(StateDigest {
@@ -93,6 +97,21 @@ fn sample_records() -> Vec<Record> {
     ]
 }
 
+fn sample_sync_state() -> ResumeState {
+    ResumeState {
+        clock: 987_654_321,
+        signature: [0x21; 32],
+        signature_last: [0x22; 16],
+        device_unflushed: true,
+        devices: br#"{"version":4,"pic":{"imr":255}}"#.repeat(20),
+        since: 4,
+        pages: vec![
+            (0x3000, vec![0x5a; PAGE_SIZE]),
+            (0x9000, vec![0; PAGE_SIZE]),
+        ],
+    }
+}
+
 fn encoded() -> Vec<u8> {
     let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
     for r in sample_records() {
@@ -101,7 +120,7 @@ fn encoded() -> Vec<u8> {
     let (bytes, records) = w.written();
     let out = w.into_inner();
     assert_eq!(bytes, out.len() as u64);
-    assert_eq!(records, 12);
+    assert_eq!(records, 13);
     out
 }
 
@@ -162,7 +181,7 @@ fn truncation_names_record_and_last_landmark() {
     let full = encoded();
     let err = read_all(&full[..full.len() - 3]).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("truncated in record 11"), "{msg}");
+    assert!(msg.contains("truncated in record 12"), "{msg}");
     assert!(msg.contains("landmark Some(10)"), "{msg}");
 }
 
@@ -782,4 +801,79 @@ fn frames_built_in_reused_buffers_are_byte_identical() {
         assert_eq!(frame, expected, "{} bytes packed", data.len());
         reused = frame;
     }
+}
+
+/// A `SyncState` frame's payload for landmark 5 with this device-write flag
+/// and devices' state.
+fn sync_state_payload(flag: u8, devices: &[u8]) -> Vec<u8> {
+    let mut e = Enc::default();
+    e.u64(5);
+    e.u64(2);
+    e.u64(1000);
+    e.raw(&[1; 32]);
+    e.raw(&[2; 16]);
+    e.u8(flag);
+    e.packed(devices);
+    // An empty page block: no pages, the default cache.
+    e.u32(0);
+    e.u32(DEFAULT_PAGE_CACHE_PAGES);
+    e.packed(&[]);
+    e.finish().unwrap()
+}
+
+#[test]
+fn sync_states_are_checked_and_refused_in_logs_older_than_format_7() {
+    // A good one reads back.
+    let mut bytes = log_start(LOG_VERSION);
+    write_frame(&mut bytes, KIND_SYNC_STATE, &sync_state_payload(0, b"{}")).unwrap();
+    let (_, records) = read_all(&bytes).unwrap();
+    assert!(
+        matches!(&records[0], Record::SyncState { landmark: 5, state }
+        if state.clock == 1000 && state.since == 2 && !state.device_unflushed
+            && state.devices == b"{}" && state.pages.is_empty())
+    );
+    // One that claims to cover pages from a later landmark than its own.
+    let mut payload = sync_state_payload(0, b"{}");
+    payload[8..16].copy_from_slice(&9u64.to_le_bytes());
+    let mut bytes = log_start(LOG_VERSION);
+    write_frame(&mut bytes, KIND_SYNC_STATE, &payload).unwrap();
+    let err = read_all(&bytes).unwrap_err().to_string();
+    assert!(
+        err.contains("previous sync point with state, 9, is not before it"),
+        "{err}"
+    );
+    // A flag that is neither 0 nor 1.
+    let mut bytes = log_start(LOG_VERSION);
+    write_frame(&mut bytes, KIND_SYNC_STATE, &sync_state_payload(2, b"{}")).unwrap();
+    let err = read_all(&bytes).unwrap_err().to_string();
+    assert!(err.contains("device-write flag 2"), "{err}");
+    // Devices' state claiming more than the limit unpacked.
+    let mut payload = sync_state_payload(1, b"{}");
+    // After landmark, since, clock, the two signatures and the flag.
+    let at = 8 + 8 + 8 + 32 + 16 + 1;
+    payload[at..at + 4].copy_from_slice(&(MAX_DEVICES_STATE as u32 + 1).to_le_bytes());
+    let mut bytes = log_start(LOG_VERSION);
+    write_frame(&mut bytes, KIND_SYNC_STATE, &payload).unwrap();
+    let err = read_all(&bytes).unwrap_err().to_string();
+    assert!(
+        err.contains("devices' state") && err.contains("more than"),
+        "{err}"
+    );
+    // Format 6 has no such record.
+    let mut bytes = log_start(6);
+    write_frame(&mut bytes, KIND_SYNC_STATE, &sync_state_payload(0, b"{}")).unwrap();
+    let err = read_all(&bytes).unwrap_err().to_string();
+    assert!(err.contains("unknown record kind 0x23"), "{err}");
+    // The writer refuses devices' state the reader would.
+    let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
+    let err = w
+        .append(&Record::SyncState {
+            landmark: 5,
+            state: Box::new(ResumeState {
+                devices: vec![b' '; MAX_DEVICES_STATE + 1],
+                ..sample_sync_state()
+            }),
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("larger than"), "{err}");
 }

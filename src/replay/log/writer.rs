@@ -143,13 +143,19 @@ impl<W: Write> LogWriter<W> {
             &mut stats,
         )
         .map_err(invalid_record)?;
-        let carries_pages = matches!(record, Record::SyncPages { .. });
+        let carries_pages = matches!(record, Record::SyncPages { .. } | Record::SyncState { .. });
         self.write_frames(
             record.kind_name(),
             record.landmark(),
             vec![frame],
             carries_pages.then_some(stats),
-        )
+        )?;
+        // Readers trim their cache after a whole sync point and after a
+        // sync state (reader.rs), so the writer does too.
+        if let Record::SyncState { .. } = record {
+            self.pages.trim();
+        }
+        Ok(())
     }
 
     /// Append a sync point, as `append(&Record::SyncPoint { .. })` does

@@ -48,6 +48,8 @@ pub(super) struct BackupPump {
     pub(super) stopping: Arc<AtomicBool>,
     pub(super) board: StatusBoard,
     pub(super) landmark: Arc<AtomicU64>,
+    /// The engine's catch-ups so far.
+    pub(super) catch_ups: Arc<AtomicU64>,
     /// This backup's guest, to compare with the primary's Hello.
     pub(super) ours: LogHeader,
     pub(super) done: Option<(i32, String)>,
@@ -413,6 +415,7 @@ impl BackupPump {
         }
         self.arbitration.publish(&mut b);
         b.landmark = landmark;
+        b.catch_ups = self.catch_ups.load(Ordering::Relaxed);
         if let Some(link) = &self.link {
             let st = link.status(now);
             b.watermark = st.received_watermark;

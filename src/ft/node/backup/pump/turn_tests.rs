@@ -75,6 +75,7 @@ fn established_pump() -> (BackupPump, Around) {
         sync_budget_percent: 0,
         tick_delivery: crate::devices::TickDelivery::CatchUpAtWindowExits,
         hot_pages: 0,
+        sync_state_every: Duration::ZERO,
     };
     let mut primary = PrimaryLink::new(
         link_config(),
@@ -157,6 +158,7 @@ fn established_pump() -> (BackupPump, Around) {
         stopping: Arc::new(AtomicBool::new(false)),
         board: Arc::new(Mutex::new(PairStatus::default())),
         landmark: Arc::new(AtomicU64::new(0)),
+        catch_ups: Arc::new(AtomicU64::new(0)),
         ours: header(),
         done: None,
         last_replayed: 0,
