@@ -41,6 +41,9 @@
 //! - `TWINVM_LOGBW_HOT_PAGES=N` the recording's hot-page budget (pages
 //!   its dirty-log harvests leave write-enabled; default: the engine's;
 //!   0 re-protects every page at every harvest, as before).
+//! - `TWINVM_LOGBW_SYNC_STATE_MS=N` the least time between the
+//!   recording's sync points with state (catch-up; default: the engine's,
+//!   50; a huge value leaves them out, as before log format 7).
 //! - `TWINVM_LOGBW_LINUX=1` adds the opt-in Linux row (a user-space
 //!   workload in Debian's kernel: three boots, 30-60 minutes here; its own
 //!   variables in benches/logbw/linux.rs); `TWINVM_LOGBW_ROWS=Linux` runs
@@ -228,6 +231,12 @@ fn settings() -> RecordSettings {
         .and_then(|v| v.parse::<usize>().ok())
     {
         settings.hot_page_budget = pages;
+    }
+    if let Some(ms) = std::env::var("TWINVM_LOGBW_SYNC_STATE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        settings.sync_state_every = Duration::from_millis(ms);
     }
     settings
 }

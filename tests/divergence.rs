@@ -245,6 +245,23 @@ fn a_device_state_difference_is_caught() {
 }
 
 #[test]
+fn a_sync_state_check_catches_a_device_difference_first() {
+    let dir = TempDir::new("dv-sync-state");
+    // Every sync point with state (each followed by a digest, which the
+    // state check comes before); no periodic digests.
+    let log = record(
+        &dir,
+        "storm.log",
+        "storm",
+        &["--sync-state-every-ms", "0", "--digest-interval", "1000000"],
+    );
+    let out = replay(&log, "storm", &["--test-perturb", "device:rtc@50"]);
+    let at = assert_diverged(&out, "at a sync point with state: device state differs");
+    assert!(at > 50 && at < 1000, "{}", out.stderr);
+    assert!(!out.stderr.contains("digest mismatch"), "{}", out.stderr);
+}
+
+#[test]
 fn a_vcpu_state_difference_is_caught_and_named() {
     let dir = TempDir::new("dv-vcpu");
     let log = record(&dir, "hello.log", "hello", &["--digest-interval", "16"]);
