@@ -21,7 +21,6 @@ use super::{Engine, RunError};
 use crate::devices::PlatformState;
 use crate::replay::log::{Record, ResumeState, MAX_PAGES_PER_RECORD, PAGE_SIZE};
 use crate::replay::schedule::CatchUp;
-use crate::vmm::vm::GuestWrite;
 use vm_memory::{Bytes, GuestAddress};
 
 impl Engine {
@@ -175,21 +174,13 @@ impl Engine {
             else {
                 unreachable!("the schedule hands out only sync points here")
             };
-            for (gpa, data) in &written {
-                self.vm
-                    .write_guest(*gpa, data, GuestWrite::SyncPoint)
-                    .map_err(|e| self.diverged(format!("sync point page: {e}")))?;
-            }
+            self.load_pages(&written, "sync point")?;
             pages += written.len() as u64;
             self.stats.sync_points += 1;
             target = Some((landmark, cpu, vmm_state));
         }
         let (landmark, cpu, vmm_state) = target.expect("a catch-up ends at a sync point");
-        for (gpa, data) in &jump.state.pages {
-            self.vm
-                .write_guest(*gpa, data, GuestWrite::SyncPoint)
-                .map_err(|e| self.diverged(format!("sync state page: {e}")))?;
-        }
+        self.load_pages(&jump.state.pages, "sync state")?;
         pages += jump.state.pages.len() as u64;
         self.vm.set_cpu_state(&cpu)?;
         self.syscall_fix.restore(&vmm_state)?;

@@ -146,11 +146,7 @@ impl Engine {
         // top of the loaded state.
         self.vm.complete_pending_exit()?;
         self.vm.settle_flush_before_sync_point();
-        for (gpa, data) in &pages {
-            self.vm
-                .write_guest(*gpa, data, GuestWrite::SyncPoint)
-                .map_err(|e| self.diverged(format!("sync point page: {e}")))?;
-        }
+        self.load_pages(&pages, "sync point")?;
         self.vm.set_cpu_state(&cpu)?;
         self.syscall_fix.restore(&vmm_state)?;
         self.vm.note_sync_point();
@@ -162,6 +158,21 @@ impl Engine {
         self.at_window_exit = false;
         self.signature.fold(self.landmark, LandmarkKind::SyncPoint);
         self.sync_state = Some(*cpu);
+        Ok(())
+    }
+
+    /// Backup: write the primary's pages of a sync point (or a sync state)
+    /// into guest memory.
+    pub(super) fn load_pages(
+        &mut self,
+        pages: &[(u64, Vec<u8>)],
+        what: &str,
+    ) -> Result<(), RunError> {
+        for (gpa, data) in pages {
+            self.vm
+                .write_guest(*gpa, data, GuestWrite::SyncPoint)
+                .map_err(|e| self.diverged(format!("{what} page: {e}")))?;
+        }
         Ok(())
     }
 
