@@ -23,7 +23,9 @@ use thiserror::Error;
 /// Version 4: log format 6 (interrupt-window exits are landmarks and the
 /// platform catches up missed PIT ticks: an older peer would follow other
 /// landmarks).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// Version 5: log format 7 (sync points with state, `SyncState` records,
+/// which an older backup cannot read).
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Longest VM name (the arbiter's own limit, so every name we accept can be arbitrated).
 pub const MAX_VM_NAME_BYTES: usize = arbiter::state_machine::MAX_NAME_LEN;
 /// Longest reason or divergence detail; longer texts are cut when sent.
