@@ -29,9 +29,9 @@ cargo test --release --workspace
 # TWINVM_LINUX_TESTS=1 they run after the suite (the two side by side).
 # The other ignored tests (the drill soak, the clone tests of a known
 # divergence) say why in their #[ignore] reason.
-# The Linux FT-pair test is a second opt-in (TWINVM_LINUX_PAIR_TEST=1): its
-# two replicas share one host CPU, which doubles a boot that takes 7-16
-# minutes alone, and with it .ci/run would pass its 45-minute budget.
+# The Linux FT-pair test is a second opt-in (TWINVM_LINUX_PAIR_TEST=1, which
+# .ci/run sets): its two replicas share one host CPU; since its backup
+# catches up instead of falling behind it took 262 s here (2026-11-28).
 if [ "${TWINVM_LINUX_TESTS:-0}" = 1 ]; then
     echo "== the opt-in Linux guest tests (tests/linux_boot.rs)"
     if [ "${TWINVM_LINUX_PAIR_TEST:-0}" = 1 ]; then
