@@ -165,41 +165,10 @@ fn debian_linux_serves_tcp_while_recorded_and_replays_identically() {
     // executing, it still ends in the recorded state (its final digest).
     let mut catch_up = replay.clone();
     catch_up.insert(1, "--catch-up".into());
-    let started = Instant::now();
-    let caught_up = run_twinvm(&catch_up);
-    println!(
-        "linux_net: catch-up replay wall {:.1?}: {}",
-        started.elapsed(),
-        caught_up.stderr.trim_end()
-    );
-    assert!(
-        caught_up.status.success(),
-        "catch-up replay failed: {}",
-        caught_up.stderr
-    );
-    assert!(
-        caught_up
-            .stdout
-            .contains("replay: final state identical to the recording"),
-        "{}",
-        caught_up.stderr
-    );
+    let caught_up = replay_identical(&catch_up, "catch-up replay");
     let jumps = number_after(&caught_up.stderr, "caught up ").unwrap_or(0);
     assert!(jumps > 100, "{}", caught_up.stderr);
-    let started = Instant::now();
-    let rep = run_twinvm(&replay);
-    println!(
-        "linux_net: replay wall {:.1?}: {}",
-        started.elapsed(),
-        rep.stderr.trim_end()
-    );
-    assert!(rep.status.success(), "replay failed: {}", rep.stderr);
-    assert!(
-        rep.stdout
-            .contains("replay: final state identical to the recording"),
-        "{}",
-        rep.stderr
-    );
+    let rep = replay_identical(&replay, "replay");
     // The console byte for byte (the kernel writes \r\n), without the
     // replay's own final line.
     let console = rep
@@ -212,6 +181,26 @@ fn debian_linux_serves_tcp_while_recorded_and_replays_identically() {
         "the replayed console differs; replay tail: {}",
         tail(console)
     );
+}
+
+/// Run `twinvm` with the replay's `args`, print its wall time and summary
+/// as `what`, and check it ended in the recorded state.
+fn replay_identical(args: &[String], what: &str) -> Finished {
+    let started = Instant::now();
+    let rep = run_twinvm(args);
+    println!(
+        "linux_net: {what} wall {:.1?}: {}",
+        started.elapsed(),
+        rep.stderr.trim_end()
+    );
+    assert!(rep.status.success(), "{what} failed: {}", rep.stderr);
+    assert!(
+        rep.stdout
+            .contains("replay: final state identical to the recording"),
+        "{}",
+        rep.stderr
+    );
+    rep
 }
 
 /// How long to wait for a line to appear in a file (a replica's console).

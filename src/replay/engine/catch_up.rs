@@ -162,50 +162,29 @@ impl Engine {
         // The landmark's exit is finished first, or its completion would
         // land on top of the loaded state.
         self.vm.complete_pending_exit()?;
-        let mut pages = 0;
         let mut target = None;
         for record in jump.sync_points {
-            let Record::SyncPoint {
-                landmark,
-                cpu,
-                vmm_state,
-                pages: written,
-            } = record
-            else {
-                unreachable!("the schedule hands out only sync points here")
-            };
-            self.load_pages(&written, "sync point")?;
-            pages += written.len() as u64;
-            self.stats.sync_points += 1;
-            target = Some((landmark, cpu, vmm_state));
+            target = Some(self.load_sync_point_pages(record)?);
         }
         let (landmark, cpu, vmm_state) = target.expect("a catch-up ends at a sync point");
         self.load_pages(&jump.state.pages, "sync state")?;
-        pages += jump.state.pages.len() as u64;
-        self.vm.set_cpu_state(&cpu)?;
-        self.syscall_fix.restore(&vmm_state)?;
+        // The shadow-flush rule's state as the primary's was at the sync
+        // point; entering it then notes the sync point as the primary did.
+        self.vm
+            .load_flush_state_at_sync_point(jump.state.device_unflushed);
+        self.enter_sync_point(landmark, cpu, &vmm_state)?;
         self.platform
             .restore(&devices)
             .map_err(|e| self.diverged(format!("the sync state's devices: {e}")))?;
         self.clock = self.clock.max(jump.state.clock);
         self.signature
             .restore(jump.state.signature, jump.state.signature_last);
-        // The shadow-flush rule's state as the primary's was at the sync
-        // point, then the sync point as the primary made it.
-        self.vm
-            .load_flush_state_at_sync_point(jump.state.device_unflushed);
-        self.vm.note_sync_point();
-        self.landmark = landmark;
-        self.injected_here = false;
-        self.at_window_exit = false;
-        self.sync_state = Some(*cpu);
-        self.stats.sync_point_pages += pages;
         self.stats.catch_ups += 1;
         self.published_catch_ups
             .store(self.stats.catch_ups, std::sync::atomic::Ordering::Relaxed);
         self.stats.landmarks_skipped += landmark - from;
         self.stats.records_skipped += jump.skipped_records;
-        tracing::debug!(from, to = landmark, pages, "caught up");
+        tracing::debug!(from, to = landmark, "caught up");
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use vm_memory::Bytes;
 use super::landmark::hex;
 use super::{Engine, Role, RunError};
 use crate::replay::digest::{self, LandmarkKind, MemoryHash};
-use crate::replay::log::{PageHash, Record, StateDigest, SyncPage, PAGE_SIZE};
+use crate::replay::log::{CpuStateBytes, PageHash, Record, StateDigest, SyncPage, PAGE_SIZE};
 use crate::vmm::layout;
 use crate::vmm::vm::{GuestWrite, Vm};
 
@@ -133,6 +133,21 @@ impl Engine {
 
     /// Backup: load the primary's sync point instead of executing to it.
     pub(super) fn apply_sync_point(&mut self, record: Record) -> Result<(), RunError> {
+        // Finish the landmark's exit first, or its completion would land on
+        // top of the loaded state.
+        self.vm.complete_pending_exit()?;
+        self.vm.settle_flush_before_sync_point();
+        let (landmark, cpu, vmm_state) = self.load_sync_point_pages(record)?;
+        tracing::trace!(landmark, "sync point loaded");
+        self.enter_sync_point(landmark, cpu, &vmm_state)
+    }
+
+    /// Backup: load a sync point's pages and count it; its landmark, vCPU
+    /// and VMM state are left to [`Engine::enter_sync_point`].
+    pub(super) fn load_sync_point_pages(
+        &mut self,
+        record: Record,
+    ) -> Result<(u64, Box<CpuStateBytes>, Vec<u8>), RunError> {
         let Record::SyncPoint {
             landmark,
             cpu,
@@ -142,18 +157,24 @@ impl Engine {
         else {
             unreachable!("the schedule hands out only sync points here")
         };
-        // Finish the landmark's exit first, or its completion would land on
-        // top of the loaded state.
-        self.vm.complete_pending_exit()?;
-        self.vm.settle_flush_before_sync_point();
         self.load_pages(&pages, "sync point")?;
-        self.vm.set_cpu_state(&cpu)?;
-        self.syscall_fix.restore(&vmm_state)?;
-        self.vm.note_sync_point();
         self.stats.sync_points += 1;
-        self.stats.sync_point_pages += pages.len() as u64;
+        Ok((landmark, cpu, vmm_state))
+    }
+
+    /// Backup, its pages loaded: make the sync point at `landmark` the
+    /// current landmark, with its vCPU and VMM state, as the primary made
+    /// it.
+    pub(super) fn enter_sync_point(
+        &mut self,
+        landmark: u64,
+        cpu: Box<CpuStateBytes>,
+        vmm_state: &[u8],
+    ) -> Result<(), RunError> {
+        self.vm.set_cpu_state(&cpu)?;
+        self.syscall_fix.restore(vmm_state)?;
+        self.vm.note_sync_point();
         self.landmark = landmark;
-        tracing::trace!(landmark, pages = pages.len(), "sync point loaded");
         self.injected_here = false;
         self.at_window_exit = false;
         self.signature.fold(self.landmark, LandmarkKind::SyncPoint);
@@ -162,7 +183,7 @@ impl Engine {
     }
 
     /// Backup: write the primary's pages of a sync point (or a sync state)
-    /// into guest memory.
+    /// into guest memory, and count them.
     pub(super) fn load_pages(
         &mut self,
         pages: &[(u64, Vec<u8>)],
@@ -173,6 +194,7 @@ impl Engine {
                 .write_guest(*gpa, data, GuestWrite::SyncPoint)
                 .map_err(|e| self.diverged(format!("{what} page: {e}")))?;
         }
+        self.stats.sync_point_pages += pages.len() as u64;
         Ok(())
     }
 
@@ -185,16 +207,13 @@ impl Engine {
     /// Bring the whole-memory hash up to date with every page written since
     /// the last digest; returns those pages' addresses and hashes.
     fn hash_written_pages(&mut self) -> Result<Vec<PageHash>, RunError> {
-        if self.role.recording() {
-            self.vm.collect_dirty_pages(&mut [
-                &mut self.since_sync,
-                &mut self.since_digest,
-                &mut self.since_state,
-            ])?;
-        } else {
-            self.vm
-                .collect_dirty_pages(&mut [&mut self.since_sync, &mut self.since_digest])?;
+        // Only a recording keeps the pages for its next sync state.
+        let recording = self.role.recording();
+        let mut sets = vec![&mut self.since_sync, &mut self.since_digest];
+        if recording {
+            sets.push(&mut self.since_state);
         }
+        self.vm.collect_dirty_pages(&mut sets)?;
         let mut page = vec![0u8; PAGE_SIZE];
         let mut hashes = Vec::new();
         for gpa in self.since_digest.take() {
