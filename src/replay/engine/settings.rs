@@ -52,8 +52,9 @@ pub const DEFAULT_HOT_PAGE_BUDGET: usize = 8192;
 pub const MAX_HOT_PAGE_BUDGET: usize = 65_536;
 
 /// The default [`RecordSettings::sync_state_every`]: a lagging backup can
-/// jump at most this far at a time, and a Linux guest's devices' state
-/// (~1-2 KiB packed) costs the log ~0.3 Mbit/s at this rate.
+/// jump at most this far at a time. Each one costs the log the devices'
+/// state, the pages its sync point leaves out and a digest (a Linux
+/// recording logged 4.6 Mbit/s with them: docs/benchmarks.md, "Catch-up").
 pub const DEFAULT_SYNC_STATE_EVERY: Duration = Duration::from_millis(50);
 
 /// Settings of a recording.

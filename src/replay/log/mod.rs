@@ -58,8 +58,8 @@ pub const MAX_PAGES_PER_RECORD: usize = 16_384;
 /// Largest Ethernet frame a `NetRx` record carries (a 64 KiB frame plus the
 /// virtio-net header is more than any NIC here receives).
 pub const MAX_NET_FRAME: usize = 65_550;
-/// Largest devices' state a `SyncState` record carries (a Linux guest's
-/// is a few KiB).
+/// Largest devices' state a `SyncState` record carries (a bound on what
+/// a corrupted record can make a reader allocate).
 pub const MAX_DEVICES_STATE: usize = 1 << 20;
 /// LZ4 cannot expand more than this: a packed field claiming more is corrupt
 /// and is refused before its buffer is allocated.
