@@ -442,18 +442,24 @@ fn record(
 }
 
 /// Replay the log at `path` to its end; it must be identical.
+/// Replay the log at `path` to its end; with `catch_up`, as `twinvm replay
+/// --catch-up` (load sync points with state instead of executing).
 fn replay(
     cfg: &VmConfig,
     label: &str,
     path: &Path,
     host_cpu: u32,
     mut setup: Setup,
+    catch_up: bool,
 ) -> Result<RunReport, String> {
     let input: Box<dyn Read + Send> = Box::new(BufReader::new(File::open(path).unwrap()));
     let reader = LogReader::new(input).unwrap();
     // As `twinvm replay`: the rule the log was recorded with.
     setup.tick_delivery = reader.header().tick_delivery;
-    let schedule = Schedule::from_log(reader);
+    let mut schedule = Schedule::from_log(reader);
+    if catch_up {
+        schedule.set_catch_up(Some(Box::new(|| u64::MAX)));
+    }
     let (report, _) = run(cfg, label, Role::Replay(schedule), host_cpu, setup)?;
     if !matches!(report.stop, Stop::Ended { log_end: true, .. }) {
         return Err(format!(
@@ -553,7 +559,8 @@ fn main() {
                 }
             };
             recorded.push(rec.wall);
-            let rep = replay(&cfg, row.label, &path, host_cpu, Setup::quiet()).expect("replay");
+            let rep =
+                replay(&cfg, row.label, &path, host_cpu, Setup::quiet(), false).expect("replay");
             replayed.push(rep.wall);
             std::fs::remove_file(&path).unwrap();
             let (stats, run_wall) = (rec.report.stats, rec.report.wall);

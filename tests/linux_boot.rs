@@ -14,7 +14,9 @@
 //! the pair's two replicas sharing host CPU 1. The pair's test is a second
 //! opt-in (`TWINVM_LINUX_PAIR_TEST=1` as well, which `.ci/run` sets): its
 //! replicas share one CPU, and its backup catches up when it falls behind
-//! (262 s in all, 2026-11-28).
+//! (262 s in all, 2026-11-28); it prints the backup's lag sampled once a
+//! second, and `TWINVM_LINUX_PAIR_WORK=ROUNDS` runs /init's user workload
+//! first (twinvm.work) to sample it under user load.
 //! `TWINVM_LINUX_IMAGE_DIR` overrides where the image is built and cached,
 //! `TWINVM_LINUX_TIMEOUT` the timeout of each boot, recording or replay in
 //! seconds (default 2400).
@@ -203,18 +205,92 @@ fn replay_identical(args: &[String], what: &str) -> Finished {
     rep
 }
 
-/// How long to wait for a line to appear in a file (a replica's console).
-fn wait_for_file_line(path: &std::path::Path, needle: &str, limit: Duration) -> String {
+/// The backup's lag, sampled once a second during one phase of the guest's
+/// run.
+#[derive(Default)]
+struct LagSamples {
+    lag_ms: Vec<f64>,
+    lag_landmarks: Vec<f64>,
+    catch_ups_before: Option<u64>,
+    catch_ups_after: u64,
+}
+
+impl LagSamples {
+    fn summary(&self) -> String {
+        if self.lag_ms.is_empty() {
+            return "no samples".into();
+        }
+        format!(
+            "{} samples; ms {}; landmarks {}; caught up {} times",
+            self.lag_ms.len(),
+            spread(&self.lag_ms),
+            spread(&self.lag_landmarks),
+            self.catch_ups_after - self.catch_ups_before.unwrap_or(0)
+        )
+    }
+}
+
+/// Median, 90th percentile and maximum of `v` (not empty).
+fn spread(v: &[f64]) -> String {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    format!(
+        "median {:.0}, 90th percentile {:.0}, max {:.0}",
+        v[v.len() / 2],
+        v[v.len() * 9 / 10],
+        v[v.len() - 1]
+    )
+}
+
+/// Wait for the primary's console to say TWINVM-NET-SERVING, asking the
+/// backup for its lag once a second meanwhile; the samples by phase (the
+/// boot, and /init's user workload if it runs one).
+fn wait_sampling_backup_lag(
+    console: &std::path::Path,
+    backup_control: &std::path::Path,
+    limit: Duration,
+) -> Vec<(&'static str, LagSamples)> {
+    let mut phases: Vec<(&'static str, LagSamples)> = vec![("booting", LagSamples::default())];
     let deadline = Instant::now() + limit;
     loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.contains(needle) {
-            return text;
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        if text.contains("TWINVM-NET-SERVING") {
+            return phases;
+        }
+        let phase = if text.contains("TWINVM-WORK-END") {
+            "serving starts"
+        } else if text.contains("TWINVM-WORK-START") {
+            "under the user workload"
+        } else {
+            "booting"
+        };
+        if let Some((_, previous)) = phases.last().filter(|(p, _)| *p != phase) {
+            // Catch-ups between the phases' samples count in the new one.
+            let before = previous.catch_ups_before.map(|_| previous.catch_ups_after);
+            phases.push((
+                phase,
+                LagSamples {
+                    catch_ups_before: before,
+                    ..LagSamples::default()
+                },
+            ));
+        }
+        if let Ok(status) = query_status(backup_control, Duration::from_secs(2)) {
+            let number = |k: &str| status.extra.get(k).and_then(|v| v.as_f64());
+            let samples = &mut phases.last_mut().expect("a phase").1;
+            if let Some((ms, landmarks)) = number("lag_ms").zip(number("lag_landmarks")) {
+                samples.lag_ms.push(ms);
+                samples.lag_landmarks.push(landmarks);
+            }
+            if let Some(n) = number("catch_ups") {
+                samples.catch_ups_before.get_or_insert(n as u64);
+                samples.catch_ups_after = n as u64;
+            }
         }
         assert!(
             Instant::now() < deadline,
-            "no {needle} in {} after {limit:?}; its tail: {}",
-            path.display(),
+            "no TWINVM-NET-SERVING in {} after {limit:?}; its tail: {}",
+            console.display(),
             tail(&text)
         );
         thread::sleep(Duration::from_secs(1));
@@ -231,7 +307,17 @@ fn wait_for_file_line(path: &std::path::Path, needle: &str, limit: Duration) -> 
 #[test]
 #[ignore = "opt-in: two replicas of Debian's kernel on one host CPU (about 5 minutes here); run with TWINVM_LINUX_TESTS=1 TWINVM_LINUX_PAIR_TEST=1 scripts/test.sh (.ci/run does)"]
 fn debian_linux_pair_keeps_a_tcp_session_across_the_loss_of_its_primary() {
-    let (kernel, initrd, cmdline) = image_parts(&net_cmdline(3600));
+    // TWINVM_LINUX_PAIR_WORK=ROUNDS: /init runs its user workload first
+    // (twinvm.work), so the backup's lag is sampled under user load too.
+    let work = std::env::var("TWINVM_LINUX_PAIR_WORK").ok();
+    let mut extra = net_cmdline(3600);
+    if let Some(rounds) = &work {
+        let rounds: u32 = rounds
+            .parse()
+            .expect("TWINVM_LINUX_PAIR_WORK: a number of workload rounds");
+        extra.push_str(&format!(" twinvm.work={rounds}"));
+    }
+    let (kernel, initrd, cmdline) = image_parts(&extra);
     let mut opts = LocalOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_twinvm")));
     opts.prefix = "twinvm-lpair".into();
     opts.guest = GuestSpec {
@@ -248,13 +334,20 @@ fn debian_linux_pair_keeps_a_tcp_session_across_the_loss_of_its_primary() {
     opts.heartbeat_ms = Some(50);
     opts.peer_timeout_ms = Some(1000);
     opts.phases.ready_timeout = Duration::from_secs(300);
+    let serving_limit = timeout() * if work.is_some() { 2 } else { 1 };
     let interrupted = AtomicBool::new(false);
     let started = Instant::now();
     let mut lp = LocalPair::start(&opts, &interrupted).expect("starting the Linux pair");
     let primary_console = lp.side("primary").unwrap().files.console.clone();
     let backup_control = lp.side("backup").unwrap().files.control.clone();
-    wait_for_file_line(&primary_console, "TWINVM-NET-SERVING", timeout());
+    let lag = wait_sampling_backup_lag(&primary_console, &backup_control, serving_limit);
     println!("linux_pair: serving after {:.1?}", started.elapsed());
+    for (phase, samples) in &lag {
+        println!(
+            "linux_pair: backup lag while {phase}: {}",
+            samples.summary()
+        );
+    }
 
     let mut session = linux_guest::connect_from(&lp.topo.client, ECHO_PORT);
     for i in 0..3 {

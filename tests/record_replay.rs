@@ -819,3 +819,39 @@ fn a_replay_that_catches_up_loads_sync_points_with_state_and_ends_identical() {
         "{skipped} of {landmarks} skipped"
     );
 }
+
+/// portio exits at every port write and takes no ticks: no sync point
+/// would ever come from a tick, so the primary makes its own when a sync
+/// state is overdue, and a backup behind can still catch up.
+#[test]
+fn a_guest_that_never_needs_a_sync_point_still_gets_sync_states() {
+    let dir = TempDir::new("forced-states");
+    let (log, recorded) = record(&dir, "portio", &["--sync-state-every-ms", "10"]);
+    let states = stat(&recorded.stderr, "with state");
+    let made = stat(&recorded.stderr, "made for one");
+    // About one every 20 ms of a ~1 s run.
+    assert!(states >= 10, "{}", recorded.stderr);
+    assert_eq!(
+        made,
+        stat(&recorded.stderr, "sync points"),
+        "{}",
+        recorded.stderr
+    );
+    assert_eq!(made, states, "{}", recorded.stderr);
+    let replayed = replay(&log, "portio", "64M");
+    assert_identical(&recorded, &replayed);
+    assert_eq!(stat(&replayed.stderr, "with state"), states);
+    let caught_up = replay_with(&log, "portio", "64M", &["--catch-up"]);
+    assert!(
+        caught_up
+            .stdout
+            .contains("replay: final state identical to the recording"),
+        "{caught_up:?}"
+    );
+    let skipped = stat(&caught_up.stderr, "landmarks and");
+    let landmarks = stat(&recorded.stderr, "landmarks");
+    assert!(
+        skipped * 10 > landmarks * 8,
+        "{skipped} of {landmarks} skipped"
+    );
+}

@@ -87,7 +87,8 @@ pub struct PairArgs {
     pub hot_pages: Option<usize>,
     /// Least time between two of the primary's sync points that carry the
     /// devices' state, where a backup that fell behind catches up (see
-    /// `record`; default 50, 0 = every sync point).
+    /// `record`: one is made if none came for four times this; default 50,
+    /// 0 = every sync point).
     #[arg(long, value_name = "MS")]
     pub sync_state_every_ms: Option<u64>,
     /// Guest kernel (as for `twinvm run`).

@@ -95,8 +95,9 @@ pub struct RecordArgs {
     pub hot_pages: usize,
     /// Least time between two sync points that also carry the devices'
     /// state, clock and landmark signature (a backup that fell behind can
-    /// catch up at those; a replay checks its state there). 0: every sync
-    /// point.
+    /// catch up at those; a replay checks its state there). When no sync
+    /// point came for four times this, the recording makes one for the
+    /// state at the next landmark. 0: every sync point, none made for one.
     #[arg(long, value_name = "MS", default_value_t = DEFAULT_SYNC_STATE_EVERY.as_millis() as u64)]
     pub sync_state_every_ms: u64,
     #[command(flatten)]
@@ -171,12 +172,13 @@ fn summary(report: &RunReport) -> String {
     let s = &report.stats;
     let secs = report.wall.as_secs_f64().max(1e-9);
     format!(
-        "{} landmarks, {} interrupts, {} sync points ({} pages; {} with state{}), {} interrupt windows, {} ticks caught up ({} dropped), {} trapped time reads, {} random reads, {} digests ({} pages, {:.1} ms), {} log records, {} log bytes ({:.0} B/s), {:.3} s",
+        "{} landmarks, {} interrupts, {} sync points ({} pages; {} with state, {} made for one{}), {} interrupt windows, {} ticks caught up ({} dropped), {} trapped time reads, {} random reads, {} digests ({} pages, {:.1} ms), {} log records, {} log bytes ({:.0} B/s), {:.3} s",
         s.landmarks,
         s.interrupts_injected,
         s.sync_points,
         s.sync_point_pages,
         s.sync_states,
+        s.sync_points_for_state,
         if s.catch_ups > 0 {
             format!(
                 "; caught up {} times, skipping {} landmarks and {} records",

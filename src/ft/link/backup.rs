@@ -9,8 +9,9 @@ use super::channel::{Channel, Expired};
 use super::{CloseReason, LinkConfig, LinkError, LinkStats};
 use crate::ft::wire::{bounded_text, ToBackup, ToPrimary, PROTOCOL_VERSION};
 
-/// Most entries kept for ack and lag bookkeeping; beyond it the newest
-/// entries merge (acks get coarser, the lag estimate errs high).
+/// Most entries kept for ack and lag bookkeeping; at it, neighbouring
+/// entries merge in pairs (acks get coarser, the lag estimate errs high by
+/// at most the time between two merged arrivals).
 const MAX_MARKS: usize = 4096;
 
 /// What this backup was started for; a Hello naming anything else is refused.
@@ -491,15 +492,17 @@ impl BackupLink {
             self.chan.stats.log_chunks += 1;
         }
         if advanced || len > 0 {
+            // A merged pair is acked once its later event is.
             push_mark(
                 &mut self.unacked,
                 (watermark, self.received_bytes),
-                |back, new| *back = new,
+                |_, later| later,
             );
         }
         if advanced {
-            push_mark(&mut self.unreplayed, (watermark, now), |back, new| {
-                back.0 = new.0
+            // A merged pair waits from its earlier arrival.
+            push_mark(&mut self.unreplayed, (watermark, now), |earlier, later| {
+                (later.0, earlier.1)
             });
         }
         self.watermark = watermark;
@@ -516,13 +519,24 @@ impl BackupLink {
     }
 }
 
-/// Appends to a bounded bookkeeping queue; at the bound `merge` folds the
-/// new entry into the newest one.
-fn push_mark<T>(queue: &mut VecDeque<T>, entry: T, merge: impl FnOnce(&mut T, T)) {
+/// Appends to a bounded bookkeeping queue; at the bound, `merge` folds
+/// neighbouring entries in pairs first (earlier, later), oldest to newest,
+/// so every entry keeps its place in time however long the queue runs
+/// full. (Folding new entries into the newest one instead froze its arrival
+/// time: a backup a few landmarks behind reported a lag growing without
+/// bound for as long as the queue stayed full.)
+fn push_mark<T: Copy>(queue: &mut VecDeque<T>, entry: T, merge: impl Fn(T, T) -> T) {
     if queue.len() >= MAX_MARKS {
-        if let Some(back) = queue.back_mut() {
-            return merge(back, entry);
-        }
+        let merged: VecDeque<T> = queue
+            .make_contiguous()
+            .chunks(2)
+            .map(|pair| match *pair {
+                [earlier, later] => merge(earlier, later),
+                [only] => only,
+                _ => unreachable!("chunks of two"),
+            })
+            .collect();
+        *queue = merged;
     }
     queue.push_back(entry);
 }

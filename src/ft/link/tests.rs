@@ -322,6 +322,42 @@ fn heartbeats_go_out_every_interval_and_the_backup_sends_its_own_while_acking() 
 }
 
 #[test]
+fn the_lag_stays_true_when_the_bookkeeping_queue_runs_full() {
+    let mut pair = Pair::established(config());
+    let start = pair.now;
+    let arrive = |pair: &mut Pair, w: u64| {
+        pair.now = start + ms(w);
+        pair.p.push_log(b"x", w).unwrap();
+        pair.pump();
+        pair.take_records();
+    };
+    // 5,000 watermarks a millisecond apart, none replayed: more than the
+    // queue keeps, so its entries merge in pairs.
+    for w in 1..=5_000 {
+        arrive(&mut pair, w);
+    }
+    // Waiting since watermark 2 arrived (2 ms), give or take one merge.
+    let lag = pair.b.status(pair.now).lag_ns;
+    assert!(
+        (4_998_000_000..=4_999_000_000).contains(&lag),
+        "lag {lag} ns with nothing replayed"
+    );
+    // The engine catches up to three landmarks behind: what waits now is
+    // watermark 4,999, one millisecond old (merging newer entries into the
+    // newest one reported 904 ms here: the time the queue filled).
+    pair.b.set_replayed(4_997).unwrap();
+    let lag = pair.b.status(pair.now).lag_ns;
+    assert!(lag <= 2_000_000, "lag {lag} ns three landmarks behind");
+    // And stays so while it follows three behind.
+    for w in 5_001..=10_000 {
+        arrive(&mut pair, w);
+        pair.b.set_replayed(w - 3).unwrap();
+        let lag = pair.b.status(pair.now).lag_ns;
+        assert!(lag <= 2_000_000, "lag {lag} ns at watermark {w}");
+    }
+}
+
+#[test]
 fn a_local_stall_is_not_counted_as_the_peers_silence() {
     let mut pair = Pair::established(config());
     let timeout = config().peer_timeout;

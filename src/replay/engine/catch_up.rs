@@ -23,6 +23,10 @@ use crate::replay::log::{Record, ResumeState, MAX_PAGES_PER_RECORD, PAGE_SIZE};
 use crate::replay::schedule::CatchUp;
 use vm_memory::{Bytes, GuestAddress};
 
+/// After how many sync-state intervals without one the primary makes a
+/// sync point for it.
+const OVERDUE_INTERVALS: u32 = 4;
+
 impl Engine {
     /// Primary, at a sync point just logged (its pages `carried`,
     /// ascending): log the rest of the machine's state too if the last such
@@ -53,6 +57,8 @@ impl Engine {
             // point executes up to it before it can catch up).
             tracing::debug!(pages = missing.len(), "sync state left out: too many pages");
             self.state_base = self.landmark;
+            // The next try is an interval away (not an overdue one now).
+            self.last_sync_state = Some(Instant::now());
             return Ok(());
         }
         let mut pages = Vec::with_capacity(missing.len());
@@ -82,6 +88,7 @@ impl Engine {
             Err(RunError::LogWrite(e)) if e.kind() == std::io::ErrorKind::StorageFull => {
                 tracing::debug!("sync state left out: {e}");
                 self.state_base = self.landmark;
+                self.last_sync_state = Some(Instant::now());
                 Ok(())
             }
             logged => {
@@ -94,6 +101,21 @@ impl Engine {
                 self.record_digest()
             }
         }
+    }
+
+    /// Primary: no sync point with state for four intervals. Sync points
+    /// come from ticks that land in long stretches without exits (user
+    /// mode); a guest whose kernel exits often makes none for seconds, and
+    /// a backup behind cannot catch up across such a stretch. So the
+    /// primary then makes one itself, at the next landmark. (Four, not
+    /// two: the sync-point budget spaces a memory-heavy guest's sync points
+    /// up to ~100 ms apart, and those carry states already.)
+    pub(super) fn sync_state_overdue(&self) -> bool {
+        let every = self.settings.sync_state_every;
+        self.role.recording()
+            && !every.is_zero()
+            && self.last_sync_state.unwrap_or(self.run_started).elapsed()
+                >= every.saturating_mul(OVERDUE_INTERVALS)
     }
 
     /// Backup, at a sync point it loaded after executing up to it: its own

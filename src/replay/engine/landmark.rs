@@ -111,9 +111,14 @@ impl Engine {
             }
             return self.end_live(Ending::Stopped).map(AfterKick::Stop);
         }
-        // A clone waits for a landmark: make one now.
+        // A clone waits for a landmark: make one now; so does an overdue
+        // sync state.
         let decision = self.kick_decision();
-        if decision == KickDecision::SyncNow || self.pending_clone.is_some() {
+        let for_state = std::mem::take(&mut self.state_kick_pending) && self.sync_state_overdue();
+        if decision == KickDecision::SyncNow || self.pending_clone.is_some() || for_state {
+            if for_state && decision != KickDecision::SyncNow {
+                self.stats.sync_points_for_state += 1;
+            }
             let began = self.real_now();
             if !self.make_sync_point()? {
                 return self.end_before_sync_point().map(AfterKick::Stop);
@@ -370,6 +375,13 @@ impl Engine {
             }
             if self.last_harvest.elapsed() >= HARVEST_EVERY {
                 self.harvest_dirty_pages()?;
+            }
+            if !self.state_kick_pending && self.sync_state_overdue() {
+                // The kick stays pending until the next KVM_RUN, which
+                // then returns at once, right after this exit's
+                // instruction completes: on_kick makes the sync point there.
+                self.state_kick_pending = true;
+                self.kicker.kick();
             }
         }
         self.decide_interrupt_window();

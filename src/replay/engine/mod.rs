@@ -169,6 +169,9 @@ pub struct Engine {
     /// When the primary last logged a sync point's state, at which
     /// landmark, and the pages written since (catch_up.rs).
     last_sync_state: Option<Instant>,
+    /// The primary kicked itself for an overdue sync state; the kick makes
+    /// the sync point (landmark.rs `on_kick`).
+    state_kick_pending: bool,
     state_base: u64,
     since_state: DirtyPages,
     /// The catch-ups so far, for other threads (status).
@@ -236,6 +239,7 @@ impl Engine {
             clone_tracking: false,
             pending_clone: None,
             last_sync_state: None,
+            state_kick_pending: false,
             state_base: 0,
             since_state: DirtyPages::default(),
             published_catch_ups: Arc::default(),

@@ -64,6 +64,9 @@ pub struct ExitStats {
     /// Sync points with the machine's state (`SyncState` records) logged
     /// (primary) or checked (backup).
     pub sync_states: u64,
+    /// Of the primary's sync points, those made only because a sync state
+    /// was overdue (catch_up.rs, `sync_state_overdue`).
+    pub sync_points_for_state: u64,
     /// Times a backup behind loaded a sync point with state instead of
     /// executing up to it, the landmarks it so skipped and the records of
     /// theirs it did not apply (catch_up.rs).
