@@ -46,20 +46,50 @@ impl Engine {
         if !due || !self.role.recording() {
             return Ok(());
         }
-        let written = self.since_state.take();
-        let missing: Vec<u64> = written
+        let logged = match self.sync_state_record(device_unflushed, carried)? {
+            None => false,
+            Some(record) => match self.log(record) {
+                Err(RunError::LogWrite(e)) if e.kind() == std::io::ErrorKind::StorageFull => {
+                    tracing::debug!("sync state left out: {e}");
+                    false
+                }
+                logged => {
+                    logged?;
+                    true
+                }
+            },
+        };
+        // Logged or left out, the next one covers what is written from here
+        // (a backup before a left-out one executes up to it before it can
+        // catch up), and is an interval away.
+        self.last_sync_state = Some(Instant::now());
+        self.state_base = self.landmark;
+        if !logged {
+            return Ok(());
+        }
+        self.stats.sync_states += 1;
+        // A backup that catches up here checks the whole machine right after
+        // loading it.
+        self.record_digest()
+    }
+
+    /// The `SyncState` record for this landmark: every page written since
+    /// the last one that the sync point does not carry, the devices, clock
+    /// and signatures. None when the pages do not fit in one record.
+    fn sync_state_record(
+        &mut self,
+        device_unflushed: bool,
+        carried: &[u64],
+    ) -> Result<Option<Record>, RunError> {
+        let missing: Vec<u64> = self
+            .since_state
+            .take()
             .into_iter()
             .filter(|gpa| carried.binary_search(gpa).is_err())
             .collect();
         if missing.len() > MAX_PAGES_PER_RECORD {
-            // Too many for one record: no sync state here, and the next one
-            // covers only what is written from here (a backup before this
-            // point executes up to it before it can catch up).
             tracing::debug!(pages = missing.len(), "sync state left out: too many pages");
-            self.state_base = self.landmark;
-            // The next try is an interval away (not an overdue one now).
-            self.last_sync_state = Some(Instant::now());
-            return Ok(());
+            return Ok(None);
         }
         let mut pages = Vec::with_capacity(missing.len());
         for gpa in missing {
@@ -72,7 +102,7 @@ impl Engine {
         }
         let devices = serde_json::to_vec(&self.platform.save())
             .map_err(|e| RunError::LogWrite(std::io::Error::other(e)))?;
-        let record = Record::SyncState {
+        Ok(Some(Record::SyncState {
             landmark: self.landmark,
             state: Box::new(ResumeState {
                 clock: self.clock,
@@ -83,24 +113,7 @@ impl Engine {
                 since: self.state_base,
                 pages,
             }),
-        };
-        match self.log(record) {
-            Err(RunError::LogWrite(e)) if e.kind() == std::io::ErrorKind::StorageFull => {
-                tracing::debug!("sync state left out: {e}");
-                self.state_base = self.landmark;
-                self.last_sync_state = Some(Instant::now());
-                Ok(())
-            }
-            logged => {
-                logged?;
-                self.last_sync_state = Some(Instant::now());
-                self.state_base = self.landmark;
-                self.stats.sync_states += 1;
-                // A backup that catches up here checks the whole machine
-                // right after loading it.
-                self.record_digest()
-            }
-        }
+        }))
     }
 
     /// Primary: no sync point with state for four intervals. Sync points
