@@ -122,7 +122,7 @@ fn spawn_stdin_reader(kicker: Kicker) -> Receiver<Vec<u8>> {
             let mut buf = [0u8; 256];
             loop {
                 match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
+                    Ok(0) | Err(_) => break,
                     Ok(n) => {
                         if tx.send(buf[..n].to_vec()).is_err() {
                             return;
@@ -131,6 +131,9 @@ fn spawn_stdin_reader(kicker: Kicker) -> Receiver<Vec<u8>> {
                     }
                 }
             }
+            // A closed stdin is news too: the engine forgets the channel.
+            drop(tx);
+            kicker.kick();
         });
     rx
 }

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use thiserror::Error;
 
 use super::log::{record_cost, LogError, LogReader, Record, ResumeState};
@@ -131,6 +131,13 @@ pub enum LiveItem {
 /// Records arriving from a primary through a channel; the channel closing
 /// is the end of the stream. `queued` counts what the channel holds
 /// (`log::record_cost`), so the receiver can bound it.
+///
+/// A std channel, not crossbeam's: crossbeam's blocking receive calls
+/// `sched_yield` four times before it parks, and on a host CPU shared with
+/// a busy thread (the primary's vCPU, another guest) each yield gives that
+/// thread a whole time slice; the backup's vCPU, which waits here every
+/// time it drains the queue, got 2% of a shared CPU (measured,
+/// docs/benchmarks.md). std's parks without yielding.
 pub struct LiveSource {
     rx: Receiver<LiveItem>,
     queued: Arc<AtomicU64>,
@@ -708,8 +715,8 @@ mod tests {
         );
     }
 
-    fn live() -> (crossbeam_channel::Sender<LiveItem>, Schedule) {
-        let (tx, rx) = crossbeam_channel::bounded(16);
+    fn live() -> (std::sync::mpsc::SyncSender<LiveItem>, Schedule) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(16);
         (
             tx,
             Schedule::new(Box::new(LiveSource::new(rx, Default::default()))),

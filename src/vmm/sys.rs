@@ -114,8 +114,11 @@ fn install_kick_handler() -> Result<(), errno::Error> {
 #[derive(Debug, Default)]
 struct KickTarget {
     /// Cleared (under the lock) before the thread stops running its loop,
-    /// so a kick never signals a thread that may have exited.
-    thread: Mutex<Option<libc::pthread_t>>,
+    /// so a kick never signals a thread that may have exited. The
+    /// `Thread` handle is unparked too: a vCPU thread waiting for input
+    /// outside KVM_RUN parks (`Engine::wait_for_input`) and every feeder of
+    /// its inputs kicks after sending.
+    thread: Mutex<Option<(libc::pthread_t, std::thread::Thread)>>,
 }
 
 /// A handle that kicks a vCPU thread out of KVM_RUN from any other thread.
@@ -135,10 +138,13 @@ impl Kicker {
         }
     }
 
-    /// Interrupt the registered thread's KVM_RUN (or its next one).
+    /// Interrupt the registered thread's KVM_RUN (or its next one), and
+    /// wake it if it is parked waiting for input.
     pub fn kick(&self) {
-        let thread = self.target.thread.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(thread) = *thread {
+        let registered = self.target.thread.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((thread, handle)) = registered.as_ref() {
+            handle.unpark();
+            let thread = *thread;
             // SAFETY: the id is of a thread that is still running its vCPU
             // loop: `VcpuThreadGuard::drop` clears it under this same lock
             // before the loop returns, so while we hold the lock the thread
@@ -225,7 +231,7 @@ pub fn register_vcpu_thread(
         .target
         .thread
         .lock()
-        .unwrap_or_else(|p| p.into_inner()) = Some(me);
+        .unwrap_or_else(|p| p.into_inner()) = Some((me, std::thread::current()));
     Ok(VcpuThreadGuard {
         target: kicker.target.clone(),
         old_mask,

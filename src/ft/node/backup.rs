@@ -138,7 +138,7 @@ pub fn run_backup_from(
         .context("installing signal handlers")?;
     let (news_tx, news_rx) = crossbeam_channel::bounded(4);
     let (main_tx, main_rx) = crossbeam_channel::bounded(4);
-    let (live_tx, live_rx) = crossbeam_channel::unbounded();
+    let (live_tx, live_rx) = std::sync::mpsc::channel();
     let queued = Arc::new(AtomicU64::new(0));
     let shadow = Arc::new(Mutex::new(ShadowOutputs::new(OutputBounds {
         max_bytes: 128 << 20,
@@ -195,6 +195,7 @@ pub fn run_backup_from(
                         arbiter_tx,
                     },
                     decoder: None,
+                    decoding: None,
                     live_tx: Some(live_tx),
                     queued,
                     unacked: VecDeque::new(),
@@ -430,7 +431,7 @@ pub fn run_backup_from(
 /// outputs the primary may not have let out: their copies must be in the
 /// shadow if this side goes live.
 fn live_schedule(
-    live_rx: crossbeam_channel::Receiver<LiveItem>,
+    live_rx: std::sync::mpsc::Receiver<LiveItem>,
     queued: Arc<AtomicU64>,
     shadow: Arc<Mutex<ShadowOutputs<Output>>>,
 ) -> Schedule {

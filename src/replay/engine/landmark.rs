@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crossbeam_channel::{Select, TryRecvError};
+use crossbeam_channel::TryRecvError;
 
 use super::interrupt_window::{self, WindowState};
 use super::pending_input::MAX_HELD_SERIAL_INPUT;
@@ -16,6 +16,12 @@ use crate::replay::digest;
 use crate::replay::engine::Role;
 use crate::replay::log::{EndReason, Record};
 use crate::vmm::sys;
+
+/// Longest a halted guest's thread parks before it looks at its inputs
+/// again, kick or not: every feeder kicks after sending, so this only
+/// bounds what a missed kick could cost (and wakes an idle VM ten times a
+/// second).
+const INPUT_PARK_AT_MOST: Duration = Duration::from_millis(100);
 
 /// What processing a landmark led to.
 pub(super) enum AtLandmark {
@@ -658,24 +664,22 @@ impl Engine {
 
     /// Sleep until an input channel has something (or closed), or
     /// `deadline`. False if nothing could ever wake the guest.
+    ///
+    /// The channels are polled and the thread parks between polls; every
+    /// feeder kicks after sending, and a kick unparks this thread
+    /// (`Kicker::kick`). Not crossbeam's `Select`: it calls `sched_yield`
+    /// four times before blocking, and on a host CPU shared with a busy
+    /// thread each yield hands that thread a whole time slice (measured,
+    /// docs/benchmarks.md, "A shared host CPU").
     fn wait_for_input(&mut self, deadline: Option<std::time::Instant>) -> bool {
-        let mut select = Select::new();
-        let control = self.control_open.then(|| select.recv(&self.inputs.control));
-        let serial = self
-            .inputs
-            .serial
-            .as_ref()
-            .filter(|_| self.input.0.len() < MAX_HELD_SERIAL_INPUT)
-            .map(|rx| select.recv(rx));
+        let serial_room = self.input.0.len() < MAX_HELD_SERIAL_INPUT;
         // A held frame waits for the guest's buffers, which only an
         // interrupt (a timer, another input) can lead it to post.
-        let net = self
-            .inputs
-            .net
-            .as_ref()
-            .filter(|_| self.held_frame.is_none())
-            .map(|rx| select.recv(rx));
-        if control.is_none() && serial.is_none() && net.is_none() {
+        let net_room = self.held_frame.is_none();
+        let watching = self.control_open
+            || (serial_room && self.inputs.serial.is_some())
+            || (net_room && self.inputs.net.is_some());
+        if !watching {
             return match deadline {
                 None => false,
                 Some(d) => {
@@ -684,39 +688,64 @@ impl Engine {
                 }
             };
         }
-        let index = match deadline {
-            Some(d) => match select.ready_deadline(d) {
-                Ok(i) => i,
-                Err(_) => return true,
-            },
-            None => select.ready(),
-        };
-        // Take the item from the ready channel; a closed channel is ready
-        // for ever, so it is forgotten.
-        if Some(index) == control {
+        loop {
+            if self.take_one_input(serial_room, net_room) {
+                return true;
+            }
+            let now = std::time::Instant::now();
+            let until = match deadline {
+                Some(d) if d <= now => return true,
+                Some(d) => d.min(now + INPUT_PARK_AT_MOST),
+                None => now + INPUT_PARK_AT_MOST,
+            };
+            std::thread::park_timeout(until - now);
+        }
+    }
+
+    /// Take one item (or a closing) from the first input channel that has
+    /// one: control, then serial input (if `serial_room`), then a frame (if
+    /// `net_room`). A closed channel is forgotten. False if none had any.
+    fn take_one_input(&mut self, serial_room: bool, net_room: bool) -> bool {
+        if self.control_open {
             match self.inputs.control.try_recv() {
-                Ok(msg) => self.held_control.push_back(msg),
-                Err(TryRecvError::Disconnected) => self.control_open = false,
+                Ok(msg) => {
+                    self.held_control.push_back(msg);
+                    return true;
+                }
+                Err(TryRecvError::Disconnected) => {
+                    self.control_open = false;
+                    return true;
+                }
                 Err(TryRecvError::Empty) => {}
             }
-        } else if Some(index) == serial {
-            if let Some(rx) = &self.inputs.serial {
-                match rx.try_recv() {
-                    Ok(bytes) => self.input.0.extend(bytes),
-                    Err(TryRecvError::Disconnected) => self.inputs.serial = None,
-                    Err(TryRecvError::Empty) => {}
+        }
+        if let Some(rx) = self.inputs.serial.as_ref().filter(|_| serial_room) {
+            match rx.try_recv() {
+                Ok(bytes) => {
+                    self.input.0.extend(bytes);
+                    return true;
                 }
-            }
-        } else if Some(index) == net {
-            if let Some(rx) = &self.inputs.net {
-                match rx.try_recv() {
-                    Ok(frame) => self.held_frame = Some(frame),
-                    Err(TryRecvError::Disconnected) => self.inputs.net = None,
-                    Err(TryRecvError::Empty) => {}
+                Err(TryRecvError::Disconnected) => {
+                    self.inputs.serial = None;
+                    return true;
                 }
+                Err(TryRecvError::Empty) => {}
             }
         }
-        true
+        if let Some(rx) = self.inputs.net.as_ref().filter(|_| net_room) {
+            match rx.try_recv() {
+                Ok(frame) => {
+                    self.held_frame = Some(frame);
+                    return true;
+                }
+                Err(TryRecvError::Disconnected) => {
+                    self.inputs.net = None;
+                    return true;
+                }
+                Err(TryRecvError::Empty) => {}
+            }
+        }
+        false
     }
 
     /// Primary, at a landmark: the backup will have executed everything up

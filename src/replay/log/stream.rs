@@ -43,6 +43,19 @@ impl RecordDecoder {
         self.buf.len() - self.consumed
     }
 
+    /// Whether a whole frame is buffered: `next_record` has something to
+    /// decode (a record, or an error for a bad frame).
+    pub fn holds_a_frame(&self) -> bool {
+        let rest = &self.buf[self.consumed..];
+        if rest.len() < 4 {
+            return false;
+        }
+        match self.assembler.frame_len(rest[..4].try_into().unwrap()) {
+            Ok(len) => rest.len() >= len + FRAME_OVERHEAD - 1,
+            Err(_) => true,
+        }
+    }
+
     /// The next complete record; None when more bytes are needed. Every
     /// length is checked before anything is allocated, and a frame is
     /// decoded only once it is whole and its checksum holds.

@@ -24,6 +24,14 @@ use crate::replay::engine::{Control, Output};
 use crate::replay::log::{record_cost, LogHeader, RecordDecoder};
 use crate::replay::schedule::LiveItem;
 
+/// Most record bytes (`log::record_cost`) one turn decodes. A few kilobytes
+/// of log can stand for thousands of pages (a zero or unchanged page costs a
+/// few bytes), and the thread that decodes them also sends the acks and
+/// heartbeats: a 256 KiB read decoded in one go took this thread over a
+/// second on a busy host CPU and its primary judged it silent (measured,
+/// docs/benchmarks.md, "A shared host CPU").
+const DECODE_PER_TURN: u64 = 8 << 20;
+
 /// The link thread's state.
 pub(super) struct BackupPump {
     pub(super) clock: Clock,
@@ -35,11 +43,15 @@ pub(super) struct BackupPump {
     pub(super) arbitration: Arbitration,
     pub(super) decoder: Option<RecordDecoder>,
     /// To the replaying engine; dropped when no more log will come.
-    pub(super) live_tx: Option<Sender<LiveItem>>,
+    pub(super) live_tx: Option<std::sync::mpsc::Sender<LiveItem>>,
     /// Bytes queued for the engine (`log::record_cost`).
     pub(super) queued: Arc<AtomicU64>,
     /// Watermarks queued but not yet acknowledged (queue over its bound).
     pub(super) unacked: VecDeque<u64>,
+    /// The watermark of log bytes the decoder holds but has not turned
+    /// into records yet (at most [`DECODE_PER_TURN`] a turn); no further
+    /// link event is taken until it is out.
+    pub(super) decoding: Option<u64>,
     pub(super) shadow: Arc<Mutex<ShadowOutputs<Output>>>,
     pub(super) verdict_rx: Receiver<Verdict>,
     pub(super) main_rx: Receiver<MainNews>,
@@ -286,44 +298,77 @@ impl BackupPump {
         }
     }
 
-    /// Decode log bytes into records for the engine, then the watermark.
-    fn queue_log(&mut self, bytes: &[u8], watermark: u64) -> Result<(), String> {
-        let (Some(decoder), Some(tx)) = (self.decoder.as_mut(), self.live_tx.as_ref()) else {
-            return Ok(());
+    /// Take log bytes that end at `watermark`, to be decoded.
+    fn queue_log(&mut self, bytes: &[u8], watermark: u64) {
+        if let Some(decoder) = self.decoder.as_mut() {
+            decoder.push(bytes);
+            self.decoding = Some(watermark);
+        }
+    }
+
+    /// Turn the held log bytes into records for the engine, up to `budget`
+    /// bytes of records (`log::record_cost`) and only while the replay
+    /// queue is within its bound (None: all of them, the log is over), then
+    /// the watermark. True when nothing is left to decode; `spent` grows
+    /// by what was decoded.
+    fn decode(&mut self, budget: Option<u64>, spent: &mut u64) -> Result<bool, String> {
+        let Some(watermark) = self.decoding else {
+            return Ok(true);
         };
-        decoder.push(bytes);
+        let (Some(decoder), Some(tx)) = (self.decoder.as_mut(), self.live_tx.as_ref()) else {
+            self.decoding = None;
+            return Ok(true);
+        };
         loop {
+            let held_back = budget.is_some_and(|budget| {
+                *spent >= budget || self.queued.load(Ordering::Relaxed) > REPLAY_QUEUE_BYTES
+            });
+            if held_back && decoder.holds_a_frame() {
+                return Ok(false);
+            }
             match decoder.next_record() {
                 Ok(Some(record)) => {
-                    self.queued
-                        .fetch_add(record_cost(&record), Ordering::Relaxed);
+                    let cost = record_cost(&record);
+                    *spent += cost;
+                    self.queued.fetch_add(cost, Ordering::Relaxed);
                     if tx.send(LiveItem::Record(record)).is_err() {
-                        return Ok(());
+                        self.decoding = None;
+                        return Ok(true);
                     }
                 }
                 Ok(None) => break,
-                Err(e) => return Err(format!("the primary's log is corrupt: {e}")),
+                Err(e) => {
+                    self.decoding = None;
+                    return Err(format!("the primary's log is corrupt: {e}"));
+                }
             }
         }
         let _ = tx.send(LiveItem::Watermark(watermark));
         self.unacked.push_back(watermark);
-        Ok(())
+        self.decoding = None;
+        Ok(true)
     }
 
     fn handle_events(&mut self) -> Result<()> {
-        while let Some(event) = self.link.as_mut().and_then(|l| l.poll_event()) {
+        let mut spent = 0;
+        loop {
+            // Log bytes held come first, in order: no later event is taken
+            // until their records and watermark are out.
+            match self.decode(Some(DECODE_PER_TURN), &mut spent) {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
+                Err(reason) => self.refuse_log(&reason),
+            }
+            let Some(event) = self.link.as_mut().and_then(|l| l.poll_event()) else {
+                return Ok(());
+            };
             match event {
                 BackupEvent::Records {
                     log_bytes,
                     watermark,
                 } => {
                     tracing::trace!(watermark, bytes = log_bytes.len(), "backup: records");
-                    if let Err(reason) = self.queue_log(&log_bytes, watermark) {
-                        // Authenticated but undecodable: a broken primary. Stop
-                        // taking its log; the failover machine decides.
-                        eprintln!("twinvm backup: {reason}");
-                        self.link().close(&reason);
-                    }
+                    self.queue_log(&log_bytes, watermark);
                 }
                 BackupEvent::Released { released } => self
                     .shadow
@@ -351,7 +396,15 @@ impl BackupPump {
                 }
             }
         }
-        Ok(())
+    }
+
+    /// Authenticated but undecodable log: a broken primary. Stop taking its
+    /// log; the failover machine decides.
+    fn refuse_log(&mut self, reason: &str) {
+        eprintln!("twinvm backup: {reason}");
+        if let Some(link) = self.link.as_mut() {
+            link.close(reason);
+        }
     }
 
     fn failover_event(&mut self, event: FailoverEvent) {
@@ -373,6 +426,10 @@ impl BackupPump {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .log_finished();
+                    // What was received and not decoded yet is replayed too.
+                    if let Err(reason) = self.decode(None, &mut 0) {
+                        eprintln!("twinvm backup: {reason}");
+                    }
                     self.unacked.clear();
                     self.live_tx = None;
                 }
@@ -462,9 +519,14 @@ impl BackupPump {
     /// Sleep until something arrives or a timer is due.
     fn wait(&mut self) -> Result<()> {
         let now = self.clock.now();
-        // Short while acks wait for the replay queue to drain.
+        // Short while acks or held log bytes wait for the replay queue to
+        // drain; no wait while held bytes can be decoded now.
         let mut deadline = now
-            + if self.unacked.is_empty() {
+            + if self.decoding.is_some()
+                && self.queued.load(Ordering::Relaxed) <= REPLAY_QUEUE_BYTES
+            {
+                Duration::ZERO
+            } else if self.unacked.is_empty() && self.decoding.is_none() {
                 Duration::from_millis(100)
             } else {
                 Duration::from_millis(2)

@@ -12,7 +12,7 @@ use crate::ft::link::{Hello, LinkConfig, PrimaryEvent, PrimaryLink};
 use crate::ft::node::status::PairStatus;
 use crate::ft::node::{ArbiterRequest, ArbiterSettings};
 use crate::ft::output::OutputBounds;
-use crate::replay::log::LogHeader;
+use crate::replay::log::{LogHeader, Record};
 use crate::vmm::Kicker;
 
 const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
@@ -47,7 +47,7 @@ struct Around {
     primary: PrimaryLink,
     /// The primary's end of the socket the pump writes to.
     wire: TcpStream,
-    live_rx: Receiver<LiveItem>,
+    live_rx: std::sync::mpsc::Receiver<LiveItem>,
     _keep: (Receiver<ArbiterRequest>, Sender<Verdict>, Sender<MainNews>),
     _keep_more: (Receiver<LinkNews>, Receiver<Control>),
 }
@@ -131,7 +131,7 @@ fn established_pump() -> (BackupPump, Around) {
     let (main_tx, main_rx) = crossbeam_channel::unbounded();
     let (news_tx, news_rx) = crossbeam_channel::unbounded();
     let (control_tx, control_rx) = crossbeam_channel::unbounded();
-    let (live_tx, live_rx) = crossbeam_channel::unbounded();
+    let (live_tx, live_rx) = std::sync::mpsc::channel();
     let pump = BackupPump {
         clock,
         cfg,
@@ -144,6 +144,7 @@ fn established_pump() -> (BackupPump, Around) {
             arbiter_tx,
         },
         decoder: Some(RecordDecoder::new(&header())),
+        decoding: None,
         live_tx: Some(live_tx),
         queued: Arc::new(AtomicU64::new(0)),
         unacked: VecDeque::new(),
@@ -243,4 +244,118 @@ fn acknowledgements_wait_while_the_replay_queue_is_over_its_bound() {
     pump.turn().unwrap();
     assert!(pump.unacked.is_empty());
     assert_eq!(primary_hears_ack(&pump, &mut around), Some(5));
+}
+
+/// The primary's log bytes for these records (frames, no file header).
+fn log_bytes(records: &[Record]) -> Vec<u8> {
+    let mut w = crate::replay::log::LogWriter::new(Vec::new(), &header()).unwrap();
+    let start = w.written().0 as usize;
+    for r in records {
+        w.append(r).unwrap();
+    }
+    w.into_inner()[start..].to_vec()
+}
+
+/// A sync point at `landmark` carrying every page of the test guest, all
+/// zero: a few bytes each on the wire, a whole page each decoded.
+fn zero_page_sync_point(landmark: u64) -> Record {
+    let pages = (0..header().mem_bytes / 4096)
+        .map(|n| (n * 4096, vec![0u8; 4096]))
+        .collect();
+    Record::SyncPoint {
+        landmark,
+        cpu: Box::new(crate::replay::log::CpuStateBytes {
+            regs: vec![0; 144],
+            xsave: vec![0; 4096],
+            ..Default::default()
+        }),
+        vmm_state: vec![0; 26],
+        pages,
+    }
+}
+
+#[test]
+fn a_small_read_that_decodes_to_much_is_spread_over_turns_with_its_watermark_last() {
+    let (mut pump, mut around) = established_pump();
+    pump.turn().unwrap();
+    // Five sync points of 512 zero pages: ~2 MiB each decoded, a few
+    // kilobytes on the wire, more than one turn may decode.
+    let records: Vec<Record> = (1..=5).map(zero_page_sync_point).collect();
+    let bytes = log_bytes(&records);
+    assert!(bytes.len() < 64 << 10, "{} bytes on the wire", bytes.len());
+    around.primary.push_log(&bytes, 9).unwrap();
+    let now = pump.clock.now();
+    while let Some(frame) = around.primary.poll_transmit(now) {
+        apply_socket_event(pump.link(), Ok(SocketEvent::Bytes(frame)), now);
+    }
+    let mut got = Vec::new();
+    let mut turns = 0;
+    loop {
+        pump.turn().unwrap();
+        turns += 1;
+        let before = got.len();
+        while let Ok(item) = around.live_rx.try_recv() {
+            got.push(item);
+        }
+        let spent: u64 = got[before..]
+            .iter()
+            .map(|item| match item {
+                LiveItem::Record(r) => record_cost(r),
+                LiveItem::Watermark(_) => 0,
+            })
+            .sum();
+        // A turn stops at the first record past its budget.
+        assert!(
+            spent < DECODE_PER_TURN + (3 << 20),
+            "{spent} bytes in one turn"
+        );
+        if matches!(got.last(), Some(LiveItem::Watermark(_))) || turns == 20 {
+            break;
+        }
+        // No ack before the watermark's records are all out.
+        assert!(pump.unacked.is_empty());
+        assert!(pump.decoding.is_some());
+    }
+    let costs: Vec<u64> = got
+        .iter()
+        .map(|i| match i {
+            LiveItem::Record(r) => record_cost(r),
+            _ => 0,
+        })
+        .collect();
+    assert!(turns > 1, "decoded in {turns} turn(s): {costs:?}");
+    let (last, firsts) = got.split_last().unwrap();
+    assert_eq!(last, &LiveItem::Watermark(9));
+    let decoded: Vec<Record> = firsts
+        .iter()
+        .filter_map(|item| match item {
+            LiveItem::Record(r @ Record::SyncPoint { .. }) => Some(r.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(decoded.len(), 5);
+    assert_eq!(primary_hears_ack(&pump, &mut around), Some(9));
+}
+
+#[test]
+fn held_log_waits_while_the_replay_queue_is_over_its_bound() {
+    let (mut pump, mut around) = established_pump();
+    pump.turn().unwrap();
+    pump.queued.store(REPLAY_QUEUE_BYTES + 1, Ordering::Relaxed);
+    let bytes = log_bytes(&[zero_page_sync_point(1), zero_page_sync_point(2)]);
+    around.primary.push_log(&bytes, 4).unwrap();
+    let now = pump.clock.now();
+    while let Some(frame) = around.primary.poll_transmit(now) {
+        apply_socket_event(pump.link(), Ok(SocketEvent::Bytes(frame)), now);
+    }
+    pump.turn().unwrap();
+    assert!(around.live_rx.try_recv().is_err(), "decoded past the bound");
+    assert_eq!(pump.decoding, Some(4));
+    // The engine drained the queue: the held records, then the watermark.
+    pump.queued.store(0, Ordering::Relaxed);
+    pump.turn().unwrap();
+    let items: Vec<LiveItem> = around.live_rx.try_iter().collect();
+    assert_eq!(items.len(), 3, "{items:?}");
+    assert_eq!(items[2], LiveItem::Watermark(4));
+    assert_eq!(primary_hears_ack(&pump, &mut around), Some(4));
 }
