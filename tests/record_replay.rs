@@ -792,6 +792,25 @@ fn kernels_whose_reads_cannot_be_trapped_are_refused_by_record() {
     );
 }
 
+/// Replay `log` (of `guest`, 64 MiB) twice: executing everything, which
+/// must be identical to `recorded` and check each of its `states` sync
+/// states, then with catch-up, which must end identical. The catch-up
+/// replay and the landmarks it skipped.
+fn replay_then_catch_up(
+    log: &str,
+    guest: &str,
+    recorded: &Finished,
+    states: u64,
+) -> (Finished, u64) {
+    let replayed = replay(log, guest, "64M");
+    assert_identical(recorded, &replayed);
+    assert_eq!(stat(&replayed.stderr, "with state"), states);
+    let caught_up = replay_with(log, guest, "64M", &["--catch-up"]);
+    assert_ends_identical(&caught_up);
+    let skipped = stat(&caught_up.stderr, "landmarks and");
+    (caught_up, skipped)
+}
+
 #[test]
 fn a_replay_that_catches_up_loads_sync_points_with_state_and_ends_identical() {
     let dir = TempDir::new("catch-up");
@@ -800,16 +819,11 @@ fn a_replay_that_catches_up_loads_sync_points_with_state_and_ends_identical() {
     let states = stat(&recorded.stderr, "with state");
     assert!(states > 100, "{}", recorded.stderr);
     assert_eq!(states, stat(&recorded.stderr, "sync points"));
-    // A replay that executes everything checks its state at each of them.
-    let replayed = replay(&log, "storm", "64M");
-    assert_identical(&recorded, &replayed);
-    assert_eq!(stat(&replayed.stderr, "with state"), states);
-    // One that catches up loads them instead, executes only the last
+    // A replay that executes everything checks its state at each of them;
+    // one that catches up loads them instead, executes only the last
     // stretch, and its final digest still finds the recording's state.
-    let caught_up = replay_with(&log, "storm", "64M", &["--catch-up"]);
-    assert_ends_identical(&caught_up);
+    let (caught_up, skipped) = replay_then_catch_up(&log, "storm", &recorded, states);
     let jumps = stat(&caught_up.stderr, "times");
-    let skipped = stat(&caught_up.stderr, "landmarks and");
     let landmarks = stat(&recorded.stderr, "landmarks");
     assert!(jumps + 2 >= states, "{} of {states}", jumps);
     assert!(
@@ -836,12 +850,7 @@ fn a_guest_that_never_needs_a_sync_point_still_gets_sync_states() {
         recorded.stderr
     );
     assert_eq!(made, states, "{}", recorded.stderr);
-    let replayed = replay(&log, "portio", "64M");
-    assert_identical(&recorded, &replayed);
-    assert_eq!(stat(&replayed.stderr, "with state"), states);
-    let caught_up = replay_with(&log, "portio", "64M", &["--catch-up"]);
-    assert_ends_identical(&caught_up);
-    let skipped = stat(&caught_up.stderr, "landmarks and");
+    let (_, skipped) = replay_then_catch_up(&log, "portio", &recorded, states);
     let landmarks = stat(&recorded.stderr, "landmarks");
     assert!(
         skipped * 10 > landmarks * 8,
