@@ -664,7 +664,7 @@ fn malformed_logs_are_refused_with_clear_errors() {
         digest_at(64) + 1,
         Record::SyncPages {
             landmark: 70,
-            pages: vec![(0x3000000, vec![0x5a; 4096])],
+            pages: vec![(0x3000000, vec![0x5a; 4096].into())],
         },
     );
     let edited = path_in(&dir, "orphan.log");

@@ -634,7 +634,7 @@ mod tests {
                 device_unflushed: false,
                 devices: b"{}".to_vec(),
                 since,
-                pages: vec![(0x5000, vec![landmark as u8; 4096])],
+                pages: vec![(0x5000, vec![landmark as u8; 4096].into())],
             }),
         }
     }

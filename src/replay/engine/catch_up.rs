@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use super::{Engine, RunError};
 use crate::devices::PlatformState;
-use crate::replay::log::{Record, ResumeState, MAX_PAGES_PER_RECORD, PAGE_SIZE};
+use crate::replay::log::{PageData, Record, ResumeState, MAX_PAGES_PER_RECORD, PAGE_SIZE};
 use crate::replay::schedule::CatchUp;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -92,12 +92,12 @@ impl Engine {
             return Ok(None);
         }
         let mut pages = Vec::with_capacity(missing.len());
+        let mut page = [0u8; PAGE_SIZE];
         for gpa in missing {
-            let mut page = vec![0u8; PAGE_SIZE];
             // A page that cannot be read is not RAM (a sync point leaves it
             // out alike).
             if self.vm.mem.read_slice(&mut page, GuestAddress(gpa)).is_ok() {
-                pages.push((gpa, page));
+                pages.push((gpa, PageData::from(&page[..])));
             }
         }
         let devices = serde_json::to_vec(&self.platform.save())
@@ -162,7 +162,7 @@ impl Engine {
                 self.vm
                     .mem
                     .read_slice(&mut page, GuestAddress(*gpa))
-                    .map_or(true, |()| page != *data)
+                    .map_or(true, |()| page[..] != data[..])
             })
             .take(8)
             .map(|(gpa, _)| format!("{gpa:#x}"))

@@ -9,7 +9,9 @@ use vm_memory::Bytes;
 use super::landmark::hex;
 use super::{Engine, Role, RunError};
 use crate::replay::digest::{self, LandmarkKind, MemoryHash};
-use crate::replay::log::{CpuStateBytes, PageHash, Record, StateDigest, SyncPage, PAGE_SIZE};
+use crate::replay::log::{
+    CpuStateBytes, PageData, PageHash, Record, StateDigest, SyncPage, PAGE_SIZE,
+};
 use crate::vmm::layout;
 use crate::vmm::vm::{GuestWrite, Vm};
 
@@ -186,7 +188,7 @@ impl Engine {
     /// into guest memory, and count them.
     pub(super) fn load_pages(
         &mut self,
-        pages: &[(u64, Vec<u8>)],
+        pages: &[(u64, PageData)],
         what: &str,
     ) -> Result<(), RunError> {
         for (gpa, data) in pages {

@@ -299,7 +299,7 @@ impl SyncPointReader {
 
 /// Format 3's page list: `u32 count`, `count × gpa`, then the contents
 /// packed.
-fn decode_pages_v3(d: &mut Dec) -> Result<Vec<(u64, Vec<u8>)>, String> {
+fn decode_pages_v3(d: &mut Dec) -> Result<Pages, String> {
     let n = d.u32()? as usize;
     if n > MAX_PAGES_PER_RECORD {
         return Err(format!(
@@ -327,7 +327,7 @@ fn decode_pages_v3(d: &mut Dec) -> Result<Vec<(u64, Vec<u8>)>, String> {
     Ok(gpas
         .into_iter()
         .zip(contents.chunks_exact(PAGE_SIZE))
-        .map(|(gpa, data)| (gpa, data.to_vec()))
+        .map(|(gpa, data)| (gpa, PageData::from(data)))
         .collect())
 }
 

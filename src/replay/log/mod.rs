@@ -12,6 +12,7 @@ use thiserror::Error;
 mod codec;
 mod cpu_state;
 mod delta;
+mod page_data;
 mod pages;
 mod reader;
 mod stream;
@@ -21,6 +22,7 @@ mod writer;
 
 use codec::{decode_header, encode_header, Dec};
 pub use cpu_state::StateStats;
+pub use page_data::PageData;
 pub use pages::{
     PageContents, PageStats, SyncPage, DEFAULT_PAGE_CACHE_PAGES, MAX_PAGE_CACHE_PAGES,
 };
@@ -183,7 +185,8 @@ impl LogHeader {
 }
 
 /// About how many bytes of memory a decoded record holds (to bound a queue
-/// of them).
+/// of them): every page counts whole, also one it shares with the page
+/// cache or the zero page, so this is an upper bound.
 pub fn record_cost(record: &Record) -> u64 {
     let bytes = match record {
         Record::SyncPoint { pages, cpu, .. } => pages.len() * PAGE_SIZE + cpu.xsave.len() + 1024,
@@ -312,14 +315,11 @@ pub enum Record {
         landmark: u64,
         cpu: Box<CpuStateBytes>,
         vmm_state: Vec<u8>,
-        pages: Vec<(u64, Vec<u8>)>,
+        pages: Pages,
     },
     /// Pages of the sync point at this landmark that did not fit in its
     /// record (written before it; the reader merges them into it).
-    SyncPages {
-        landmark: u64,
-        pages: Vec<(u64, Vec<u8>)>,
-    },
+    SyncPages { landmark: u64, pages: Pages },
     /// The rest of the machine's state at the sync point of this landmark
     /// (written after it; format 7). Not every sync point has one.
     SyncState {
@@ -377,7 +377,7 @@ impl Record {
 }
 
 /// Guest pages and their contents, as records carry them.
-pub type Pages = Vec<(u64, Vec<u8>)>;
+pub type Pages = Vec<(u64, PageData)>;
 
 /// A log that cannot be read, with where.
 #[derive(Debug, Error)]

@@ -12,9 +12,11 @@
 //! page, which the writer and every reader of one log (or one live stream)
 //! keep alike, because they apply the same page blocks in the same order
 //! under the same bounded, deterministic eviction rule. A reader hands out
-//! whole pages, so the backup writes them as before. Every delta and every
-//! "unchanged" page names its base by CRC-32: a cache out of step is an
-//! error naming the page, never a wrong page.
+//! whole pages, so the backup writes them as before; a reader's cache and
+//! the records it hands out share those pages (`PageData`), so an
+//! unchanged or zero page costs no copy. Every delta and every "unchanged"
+//! page names its base by CRC-32: a cache out of step is an error naming
+//! the page, never a wrong page.
 
 use std::collections::{HashSet, VecDeque};
 
@@ -22,7 +24,7 @@ use rustc_hash::FxHashMap;
 
 use super::codec::{Dec, Enc};
 use super::delta::{apply_runs, encode_runs, put_varint, read_varint};
-use super::{MAX_PAGES_PER_RECORD, PAGE_SIZE};
+use super::{PageData, Pages, MAX_PAGES_PER_RECORD, PAGE_SIZE};
 
 /// Pages a writer's cache holds unless told otherwise (64 MiB of contents).
 pub const DEFAULT_PAGE_CACHE_PAGES: u32 = 16_384;
@@ -41,9 +43,10 @@ const KIND_XOR: u8 = 3;
 const MAX_ENTRY_BYTES: usize = 10 + 1 + PAGE_SIZE;
 
 /// One cached page: its last contents, or all zero (which takes no memory).
+/// A reader's contents are shared with the records it decoded them into.
 enum Cached {
     Zero,
-    Data(Box<[u8; PAGE_SIZE]>),
+    Data(PageData),
 }
 
 struct Entry {
@@ -128,6 +131,17 @@ impl PageCache {
         })
     }
 
+    /// The cached contents of `gpa`, shared, and their CRC.
+    fn get_shared(&self, gpa: u64) -> Option<(PageData, u32)> {
+        self.entries.get(&gpa).map(|e| {
+            let page = match &e.page {
+                Cached::Zero => PageData::zero(),
+                Cached::Data(page) => page.clone(),
+            };
+            (page, e.crc)
+        })
+    }
+
     /// A new stamp for `gpa`, queued; the queue is compacted when stale
     /// items outnumber live ones, so it stays within twice the entries.
     fn stamp(&mut self, gpa: u64) -> u64 {
@@ -152,8 +166,17 @@ impl PageCache {
         }
     }
 
-    /// The page now holds `data`.
+    /// The page now holds `data` (a writer's copy).
     fn store(&mut self, gpa: u64, data: &[u8]) {
+        self.put(gpa, data, None);
+    }
+
+    /// The page now holds `page`, which a decoded record holds too.
+    fn store_shared(&mut self, gpa: u64, page: &PageData) {
+        self.put(gpa, page, Some(page));
+    }
+
+    fn put(&mut self, gpa: u64, data: &[u8], shared: Option<&PageData>) {
         if self.capacity == 0 {
             return;
         }
@@ -164,30 +187,40 @@ impl PageCache {
             crc32fast::hash(data)
         };
         let stamp = self.stamp(gpa);
-        if let Some(e) = self.entries.get_mut(&gpa) {
-            e.stamp = stamp;
-            e.crc = crc;
-            match (&mut e.page, zero) {
-                (Cached::Data(bytes), false) => bytes.copy_from_slice(data),
-                (Cached::Data(_), true) => {
-                    e.page = Cached::Zero;
-                    self.data_pages -= 1;
-                }
-                (Cached::Zero, false) => {
-                    e.page = Cached::Data(boxed_page(data));
-                    self.data_pages += 1;
-                }
-                (Cached::Zero, true) => {}
-            }
-            return;
+        let old = self
+            .entries
+            .get_mut(&gpa)
+            .map(|e| std::mem::replace(&mut e.page, Cached::Zero));
+        if matches!(old, Some(Cached::Data(_))) {
+            self.data_pages -= 1;
         }
         let page = if zero {
             Cached::Zero
         } else {
             self.data_pages += 1;
-            Cached::Data(boxed_page(data))
+            Cached::Data(match (shared, old) {
+                (Some(page), _) => page.clone(),
+                // A writer's own copy, never handed out: overwritten in place.
+                (None, Some(Cached::Data(mut page))) => match page.unique_mut() {
+                    Some(bytes) if bytes.len() == data.len() => {
+                        bytes.copy_from_slice(data);
+                        page
+                    }
+                    _ => PageData::from(data),
+                },
+                (None, _) => PageData::from(data),
+            })
         };
-        self.entries.insert(gpa, Entry { page, crc, stamp });
+        match self.entries.get_mut(&gpa) {
+            Some(e) => {
+                e.page = page;
+                e.crc = crc;
+                e.stamp = stamp;
+            }
+            None => {
+                self.entries.insert(gpa, Entry { page, crc, stamp });
+            }
+        }
     }
 
     /// Whether the cache holds `data` as the page's last version.
@@ -214,12 +247,6 @@ impl PageCache {
     }
 }
 
-fn boxed_page(data: &[u8]) -> Box<[u8; PAGE_SIZE]> {
-    let mut bytes = Box::new([0u8; PAGE_SIZE]);
-    bytes.copy_from_slice(data);
-    bytes
-}
-
 /// A sync-point page as a writer is handed it: its contents, or
 /// "unchanged": the caller found it equal to the version the page cache
 /// holds ([`super::LogWriter::holds_page`]) and need not keep a copy.
@@ -236,6 +263,12 @@ pub trait PageContents {
 }
 
 impl PageContents for Vec<u8> {
+    fn contents(&self) -> Option<&[u8]> {
+        Some(self)
+    }
+}
+
+impl PageContents for PageData {
     fn contents(&self) -> Option<&[u8]> {
         Some(self)
     }
@@ -474,7 +507,7 @@ impl PageDecoder {
     /// Inverse of [`encode_pages`], updating the cache as the writer did.
     /// A block that does not decode, or whose bases are not the versions
     /// this cache holds, is an error naming the page.
-    pub(super) fn decode(&mut self, d: &mut Dec) -> Result<Vec<(u64, Vec<u8>)>, String> {
+    pub(super) fn decode(&mut self, d: &mut Dec) -> Result<Pages, String> {
         let n = d.u32()? as usize;
         if n > MAX_PAGES_PER_RECORD {
             return Err(format!(
@@ -503,12 +536,13 @@ impl PageDecoder {
                 return Err(format!("page {gpa:#x} appears twice in one record"));
             }
             let kind = b.u8().map_err(|e| format!("page {gpa:#x}: {e}"))?;
+            // Only a whole page or a delta is a new copy; the rest share.
             let data = match kind {
-                KIND_FULL => b.take(PAGE_SIZE)?.to_vec(),
-                KIND_ZERO => vec![0u8; PAGE_SIZE],
+                KIND_FULL => PageData::from(b.take(PAGE_SIZE)?),
+                KIND_ZERO => PageData::zero(),
                 KIND_SAME | KIND_XOR => {
                     let crc = b.u32()?;
-                    let held = cache.get(gpa);
+                    let held = cache.get_shared(gpa);
                     let base = match held {
                         Some((base, held)) if held == crc => base,
                         _ => {
@@ -521,12 +555,12 @@ impl PageDecoder {
                             ))
                         }
                     };
-                    let mut data = base.to_vec();
                     if kind == KIND_XOR {
-                        apply_runs(&mut b, &mut data, 1)
-                            .map_err(|e| format!("page {gpa:#x}: delta: {e}"))?;
+                        PageData::changed(&base, |bytes| apply_runs(&mut b, bytes, 1))
+                            .map_err(|e| format!("page {gpa:#x}: delta: {e}"))?
+                    } else {
+                        base
                     }
-                    data
                 }
                 other => return Err(format!("page {gpa:#x}: unknown page kind {other}")),
             };
@@ -539,7 +573,7 @@ impl PageDecoder {
             if kind == KIND_SAME {
                 cache.touch(gpa);
             } else {
-                cache.store(gpa, &data);
+                cache.store_shared(gpa, &data);
             }
             pages.push((gpa, data));
         }

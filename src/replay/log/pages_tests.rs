@@ -25,7 +25,7 @@ fn receive(reader: &mut PageDecoder, bytes: &[u8]) -> Result<Pages, String> {
     let pages = reader.decode(&mut d)?;
     d.finish()?;
     reader.end_of_sync_point();
-    Ok(pages)
+    Ok(pages.into_iter().map(|(g, p)| (g, p.to_vec())).collect())
 }
 
 fn page(fill: u8) -> Vec<u8> {
@@ -63,6 +63,65 @@ fn each_kind_round_trips_and_deltas_are_small() {
     // Two deltas of ~8 bytes and an unchanged page, packed: far below a page.
     assert!(bytes.len() < 100, "{} bytes", bytes.len());
     assert_eq!(cache.usage(), (3, 3 * PAGE_SIZE as u64));
+}
+
+/// One decoded block as the reader hands it out (shared contents).
+fn receive_shared(reader: &mut PageDecoder, bytes: &[u8]) -> super::Pages {
+    let mut d = Dec(bytes);
+    let pages = reader.decode(&mut d).expect("decodes");
+    d.finish().expect("whole block");
+    reader.end_of_sync_point();
+    pages
+}
+
+#[test]
+fn decoded_pages_share_the_cache_and_a_later_block_never_changes_an_earlier_one() {
+    let mut cache = PageCache::new(16);
+    let mut reader = PageDecoder::new(1024);
+    let mut stats = PageStats::default();
+    let first: Pages = vec![(0x1000, page(3)), (0x2000, page(0))];
+    let one = receive_shared(&mut reader, &send(&mut cache, &first, &mut stats));
+
+    // Unchanged: the very page the first block decoded (no copy); zero:
+    // the one shared zero page.
+    let two = receive_shared(&mut reader, &send(&mut cache, &first, &mut stats));
+    assert_eq!(stats.same, 2);
+    assert!(std::ptr::eq(one[0].1.as_ptr(), two[0].1.as_ptr()));
+    assert!(std::ptr::eq(
+        two[1].1.as_ptr(),
+        super::PageData::zero().as_ptr()
+    ));
+
+    // A delta on the page and new contents for the zero page: new pages,
+    // and what the earlier blocks handed out stays as it was.
+    let mut changed = page(3);
+    changed[100] = 4;
+    let mut filled = page(0);
+    filled[7] = 1;
+    let third: Pages = vec![(0x1000, changed.clone()), (0x2000, filled.clone())];
+    let three = receive_shared(&mut reader, &send(&mut cache, &third, &mut stats));
+    assert_eq!(stats.delta, 2);
+    assert_eq!(
+        (&three[0].1[..], &three[1].1[..]),
+        (&changed[..], &filled[..])
+    );
+    for earlier in [&one, &two] {
+        assert_eq!(&earlier[0].1[..], &page(3)[..]);
+        assert_eq!(&earlier[1].1[..], &page(0)[..]);
+    }
+    // And the cache holds the new versions: a delta on them decodes.
+    changed[200] = 5;
+    let fourth: Pages = vec![(0x1000, changed.clone())];
+    let four = receive_shared(&mut reader, &send(&mut cache, &fourth, &mut stats));
+    assert_eq!(&four[0].1[..], &changed[..]);
+    assert_eq!(
+        &three[0].1[100..=200],
+        &{
+            let mut p = page(3);
+            p[100] = 4;
+            p
+        }[100..=200]
+    );
 }
 
 #[test]

@@ -198,7 +198,7 @@ mod tests {
     #[test]
     fn the_reader_reports_its_page_cache_as_the_writer_does() {
         let mut w = LogWriter::stream(Vec::new());
-        let page = |fill: u8| vec![fill; super::super::PAGE_SIZE];
+        let page = |fill: u8| super::super::PageData::from(vec![fill; super::super::PAGE_SIZE]);
         for (landmark, pages) in [
             (1, vec![(0x1000, page(1)), (0x2000, page(0))]),
             (2, vec![(0x1000, page(1)), (0x3000, page(3))]),

@@ -69,8 +69,8 @@ fn sample_records() -> Vec<Record> {
             }),
             vmm_state: vec![8, 9],
             pages: vec![
-                (0x1000, vec![0xaa; PAGE_SIZE]),
-                (0x7000, vec![0x55; PAGE_SIZE]),
+                (0x1000, vec![0xaa; PAGE_SIZE].into()),
+                (0x7000, vec![0x55; PAGE_SIZE].into()),
             ],
         },
         Record::SyncState {
@@ -106,8 +106,8 @@ fn sample_sync_state() -> ResumeState {
         devices: br#"{"version":4,"pic":{"imr":255}}"#.repeat(20),
         since: 4,
         pages: vec![
-            (0x3000, vec![0x5a; PAGE_SIZE]),
-            (0x9000, vec![0; PAGE_SIZE]),
+            (0x3000, vec![0x5a; PAGE_SIZE].into()),
+            (0x9000, PageData::zero()),
         ],
     }
 }
@@ -230,7 +230,7 @@ fn version_3_sync_points_still_read_and_their_contents_are_checked() {
         panic!("{records:?}")
     };
     assert_eq!(pages.len(), 2);
-    assert_eq!(pages[1], (PAGE_SIZE as u64, vec![0; PAGE_SIZE]));
+    assert_eq!(pages[1], (PAGE_SIZE as u64, PageData::zero()));
     // Contents that are fewer bytes than the pages named.
     let err = read_all(&sync_point_frame(3, two, &block)).unwrap_err();
     assert!(
@@ -310,11 +310,11 @@ fn unknown_kinds_with_valid_checksums_are_malformed() {
 #[test]
 fn a_sync_point_too_big_for_one_record_is_split_and_read_back_whole() {
     let n = MAX_PAGES_PER_RECORD * 2 + 3;
-    let pages: Vec<(u64, Vec<u8>)> = (0..n)
+    let pages: Pages = (0..n)
         .map(|i| {
             (
                 i as u64 * PAGE_SIZE as u64,
-                vec![(i % 251) as u8; PAGE_SIZE],
+                vec![(i % 251) as u8; PAGE_SIZE].into(),
             )
         })
         .collect();
@@ -346,7 +346,7 @@ fn split_pages_must_be_followed_by_their_sync_point() {
     let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
     w.append(&Record::SyncPages {
         landmark: 3,
-        pages: vec![(0x1000, vec![1; PAGE_SIZE])],
+        pages: vec![(0x1000, vec![1; PAGE_SIZE].into())],
     })
     .unwrap();
     w.append(&Record::Poll {
@@ -375,7 +375,7 @@ fn the_writer_refuses_what_the_reader_would_refuse() {
     let err = w
         .append(&Record::SyncPages {
             landmark: 1,
-            pages: vec![(0x1001, vec![0; PAGE_SIZE])],
+            pages: vec![(0x1001, vec![0; PAGE_SIZE].into())],
         })
         .unwrap_err();
     assert!(err.to_string().contains("not one aligned page"), "{err}");
@@ -404,8 +404,8 @@ fn a_huge_frame_length_with_few_bytes_behind_it_is_truncated_not_allocated() {
 #[test]
 fn a_record_past_the_limit_is_refused_whole_and_nothing_of_it_is_written() {
     let n = MAX_PAGES_PER_RECORD + 5;
-    let pages: Vec<(u64, Vec<u8>)> = (0..n)
-        .map(|i| (i as u64 * PAGE_SIZE as u64, vec![0u8; PAGE_SIZE]))
+    let pages: Pages = (0..n)
+        .map(|i| (i as u64 * PAGE_SIZE as u64, PageData::zero()))
         .collect();
     let sync = Record::SyncPoint {
         landmark: 3,
@@ -444,7 +444,7 @@ fn a_record_past_the_limit_is_refused_whole_and_nothing_of_it_is_written() {
     assert_eq!(records, vec![sync]);
 }
 
-fn sync_point(landmark: u64, pages: Vec<(u64, Vec<u8>)>) -> Record {
+fn sync_point(landmark: u64, pages: Pages) -> Record {
     Record::SyncPoint {
         landmark,
         cpu: Box::new(CpuStateBytes::default()),
@@ -454,14 +454,14 @@ fn sync_point(landmark: u64, pages: Vec<(u64, Vec<u8>)>) -> Record {
 }
 
 /// Pages of incompressible bytes, each with one 8-byte word set to `word`.
-fn noisy_pages(n: usize, word: u64) -> Vec<(u64, Vec<u8>)> {
+fn noisy_pages(n: usize, word: u64) -> Pages {
     (0..n)
         .map(|i| {
             let mut data: Vec<u8> = (0..PAGE_SIZE)
                 .map(|b| ((b * 131 + i * 7 + (b * b) % 97) % 253) as u8)
                 .collect();
             data[64..72].copy_from_slice(&word.to_le_bytes());
-            (i as u64 * PAGE_SIZE as u64, data)
+            (i as u64 * PAGE_SIZE as u64, data.into())
         })
         .collect()
 }
@@ -636,7 +636,7 @@ fn version_4_sync_points_still_read() {
         assert_eq!(*l, landmark);
         assert_eq!((cpu.regs.len(), cpu.msrs[0], cpu.xsave[4095]), (144, 5, 6));
         assert_eq!(vmm_state, &[7, 8]);
-        assert_eq!(pages, &vec![(PAGE_SIZE as u64, vec![0; PAGE_SIZE])]);
+        assert_eq!(pages, &vec![(PAGE_SIZE as u64, PageData::zero())]);
     }
 }
 
@@ -653,7 +653,10 @@ fn sync_points_from_borrowed_pages_are_the_same_bytes_as_from_records() {
         noisy_pages(5, 1),
         noisy_pages(7, 2),
         noisy_pages(7, 2),
-        vec![(0x2000, vec![0; PAGE_SIZE]), (0x9000, vec![3; PAGE_SIZE])],
+        vec![
+            (0x2000, PageData::zero()),
+            (0x9000, vec![3; PAGE_SIZE].into()),
+        ],
         noisy_pages(MAX_PAGES_PER_RECORD + 2, 5),
     ];
     for (i, pages) in rounds.into_iter().enumerate() {

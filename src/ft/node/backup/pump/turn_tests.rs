@@ -260,7 +260,7 @@ fn log_bytes(records: &[Record]) -> Vec<u8> {
 /// zero: a few bytes each on the wire, a whole page each decoded.
 fn zero_page_sync_point(landmark: u64) -> Record {
     let pages = (0..header().mem_bytes / 4096)
-        .map(|n| (n * 4096, vec![0u8; 4096]))
+        .map(|n| (n * 4096, crate::replay::log::PageData::zero()))
         .collect();
     Record::SyncPoint {
         landmark,
