@@ -91,9 +91,60 @@ pub fn free_port_addr() -> anyhow::Result<String> {
     Ok(l.local_addr()?.to_string())
 }
 
+/// A node of a starting cluster stopped by itself: on a port found free a
+/// moment earlier, most likely because something else took the port before
+/// the node bound it.
+#[derive(Debug)]
+struct NodeExitedAtStart {
+    id: u64,
+    addr: String,
+    log: String,
+}
+
+impl std::fmt::Display for NodeExitedAtStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "node {} ({}) stopped while the cluster started; its log: {}",
+            self.id,
+            self.addr,
+            self.log.trim_end()
+        )
+    }
+}
+
+impl std::error::Error for NodeExitedAtStart {}
+
+/// Times a cluster on free ports is started again after one of its nodes
+/// stopped at start.
+const START_ATTEMPTS: u32 = 3;
+
 impl LocalCluster {
-    /// Starts `opts.nodes` processes and waits until one of them leads.
+    /// Starts `opts.nodes` processes and waits until one of them leads and
+    /// every one answers. A port found free can be taken before its node
+    /// binds it (any process's outgoing connection may get it as its
+    /// ephemeral port); that node then stops, and a cluster on free ports
+    /// is started again on new ones. Otherwise the majority would lead
+    /// without it and a test that later needs it would fail far from the
+    /// cause.
     pub fn start(launcher: Launcher, opts: ClusterOptions) -> anyhow::Result<Self> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(launcher.clone(), opts.clone()) {
+                Err(e)
+                    if attempt < START_ATTEMPTS
+                        && opts.listen_addrs.is_empty()
+                        && e.downcast_ref::<NodeExitedAtStart>().is_some() =>
+                {
+                    tracing::warn!("starting the local arbiter cluster again: {e:#}");
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn start_once(launcher: Launcher, opts: ClusterOptions) -> anyhow::Result<Self> {
         let root = tempfile::Builder::new()
             .prefix("twinvm-arbiter-")
             .tempdir()
@@ -132,8 +183,45 @@ impl LocalCluster {
         for id in 1..=cluster.opts.nodes {
             cluster.spawn(id)?;
         }
-        cluster.wait_leader(Duration::from_secs(15))?;
+        let started = Instant::now();
+        let leader = cluster.wait_leader(Duration::from_secs(15));
+        cluster.check_every_node_answers(started + Duration::from_secs(15))?;
+        leader?;
         Ok(cluster)
+    }
+
+    /// Every node answers a status request before `deadline`; one that
+    /// stopped by itself is a [`NodeExitedAtStart`].
+    fn check_every_node_answers(&mut self, deadline: Instant) -> anyhow::Result<()> {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            loop {
+                let exited = self
+                    .nodes
+                    .get_mut(&id)
+                    .and_then(|n| n.child.as_mut())
+                    .is_some_and(|child| matches!(child.try_wait(), Ok(Some(_))));
+                if exited {
+                    if let Some(node) = self.nodes.get_mut(&id) {
+                        node.child = None;
+                    }
+                    return Err(NodeExitedAtStart {
+                        id,
+                        addr: self.addr(id).to_string(),
+                        log: self.log_of(id),
+                    }
+                    .into());
+                }
+                if self.status(id).is_some() {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    bail!("node {id} ({}) does not answer", self.addr(id));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
     }
 
     fn add_proc(&mut self, id: u64, addr: String, join: bool) {

@@ -4,9 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use arbiter::local_cluster::ClusterOptions;
+use arbiter::local_cluster::{free_port_addr, ClusterOptions, LocalCluster};
 use arbiter::{Slot, TasOutcome};
-use common::{cluster, wait_until};
+use common::{cluster, launcher, wait_until};
 
 #[test]
 fn replace_a_failed_node() {
@@ -94,4 +94,32 @@ fn removing_the_leader_hands_over_to_the_rest() {
             holder: Some("p".into())
         })
     );
+}
+
+/// A node that cannot bind its port stops; starting the cluster says which
+/// and why, rather than letting the other two lead without it (a cluster on
+/// free ports is then started again on new ones: `LocalCluster::start`).
+#[test]
+fn a_node_that_cannot_bind_its_port_fails_the_start_by_name() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let opts = ClusterOptions {
+        listen_addrs: vec![
+            free_port_addr().unwrap(),
+            taken_addr.clone(),
+            free_port_addr().unwrap(),
+        ],
+        ..Default::default()
+    };
+    let err = match LocalCluster::start(launcher(), opts) {
+        Ok(_) => panic!("a cluster started with node 2's port taken"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains(&format!(
+            "node 2 ({taken_addr}) stopped while the cluster started"
+        )) && err.contains("binding"),
+        "{err}"
+    );
+    drop(taken);
 }
