@@ -195,16 +195,12 @@ impl LocalCluster {
     fn check_every_node_answers(&mut self, deadline: Instant) -> anyhow::Result<()> {
         let ids: Vec<u64> = self.nodes.keys().copied().collect();
         for id in ids {
-            loop {
-                let exited = self
-                    .nodes
-                    .get_mut(&id)
-                    .and_then(|n| n.child.as_mut())
-                    .is_some_and(|child| matches!(child.try_wait(), Ok(Some(_))));
-                if exited {
-                    if let Some(node) = self.nodes.get_mut(&id) {
-                        node.child = None;
-                    }
+            while self.status(id).is_none() {
+                if Instant::now() >= deadline {
+                    bail!("node {id} ({}) does not answer", self.addr(id));
+                }
+                // Also the pause between two requests.
+                if self.wait_exit(id, Duration::from_millis(50)).is_some() {
                     return Err(NodeExitedAtStart {
                         id,
                         addr: self.addr(id).to_string(),
@@ -212,13 +208,6 @@ impl LocalCluster {
                     }
                     .into());
                 }
-                if self.status(id).is_some() {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    bail!("node {id} ({}) does not answer", self.addr(id));
-                }
-                std::thread::sleep(Duration::from_millis(50));
             }
         }
         Ok(())

@@ -54,12 +54,6 @@ impl Deref for PageData {
     }
 }
 
-impl AsRef<[u8]> for PageData {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
 impl From<&[u8]> for PageData {
     fn from(bytes: &[u8]) -> Self {
         PageData(Arc::from(bytes))

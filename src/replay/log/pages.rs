@@ -187,40 +187,33 @@ impl PageCache {
             crc32fast::hash(data)
         };
         let stamp = self.stamp(gpa);
-        let old = self
-            .entries
-            .get_mut(&gpa)
-            .map(|e| std::mem::replace(&mut e.page, Cached::Zero));
-        if matches!(old, Some(Cached::Data(_))) {
+        // One lookup: a new entry starts as a zero page and is filled below.
+        let entry = self.entries.entry(gpa).or_insert(Entry {
+            page: Cached::Zero,
+            crc,
+            stamp,
+        });
+        let old = std::mem::replace(&mut entry.page, Cached::Zero);
+        if matches!(old, Cached::Data(_)) {
             self.data_pages -= 1;
         }
-        let page = if zero {
-            Cached::Zero
-        } else {
+        if !zero {
             self.data_pages += 1;
-            Cached::Data(match (shared, old) {
+            entry.page = Cached::Data(match (shared, old) {
                 (Some(page), _) => page.clone(),
                 // A writer's own copy, never handed out: overwritten in place.
-                (None, Some(Cached::Data(mut page))) => match page.unique_mut() {
+                (None, Cached::Data(mut page)) => match page.unique_mut() {
                     Some(bytes) if bytes.len() == data.len() => {
                         bytes.copy_from_slice(data);
                         page
                     }
                     _ => PageData::from(data),
                 },
-                (None, _) => PageData::from(data),
-            })
-        };
-        match self.entries.get_mut(&gpa) {
-            Some(e) => {
-                e.page = page;
-                e.crc = crc;
-                e.stamp = stamp;
-            }
-            None => {
-                self.entries.insert(gpa, Entry { page, crc, stamp });
-            }
+                (None, Cached::Zero) => PageData::from(data),
+            });
         }
+        entry.crc = crc;
+        entry.stamp = stamp;
     }
 
     /// Whether the cache holds `data` as the page's last version.
